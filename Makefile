@@ -1,0 +1,39 @@
+# The two set-up commands of the README. Each creates (or reuses) .venv and installs what it needs.
+#   make run    install, then run the main job on the embedded default model
+#   make test   install with the test extra, then run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: run test lint bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch first, pinned, only when the venv has none: an unpinned torch would pull a multi-GB CUDA build
+# on CPU machines. Users with their own torch keep it.
+$(VENV)/.torch: | $(PY)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "torch==2.13.0"
+	touch $@
+
+$(VENV)/.installed-run: setup.cfg pyproject.toml $(VENV)/.torch
+	$(PY) -m pip install -e ".[models]"
+	touch $@
+
+$(VENV)/.installed-test: setup.cfg pyproject.toml $(VENV)/.torch
+	$(PY) -m pip install -e ".[models,test]"
+	touch $@ $(VENV)/.installed-run
+
+# -P keeps the repository root off sys.path, so kernels/ is only ever energon_hf.kernels.
+run: $(VENV)/.installed-run
+	$(PY) -P -m energon_hf.demo
+
+test: $(VENV)/.installed-test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pytest
+
+bench: $(VENV)/.installed-run
+	$(PY) -P bench/bert_packed_vs_hf.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,1 @@
+"""The engine: packed batches, the KV cache, the model runner, sampling and generation."""

@@ -1,0 +1,52 @@
+"""What one model step receives: packed tokens plus the attention layout."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .kv_cache import KVCache
+
+
+@dataclass
+class AttentionMetadata:
+    """How the packed tokens of one step attend.
+
+    Without a cache (encoders, plain forward) every sequence attends within its own packed tokens.
+    With a cache, the step's K/V are written at `slot_mapping`; a prefill (no earlier context) still
+    attends within its packed tokens, a decode attends to the cache through `block_tables`.
+    """
+
+    cu_seqlens: torch.Tensor  # [B+1] int32, boundaries of this step's tokens
+    max_seqlen: int
+    kv_cache: KVCache | None = None
+    slot_mapping: torch.Tensor | None = None  # [T] int64 flat cache slot of each new token
+    block_tables: torch.Tensor | None = None  # [B, max_blocks] int32
+    context_lens: torch.Tensor | None = None  # [B] int32, cached tokens after this step
+    is_prefill: bool = True
+
+    @property
+    def num_seqs(self) -> int:
+        return self.cu_seqlens.shape[0] - 1
+
+
+@dataclass
+class PackedBatch:
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    attn: AttentionMetadata
+    token_type_ids: torch.Tensor | None = None  # [T] int64
+    # Only these token rows go through an LM head (generation needs the last token of each sequence).
+    logits_indices: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str) -> PackedBatch:
+        move = lambda t: t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t
+        attn = AttentionMetadata(
+            cu_seqlens=move(self.attn.cu_seqlens), max_seqlen=self.attn.max_seqlen,
+            kv_cache=self.attn.kv_cache, slot_mapping=move(self.attn.slot_mapping),
+            block_tables=move(self.attn.block_tables), context_lens=move(self.attn.context_lens),
+            is_prefill=self.attn.is_prefill,
+        )
+        return PackedBatch(move(self.input_ids), move(self.positions), attn, move(self.token_type_ids),
+                           move(self.logits_indices))

@@ -1,0 +1,73 @@
+"""Paged KV cache: fixed-size blocks so sequences join and leave a batch without copying.
+
+The storage (`KVCache`) lives where the model runs; the bookkeeping (`BlockAllocator`, block tables,
+slot mapping) lives with whoever schedules sequences. Only integer tables cross between them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+import torch
+
+
+class KVCache:
+    """Per-layer K and V blocks: [num_layers, num_blocks, block_size, kv_heads, head_dim]."""
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        shape = (num_layers, num_blocks, block_size, kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.block_size = block_size
+
+    @property
+    def num_blocks(self) -> int:
+        return self.k.shape[1]
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """Store the packed new tokens' K/V [T, kv_heads, head_dim] at their slots."""
+        self.k[layer].view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k)
+        self.v[layer].view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v)
+
+
+class BlockAllocator:
+    """Hands out cache block ids per sequence; raises when the cache is full."""
+
+    def __init__(self, num_blocks: int, block_size: int):
+        self.block_size = block_size
+        self._free: deque[int] = deque(range(num_blocks))
+        self.tables: dict[int, list[int]] = {}
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return math.ceil(num_tokens / self.block_size)
+
+    def reserve(self, seq_id: int, num_tokens: int) -> list[int]:
+        """Make sure `seq_id` owns enough blocks for `num_tokens` tokens in total."""
+        table = self.tables.setdefault(seq_id, [])
+        missing = self.blocks_for(num_tokens) - len(table)
+        if missing > len(self._free):
+            raise MemoryError(f"KV cache full: need {missing} blocks, {len(self._free)} free")
+        table.extend(self._free.popleft() for _ in range(max(missing, 0)))
+        return table
+
+    def release(self, seq_id: int) -> None:
+        self._free.extend(self.tables.pop(seq_id, []))
+
+    def block_table_tensor(self, seq_ids: list[int], device: torch.device | str) -> torch.Tensor:
+        width = max(len(self.tables[s]) for s in seq_ids)
+        rows = [self.tables[s] + [0] * (width - len(self.tables[s])) for s in seq_ids]
+        return torch.tensor(rows, dtype=torch.int32, device=device)
+
+
+
+def slot_mapping(block_tables: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
+                 block_size: int) -> torch.Tensor:
+    """Flat cache slot of token `positions[i]` of the sequence whose block table is row `rows[i]`."""
+    blocks = block_tables[rows, positions // block_size].long()
+    return blocks * block_size + positions % block_size

@@ -1,0 +1,79 @@
+"""Generation parameters: HF generate's names, defaults and checks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+from transformers import GenerationConfig
+
+# HF's defaults for the parameters we support (GenerationConfig leaves them None and generate fills these).
+_HF_DEFAULTS = {"max_length": 20, "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
+                "repetition_penalty": 1.0, "min_new_tokens": 0}
+# Accepted and ignored: they change nothing for a decoder-only model here.
+_IGNORED = {"use_cache", "return_dict_in_generate", "output_scores", "output_logits", "output_attentions",
+            "output_hidden_states", "bos_token_id", "num_return_sequences"}
+
+
+@dataclass
+class GenerationParams:
+    max_new_tokens: int
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    min_new_tokens: int = 0
+    eos_token_ids: list[int] = field(default_factory=list)
+    pad_token_id: int = 0
+    seed: int | None = None
+
+    @classmethod
+    def resolve(cls, model_defaults: GenerationConfig | None, prompt_length: int, kwargs: dict) -> GenerationParams:
+        """Merge, as HF does: HF defaults < the model's generation_config < the call's keyword arguments."""
+        kwargs = dict(kwargs)
+        cfg = GenerationConfig.from_dict(model_defaults.to_dict()) if model_defaults else GenerationConfig()
+        if isinstance(kwargs.get("generation_config"), GenerationConfig):
+            cfg = kwargs.pop("generation_config")
+        num_return = kwargs.get("num_return_sequences", None) or 1
+        num_beams = kwargs.pop("num_beams", None) or cfg.num_beams or 1
+        if num_beams != 1 or num_return != 1:
+            raise ValueError("beam search and num_return_sequences > 1 are not supported; use num_beams=1")
+        ours = {f.name for f in fields(cls)} | {"max_length", "eos_token_id"}
+        unknown = sorted(set(kwargs) - ours - _IGNORED)
+        if unknown:
+            raise ValueError(f"unsupported generate() arguments: {unknown}; supported: {sorted(ours)}")
+        def pick(name: str):
+            return next((v for v in (kwargs.get(name), getattr(cfg, name, None), _HF_DEFAULTS.get(name))
+                         if v is not None), None)
+
+        if kwargs.get("max_new_tokens") is not None:
+            max_new = kwargs["max_new_tokens"]
+        elif kwargs.get("max_length") is None and cfg.max_new_tokens is not None:
+            max_new = cfg.max_new_tokens
+        else:  # max_length counts the prompt
+            max_new = pick("max_length") - prompt_length
+        eos = kwargs.get("eos_token_id", cfg.eos_token_id)
+        eos_ids = [] if eos is None else [int(e) for e in (eos if isinstance(eos, list | tuple) else [eos])]
+        pad = kwargs.get("pad_token_id", cfg.pad_token_id)
+        if pad is None:  # HF falls back to the (first) EOS token
+            pad = eos_ids[0] if eos_ids else 0
+        params = cls(
+            max_new_tokens=int(max_new), do_sample=bool(pick("do_sample")), temperature=float(pick("temperature")),
+            top_k=int(pick("top_k")), top_p=float(pick("top_p")),
+            repetition_penalty=float(pick("repetition_penalty")), min_new_tokens=int(pick("min_new_tokens")),
+            eos_token_ids=eos_ids, pad_token_id=int(pad), seed=kwargs.get("seed"),
+        )
+        params.validate()
+        return params
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.do_sample and self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")

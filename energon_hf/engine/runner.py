@@ -1,0 +1,35 @@
+"""Runs packed batches on a model in this process, and owns its KV cache."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .batch import PackedBatch
+from .kv_cache import KVCache
+
+
+class LocalRunner:
+    """The single-device runner; the multi-process engine offers the same `run` / `ensure_cache`."""
+
+    def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype):
+        self.model = model
+        self.device = device
+        self.dtype = dtype
+        self.kv_cache: KVCache | None = None
+
+    def ensure_cache(self, num_blocks: int, block_size: int) -> None:
+        """Have a cache of at least `num_blocks` blocks (grown, never shrunk, between requests)."""
+        cache = self.kv_cache
+        if cache is not None and cache.num_blocks >= num_blocks and cache.block_size == block_size:
+            return
+        layers, kv_heads, head_dim = self.model.kv_cache_layout()
+        self.kv_cache = None  # free the old one before allocating
+        self.kv_cache = KVCache(layers, num_blocks, block_size, kv_heads, head_dim, self.dtype, self.device)
+
+    @torch.inference_mode()
+    def run(self, batch: PackedBatch, use_cache: bool = False) -> dict[str, torch.Tensor]:
+        batch = batch.to(self.device)
+        if use_cache:
+            batch.attn.kv_cache = self.kv_cache
+        return self.model(batch)

@@ -1,0 +1,226 @@
+"""EnergonModel: an HF checkpoint turned into a packed, padding-free model with HF's calling conventions."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import init_empty_weights
+from transformers import AutoConfig, GenerationConfig, PretrainedConfig
+from transformers.utils import ModelOutput
+
+from energon_hf import kernels
+from energon_hf.converters import CheckpointReader, load_weights
+from energon_hf.engine.batch import AttentionMetadata, PackedBatch
+from energon_hf.engine.generation import generate_tokens
+from energon_hf.engine.params import GenerationParams
+from energon_hf.engine.runner import LocalRunner
+from energon_hf.engine.sampler import Sampler
+from energon_hf.errors import ModelNotFoundError, UnsupportedModelError
+from energon_hf.models import Architecture, architecture_for
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+# Arguments of an HF forward that ask for something this inference engine does not compute.
+_UNSUPPORTED_FORWARD = ("labels", "output_attentions", "output_hidden_states", "inputs_embeds",
+                        "past_key_values", "cache", "encoder_hidden_states")
+
+
+def resolve_model_path(path: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local folder, or a hub id downloaded (config, tokenizer, weights) through huggingface_hub."""
+    local = Path(path).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise ModelNotFoundError(f"{str(path)!r} is a file; pass the checkpoint folder that holds config.json")
+        return local
+    text = str(path)
+    if text.startswith((".", "/", "~")) or text.count("/") > 1 or os.sep != "/" and os.sep in text:
+        raise ModelNotFoundError(f"model path {text!r} does not exist")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(text, revision=revision,
+                                      allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.bin"]))
+    except Exception as e:  # offline, unknown repo, bad id: all mean the same to the caller
+        raise ModelNotFoundError(
+            f"{text!r} is not a local folder and could not be fetched from the Hugging Face Hub: {e}"
+        ) from e
+
+
+def load_config(folder: Path) -> PretrainedConfig:
+    if not (folder / "config.json").is_file():
+        raise ModelNotFoundError(f"{folder} has no config.json; is it an HF checkpoint folder?")
+    try:
+        return AutoConfig.from_pretrained(folder)
+    except (ValueError, KeyError) as e:
+        model_type = PretrainedConfig.get_config_dict(folder)[0].get("model_type")
+        raise UnsupportedModelError(f"cannot read config.json of model_type {model_type!r} in {folder}: {e}") from e
+
+
+def resolve_dtype(dtype: str | torch.dtype, config: PretrainedConfig) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":  # transformers 5's default: the checkpoint's own dtype
+        saved = getattr(config, "dtype", None)
+        if isinstance(saved, str):
+            saved = _DTYPES.get(saved)
+        return saved if isinstance(saved, torch.dtype) and saved.is_floating_point else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of 'auto', {', '.join(repr(d) for d in _DTYPES)}")
+    return _DTYPES[dtype]
+
+
+class EnergonModel:
+    """An HF-style model object: `model(input_ids=..., attention_mask=...)` returns the same ModelOutput
+    as transformers, `generate(...)` follows HF generate, computed on packed tokens."""
+
+    def __init__(self, model: torch.nn.Module, config: PretrainedConfig, architecture: Architecture,
+                 generation_config: GenerationConfig | None, device: torch.device, dtype: torch.dtype,
+                 name_or_path: str = ""):
+        self.model = model
+        self.config = config
+        self.architecture = architecture
+        self.generation_config = generation_config
+        self.device = device
+        self.dtype = dtype
+        self.name_or_path = name_or_path
+        self.runner = LocalRunner(model, device, dtype)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, dtype: str | torch.dtype = "auto",
+                        device: str | torch.device = "cpu", tp: int = 1, pp: int = 1,
+                        revision: str | None = None) -> EnergonModel:
+        if (tp, pp) != (1, 1):
+            raise NotImplementedError("tp/pp > 1 needs the multi-process engine, which is not built yet")
+        folder = resolve_model_path(path, revision)
+        config = load_config(folder)
+        architecture = architecture_for(config)
+        torch_dtype = resolve_dtype(dtype, config)
+        device = torch.device(device)
+        reader = CheckpointReader(folder)
+        with init_empty_weights():
+            model = architecture.model_cls(config)
+        load_weights(model, architecture.weight_specs(config), reader, torch_dtype, device,
+                     base_prefix=getattr(architecture.model_cls, "base_prefix", ""))
+        model.eval().requires_grad_(False)
+        generation_config = None
+        if (folder / "generation_config.json").is_file():
+            generation_config = GenerationConfig.from_pretrained(folder)
+        elif architecture.can_generate:
+            generation_config = GenerationConfig.from_model_config(config)
+        return cls(model, config, architecture, generation_config, device, torch_dtype, str(path))
+
+    # -- input checks ---------------------------------------------------------------------------
+    def _as_batch(self, input_ids: Any, name: str = "input_ids") -> torch.Tensor:
+        if input_ids is None:
+            raise ValueError(f"{name} is required")
+        if not isinstance(input_ids, torch.Tensor):
+            input_ids = torch.as_tensor(input_ids)
+        if input_ids.dim() == 1:
+            input_ids = input_ids.unsqueeze(0)
+        if input_ids.dim() != 2:
+            raise ValueError(f"{name} must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+            raise ValueError(f"{name} must hold integer token ids, got {input_ids.dtype}")
+        return input_ids.to(self.device, torch.long)
+
+    def _check_range(self, values: torch.Tensor, limit: int, what: str, hint: str) -> None:
+        if values.numel() and (int(values.min()) < 0 or int(values.max()) >= limit):
+            bad = values[(values < 0) | (values >= limit)][0].item()
+            raise ValueError(f"{what} {bad} is outside [0, {limit}) {hint}")
+
+    def _pack(self, input_ids, attention_mask, token_type_ids=None, position_ids=None):
+        ids = self._as_batch(input_ids)
+        batch, seqlen = ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(ids, dtype=torch.bool)
+        attention_mask = kernels.check_attention_mask(torch.as_tensor(attention_mask), (batch, seqlen))
+        packed_ids, indices, cu_seqlens, max_seqlen = kernels.remove_padding(ids, attention_mask)
+        empty = (cu_seqlens[1:] == cu_seqlens[:-1]).nonzero()
+        if empty.numel():
+            raise ValueError(f"sequence {int(empty[0])} of the batch has no tokens (its attention_mask row is all 0)")
+        self._check_range(packed_ids, self.config.vocab_size, "input_ids contain token id",
+                          f"(the vocabulary size of this {self.config.model_type} model)")
+        if position_ids is not None:
+            positions = self._as_batch(position_ids, "position_ids").expand(batch, seqlen).flatten()[indices]
+        else:  # HF's forward convention: a token's position is its column in the (padded) input
+            positions = indices % seqlen
+        self._check_range(positions, self.config.max_position_embeddings, "position",
+                          f"(max_position_embeddings: sequences may hold at most "
+                          f"{self.config.max_position_embeddings} tokens)")
+        token_types = None
+        if token_type_ids is not None:
+            token_types = self._as_batch(token_type_ids, "token_type_ids").expand(batch, seqlen).flatten()[indices]
+            limit = getattr(self.config, "type_vocab_size", self.config.vocab_size)
+            self._check_range(token_types, limit, "token_type_ids contain", "")
+        attn = AttentionMetadata(cu_seqlens, max_seqlen)
+        return PackedBatch(packed_ids, positions, attn, token_types), indices, (batch, seqlen)
+
+    # -- HF-style calls ---------------------------------------------------------------------------
+    def __call__(self, *args, **kwargs) -> ModelOutput:
+        return self.forward(*args, **kwargs)
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                return_dict: bool = True, **kwargs) -> ModelOutput | tuple:
+        for name in _UNSUPPORTED_FORWARD:
+            value = kwargs.pop(name, None)
+            if value is not None and value is not False:
+                raise ValueError(f"{name} is not supported: energon_hf runs inference on input_ids")
+        kwargs.pop("use_cache", None)
+        if kwargs:
+            raise TypeError(f"forward() got unexpected arguments: {sorted(kwargs)}")
+        packed, indices, (batch, seqlen) = self._pack(input_ids, attention_mask, token_type_ids, position_ids)
+        outputs = self.runner.run(packed)
+        for key in self.model.token_outputs:  # rebuild padding once, at the end
+            outputs[key] = kernels.rebuild_padding(outputs[key], indices, batch, seqlen)
+        result = self.model.hf_output(**outputs)
+        return result if return_dict else result.to_tuple()
+
+    def generate(self, input_ids=None, attention_mask=None, generator: torch.Generator | None = None,
+                 **kwargs) -> torch.Tensor:
+        """HF generate semantics: returns [B, S + new] = the input as given, then the new tokens;
+        a sequence that finished early is filled with pad_token_id."""
+        if not self.architecture.can_generate:
+            raise ValueError(f"{self.architecture.name} has no language-model head and cannot generate")
+        ids = self._as_batch(input_ids)
+        params = GenerationParams.resolve(self.generation_config, ids.shape[1], kwargs)
+        mask = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask
+        mask = kernels.check_attention_mask(torch.as_tensor(mask), tuple(ids.shape)).to(ids.device)
+        prompts = [row[keep] for row, keep in zip(ids.cpu(), mask.cpu(), strict=True)]
+        for i, prompt in enumerate(prompts):
+            if len(prompt) == 0:
+                raise ValueError(f"prompt {i} is empty (its attention_mask row is all 0)")
+            self._check_range(prompt, self.config.vocab_size, "input_ids contain token id",
+                              "(the vocabulary size)")
+        limit = self.config.max_position_embeddings
+        longest = max(len(p) for p in prompts)
+        if longest + params.max_new_tokens > limit:
+            raise ValueError(f"prompt length {longest} + max_new_tokens {params.max_new_tokens} exceeds "
+                             f"the model's max_position_embeddings ({limit})")
+        if generator is None and params.seed is not None:
+            generator = torch.Generator(self.device).manual_seed(params.seed)
+        sampler = Sampler(params, self.config.vocab_size, self.device, generator)
+        new_tokens = generate_tokens(self.runner, prompts, params, sampler)
+        width = max(len(t) for t in new_tokens)
+        tail = torch.full((len(prompts), width), params.pad_token_id, dtype=torch.long)
+        for row, tokens in enumerate(new_tokens):
+            tail[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        return torch.cat([ids.cpu(), tail], dim=1).to(ids.device)
+
+    # -- lifetime ---------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Release the model and its cache (worker processes too, once the engine runs them)."""
+        self.runner.kv_cache = None
+
+    def __enter__(self) -> EnergonModel:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"EnergonModel({self.architecture.name}, path={self.name_or_path!r}, dtype={self.dtype}, "
+                f"device={self.device})")

@@ -1,0 +1,122 @@
+"""BERT on packed tokens (BertModel, BertForMaskedLM, BertForSequenceClassification)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import BertConfig
+from transformers.activations import get_activation
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPoolingAndCrossAttentions,
+    MaskedLMOutput,
+    SequenceClassifierOutput,
+)
+
+from energon_hf.engine.batch import PackedBatch
+from energon_hf.nn import attend
+
+
+class BertLayer(nn.Module):
+    """Post-LayerNorm encoder layer with q, k, v fused into one projection."""
+
+    def __init__(self, config: BertConfig, layer_idx: int):
+        super().__init__()
+        hidden, eps = config.hidden_size, config.layer_norm_eps
+        self.num_heads = config.num_attention_heads
+        self.head_dim = hidden // self.num_heads
+        self.layer_idx = layer_idx
+        self.causal = bool(config.is_decoder)
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.attn_out = nn.Linear(hidden, hidden)
+        self.attn_norm = nn.LayerNorm(hidden, eps=eps)
+        self.fc = nn.Linear(hidden, config.intermediate_size)
+        self.act = get_activation(config.hidden_act)
+        self.out = nn.Linear(config.intermediate_size, hidden)
+        self.out_norm = nn.LayerNorm(hidden, eps=eps)
+
+    def forward(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        q, k, v = self.qkv(x).view(x.shape[0], 3, self.num_heads, self.head_dim).unbind(1)
+        ctx = attend(q, k, v, batch.attn, self.layer_idx, causal=self.causal, scale=None)
+        x = self.attn_norm(x + self.attn_out(ctx.reshape(x.shape[0], -1)))
+        return self.out_norm(x + self.out(self.act(self.fc(x))))
+
+
+class BertModel(nn.Module):
+    hf_output = BaseModelOutputWithPoolingAndCrossAttentions
+    token_outputs = ("last_hidden_state",)
+    base_prefix = "bert."
+
+    def __init__(self, config: BertConfig, add_pooling_layer: bool = True):
+        super().__init__()
+        self.config = config
+        hidden = config.hidden_size
+        self.word_embeddings = nn.Embedding(config.vocab_size, hidden)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, hidden)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, hidden)
+        self.embed_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
+        self.layers = nn.ModuleList(BertLayer(config, i) for i in range(config.num_hidden_layers))
+        self.pooler = nn.Linear(hidden, hidden) if add_pooling_layer else None
+
+    def hidden_states(self, batch: PackedBatch) -> torch.Tensor:
+        token_types = batch.token_type_ids
+        if token_types is None:
+            token_types = torch.zeros_like(batch.input_ids)
+        x = self.word_embeddings(batch.input_ids) + self.token_type_embeddings(token_types)
+        x = self.embed_norm(x + self.position_embeddings(batch.positions))
+        for layer in self.layers:
+            x = layer(x, batch)
+        return x
+
+    def pool(self, hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        """tanh(dense(first token)) per sequence: the first real token, i.e. [CLS]."""
+        first = hidden.index_select(0, batch.attn.cu_seqlens[:-1].long())
+        return torch.tanh(self.pooler(first))
+
+    def forward(self, batch: PackedBatch) -> dict[str, torch.Tensor]:
+        hidden = self.hidden_states(batch)
+        out = {"last_hidden_state": hidden}
+        if self.pooler is not None:
+            out["pooler_output"] = self.pool(hidden, batch)
+        return out
+
+
+class BertForMaskedLM(nn.Module):
+    hf_output = MaskedLMOutput
+    token_outputs = ("logits",)
+    base_prefix = "bert."
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+        hidden = config.hidden_size
+        self.bert = BertModel(config, add_pooling_layer=False)
+        self.transform = nn.Linear(hidden, hidden)
+        self.act = get_activation(config.hidden_act)
+        self.transform_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
+        # Tied (the default) decoder weights are the word embeddings, read in place.
+        self.decoder = None if config.tie_word_embeddings else nn.Linear(hidden, config.vocab_size, bias=False)
+        self.decoder_bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, batch: PackedBatch) -> dict[str, torch.Tensor]:
+        hidden = self.bert.hidden_states(batch)
+        if batch.logits_indices is not None:
+            hidden = hidden.index_select(0, batch.logits_indices)
+        hidden = self.transform_norm(self.act(self.transform(hidden)))
+        weight = self.bert.word_embeddings.weight if self.decoder is None else self.decoder.weight
+        return {"logits": torch.nn.functional.linear(hidden, weight, self.decoder_bias)}
+
+
+class BertForSequenceClassification(nn.Module):
+    hf_output = SequenceClassifierOutput
+    token_outputs = ()
+    base_prefix = "bert."
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+        self.bert = BertModel(config, add_pooling_layer=True)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+
+    def forward(self, batch: PackedBatch) -> dict[str, torch.Tensor]:
+        hidden = self.bert.hidden_states(batch)
+        return {"logits": self.classifier(self.bert.pool(hidden, batch))}

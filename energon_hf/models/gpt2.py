@@ -1,0 +1,101 @@
+"""GPT-2 on packed tokens (GPT2Model, GPT2LMHeadModel)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GPT2Config
+from transformers.activations import get_activation
+from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions, CausalLMOutputWithCrossAttentions
+
+from energon_hf.engine.batch import PackedBatch
+from energon_hf.nn import attend
+
+
+class GPT2Attention(nn.Module):
+    def __init__(self, config: GPT2Config, layer_idx: int):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // self.num_heads
+        self.layer_idx = layer_idx
+        self.scale = self.head_dim**-0.5 if config.scale_attn_weights else 1.0
+        if config.scale_attn_by_inverse_layer_idx:
+            self.scale /= float(layer_idx + 1)
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)  # HF's fused c_attn, kept fused
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        q, k, v = self.qkv(x).view(x.shape[0], 3, self.num_heads, self.head_dim).unbind(1)
+        out = attend(q, k, v, batch.attn, self.layer_idx, causal=True, scale=self.scale)
+        return self.proj(out.reshape(x.shape[0], -1))
+
+
+class GPT2Block(nn.Module):
+    def __init__(self, config: GPT2Config, layer_idx: int):
+        super().__init__()
+        inner = config.n_inner or 4 * config.hidden_size
+        eps = config.layer_norm_epsilon
+        self.ln_1 = nn.LayerNorm(config.hidden_size, eps=eps)
+        self.attn = GPT2Attention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.hidden_size, eps=eps)
+        self.fc = nn.Linear(config.hidden_size, inner)
+        self.act = get_activation(config.activation_function)
+        self.proj = nn.Linear(inner, config.hidden_size)
+
+    def forward(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), batch)
+        return x + self.proj(self.act(self.fc(self.ln_2(x))))
+
+
+class GPT2Model(nn.Module):
+    hf_output = BaseModelOutputWithPastAndCrossAttentions
+    token_outputs = ("last_hidden_state",)
+    base_prefix = "transformer."  # HF checkpoints hold the body with or without this prefix
+
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        if config.add_cross_attention:
+            raise ValueError("GPT-2 with add_cross_attention=True (encoder-decoder use) is not supported")
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.wpe = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.h = nn.ModuleList(GPT2Block(config, i) for i in range(config.num_hidden_layers))
+        self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+
+    def hidden_states(self, batch: PackedBatch) -> torch.Tensor:
+        x = self.wte(batch.input_ids) + self.wpe(batch.positions)
+        if batch.token_type_ids is not None:  # HF GPT-2 embeds token types with the word embeddings
+            x = x + self.wte(batch.token_type_ids)
+        for block in self.h:
+            x = block(x, batch)
+        return self.ln_f(x)
+
+    def forward(self, batch: PackedBatch) -> dict[str, torch.Tensor]:
+        return {"last_hidden_state": self.hidden_states(batch)}
+
+
+class GPT2LMHeadModel(nn.Module):
+    hf_output = CausalLMOutputWithCrossAttentions
+    token_outputs = ("logits",)
+    base_prefix = "transformer."
+
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.config = config
+        self.transformer = GPT2Model(config)
+        # A tied head reads the embedding matrix itself, so loading never has to re-tie parameters.
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
+                                                                          bias=False)
+
+    def forward(self, batch: PackedBatch) -> dict[str, torch.Tensor]:
+        hidden = self.transformer.hidden_states(batch)
+        if batch.logits_indices is not None:
+            hidden = hidden.index_select(0, batch.logits_indices)
+        head = self.transformer.wte.weight if self.lm_head is None else self.lm_head.weight
+        return {"logits": F.linear(hidden, head)}
+
+    def kv_cache_layout(self) -> tuple[int, int, int]:
+        """(layers, kv heads, head dim) of the KV cache this model fills."""
+        c = self.config
+        return c.num_hidden_layers, c.num_attention_heads, c.hidden_size // c.num_attention_heads

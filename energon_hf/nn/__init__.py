@@ -1,0 +1,5 @@
+"""Building blocks shared by the models."""
+
+from .attention import attend
+
+__all__ = ["attend"]

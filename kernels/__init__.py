@@ -1,0 +1,17 @@
+"""energon_hf.kernels: padding removal, variable-length and paged attention, behind one dispatch.
+
+Imported only as `energon_hf.kernels` (the folder sits at the top of the repository).
+"""
+
+from .dispatch import backend_for, paged_attention, rebuild_padding, remove_padding, varlen_attention
+from .padding import check_attention_mask, positions_from_cu_seqlens
+
+__all__ = [
+    "backend_for",
+    "check_attention_mask",
+    "paged_attention",
+    "positions_from_cu_seqlens",
+    "rebuild_padding",
+    "remove_padding",
+    "varlen_attention",
+]

@@ -1,0 +1,92 @@
+"""Attention over packed tokens (torch implementation).
+
+`varlen_attention` attends within each sequence of a packed batch (prefill, encoders).
+`paged_attention` attends from new tokens to keys held in the paged KV cache (decode).
+Both never read a pad key: there are none in the packed layout, and cache slots beyond a sequence's
+context length are masked.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError(f"q, k, v must be [T, heads, head_dim], got {tuple(q.shape)}, {tuple(k.shape)}")
+    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not match")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    causal: bool,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """q [T, Hq, D], k/v [T, Hkv, D] packed; returns [T, Hq, D].
+
+    One SDPA call per sequence: it does exactly sum(len_i^2) work and lets SDPA pick its fused CPU
+    kernel (no mask tensor needed), which measured faster than one padded call with a mask.
+    """
+    _check_qkv(q, k, v)
+    gqa = q.shape[1] != k.shape[1]
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        if end == start:
+            continue
+        qi, ki, vi = (t[start:end].transpose(0, 1) for t in (q, k, v))
+        oi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=causal, scale=scale, enable_gqa=gqa)
+        out[start:end] = oi.transpose(0, 1)
+    return out
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    max_seqlen_q: int,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Causal attention of new tokens to the cache.
+
+    q [T, Hq, D] packed new tokens (their K/V already written to the cache); k_cache/v_cache
+    [num_blocks, block_size, Hkv, D]; block_tables [B, max_blocks]; context_lens [B] = tokens in the
+    cache for each sequence, this step's included. Query i of a sequence with q_len new tokens sits at
+    position context_len - q_len + i and sees keys 0..that position.
+    """
+    batch = block_tables.shape[0]
+    block_size = k_cache.shape[1]
+    max_ctx = block_tables.shape[1] * block_size
+    keys = k_cache[block_tables].reshape(batch, max_ctx, *k_cache.shape[2:]).transpose(1, 2)
+    values = v_cache[block_tables].reshape(batch, max_ctx, *v_cache.shape[2:]).transpose(1, 2)
+    q_lens = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()
+    ctx = context_lens.long()
+    key_pos = torch.arange(max_ctx, device=q.device)
+    gqa = q.shape[1] != k_cache.shape[2]
+    if max_seqlen_q == 1 and int(q_lens.min()) == 1:
+        # Decode: one query per sequence, the mask only hides slots past the context.
+        mask = (key_pos[None, :] < ctx[:, None])[:, None, None, :]
+        out = F.scaled_dot_product_attention(q[:, :, None, :], keys, values, attn_mask=mask, scale=scale,
+                                             enable_gqa=gqa)
+        return out[:, :, 0, :]
+    # General case (several new tokens per sequence on top of a cached context): pad the queries.
+    token_seq = torch.repeat_interleave(torch.arange(batch, device=q.device), q_lens)
+    token_idx = torch.arange(q.shape[0], device=q.device) - cu_seqlens_q[:-1].long()[token_seq]
+    padded_q = q.new_zeros(batch, max_seqlen_q, *q.shape[1:])
+    padded_q[token_seq, token_idx] = q
+    query_pos = (ctx - q_lens)[:, None] + torch.arange(max_seqlen_q, device=q.device)[None, :]
+    mask = key_pos[None, None, :] <= query_pos[:, :, None]
+    out = F.scaled_dot_product_attention(padded_q.transpose(1, 2), keys, values, attn_mask=mask[:, None],
+                                         scale=scale, enable_gqa=gqa)
+    return out.transpose(1, 2)[token_seq, token_idx]

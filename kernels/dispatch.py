@@ -1,0 +1,65 @@
+"""The one place that chooses a kernel implementation.
+
+Every op has a torch implementation (used on CPU, and the reference). Triton implementations are
+registered for CUDA as they land; `ENERGON_HF_KERNELS=triton|torch` forces a choice.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+
+from . import attention, padding
+
+BACKENDS = ("torch", "triton")
+
+_IMPLEMENTATIONS: dict[str, dict[str, Callable]] = {
+    "remove_padding": {"torch": padding.remove_padding},
+    "rebuild_padding": {"torch": padding.rebuild_padding},
+    "varlen_attention": {"torch": attention.varlen_attention},
+    "paged_attention": {"torch": attention.paged_attention},
+}
+
+
+def forced_backend() -> str | None:
+    choice = os.environ.get("ENERGON_HF_KERNELS", "").strip().lower()
+    if choice and choice not in BACKENDS:
+        raise ValueError(f"ENERGON_HF_KERNELS={choice!r} is not one of {BACKENDS}")
+    return choice or None
+
+
+def backend_for(device: torch.device) -> str:
+    forced = forced_backend()
+    if forced:
+        return forced
+    return "triton" if device.type == "cuda" else "torch"
+
+
+def get_kernel(op: str, device: torch.device) -> Callable:
+    impls = _IMPLEMENTATIONS[op]
+    backend = backend_for(device)
+    if backend in impls:
+        return impls[backend]
+    if forced_backend() == backend:
+        raise NotImplementedError(f"kernel {op!r} has no {backend} implementation (ENERGON_HF_KERNELS={backend})")
+    return impls["torch"]
+
+
+def remove_padding(hidden: torch.Tensor, attention_mask: torch.Tensor):
+    return get_kernel("remove_padding", hidden.device)(hidden, attention_mask)
+
+
+def rebuild_padding(packed: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
+    return get_kernel("rebuild_padding", packed.device)(packed, indices, batch, seqlen)
+
+
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal, scale=None) -> torch.Tensor:
+    return get_kernel("varlen_attention", q.device)(q, k, v, cu_seqlens, max_seqlen, causal, scale)
+
+
+def paged_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_seqlen_q, scale=None):
+    return get_kernel("paged_attention", q.device)(
+        q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_seqlen_q, scale
+    )

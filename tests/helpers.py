@@ -1,0 +1,31 @@
+"""Batch builders and comparison helpers for parity tests."""
+
+import torch
+
+ATOL = 1e-4
+MIXED_LENGTHS = [1, 64, 7, 33, 2, 50, 16, 5]
+
+
+def padded_batch(lengths: list[int], vocab: int, side: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random ids [B, max(lengths)] (pads hold id 0) and a 0/1 mask, padded on `side`."""
+    gen = torch.Generator().manual_seed(seed)
+    seqlen = max(lengths)
+    ids = torch.randint(3, vocab, (len(lengths), seqlen), generator=gen)
+    mask = torch.zeros(len(lengths), seqlen, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        if side == "right":
+            mask[row, :n] = 1
+        else:
+            mask[row, seqlen - n:] = 1
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def max_diff_on_real(ours: torch.Tensor, theirs: torch.Tensor, mask: torch.Tensor) -> float:
+    """Max abs difference over non-pad positions of [B, S, ...] tensors."""
+    keep = mask.bool()
+    return (ours[keep].float() - theirs[keep].float()).abs().max().item()
+
+
+def first_real_index(mask: torch.Tensor) -> torch.Tensor:
+    """Column of each row's first real token."""
+    return mask.long().argmax(dim=1)

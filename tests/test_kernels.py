@@ -1,0 +1,130 @@
+"""Kernels against naive formulas: padding removal/rebuild, varlen and paged attention, dispatch."""
+
+import math
+
+import pytest
+import torch
+from energon_hf.kernels import dispatch
+
+from energon_hf import kernels
+from energon_hf.engine.kv_cache import BlockAllocator, KVCache, slot_mapping
+
+
+def _mask(lengths, seqlen, side, dtype=torch.long):
+    mask = torch.zeros(len(lengths), seqlen, dtype=dtype)
+    for row, n in enumerate(lengths):
+        if side == "right":
+            mask[row, :n] = 1
+        else:
+            mask[row, seqlen - n:] = 1
+    return mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int32, torch.int64])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_remove_and_rebuild_padding(dtype, mask_dtype, side):
+    lengths, seqlen, hidden = [1, 5, 3, 5], 5, 7  # hidden size not a power of two
+    x = torch.randn(len(lengths), seqlen, hidden).to(dtype)
+    mask = _mask(lengths, seqlen, side, mask_dtype)
+    packed, indices, cu_seqlens, max_seqlen = kernels.remove_padding(x, mask)
+    assert packed.shape == (sum(lengths), hidden) and packed.dtype == dtype
+    assert cu_seqlens.dtype == torch.int32 and cu_seqlens.tolist() == [0, 1, 6, 9, 14]
+    assert max_seqlen == 5
+    expected = torch.cat([x[row][mask[row].bool()] for row in range(len(lengths))])
+    assert torch.equal(packed, expected)
+    rebuilt = kernels.rebuild_padding(packed, indices, len(lengths), seqlen)
+    assert torch.equal(rebuilt, x * mask[..., None].to(dtype))
+
+
+def test_padding_single_token_and_ids():
+    ids = torch.tensor([[0, 0, 42]])
+    packed, indices, cu, max_seqlen = kernels.remove_padding(ids, torch.tensor([[0, 0, 1]]))
+    assert packed.tolist() == [42] and indices.tolist() == [2] and cu.tolist() == [0, 1] and max_seqlen == 1
+    assert kernels.rebuild_padding(packed, indices, 1, 3).tolist() == [[0, 0, 42]]
+
+
+def test_positions_from_cu_seqlens():
+    cu = torch.tensor([0, 1, 4, 6], dtype=torch.int32)
+    assert kernels.positions_from_cu_seqlens(cu, 6).tolist() == [0, 0, 1, 2, 0, 1]
+
+
+def test_padding_errors():
+    with pytest.raises(ValueError, match="shape"):
+        kernels.remove_padding(torch.zeros(2, 3, 4), torch.ones(2, 4))
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        kernels.remove_padding(torch.zeros(1, 2, 4), torch.tensor([[1, 3]]))
+    with pytest.raises(ValueError, match="indices"):
+        kernels.rebuild_padding(torch.zeros(3, 4), torch.tensor([0, 1]), 1, 4)
+
+
+def _naive_attention(q, k, v, causal, scale):
+    """Per-sequence softmax(q k^T * scale) v with grouped kv heads repeated: [L, H, D]."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    scores = torch.einsum("qhd,khd->hqk", q.double(), k.double()) * scale
+    if causal:
+        n_q, n_k = q.shape[0], k.shape[0]
+        allowed = torch.arange(n_k)[None, :] <= torch.arange(n_q)[:, None] + (n_k - n_q)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v.double())
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2), (3, 1)])
+def test_varlen_attention(causal, heads, kv_heads):
+    lengths, dim = [1, 9, 4, 1, 17], 12
+    total = sum(lengths)
+    q, k, v = torch.randn(total, heads, dim), torch.randn(total, kv_heads, dim), torch.randn(total, kv_heads, dim)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    out = kernels.varlen_attention(q, k, v, cu, max(lengths), causal, scale=0.3)
+    for start, end in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+        ref = _naive_attention(q[start:end], k[start:end], v[start:end], causal, 0.3)
+        assert (out[start:end].double() - ref).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("new_tokens", [[1, 1, 1], [3, 1, 5]])
+def test_paged_attention_reads_the_cache_through_block_tables(new_tokens):
+    heads, kv_heads, dim, block_size = 4, 2, 8, 4
+    context = [6, 1, 11]  # tokens in the cache after this step, the new ones included
+    cache = KVCache(1, 16, block_size, kv_heads, dim, torch.float32, "cpu")
+    allocator = BlockAllocator(16, block_size)
+    for seq in (2, 0, 1):  # out of order, so blocks are not contiguous per sequence
+        allocator.reserve(seq, context[seq])
+    tables = allocator.block_table_tensor([0, 1, 2], "cpu")
+    keys = [torch.randn(n, kv_heads, dim) for n in context]
+    values = [torch.randn(n, kv_heads, dim) for n in context]
+    for seq, n in enumerate(context):
+        slots = slot_mapping(tables, torch.full((n,), seq), torch.arange(n), block_size)
+        cache.write(0, keys[seq], values[seq], slots)
+    q = torch.randn(sum(new_tokens), heads, dim)
+    cu = torch.tensor([0, *torch.tensor(new_tokens).cumsum(0).tolist()], dtype=torch.int32)
+    out = kernels.paged_attention(q, cache.k[0], cache.v[0], tables, torch.tensor(context, dtype=torch.int32),
+                                  cu, max(new_tokens), scale=1 / math.sqrt(dim))
+    for seq in range(3):
+        start, end = cu[seq].item(), cu[seq + 1].item()
+        ref = _naive_attention(q[start:end], keys[seq], values[seq], True, 1 / math.sqrt(dim))
+        assert (out[start:end].double() - ref).abs().max() < 1e-5
+
+
+def test_block_allocator_reuses_freed_blocks():
+    allocator = BlockAllocator(4, 2)
+    assert allocator.reserve(0, 5) == [0, 1, 2]
+    with pytest.raises(MemoryError, match="KV cache full"):
+        allocator.reserve(1, 3)
+    allocator.release(0)
+    assert allocator.num_free == 4 and len(allocator.reserve(1, 3)) == 2
+
+
+def test_dispatch_choice(monkeypatch):
+    monkeypatch.delenv("ENERGON_HF_KERNELS", raising=False)
+    assert dispatch.backend_for(torch.device("cpu")) == "torch"
+    assert dispatch.backend_for(torch.device("cuda")) == "triton"
+    monkeypatch.setenv("ENERGON_HF_KERNELS", "torch")
+    assert dispatch.backend_for(torch.device("cuda")) == "torch"
+    monkeypatch.setenv("ENERGON_HF_KERNELS", "cuda-magic")
+    with pytest.raises(ValueError, match="ENERGON_HF_KERNELS"):
+        dispatch.backend_for(torch.device("cpu"))
+    monkeypatch.setenv("ENERGON_HF_KERNELS", "triton")  # forced, but no Triton kernel exists yet
+    with pytest.raises(NotImplementedError, match="no triton implementation"):
+        kernels.remove_padding(torch.zeros(1, 2, 3), torch.ones(1, 2))

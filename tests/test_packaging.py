@@ -1,0 +1,32 @@
+"""The package layout: kernels/ and converters/ import only as energon_hf.kernels / .converters."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import energon_hf
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_folders_map_into_the_package():
+    import energon_hf.converters
+    import energon_hf.kernels
+
+    assert Path(energon_hf.kernels.__file__).parent == REPO / "kernels"
+    assert Path(energon_hf.converters.__file__).parent == REPO / "converters"
+
+
+def test_no_bare_kernels_module(tmp_path):
+    """transformers probes for HF's hub-kernels distribution `kernels`; we must never provide it."""
+    code = ("import importlib.util, transformers, energon_hf.kernels;"
+            "from transformers.utils.import_utils import is_kernels_available;"
+            "print(importlib.util.find_spec('kernels'), is_kernels_available())")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["None", "False"]
+
+
+def test_public_api():
+    assert callable(energon_hf.EnergonModel.from_pretrained)
+    assert energon_hf.__version__

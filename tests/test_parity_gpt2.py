@@ -1,0 +1,136 @@
+"""GPT-2 against transformers on the same weights: forward on packed tokens, and KV-cache generate."""
+
+import pytest
+import torch
+from helpers import ATOL, MIXED_LENGTHS, max_diff_on_real, padded_batch
+
+from energon_hf import EnergonModel
+
+VOCAB = 128
+
+
+@pytest.fixture(scope="module")
+def lm(tiny):
+    return EnergonModel.from_pretrained(tiny.make("GPT2LMHeadModel"), dtype="float32"), tiny.hf("GPT2LMHeadModel")
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("arch,field", [("GPT2LMHeadModel", "logits"), ("GPT2Model", "last_hidden_state")])
+def test_forward_matches_transformers(tiny, arch, field, side):
+    ours = EnergonModel.from_pretrained(tiny.make(arch), dtype="float32")
+    hf = tiny.hf(arch)
+    ids, mask = padded_batch(MIXED_LENGTHS, VOCAB, side)
+    with torch.no_grad():
+        expected = hf(input_ids=ids, attention_mask=mask)
+    got = ours(input_ids=ids, attention_mask=mask)
+    assert type(got) is type(expected)
+    assert getattr(got, field).shape == getattr(expected, field).shape
+    assert max_diff_on_real(getattr(got, field), getattr(expected, field), mask) <= ATOL
+    assert (getattr(got, field)[mask == 0] == 0).all()  # pads rebuilt as zeros
+
+
+def test_untied_head_and_explicit_positions(tiny):
+    path = tiny.make("GPT2LMHeadModel", tie_word_embeddings=False)
+    ours, hf = EnergonModel.from_pretrained(path), tiny.hf("GPT2LMHeadModel", tie_word_embeddings=False)
+    assert not torch.equal(hf.lm_head.weight, hf.transformer.wte.weight)
+    ids, mask = padded_batch(MIXED_LENGTHS, VOCAB, "left")
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # what HF generate passes
+    with torch.no_grad():
+        expected = hf(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    got = ours(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    assert max_diff_on_real(got, expected, mask) <= ATOL
+
+
+def test_return_dict_false_gives_tuple(lm):
+    ours, _ = lm
+    ids, mask = padded_batch([3, 5], VOCAB, "right")
+    out = ours(input_ids=ids, attention_mask=mask, return_dict=False)
+    assert isinstance(out, tuple) and out[0].shape == (2, 5, VOCAB)
+
+
+def test_greedy_generate_equals_transformers(lm):
+    ours, hf = lm
+    ids, mask = padded_batch(MIXED_LENGTHS, VOCAB, "left", seed=1)
+    kwargs = dict(max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0)
+    with torch.no_grad():
+        expected = hf.generate(ids, attention_mask=mask, **kwargs)
+    got = ours.generate(ids, attention_mask=mask, **kwargs)
+    assert got.shape == expected.shape == (len(MIXED_LENGTHS), 64 + 32)
+    assert torch.equal(got, expected)
+
+
+def test_right_padding_generates_the_same_new_tokens(lm):
+    """Each sequence continues from its own last token whatever the padding side."""
+    ours, _ = lm
+    left_ids, left_mask = padded_batch(MIXED_LENGTHS, VOCAB, "left", seed=2)
+    right_ids = torch.zeros_like(left_ids)
+    right_mask = torch.zeros_like(left_mask)
+    for row, n in enumerate(MIXED_LENGTHS):
+        right_ids[row, :n] = left_ids[row, left_ids.shape[1] - n:]
+        right_mask[row, :n] = 1
+    kwargs = dict(max_new_tokens=8, eos_token_id=None)
+    new_left = ours.generate(left_ids, attention_mask=left_mask, **kwargs)[:, -8:]
+    new_right = ours.generate(right_ids, attention_mask=right_mask, **kwargs)[:, -8:]
+    assert torch.equal(new_left, new_right)
+
+
+def test_each_sequence_stops_on_its_own_eos(lm):
+    ours, hf = lm
+    ids, mask = padded_batch(MIXED_LENGTHS, VOCAB, "left", seed=1)
+    free_run = ours.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=None)[:, ids.shape[1]:]
+    eos = [int(free_run[0, 3]), int(free_run[1, 5])]  # two ids that some sequences emit early
+    kwargs = dict(max_new_tokens=12, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    with torch.no_grad():
+        expected = hf.generate(ids, attention_mask=mask, **kwargs)
+    got = ours.generate(ids, attention_mask=mask, **kwargs)
+    assert torch.equal(got, expected)
+    new = got[:, ids.shape[1]:]
+    first_eos = [next(i for i, t in enumerate(row.tolist()) if t in eos) for row in new[:2]]
+    assert (new[0, first_eos[0] + 1:] == 0).all() and first_eos[0] <= 3
+
+
+def test_repetition_penalty_matches_transformers(lm):
+    ours, hf = lm
+    ids = torch.randint(3, VOCAB, (3, 10), generator=torch.Generator().manual_seed(5))  # no padding
+    kwargs = dict(max_new_tokens=16, repetition_penalty=1.7, eos_token_id=None, pad_token_id=0)
+    with torch.no_grad():
+        expected = hf.generate(ids, **kwargs)
+    assert torch.equal(ours.generate(ids, **kwargs), expected)
+
+
+def test_min_new_tokens_and_max_length(lm):
+    ours, _ = lm
+    ids, mask = padded_batch([4, 9], VOCAB, "left")
+    first = ours.generate(ids, attention_mask=mask, max_new_tokens=1, eos_token_id=None)[:, -1]
+    out = ours.generate(ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=4, eos_token_id=first.tolist())
+    assert out.shape[1] >= ids.shape[1] + 4
+    assert not torch.isin(out[:, ids.shape[1]: ids.shape[1] + 4], first).any()
+    assert ours.generate(ids, attention_mask=mask, max_length=ids.shape[1] + 5, eos_token_id=None).shape[1] == 14
+
+
+def test_sampling_is_seeded_and_follows_warpers(lm):
+    ours, _ = lm
+    ids, mask = padded_batch([6, 3, 9], VOCAB, "left")
+    greedy = ours.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=None)
+    top1 = ours.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=True, top_k=1, eos_token_id=None)
+    assert torch.equal(greedy, top1)
+    sample = dict(max_new_tokens=10, do_sample=True, temperature=1.5, top_p=0.9, eos_token_id=None)
+    a = ours.generate(ids, attention_mask=mask, seed=7, **sample)
+    b = ours.generate(ids, attention_mask=mask, generator=torch.Generator().manual_seed(7), **sample)
+    c = ours.generate(ids, attention_mask=mask, seed=8, **sample)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert not torch.equal(a, greedy)
+
+
+def test_pytorch_bin_checkpoint_and_unprefixed_names(tiny, tmp_path):
+    """pytorch_model.bin read with weights_only, keys without the `transformer.` prefix (original GPT-2)."""
+    hf = tiny.hf("GPT2LMHeadModel")
+    hf.config.save_pretrained(tmp_path)
+    state = {k.removeprefix("transformer."): v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    ours = EnergonModel.from_pretrained(tmp_path)
+    ids, mask = padded_batch(MIXED_LENGTHS, VOCAB, "right")
+    with torch.no_grad():
+        expected = hf(input_ids=ids, attention_mask=mask).logits
+    assert max_diff_on_real(ours(input_ids=ids, attention_mask=mask).logits, expected, mask) <= ATOL
