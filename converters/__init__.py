@@ -3,6 +3,7 @@
 from .bert import bert_masked_lm_specs, bert_model_specs, bert_sequence_classification_specs
 from .checkpoint import CheckpointReader, find_weight_files
 from .gpt2 import gpt2_lm_head_specs, gpt2_model_specs
+from .llama import llama_causal_lm_specs
 from .loader import load_weights
 from .weights import WeightSpec
 
@@ -15,5 +16,6 @@ __all__ = [
     "find_weight_files",
     "gpt2_lm_head_specs",
     "gpt2_model_specs",
+    "llama_causal_lm_specs",
     "load_weights",
 ]

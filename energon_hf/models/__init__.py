@@ -15,10 +15,11 @@ from energon_hf.converters import (
     bert_sequence_classification_specs,
     gpt2_lm_head_specs,
     gpt2_model_specs,
+    llama_causal_lm_specs,
 )
 from energon_hf.errors import UnsupportedModelError
 
-from . import bert, gpt2
+from . import bert, gpt2, llama
 
 
 @dataclass(frozen=True)
@@ -38,11 +39,12 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture("BertForMaskedLM", bert.BertForMaskedLM, bert_masked_lm_specs),
         Architecture("BertForSequenceClassification", bert.BertForSequenceClassification,
                      bert_sequence_classification_specs),
+        Architecture("LlamaForCausalLM", llama.LlamaForCausalLM, llama_causal_lm_specs, can_generate=True),
     )
 }
 
 # Used when config.json names no architecture, as AutoModelForCausalLM / AutoModel would choose.
-DEFAULT_ARCHITECTURE = {"gpt2": "GPT2LMHeadModel", "bert": "BertModel"}
+DEFAULT_ARCHITECTURE = {"gpt2": "GPT2LMHeadModel", "bert": "BertModel", "llama": "LlamaForCausalLM"}
 SUPPORTED_MODEL_TYPES = tuple(DEFAULT_ARCHITECTURE)
 
 

@@ -44,6 +44,7 @@ class BertLayer(nn.Module):
 class BertModel(nn.Module):
     hf_output = BaseModelOutputWithPoolingAndCrossAttentions
     token_outputs = ("last_hidden_state",)
+    learned_positions = True  # position ids past max_position_embeddings do not exist
     base_prefix = "bert."
 
     def __init__(self, config: BertConfig, add_pooling_layer: bool = True):
@@ -83,6 +84,7 @@ class BertModel(nn.Module):
 class BertForMaskedLM(nn.Module):
     hf_output = MaskedLMOutput
     token_outputs = ("logits",)
+    learned_positions = True  # position ids past max_position_embeddings do not exist
     base_prefix = "bert."
 
     def __init__(self, config: BertConfig):
@@ -109,6 +111,7 @@ class BertForMaskedLM(nn.Module):
 class BertForSequenceClassification(nn.Module):
     hf_output = SequenceClassifierOutput
     token_outputs = ()
+    learned_positions = True  # position ids past max_position_embeddings do not exist
     base_prefix = "bert."
 
     def __init__(self, config: BertConfig):

@@ -51,6 +51,7 @@ class GPT2Block(nn.Module):
 class GPT2Model(nn.Module):
     hf_output = BaseModelOutputWithPastAndCrossAttentions
     token_outputs = ("last_hidden_state",)
+    learned_positions = True  # position ids past max_position_embeddings do not exist
     base_prefix = "transformer."  # HF checkpoints hold the body with or without this prefix
 
     def __init__(self, config: GPT2Config):
@@ -78,6 +79,7 @@ class GPT2Model(nn.Module):
 class GPT2LMHeadModel(nn.Module):
     hf_output = CausalLMOutputWithCrossAttentions
     token_outputs = ("logits",)
+    learned_positions = True  # position ids past max_position_embeddings do not exist
     base_prefix = "transformer."
 
     def __init__(self, config: GPT2Config):

@@ -1,0 +1,110 @@
+"""Llama-family decoders on packed tokens (LlamaForCausalLM): RMSNorm, rotary positions, SwiGLU,
+grouped-query attention."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlamaConfig
+from transformers.activations import get_activation
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from energon_hf.engine.batch import PackedBatch
+from energon_hf.nn import attend
+from energon_hf.nn.norm import RMSNorm
+from energon_hf.nn.rotary import RotaryEmbedding, apply_rotary
+
+
+def head_dim(config: LlamaConfig) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: LlamaConfig, layer_idx: int):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = head_dim(config)
+        self.layer_idx = layer_idx
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.split = (q_size, kv_size, kv_size)
+        self.qkv = nn.Linear(config.hidden_size, sum(self.split), bias=config.attention_bias)
+        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.attention_bias)
+
+    def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], batch: PackedBatch) -> torch.Tensor:
+        q, k, v = self.qkv(x).split(self.split, dim=-1)
+        q = apply_rotary(q.view(-1, self.num_heads, self.head_dim), *cos_sin)
+        k = apply_rotary(k.view(-1, self.num_kv_heads, self.head_dim), *cos_sin)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        out = attend(q, k, v, batch.attn, self.layer_idx, causal=True, scale=self.head_dim**-0.5)
+        return self.o_proj(out.reshape(x.shape[0], -1))
+
+
+class LlamaMLP(nn.Module):
+    """SwiGLU with gate and up fused into one projection."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.intermediate = config.intermediate_size
+        self.gate_up = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.act = get_activation(config.hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).split(self.intermediate, dim=-1)
+        return self.down_proj(self.act(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: LlamaConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = LlamaAttention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = LlamaMLP(config)
+
+    def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], batch: PackedBatch) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos_sin, batch)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(config, head_dim(config))
+
+    def forward(self, batch: PackedBatch) -> torch.Tensor:
+        x = self.embed_tokens(batch.input_ids)
+        cos_sin = self.rotary.cos_sin(batch.positions, x.dtype)  # once per step, shared by every layer
+        for layer in self.layers:
+            x = layer(x, cos_sin, batch)
+        return self.norm(x)
+
+
+class LlamaForCausalLM(nn.Module):
+    hf_output = CausalLMOutputWithPast
+    token_outputs = ("logits",)
+    base_prefix = "model."
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        # A tied head reads the embedding matrix itself, so loading never has to re-tie parameters.
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
+                                                                          bias=False)
+
+    def forward(self, batch: PackedBatch) -> dict[str, torch.Tensor]:
+        hidden = self.model(batch)
+        if batch.logits_indices is not None:
+            hidden = hidden.index_select(0, batch.logits_indices)
+        head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return {"logits": F.linear(hidden, head)}
+
+    def kv_cache_layout(self) -> tuple[int, int, int]:
+        """(layers, kv heads, head dim) of the KV cache this model fills."""
+        return self.config.num_hidden_layers, self.config.num_key_value_heads, head_dim(self.config)
