@@ -16,22 +16,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import transformers
 from transformers import BertConfig, BertModel
 
-import energon_hf
 from energon_hf import EnergonModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run with -P: the bench folder itself is not on sys.path
+from common import machine_info, time_calls  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_OUT = RESULTS / "bert_packed_vs_hf.json"
@@ -132,40 +130,6 @@ def ideal_ratio(config: BertConfig, lengths: list[int]) -> float:
     padded = len(lengths) * (padded_to * per_token + padded_to**2 * per_square)
     packed = sum(length * per_token + length**2 * per_square for length in lengths)
     return padded / packed
-
-
-def time_calls(calls: dict[str, Callable[[], Any]], warmup: int, repeats: int) -> dict[str, list[float]]:
-    """Warm every call up, then time them interleaved (alternating the order each repeat) so slow
-    drifts of the machine (frequency, a noisy neighbour) hit both sides alike."""
-    for _ in range(warmup):
-        for call in calls.values():
-            call()
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    names = list(calls)
-    for rep in range(repeats):
-        for name in names if rep % 2 == 0 else names[::-1]:
-            start = time.perf_counter()
-            calls[name]()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
-def machine_info(threads: int) -> dict[str, Any]:
-    return {
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "processor": platform.processor() or None,
-        "python": sys.version.split()[0],
-        "cpu_count": os.cpu_count(),
-        "torch_threads": threads,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "energon_hf": energon_hf.__version__,
-        "mkldnn": torch.backends.mkldnn.is_available(),
-        # Other processes compete for the cores; with --threads = all cores, every OpenMP barrier
-        # waits for a descheduled thread and op-heavy code (the packed per-sequence loop) suffers most.
-        "loadavg_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,7 @@ import transformers
 
 from energon_hf import EnergonModel, defaults
 
-QUESTIONS = ["What is the capital of France?", "Name three primary colors.", "What is 12 times 12?"]
+QUESTIONS = ["What is the capital of France?", "Name three primary colors.", "Which planet is the largest?"]
 DOCUMENTS = [
     "Paris is the capital and largest city of France.",
     "The mitochondria is the powerhouse of the cell.",

@@ -4,11 +4,13 @@ Imported only as `energon_hf.kernels` (the folder sits at the top of the reposit
 """
 
 from .dispatch import backend_for, paged_attention, rebuild_padding, remove_padding, varlen_attention
+from .dispatch import linear_op as linear
 from .padding import check_attention_mask, positions_from_cu_seqlens
 
 __all__ = [
     "backend_for",
     "check_attention_mask",
+    "linear",
     "paged_attention",
     "positions_from_cu_seqlens",
     "rebuild_padding",

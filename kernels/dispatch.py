@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from . import attention, padding
+from . import attention, linear, padding
 
 BACKENDS = ("torch", "triton")
 
@@ -20,6 +20,7 @@ _IMPLEMENTATIONS: dict[str, dict[str, Callable]] = {
     "rebuild_padding": {"torch": padding.rebuild_padding},
     "varlen_attention": {"torch": attention.varlen_attention},
     "paged_attention": {"torch": attention.paged_attention},
+    "linear": {"torch": linear.linear},
 }
 
 
@@ -63,3 +64,7 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_
     return get_kernel("paged_attention", q.device)(
         q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_seqlen_q, scale
     )
+
+
+def linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return get_kernel("linear", x.device)(x, weight, bias)

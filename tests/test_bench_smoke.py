@@ -1,20 +1,30 @@
-"""The benchmark code runs (tiny sizes) so it cannot rot. No timing is asserted."""
+"""The benchmark scripts run (tiny sizes) so they cannot rot. No timing is asserted."""
 
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
-def test_bert_packed_vs_hf_quick(tmp_path):
-    out = tmp_path / "bench.json"
-    cmd = [sys.executable, "-P", str(REPO / "bench" / "bert_packed_vs_hf.py"), "--quick", "--repeats", "1",
-           "--warmup", "0", "--threads", "1", "--out", str(out)]
+def _run(script: str, out: Path, *args: str) -> dict:
+    cmd = [sys.executable, "-P", str(BENCH / script), "--quick", "--repeats", "1", "--warmup", "0", "--threads", "1",
+           "--out", str(out), *args]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    result = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_bert_packed_vs_hf(tmp_path):
+    result = _run("bert_packed_vs_hf.py", tmp_path / "bert.json")
     assert result["max_abs_diff_ok"] is True
     assert set(result["real_tokens_per_s"]) == {"hf_sdpa_padded", "energon_packed"}
     assert result["ratio_energon_over_hf"] > 0
+
+
+def test_generate_vs_hf(tmp_path):
+    result = _run("generate_vs_hf.py", tmp_path / "gen.json", "--batches", "1", "3")
+    assert set(result["runs"]) == {"1", "3"}
+    for run in result["runs"].values():
+        assert run["same_tokens"] is True and run["ratio"] > 0

@@ -128,3 +128,14 @@ def test_dispatch_choice(monkeypatch):
     monkeypatch.setenv("ENERGON_HF_KERNELS", "triton")  # forced, but no Triton kernel exists yet
     with pytest.raises(NotImplementedError, match="no triton implementation"):
         kernels.remove_padding(torch.zeros(1, 2, 3), torch.ones(1, 2))
+
+
+@pytest.mark.parametrize("rows", [1, 2, 7, 64, 65])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_matches_f_linear(rows, bias):
+    """Every row count (the small-batch W @ x^T path and F.linear) gives F.linear's result."""
+    x, weight = torch.randn(rows, 24), torch.randn(40, 24)
+    b = torch.randn(40) if bias else None
+    out = kernels.linear(x, weight, b)
+    assert out.shape == (rows, 40) and out.is_contiguous()
+    assert (out - torch.nn.functional.linear(x, weight, b)).abs().max() < 1e-5

@@ -62,3 +62,17 @@ def test_unsupported_gguf_architecture_is_named(tmp_path):
     writer.close()
     with pytest.raises(UnsupportedModelError, match="GGUF architecture 'rwkv6'.*supported: llama"):
         EnergonModel.from_pretrained(path)
+
+
+def test_generate_example_runs_as_documented(smollm2):
+    """examples/generate.py, as the README shows it, on the embedded SmolLM2."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "generate.py"
+    cmd = [sys.executable, "-P", str(script), "--chat", "--prompt", "What is the capital of France?",
+           "--max-new-tokens", "12"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Paris" in done.stdout

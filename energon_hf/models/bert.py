@@ -12,8 +12,9 @@ from transformers.modeling_outputs import (
     SequenceClassifierOutput,
 )
 
+from energon_hf import kernels
 from energon_hf.engine.batch import PackedBatch
-from energon_hf.nn import attend
+from energon_hf.nn import Linear, attend
 
 
 class BertLayer(nn.Module):
@@ -26,12 +27,12 @@ class BertLayer(nn.Module):
         self.head_dim = hidden // self.num_heads
         self.layer_idx = layer_idx
         self.causal = bool(config.is_decoder)
-        self.qkv = nn.Linear(hidden, 3 * hidden)
-        self.attn_out = nn.Linear(hidden, hidden)
+        self.qkv = Linear(hidden, 3 * hidden)
+        self.attn_out = Linear(hidden, hidden)
         self.attn_norm = nn.LayerNorm(hidden, eps=eps)
-        self.fc = nn.Linear(hidden, config.intermediate_size)
+        self.fc = Linear(hidden, config.intermediate_size)
         self.act = get_activation(config.hidden_act)
-        self.out = nn.Linear(config.intermediate_size, hidden)
+        self.out = Linear(config.intermediate_size, hidden)
         self.out_norm = nn.LayerNorm(hidden, eps=eps)
 
     def forward(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
@@ -56,7 +57,7 @@ class BertModel(nn.Module):
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, hidden)
         self.embed_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
         self.layers = nn.ModuleList(BertLayer(config, i) for i in range(config.num_hidden_layers))
-        self.pooler = nn.Linear(hidden, hidden) if add_pooling_layer else None
+        self.pooler = Linear(hidden, hidden) if add_pooling_layer else None
 
     def hidden_states(self, batch: PackedBatch) -> torch.Tensor:
         token_types = batch.token_type_ids
@@ -92,11 +93,11 @@ class BertForMaskedLM(nn.Module):
         self.config = config
         hidden = config.hidden_size
         self.bert = BertModel(config, add_pooling_layer=False)
-        self.transform = nn.Linear(hidden, hidden)
+        self.transform = Linear(hidden, hidden)
         self.act = get_activation(config.hidden_act)
         self.transform_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
         # Tied (the default) decoder weights are the word embeddings, read in place.
-        self.decoder = None if config.tie_word_embeddings else nn.Linear(hidden, config.vocab_size, bias=False)
+        self.decoder = None if config.tie_word_embeddings else Linear(hidden, config.vocab_size, bias=False)
         self.decoder_bias = nn.Parameter(torch.zeros(config.vocab_size))
 
     def forward(self, batch: PackedBatch) -> dict[str, torch.Tensor]:
@@ -105,7 +106,7 @@ class BertForMaskedLM(nn.Module):
             hidden = hidden.index_select(0, batch.logits_indices)
         hidden = self.transform_norm(self.act(self.transform(hidden)))
         weight = self.bert.word_embeddings.weight if self.decoder is None else self.decoder.weight
-        return {"logits": torch.nn.functional.linear(hidden, weight, self.decoder_bias)}
+        return {"logits": kernels.linear(hidden, weight, self.decoder_bias)}
 
 
 class BertForSequenceClassification(nn.Module):
@@ -118,7 +119,7 @@ class BertForSequenceClassification(nn.Module):
         super().__init__()
         self.config = config
         self.bert = BertModel(config, add_pooling_layer=True)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.classifier = Linear(config.hidden_size, config.num_labels)
 
     def forward(self, batch: PackedBatch) -> dict[str, torch.Tensor]:
         hidden = self.bert.hidden_states(batch)

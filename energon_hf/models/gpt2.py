@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import GPT2Config
 from transformers.activations import get_activation
 from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions, CausalLMOutputWithCrossAttentions
 
+from energon_hf import kernels
 from energon_hf.engine.batch import PackedBatch
-from energon_hf.nn import attend
+from energon_hf.nn import Linear, attend
 
 
 class GPT2Attention(nn.Module):
@@ -22,8 +22,8 @@ class GPT2Attention(nn.Module):
         self.scale = self.head_dim**-0.5 if config.scale_attn_weights else 1.0
         if config.scale_attn_by_inverse_layer_idx:
             self.scale /= float(layer_idx + 1)
-        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)  # HF's fused c_attn, kept fused
-        self.proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.qkv = Linear(config.hidden_size, 3 * config.hidden_size)  # HF's fused c_attn, kept fused
+        self.proj = Linear(config.hidden_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
         q, k, v = self.qkv(x).view(x.shape[0], 3, self.num_heads, self.head_dim).unbind(1)
@@ -39,9 +39,9 @@ class GPT2Block(nn.Module):
         self.ln_1 = nn.LayerNorm(config.hidden_size, eps=eps)
         self.attn = GPT2Attention(config, layer_idx)
         self.ln_2 = nn.LayerNorm(config.hidden_size, eps=eps)
-        self.fc = nn.Linear(config.hidden_size, inner)
+        self.fc = Linear(config.hidden_size, inner)
         self.act = get_activation(config.activation_function)
-        self.proj = nn.Linear(inner, config.hidden_size)
+        self.proj = Linear(inner, config.hidden_size)
 
     def forward(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), batch)
@@ -87,7 +87,7 @@ class GPT2LMHeadModel(nn.Module):
         self.config = config
         self.transformer = GPT2Model(config)
         # A tied head reads the embedding matrix itself, so loading never has to re-tie parameters.
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
+        self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size,
                                                                           bias=False)
 
     def forward(self, batch: PackedBatch) -> dict[str, torch.Tensor]:
@@ -95,7 +95,7 @@ class GPT2LMHeadModel(nn.Module):
         if batch.logits_indices is not None:
             hidden = hidden.index_select(0, batch.logits_indices)
         head = self.transformer.wte.weight if self.lm_head is None else self.lm_head.weight
-        return {"logits": F.linear(hidden, head)}
+        return {"logits": kernels.linear(hidden, head)}
 
     def kv_cache_layout(self) -> tuple[int, int, int]:
         """(layers, kv heads, head dim) of the KV cache this model fills."""

@@ -4,14 +4,14 @@ grouped-query attention."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig
 from transformers.activations import get_activation
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from energon_hf import kernels
 from energon_hf.engine.batch import PackedBatch
-from energon_hf.nn import attend
+from energon_hf.nn import Linear, attend
 from energon_hf.nn.norm import RMSNorm
 from energon_hf.nn.rotary import RotaryEmbedding, apply_rotary
 
@@ -29,8 +29,8 @@ class LlamaAttention(nn.Module):
         self.layer_idx = layer_idx
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.split = (q_size, kv_size, kv_size)
-        self.qkv = nn.Linear(config.hidden_size, sum(self.split), bias=config.attention_bias)
-        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.attention_bias)
+        self.qkv = Linear(config.hidden_size, sum(self.split), bias=config.attention_bias)
+        self.o_proj = Linear(q_size, config.hidden_size, bias=config.attention_bias)
 
     def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], batch: PackedBatch) -> torch.Tensor:
         q, k, v = self.qkv(x).split(self.split, dim=-1)
@@ -47,8 +47,8 @@ class LlamaMLP(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.intermediate = config.intermediate_size
-        self.gate_up = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.gate_up = Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
         self.act = get_activation(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -95,7 +95,7 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.model = LlamaModel(config)
         # A tied head reads the embedding matrix itself, so loading never has to re-tie parameters.
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
+        self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size,
                                                                           bias=False)
 
     def forward(self, batch: PackedBatch) -> dict[str, torch.Tensor]:
@@ -103,7 +103,7 @@ class LlamaForCausalLM(nn.Module):
         if batch.logits_indices is not None:
             hidden = hidden.index_select(0, batch.logits_indices)
         head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return {"logits": F.linear(hidden, head)}
+        return {"logits": kernels.linear(hidden, head)}
 
     def kv_cache_layout(self) -> tuple[int, int, int]:
         """(layers, kv heads, head dim) of the KV cache this model fills."""

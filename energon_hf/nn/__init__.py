@@ -1,5 +1,6 @@
 """Building blocks shared by the models."""
 
 from .attention import attend
+from .linear import Linear
 
-__all__ = ["attend"]
+__all__ = ["Linear", "attend"]
