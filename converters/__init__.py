@@ -5,6 +5,7 @@ from .checkpoint import CheckpointReader, find_weight_files
 from .gpt2 import gpt2_lm_head_specs, gpt2_model_specs
 from .llama import llama_causal_lm_specs
 from .loader import load_weights
+from .vit import vit_image_classification_specs, vit_model_specs
 from .weights import WeightSpec
 
 __all__ = [
@@ -18,4 +19,6 @@ __all__ = [
     "gpt2_model_specs",
     "llama_causal_lm_specs",
     "load_weights",
+    "vit_image_classification_specs",
+    "vit_model_specs",
 ]

@@ -27,7 +27,8 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 # Arguments of an HF forward that ask for something this inference engine does not compute.
 _UNSUPPORTED_FORWARD = ("labels", "output_attentions", "output_hidden_states", "inputs_embeds",
-                        "past_key_values", "cache", "encoder_hidden_states")
+                        "past_key_values", "cache", "encoder_hidden_states", "interpolate_pos_encoding",
+                        "bool_masked_pos", "head_mask")
 
 
 def resolve_model_path(path: str | os.PathLike, revision: str | None = None) -> Path:
@@ -177,16 +178,39 @@ class EnergonModel:
     def __call__(self, *args, **kwargs) -> ModelOutput:
         return self.forward(*args, **kwargs)
 
+    def _pack_images(self, pixel_values: Any):
+        """Vision models: every image is the same number of tokens, so the batch packs without padding."""
+        if not isinstance(pixel_values, torch.Tensor):
+            raise ValueError("pixel_values must be a torch.Tensor [batch, channels, height, width]; "
+                             "run images through the model's AutoImageProcessor first")
+        expected = (self.config.num_channels, self.config.image_size, self.config.image_size)
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
+            raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)}, expected [batch, {expected[0]}, "
+                             f"{expected[1]}, {expected[2]}] (the config's num_channels and image_size)")
+        if not pixel_values.dtype.is_floating_point:
+            raise ValueError(f"pixel_values must be floating point, got {pixel_values.dtype}")
+        batch, per_image = pixel_values.shape[0], self.model.tokens_per_image
+        cu_seqlens = torch.arange(0, (batch + 1) * per_image, per_image, dtype=torch.int32, device=self.device)
+        positions = torch.arange(per_image, device=self.device).repeat(batch)
+        packed = PackedBatch(positions.new_empty(0), positions, AttentionMetadata(cu_seqlens, per_image),
+                             pixel_values=pixel_values.to(self.device))
+        return packed, torch.arange(batch * per_image, device=self.device), (batch, per_image)
+
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                return_dict: bool = True, **kwargs) -> ModelOutput | tuple:
+                return_dict: bool = True, pixel_values=None, **kwargs) -> ModelOutput | tuple:
         for name in _UNSUPPORTED_FORWARD:
             value = kwargs.pop(name, None)
             if value is not None and value is not False:
-                raise ValueError(f"{name} is not supported: energon_hf runs inference on input_ids")
+                raise ValueError(f"{name} is not supported: energon_hf runs plain inference")
         kwargs.pop("use_cache", None)
         if kwargs:
             raise TypeError(f"forward() got unexpected arguments: {sorted(kwargs)}")
-        packed, indices, (batch, seqlen) = self._pack(input_ids, attention_mask, token_type_ids, position_ids)
+        if getattr(self.model, "main_input", "input_ids") == "pixel_values":
+            packed, indices, (batch, seqlen) = self._pack_images(pixel_values)
+        elif pixel_values is not None:
+            raise ValueError(f"{self.architecture.name} takes input_ids, not pixel_values")
+        else:
+            packed, indices, (batch, seqlen) = self._pack(input_ids, attention_mask, token_type_ids, position_ids)
         outputs = self.runner.run(packed)
         for key in self.model.token_outputs:  # rebuild padding once, at the end
             outputs[key] = kernels.rebuild_padding(outputs[key], indices, batch, seqlen)

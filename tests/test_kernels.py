@@ -70,10 +70,11 @@ def _naive_attention(q, k, v, causal, scale):
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v.double())
 
 
+@pytest.mark.parametrize("lengths", [[1, 9, 4, 1, 17], [6, 6, 6], [1]], ids=["mixed", "equal", "single"])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2), (3, 1)])
-def test_varlen_attention(causal, heads, kv_heads):
-    lengths, dim = [1, 9, 4, 1, 17], 12
+def test_varlen_attention(lengths, causal, heads, kv_heads):
+    dim = 12
     total = sum(lengths)
     q, k, v = torch.randn(total, heads, dim), torch.randn(total, kv_heads, dim), torch.randn(total, kv_heads, dim)
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)

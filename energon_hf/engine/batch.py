@@ -37,6 +37,7 @@ class PackedBatch:
     positions: torch.Tensor  # [T] int64
     attn: AttentionMetadata
     token_type_ids: torch.Tensor | None = None  # [T] int64
+    pixel_values: torch.Tensor | None = None  # [B, C, H, W] for vision models (their tokens are patches)
     # Only these token rows go through an LM head (generation needs the last token of each sequence).
     logits_indices: torch.Tensor | None = None
 
@@ -49,4 +50,4 @@ class PackedBatch:
             is_prefill=self.attn.is_prefill,
         )
         return PackedBatch(move(self.input_ids), move(self.positions), attn, move(self.token_type_ids),
-                           move(self.logits_indices))
+                           move(self.pixel_values), move(self.logits_indices))

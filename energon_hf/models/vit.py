@@ -1,0 +1,98 @@
+"""ViT on packed tokens (ViTModel, ViTForImageClassification): patches + [CLS] per image, pre-LN encoder."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import ViTConfig
+from transformers.activations import get_activation
+from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
+
+from energon_hf.engine.batch import PackedBatch
+from energon_hf.nn import Linear, attend
+
+
+class ViTLayer(nn.Module):
+    def __init__(self, config: ViTConfig, layer_idx: int):
+        super().__init__()
+        hidden, eps = config.hidden_size, config.layer_norm_eps
+        self.num_heads = config.num_attention_heads
+        self.head_dim = hidden // self.num_heads
+        self.layer_idx = layer_idx
+        self.norm_before = nn.LayerNorm(hidden, eps=eps)
+        self.qkv = Linear(hidden, 3 * hidden, bias=config.qkv_bias)
+        self.attn_out = Linear(hidden, hidden)
+        self.norm_after = nn.LayerNorm(hidden, eps=eps)
+        self.fc = Linear(hidden, config.intermediate_size)
+        self.act = get_activation(config.hidden_act)
+        self.out = Linear(config.intermediate_size, hidden)
+
+    def forward(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        q, k, v = self.qkv(self.norm_before(x)).view(x.shape[0], 3, self.num_heads, self.head_dim).unbind(1)
+        ctx = attend(q, k, v, batch.attn, self.layer_idx, causal=False, scale=None)
+        x = x + self.attn_out(ctx.reshape(x.shape[0], -1))
+        return x + self.out(self.act(self.fc(self.norm_after(x))))
+
+
+class ViTModel(nn.Module):
+    hf_output = BaseModelOutputWithPooling
+    token_outputs = ("last_hidden_state",)
+    base_prefix = "vit."
+    main_input = "pixel_values"
+
+    def __init__(self, config: ViTConfig, add_pooling_layer: bool = True):
+        super().__init__()
+        self.config = config
+        hidden, patch = config.hidden_size, config.patch_size
+        self.num_patches = (config.image_size // patch) ** 2
+        self.patch_embed = nn.Conv2d(config.num_channels, hidden, kernel_size=patch, stride=patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden))
+        self.position_embeddings = nn.Parameter(torch.zeros(1, self.num_patches + 1, hidden))
+        self.layers = nn.ModuleList(ViTLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
+        self.pooler = Linear(hidden, config.pooler_output_size) if add_pooling_layer else None
+        self.pooler_act = get_activation(config.pooler_act)
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.num_patches + 1
+
+    def hidden_states(self, batch: PackedBatch) -> torch.Tensor:
+        """Every image gives the same number of tokens, so packing is a reshape: [B*(P+1), H]."""
+        patches = self.patch_embed(batch.pixel_values.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)
+        cls = self.cls_token.expand(patches.shape[0], -1, -1)
+        x = (torch.cat((cls, patches), dim=1) + self.position_embeddings).flatten(0, 1)
+        for layer in self.layers:
+            x = layer(x, batch)
+        return self.norm(x)
+
+    def first_tokens(self, hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        return hidden.index_select(0, batch.attn.cu_seqlens[:-1].long())
+
+    def forward(self, batch: PackedBatch) -> dict[str, torch.Tensor]:
+        hidden = self.hidden_states(batch)
+        out = {"last_hidden_state": hidden}
+        if self.pooler is not None:
+            out["pooler_output"] = self.pooler_act(self.pooler(self.first_tokens(hidden, batch)))
+        return out
+
+
+class ViTForImageClassification(nn.Module):
+    hf_output = ImageClassifierOutput
+    token_outputs = ()
+    base_prefix = "vit."
+    main_input = "pixel_values"
+
+    def __init__(self, config: ViTConfig):
+        super().__init__()
+        self.config = config
+        self.vit = ViTModel(config, add_pooling_layer=False)
+        self.classifier = Linear(config.hidden_size, config.num_labels)
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.vit.tokens_per_image
+
+    def forward(self, batch: PackedBatch) -> dict[str, torch.Tensor]:
+        hidden = self.vit.hidden_states(batch)
+        return {"logits": self.classifier(self.vit.first_tokens(hidden, batch))}
