@@ -5,6 +5,7 @@ from .checkpoint import CheckpointReader, find_weight_files
 from .gpt2 import gpt2_lm_head_specs, gpt2_model_specs
 from .llama import llama_causal_lm_specs
 from .loader import load_weights
+from .opt import opt_causal_lm_specs
 from .vit import vit_image_classification_specs, vit_model_specs
 from .weights import WeightSpec
 
@@ -19,6 +20,7 @@ __all__ = [
     "gpt2_model_specs",
     "llama_causal_lm_specs",
     "load_weights",
+    "opt_causal_lm_specs",
     "vit_image_classification_specs",
     "vit_model_specs",
 ]

@@ -4,32 +4,22 @@ from __future__ import annotations
 
 from transformers import LlamaConfig
 
-from .weights import WeightSpec, concat
+from .weights import WeightSpec, fused, params_of, renamed
 
 
 def llama_causal_lm_specs(config: LlamaConfig, prefix: str = "") -> dict[str, WeightSpec]:
     body = prefix + "model."
-    names = ["embed_tokens.weight", "norm.weight"]
-    biases = []
-    for i in range(config.num_hidden_layers):
-        layer = f"layers.{i}."
-        names += [layer + "input_layernorm.weight", layer + "post_attention_layernorm.weight",
-                  layer + "self_attn.o_proj.weight", layer + "mlp.down_proj.weight"]
-        if config.attention_bias:
-            biases.append(layer + "self_attn.o_proj.bias")
-        if config.mlp_bias:
-            biases.append(layer + "mlp.down_proj.bias")
-    specs = {body + n: WeightSpec(body + n) for n in names + biases}
-    params = ["weight"] + (["bias"] if config.attention_bias else [])
-    mlp_params = ["weight"] + (["bias"] if config.mlp_bias else [])
+    specs = renamed(body + "embed_tokens", body + "embed_tokens", ("weight",))
+    specs |= renamed(body + "norm", body + "norm", ("weight",))
+    attn, mlp = params_of(config.attention_bias), params_of(config.mlp_bias)
     for i in range(config.num_hidden_layers):
         layer = f"{body}layers.{i}."
-        for p in params:
-            qkv = tuple(f"{layer}self_attn.{n}_proj.{p}" for n in ("q", "k", "v"))
-            specs[f"{layer}self_attn.qkv.{p}"] = WeightSpec(qkv, concat)
-        for p in mlp_params:
-            gate_up = (f"{layer}mlp.gate_proj.{p}", f"{layer}mlp.up_proj.{p}")
-            specs[f"{layer}mlp.gate_up.{p}"] = WeightSpec(gate_up, concat)
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            specs |= renamed(layer + norm, layer + norm, ("weight",))
+        specs |= fused(layer + "self_attn.qkv", tuple(f"{layer}self_attn.{n}_proj" for n in "qkv"), attn)
+        specs |= renamed(layer + "self_attn.o_proj", layer + "self_attn.o_proj", attn)
+        specs |= fused(layer + "mlp.gate_up", (layer + "mlp.gate_proj", layer + "mlp.up_proj"), mlp)
+        specs |= renamed(layer + "mlp.down_proj", layer + "mlp.down_proj", mlp)
     if not config.tie_word_embeddings:
-        specs[prefix + "lm_head.weight"] = WeightSpec(prefix + "lm_head.weight")
+        specs |= renamed(prefix + "lm_head", prefix + "lm_head", ("weight",))
     return specs

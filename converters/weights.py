@@ -35,3 +35,17 @@ def transpose(weight: torch.Tensor) -> torch.Tensor:
 def concat(*tensors: torch.Tensor) -> torch.Tensor:
     """Fuse separate projections (q, k, v) into one along the output dimension."""
     return torch.cat(tensors, dim=0)
+
+
+def params_of(bias: bool) -> tuple[str, ...]:
+    return ("weight", "bias") if bias else ("weight",)
+
+
+def renamed(ours: str, theirs: str, params: tuple[str, ...] = ("weight", "bias")) -> dict[str, WeightSpec]:
+    """ours.{p} <- theirs.{p} for each parameter p of a module."""
+    return {f"{ours}.{p}": WeightSpec(f"{theirs}.{p}") for p in params}
+
+
+def fused(ours: str, theirs: tuple[str, ...], params: tuple[str, ...] = ("weight", "bias")) -> dict[str, WeightSpec]:
+    """ours.{p} <- concat of theirs[i].{p}: separate projections (q, k, v or gate, up) fused into one."""
+    return {f"{ours}.{p}": WeightSpec(tuple(f"{t}.{p}" for t in theirs), concat) for p in params}

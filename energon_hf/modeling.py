@@ -161,6 +161,8 @@ class EnergonModel:
                           f"(the vocabulary size of this {self.config.model_type} model)")
         if position_ids is not None:
             positions = self._as_batch(position_ids, "position_ids").expand(batch, seqlen).flatten()[indices]
+        elif getattr(self.model, "positions_count_real_tokens", False):  # OPT: each sequence's own index
+            positions = kernels.positions_from_cu_seqlens(cu_seqlens, packed_ids.shape[0])
         else:  # HF's forward convention: a token's position is its column in the (padded) input
             positions = indices % seqlen
         if self.position_limit is not None:

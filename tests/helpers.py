@@ -29,3 +29,14 @@ def max_diff_on_real(ours: torch.Tensor, theirs: torch.Tensor, mask: torch.Tenso
 def first_real_index(mask: torch.Tensor) -> torch.Tensor:
     """Column of each row's first real token."""
     return mask.long().argmax(dim=1)
+
+
+def assert_greedy_matches(ours, hf, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int = 32, **kwargs):
+    """Our greedy generate returns exactly transformers' tokens (prompt + new, pads after EOS)."""
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0, **{"eos_token_id": None, **kwargs})
+    with torch.no_grad():
+        expected = hf.generate(ids, attention_mask=mask, **kwargs)
+    got = ours.generate(ids, attention_mask=mask, **kwargs)
+    assert got.shape == expected.shape
+    assert torch.equal(got, expected)
+    return got

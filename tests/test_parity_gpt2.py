@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import ATOL, MIXED_LENGTHS, max_diff_on_real, padded_batch
+from helpers import ATOL, MIXED_LENGTHS, assert_greedy_matches, max_diff_on_real, padded_batch
 
 from energon_hf import EnergonModel
 
@@ -51,12 +51,8 @@ def test_return_dict_false_gives_tuple(lm):
 def test_greedy_generate_equals_transformers(lm):
     ours, hf = lm
     ids, mask = padded_batch(MIXED_LENGTHS, VOCAB, "left", seed=1)
-    kwargs = dict(max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0)
-    with torch.no_grad():
-        expected = hf.generate(ids, attention_mask=mask, **kwargs)
-    got = ours.generate(ids, attention_mask=mask, **kwargs)
-    assert got.shape == expected.shape == (len(MIXED_LENGTHS), 64 + 32)
-    assert torch.equal(got, expected)
+    got = assert_greedy_matches(ours, hf, ids, mask)
+    assert got.shape == (len(MIXED_LENGTHS), 64 + 32)
 
 
 def test_right_padding_generates_the_same_new_tokens(lm):
@@ -79,11 +75,7 @@ def test_each_sequence_stops_on_its_own_eos(lm):
     ids, mask = padded_batch(MIXED_LENGTHS, VOCAB, "left", seed=1)
     free_run = ours.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=None)[:, ids.shape[1]:]
     eos = [int(free_run[0, 3]), int(free_run[1, 5])]  # two ids that some sequences emit early
-    kwargs = dict(max_new_tokens=12, do_sample=False, eos_token_id=eos, pad_token_id=0)
-    with torch.no_grad():
-        expected = hf.generate(ids, attention_mask=mask, **kwargs)
-    got = ours.generate(ids, attention_mask=mask, **kwargs)
-    assert torch.equal(got, expected)
+    got = assert_greedy_matches(ours, hf, ids, mask, max_new_tokens=12, eos_token_id=eos)
     new = got[:, ids.shape[1]:]
     first_eos = [next(i for i, t in enumerate(row.tolist()) if t in eos) for row in new[:2]]
     assert (new[0, first_eos[0] + 1:] == 0).all() and first_eos[0] <= 3
@@ -92,10 +84,7 @@ def test_each_sequence_stops_on_its_own_eos(lm):
 def test_repetition_penalty_matches_transformers(lm):
     ours, hf = lm
     ids = torch.randint(3, VOCAB, (3, 10), generator=torch.Generator().manual_seed(5))  # no padding
-    kwargs = dict(max_new_tokens=16, repetition_penalty=1.7, eos_token_id=None, pad_token_id=0)
-    with torch.no_grad():
-        expected = hf.generate(ids, **kwargs)
-    assert torch.equal(ours.generate(ids, **kwargs), expected)
+    assert_greedy_matches(ours, hf, ids, torch.ones_like(ids), max_new_tokens=16, repetition_penalty=1.7)
 
 
 def test_min_new_tokens_and_max_length(lm):

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 import transformers
-from helpers import ATOL, MIXED_LENGTHS, max_diff_on_real, padded_batch
+from helpers import ATOL, MIXED_LENGTHS, assert_greedy_matches, max_diff_on_real, padded_batch
 
 from energon_hf import EnergonModel, UnsupportedModelError
 
@@ -66,11 +66,7 @@ def test_config_variants_match_transformers(tmp_path_factory, variant):
 def test_greedy_generate_equals_transformers(llama):
     ours, hf = llama
     ids, mask = padded_batch(MIXED_LENGTHS, VOCAB, "left", seed=2)
-    kwargs = dict(max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0)
-    with torch.no_grad():
-        expected = hf.generate(ids, attention_mask=mask, **kwargs)
-    got = ours.generate(ids, attention_mask=mask, **kwargs)
-    assert torch.equal(got, expected)
+    assert_greedy_matches(ours, hf, ids, mask)
 
 
 def test_rotary_positions_may_exceed_max_position_embeddings(llama):

@@ -16,12 +16,13 @@ from energon_hf.converters import (
     gpt2_lm_head_specs,
     gpt2_model_specs,
     llama_causal_lm_specs,
+    opt_causal_lm_specs,
     vit_image_classification_specs,
     vit_model_specs,
 )
 from energon_hf.errors import UnsupportedModelError
 
-from . import bert, gpt2, llama, vit
+from . import bert, gpt2, llama, opt, vit
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture("BertForSequenceClassification", bert.BertForSequenceClassification,
                      bert_sequence_classification_specs),
         Architecture("LlamaForCausalLM", llama.LlamaForCausalLM, llama_causal_lm_specs, can_generate=True),
+        Architecture("OPTForCausalLM", opt.OPTForCausalLM, opt_causal_lm_specs, can_generate=True),
         Architecture("ViTModel", vit.ViTModel, vit_model_specs),
         Architecture("ViTForImageClassification", vit.ViTForImageClassification, vit_image_classification_specs),
     )
@@ -49,7 +51,7 @@ ARCHITECTURES: dict[str, Architecture] = {
 
 # Used when config.json names no architecture, as AutoModelForCausalLM / AutoModel would choose.
 DEFAULT_ARCHITECTURE = {"gpt2": "GPT2LMHeadModel", "bert": "BertModel", "llama": "LlamaForCausalLM",
-                        "vit": "ViTModel"}
+                        "opt": "OPTForCausalLM", "vit": "ViTModel"}
 SUPPORTED_MODEL_TYPES = tuple(DEFAULT_ARCHITECTURE)
 
 

@@ -12,9 +12,9 @@ from transformers.modeling_outputs import (
     SequenceClassifierOutput,
 )
 
-from energon_hf import kernels
 from energon_hf.engine.batch import PackedBatch
 from energon_hf.nn import Linear, attend
+from energon_hf.nn.lm_head import rows_for_logits, vocab_logits
 
 
 class BertLayer(nn.Module):
@@ -101,12 +101,9 @@ class BertForMaskedLM(nn.Module):
         self.decoder_bias = nn.Parameter(torch.zeros(config.vocab_size))
 
     def forward(self, batch: PackedBatch) -> dict[str, torch.Tensor]:
-        hidden = self.bert.hidden_states(batch)
-        if batch.logits_indices is not None:
-            hidden = hidden.index_select(0, batch.logits_indices)
+        hidden = rows_for_logits(self.bert.hidden_states(batch), batch)
         hidden = self.transform_norm(self.act(self.transform(hidden)))
-        weight = self.bert.word_embeddings.weight if self.decoder is None else self.decoder.weight
-        return {"logits": kernels.linear(hidden, weight, self.decoder_bias)}
+        return {"logits": vocab_logits(hidden, self.bert.word_embeddings, self.decoder, self.decoder_bias)}
 
 
 class BertForSequenceClassification(nn.Module):

@@ -9,9 +9,9 @@ from transformers import LlamaConfig
 from transformers.activations import get_activation
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from energon_hf import kernels
 from energon_hf.engine.batch import PackedBatch
 from energon_hf.nn import Linear, attend
+from energon_hf.nn.lm_head import rows_for_logits, vocab_logits
 from energon_hf.nn.norm import RMSNorm
 from energon_hf.nn.rotary import RotaryEmbedding, apply_rotary
 
@@ -94,16 +94,12 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config)
-        # A tied head reads the embedding matrix itself, so loading never has to re-tie parameters.
         self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size,
                                                                           bias=False)
 
     def forward(self, batch: PackedBatch) -> dict[str, torch.Tensor]:
-        hidden = self.model(batch)
-        if batch.logits_indices is not None:
-            hidden = hidden.index_select(0, batch.logits_indices)
-        head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return {"logits": kernels.linear(hidden, head)}
+        hidden = rows_for_logits(self.model(batch), batch)
+        return {"logits": vocab_logits(hidden, self.model.embed_tokens, self.lm_head)}
 
     def kv_cache_layout(self) -> tuple[int, int, int]:
         """(layers, kv heads, head dim) of the KV cache this model fills."""

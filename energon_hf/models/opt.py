@@ -1,0 +1,84 @@
+"""OPT on packed tokens (OPTForCausalLM): learned positions offset by 2, pre- or post-LayerNorm layers,
+optional projections between the embedding width and the hidden width."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import OPTConfig
+from transformers.activations import get_activation
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from energon_hf.engine.batch import PackedBatch
+from energon_hf.nn import Linear, attend
+from energon_hf.nn.lm_head import rows_for_logits, vocab_logits
+
+POSITION_OFFSET = 2  # OPT's position table starts with two unused rows
+
+
+class OPTDecoderLayer(nn.Module):
+    def __init__(self, config: OPTConfig, layer_idx: int):
+        super().__init__()
+        hidden, bias = config.hidden_size, config.enable_bias
+        affine = config.layer_norm_elementwise_affine
+        self.num_heads = config.num_attention_heads
+        self.head_dim = hidden // self.num_heads
+        self.layer_idx = layer_idx
+        self.pre_norm = config.do_layer_norm_before
+        self.self_attn_layer_norm = nn.LayerNorm(hidden, elementwise_affine=affine)
+        self.qkv = Linear(hidden, 3 * hidden, bias=bias)
+        self.out_proj = Linear(hidden, hidden, bias=bias)
+        self.final_layer_norm = nn.LayerNorm(hidden, elementwise_affine=affine)
+        self.fc1 = Linear(hidden, config.ffn_dim, bias=bias)
+        self.act = get_activation(config.activation_function)
+        self.fc2 = Linear(config.ffn_dim, hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        h = self.self_attn_layer_norm(x) if self.pre_norm else x
+        q, k, v = self.qkv(h).view(x.shape[0], 3, self.num_heads, self.head_dim).unbind(1)
+        x = x + self.out_proj(attend(q, k, v, batch.attn, self.layer_idx, causal=True, scale=None).flatten(1))
+        if not self.pre_norm:
+            x = self.self_attn_layer_norm(x)
+        h = self.final_layer_norm(x) if self.pre_norm else x
+        x = x + self.fc2(self.act(self.fc1(h)))
+        return x if self.pre_norm else self.final_layer_norm(x)
+
+
+class OPTForCausalLM(nn.Module):
+    hf_output = CausalLMOutputWithPast
+    token_outputs = ("logits",)
+    base_prefix = "model."
+    learned_positions = True  # position ids past max_position_embeddings do not exist
+    positions_count_real_tokens = True  # HF's OPT numbers positions by the mask's cumsum, even in forward
+
+    def __init__(self, config: OPTConfig):
+        super().__init__()
+        self.config = config
+        width, hidden = config.word_embed_proj_dim, config.hidden_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, width)
+        self.embed_positions = nn.Embedding(config.max_position_embeddings + POSITION_OFFSET, hidden)
+        self.project_in = Linear(width, hidden, bias=False) if width != hidden else None
+        self.layers = nn.ModuleList(OPTDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        final_norm = config.do_layer_norm_before and not config._remove_final_layer_norm
+        self.final_layer_norm = (nn.LayerNorm(hidden, elementwise_affine=config.layer_norm_elementwise_affine)
+                                 if final_norm else None)
+        self.project_out = Linear(hidden, width, bias=False) if width != hidden else None
+        self.lm_head = None if config.tie_word_embeddings else Linear(width, config.vocab_size, bias=False)
+
+    def forward(self, batch: PackedBatch) -> dict[str, torch.Tensor]:
+        x = self.embed_tokens(batch.input_ids)
+        if self.project_in is not None:
+            x = self.project_in(x)
+        x = x + self.embed_positions(batch.positions + POSITION_OFFSET)
+        for layer in self.layers:
+            x = layer(x, batch)
+        x = rows_for_logits(x, batch)
+        if self.final_layer_norm is not None:
+            x = self.final_layer_norm(x)
+        if self.project_out is not None:
+            x = self.project_out(x)
+        return {"logits": vocab_logits(x, self.embed_tokens, self.lm_head)}
+
+    def kv_cache_layout(self) -> tuple[int, int, int]:
+        c = self.config
+        return c.num_hidden_layers, c.num_attention_heads, c.hidden_size // c.num_attention_heads
