@@ -176,10 +176,6 @@ class EnergonModel:
         attn = AttentionMetadata(cu_seqlens, max_seqlen)
         return PackedBatch(packed_ids, positions, attn, token_types), indices, (batch, seqlen)
 
-    # -- HF-style calls ---------------------------------------------------------------------------
-    def __call__(self, *args, **kwargs) -> ModelOutput:
-        return self.forward(*args, **kwargs)
-
     def _pack_images(self, pixel_values: Any):
         """Vision models: every image is the same number of tokens, so the batch packs without padding."""
         if not isinstance(pixel_values, torch.Tensor):
@@ -197,6 +193,10 @@ class EnergonModel:
         packed = PackedBatch(positions.new_empty(0), positions, AttentionMetadata(cu_seqlens, per_image),
                              pixel_values=pixel_values.to(self.device))
         return packed, torch.arange(batch * per_image, device=self.device), (batch, per_image)
+
+    # -- HF-style calls ---------------------------------------------------------------------------
+    def __call__(self, *args, **kwargs) -> ModelOutput:
+        return self.forward(*args, **kwargs)
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 return_dict: bool = True, pixel_values=None, **kwargs) -> ModelOutput | tuple:
