@@ -40,3 +40,14 @@ def assert_greedy_matches(ours, hf, ids: torch.Tensor, mask: torch.Tensor, max_n
     assert got.shape == expected.shape
     assert torch.equal(got, expected)
     return got
+
+
+def assert_forward_matches(ours, hf, ids: torch.Tensor, mask: torch.Tensor, field: str = "logits", **inputs):
+    """Same ModelOutput type and shape as transformers, and values within ATOL on real tokens."""
+    with torch.no_grad():
+        expected = hf(input_ids=ids, attention_mask=mask, **inputs)
+    got = ours(input_ids=ids, attention_mask=mask, **inputs)
+    assert type(got) is type(expected)
+    assert getattr(got, field).shape == getattr(expected, field).shape
+    assert max_diff_on_real(getattr(got, field), getattr(expected, field), mask) <= ATOL
+    return got

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import ATOL, MIXED_LENGTHS, assert_greedy_matches, max_diff_on_real, padded_batch
+from helpers import ATOL, MIXED_LENGTHS, assert_forward_matches, assert_greedy_matches, max_diff_on_real, padded_batch
 
 from energon_hf import EnergonModel
 
@@ -20,12 +20,7 @@ def test_forward_matches_transformers(tiny, arch, field, side):
     ours = EnergonModel.from_pretrained(tiny.make(arch), dtype="float32")
     hf = tiny.hf(arch)
     ids, mask = padded_batch(MIXED_LENGTHS, VOCAB, side)
-    with torch.no_grad():
-        expected = hf(input_ids=ids, attention_mask=mask)
-    got = ours(input_ids=ids, attention_mask=mask)
-    assert type(got) is type(expected)
-    assert getattr(got, field).shape == getattr(expected, field).shape
-    assert max_diff_on_real(getattr(got, field), getattr(expected, field), mask) <= ATOL
+    got = assert_forward_matches(ours, hf, ids, mask, field)
     assert (getattr(got, field)[mask == 0] == 0).all()  # pads rebuilt as zeros
 
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 import transformers
-from helpers import ATOL, MIXED_LENGTHS, assert_greedy_matches, max_diff_on_real, padded_batch
+from helpers import ATOL, MIXED_LENGTHS, assert_forward_matches, assert_greedy_matches, max_diff_on_real, padded_batch
 
 from energon_hf import EnergonModel, UnsupportedModelError
 
@@ -46,11 +46,7 @@ VARIANTS = {
 def test_forward_matches_transformers(llama, side):
     ours, hf = llama
     ids, mask = padded_batch(MIXED_LENGTHS, VOCAB, side)
-    with torch.no_grad():
-        expected = hf(input_ids=ids, attention_mask=mask)
-    got = ours(input_ids=ids, attention_mask=mask)
-    assert type(got) is type(expected) and got.logits.shape == expected.logits.shape
-    assert max_diff_on_real(got.logits, expected.logits, mask) <= ATOL
+    assert_forward_matches(ours, hf, ids, mask)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

@@ -4,7 +4,7 @@ pre- and post-LayerNorm variants with embedding projections, and greedy generate
 import pytest
 import torch
 import transformers
-from helpers import ATOL, MIXED_LENGTHS, assert_greedy_matches, max_diff_on_real, padded_batch
+from helpers import MIXED_LENGTHS, assert_forward_matches, assert_greedy_matches, padded_batch
 
 from energon_hf import EnergonModel
 
@@ -31,11 +31,7 @@ def opt(request, tmp_path_factory):
 def test_forward_matches_transformers(opt, side):
     ours, hf = opt
     ids, mask = padded_batch(MIXED_LENGTHS, VOCAB, side)
-    with torch.no_grad():
-        expected = hf(input_ids=ids, attention_mask=mask)
-    got = ours(input_ids=ids, attention_mask=mask)
-    assert type(got) is type(expected) and got.logits.shape == expected.logits.shape
-    assert max_diff_on_real(got.logits, expected.logits, mask) <= ATOL
+    assert_forward_matches(ours, hf, ids, mask)
 
 
 def test_greedy_generate_equals_transformers(opt):
