@@ -6,8 +6,11 @@ registered for CUDA as they land; `ENERGON_HF_KERNELS=triton|torch` forces a cho
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 from collections.abc import Callable
+from functools import cache
 
 import torch
 
@@ -15,9 +18,19 @@ from . import attention, linear, padding
 
 BACKENDS = ("torch", "triton")
 
+
+def _triton(module: str, name: str) -> Callable:
+    """A Triton kernel, imported on first use (importing triton costs start-up time and needs the package)."""
+
+    def call(*args, **kwargs):
+        return getattr(importlib.import_module(f"{__package__}.{module}"), name)(*args, **kwargs)
+
+    return call
+
+
 _IMPLEMENTATIONS: dict[str, dict[str, Callable]] = {
-    "remove_padding": {"torch": padding.remove_padding},
-    "rebuild_padding": {"torch": padding.rebuild_padding},
+    "remove_padding": {"torch": padding.remove_padding, "triton": _triton("triton_padding", "remove_padding")},
+    "rebuild_padding": {"torch": padding.rebuild_padding, "triton": _triton("triton_padding", "rebuild_padding")},
     "varlen_attention": {"torch": attention.varlen_attention},
     "paged_attention": {"torch": attention.paged_attention},
     "linear": {"torch": linear.linear},
@@ -38,12 +51,22 @@ def backend_for(device: torch.device) -> str:
     return "triton" if device.type == "cuda" else "torch"
 
 
+@cache
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def get_kernel(op: str, device: torch.device) -> Callable:
     impls = _IMPLEMENTATIONS[op]
     backend = backend_for(device)
+    forced = forced_backend() == backend
+    if backend == "triton" and not triton_installed():
+        if forced:
+            raise NotImplementedError("ENERGON_HF_KERNELS=triton but the triton package is not installed")
+        backend = "torch"
     if backend in impls:
         return impls[backend]
-    if forced_backend() == backend:
+    if forced:
         raise NotImplementedError(f"kernel {op!r} has no {backend} implementation (ENERGON_HF_KERNELS={backend})")
     return impls["torch"]
 

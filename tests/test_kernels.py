@@ -126,9 +126,10 @@ def test_dispatch_choice(monkeypatch):
     monkeypatch.setenv("ENERGON_HF_KERNELS", "cuda-magic")
     with pytest.raises(ValueError, match="ENERGON_HF_KERNELS"):
         dispatch.backend_for(torch.device("cpu"))
-    monkeypatch.setenv("ENERGON_HF_KERNELS", "triton")  # forced, but no Triton kernel exists yet
+    monkeypatch.setenv("ENERGON_HF_KERNELS", "triton")  # forced, and this op has no Triton kernel yet
+    q = torch.zeros(2, 1, 4)
     with pytest.raises(NotImplementedError, match="no triton implementation"):
-        kernels.remove_padding(torch.zeros(1, 2, 3), torch.ones(1, 2))
+        kernels.varlen_attention(q, q, q, torch.tensor([0, 2], dtype=torch.int32), 2, True)
 
 
 @pytest.mark.parametrize("rows", [1, 2, 7, 64, 65])

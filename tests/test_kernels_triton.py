@@ -1,0 +1,63 @@
+"""Triton kernels against their torch versions, run by Triton's interpreter on CPU (TRITON_INTERPRET=1 is
+set in conftest.py before any kernel module is imported). The same tests run on a GPU when there is one."""
+
+import os
+
+import pytest
+import torch
+
+from energon_hf import kernels
+
+pytest.importorskip("triton")
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def force_triton(monkeypatch):
+    monkeypatch.setenv("ENERGON_HF_KERNELS", "triton")
+
+
+def _torch(op, *args):
+    return getattr(kernels.padding, op)(*args)
+
+
+def _mask(lengths, seqlen, side):
+    """[B, S] 0/1 mask; a row of length 0 has no real token at all."""
+    cols = torch.arange(seqlen)[None, :]
+    n = torch.tensor(lengths)[:, None]
+    return (cols < n if side == "right" else cols >= seqlen - n).long()
+
+
+@pytest.mark.parametrize("shape_tail", [(7,), (33,), (1500,), (), (3, 5)], ids=["h7", "h33", "h1500", "ids", "3d"])
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("lengths", [[1], [1, 4, 2], [0, 3, 4]], ids=["T=1", "mixed", "empty-row"])
+def test_remove_and_rebuild_match_torch(shape_tail, side, lengths):
+    seqlen = 4
+    x = torch.randn(len(lengths), seqlen, *shape_tail, device=DEVICE)
+    if not shape_tail:
+        x = torch.randint(0, 1000, (len(lengths), seqlen), device=DEVICE)
+    mask = _mask(lengths, seqlen, side).to(DEVICE)
+    got = kernels.remove_padding(x, mask)
+    expected = _torch("remove_padding", x, mask)
+    for g, e in zip(got[:3], expected[:3], strict=True):
+        assert torch.equal(g, e)
+    assert got[3] == expected[3]
+    rebuilt = kernels.rebuild_padding(got[0], got[1], len(lengths), seqlen)
+    assert torch.equal(rebuilt, _torch("rebuild_padding", expected[0], expected[1], len(lengths), seqlen))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int32])
+def test_dtypes(dtype, mask_dtype):
+    x = torch.randn(3, 5, 12, device=DEVICE).to(dtype)
+    mask = _mask([5, 2, 3], 5, "right").to(DEVICE, mask_dtype)
+    packed, indices, cu, _ = kernels.remove_padding(x, mask)
+    assert packed.dtype == dtype and torch.equal(packed, x[mask.bool()])
+    assert torch.equal(kernels.rebuild_padding(packed, indices, 3, 5), x * mask[..., None].to(dtype))
+
+
+def test_errors_match_torch():
+    with pytest.raises(ValueError, match="shape"):
+        kernels.remove_padding(torch.zeros(2, 3, 4), torch.ones(2, 4))
+    with pytest.raises(ValueError, match="indices"):
+        kernels.rebuild_padding(torch.zeros(3, 4), torch.tensor([0, 1]), 1, 4)
