@@ -3,17 +3,31 @@
 Imported only as `energon_hf.kernels` (the folder sits at the top of the repository).
 """
 
-from .dispatch import backend_for, paged_attention, rebuild_padding, remove_padding, varlen_attention
+from .dispatch import (
+    backend_for,
+    bias_gelu,
+    layer_norm,
+    paged_attention,
+    rebuild_padding,
+    remove_padding,
+    rms_norm,
+    silu_and_mul,
+    varlen_attention,
+)
 from .dispatch import linear_op as linear
 from .padding import check_attention_mask, positions_from_cu_seqlens
 
 __all__ = [
     "backend_for",
+    "bias_gelu",
     "check_attention_mask",
+    "layer_norm",
     "linear",
     "paged_attention",
     "positions_from_cu_seqlens",
     "rebuild_padding",
     "remove_padding",
+    "rms_norm",
+    "silu_and_mul",
     "varlen_attention",
 ]

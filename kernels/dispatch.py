@@ -14,7 +14,7 @@ from functools import cache
 
 import torch
 
-from . import attention, linear, padding
+from . import attention, elementwise, linear, padding
 
 BACKENDS = ("torch", "triton")
 
@@ -34,6 +34,8 @@ _IMPLEMENTATIONS: dict[str, dict[str, Callable]] = {
     "varlen_attention": {"torch": attention.varlen_attention},
     "paged_attention": {"torch": attention.paged_attention},
     "linear": {"torch": linear.linear},
+    **{op: {"torch": getattr(elementwise, op), "triton": _triton("triton_elementwise", op)}
+       for op in ("bias_gelu", "silu_and_mul", "layer_norm", "rms_norm")},
 }
 
 
@@ -91,3 +93,19 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_
 
 def linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     return get_kernel("linear", x.device)(x, weight, bias)
+
+
+def bias_gelu(x: torch.Tensor, bias: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    return get_kernel("bias_gelu", x.device)(x, bias, approximate)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    return get_kernel("silu_and_mul", x.device)(x)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    return get_kernel("layer_norm", x.device)(x, weight, bias, eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return get_kernel("rms_norm", x.device)(x, weight, eps)

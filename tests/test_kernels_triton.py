@@ -1,5 +1,6 @@
-"""Triton kernels against their torch versions, run by Triton's interpreter on CPU (TRITON_INTERPRET=1 is
-set in conftest.py before any kernel module is imported). The same tests run on a GPU when there is one."""
+"""Triton kernels (padding, fused activations, norms) against their torch versions and naive formulas, run by
+Triton's interpreter on CPU (TRITON_INTERPRET=1 is set in conftest.py before any kernel module is imported).
+The same tests run on a GPU when there is one (bench/gpu_kernels.py)."""
 
 import os
 
@@ -61,3 +62,58 @@ def test_errors_match_torch():
         kernels.remove_padding(torch.zeros(2, 3, 4), torch.ones(2, 4))
     with pytest.raises(ValueError, match="indices"):
         kernels.rebuild_padding(torch.zeros(3, 4), torch.tensor([0, 1]), 1, 4)
+
+
+WIDTHS = [7, 33, 1500]  # not powers of two; 1500 spans two column blocks
+
+
+def _naive_gelu(v: torch.Tensor, approximate: str) -> torch.Tensor:
+    v = v.double()
+    if approximate == "tanh":
+        return 0.5 * v * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (v + 0.044715 * v**3)))
+    return 0.5 * v * (1 + torch.erf(v / 2**0.5))
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("width", WIDTHS)
+@pytest.mark.parametrize("rows", [1, 5])
+def test_bias_gelu(approximate, width, rows):
+    x, bias = torch.randn(rows, width, device=DEVICE), torch.randn(width, device=DEVICE)
+    got = kernels.bias_gelu(x, bias, approximate)
+    assert (got - kernels.elementwise.bias_gelu(x, bias, approximate)).abs().max() < 1e-5
+    assert (got.double() - _naive_gelu(x + bias, approximate)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_silu_and_mul(width, dtype):
+    x = torch.randn(3, 2 * width, device=DEVICE).to(dtype)
+    got = kernels.silu_and_mul(x)
+    gate, up = x.double().chunk(2, dim=-1)
+    naive = gate * torch.sigmoid(gate) * up
+    assert got.shape == (3, width) and got.dtype == dtype
+    assert (got.double() - naive).abs().max() < (1e-5 if dtype == torch.float32 else 2e-2)
+    assert (got - kernels.elementwise.silu_and_mul(x)).abs().max() < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+@pytest.mark.parametrize("rows", [1, 4])
+def test_layer_norm_and_rms_norm(width, rows):
+    x = torch.randn(rows, width, device=DEVICE) * 3 + 1
+    weight, bias = torch.randn(width, device=DEVICE), torch.randn(width, device=DEVICE)
+    got = kernels.layer_norm(x, weight, bias, 1e-5)
+    naive = (x.double() - x.double().mean(-1, keepdim=True)) / torch.sqrt(x.double().var(-1, unbiased=False,
+                                                                                    keepdim=True) + 1e-5)
+    assert (got.double() - (naive * weight.double() + bias.double())).abs().max() < 1e-4
+    assert (got - kernels.elementwise.layer_norm(x, weight, bias, 1e-5)).abs().max() < 1e-5
+    got = kernels.rms_norm(x, weight, 1e-6)
+    naive = x.double() / torch.sqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6) * weight.double()
+    assert (got.double() - naive).abs().max() < 1e-4
+    assert (got - kernels.elementwise.rms_norm(x, weight, 1e-6)).abs().max() < 1e-5
+
+
+def test_elementwise_errors():
+    with pytest.raises(ValueError, match="even last dimension"):
+        kernels.silu_and_mul(torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="approximate"):
+        kernels.bias_gelu(torch.zeros(2, 4), torch.zeros(4), "fast")
