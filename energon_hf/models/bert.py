@@ -15,6 +15,7 @@ from transformers.modeling_outputs import (
 from energon_hf.engine.batch import PackedBatch
 from energon_hf.nn import Linear, attend
 from energon_hf.nn.lm_head import rows_for_logits, vocab_logits
+from energon_hf.nn.norm import LayerNorm
 
 
 class BertLayer(nn.Module):
@@ -29,11 +30,11 @@ class BertLayer(nn.Module):
         self.causal = bool(config.is_decoder)
         self.qkv = Linear(hidden, 3 * hidden)
         self.attn_out = Linear(hidden, hidden)
-        self.attn_norm = nn.LayerNorm(hidden, eps=eps)
+        self.attn_norm = LayerNorm(hidden, eps=eps)
         self.fc = Linear(hidden, config.intermediate_size)
         self.act = get_activation(config.hidden_act)
         self.out = Linear(config.intermediate_size, hidden)
-        self.out_norm = nn.LayerNorm(hidden, eps=eps)
+        self.out_norm = LayerNorm(hidden, eps=eps)
 
     def forward(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
         q, k, v = self.qkv(x).view(x.shape[0], 3, self.num_heads, self.head_dim).unbind(1)
@@ -55,7 +56,7 @@ class BertModel(nn.Module):
         self.word_embeddings = nn.Embedding(config.vocab_size, hidden)
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, hidden)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, hidden)
-        self.embed_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
+        self.embed_norm = LayerNorm(hidden, eps=config.layer_norm_eps)
         self.layers = nn.ModuleList(BertLayer(config, i) for i in range(config.num_hidden_layers))
         self.pooler = Linear(hidden, hidden) if add_pooling_layer else None
 
@@ -95,7 +96,7 @@ class BertForMaskedLM(nn.Module):
         self.bert = BertModel(config, add_pooling_layer=False)
         self.transform = Linear(hidden, hidden)
         self.act = get_activation(config.hidden_act)
-        self.transform_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
+        self.transform_norm = LayerNorm(hidden, eps=config.layer_norm_eps)
         # Tied (the default) decoder weights are the word embeddings, read in place.
         self.decoder = None if config.tie_word_embeddings else Linear(hidden, config.vocab_size, bias=False)
         self.decoder_bias = nn.Parameter(torch.zeros(config.vocab_size))

@@ -11,6 +11,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttenti
 from energon_hf.engine.batch import PackedBatch
 from energon_hf.nn import Linear, attend
 from energon_hf.nn.lm_head import rows_for_logits, vocab_logits
+from energon_hf.nn.norm import LayerNorm
 
 
 class GPT2Attention(nn.Module):
@@ -36,9 +37,9 @@ class GPT2Block(nn.Module):
         super().__init__()
         inner = config.n_inner or 4 * config.hidden_size
         eps = config.layer_norm_epsilon
-        self.ln_1 = nn.LayerNorm(config.hidden_size, eps=eps)
+        self.ln_1 = LayerNorm(config.hidden_size, eps=eps)
         self.attn = GPT2Attention(config, layer_idx)
-        self.ln_2 = nn.LayerNorm(config.hidden_size, eps=eps)
+        self.ln_2 = LayerNorm(config.hidden_size, eps=eps)
         self.fc = Linear(config.hidden_size, inner)
         self.act = get_activation(config.activation_function)
         self.proj = Linear(inner, config.hidden_size)
@@ -62,7 +63,7 @@ class GPT2Model(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
         self.wpe = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.h = nn.ModuleList(GPT2Block(config, i) for i in range(config.num_hidden_layers))
-        self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.ln_f = LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
 
     def hidden_states(self, batch: PackedBatch) -> torch.Tensor:
         x = self.wte(batch.input_ids) + self.wpe(batch.positions)

@@ -9,6 +9,7 @@ from transformers import LlamaConfig
 from transformers.activations import get_activation
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from energon_hf import kernels
 from energon_hf.engine.batch import PackedBatch
 from energon_hf.nn import Linear, attend
 from energon_hf.nn.lm_head import rows_for_logits, vocab_logits
@@ -49,10 +50,14 @@ class LlamaMLP(nn.Module):
         self.intermediate = config.intermediate_size
         self.gate_up = Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.fused_silu = config.hidden_act == "silu"  # the common case gets the fused kernel
         self.act = get_activation(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).split(self.intermediate, dim=-1)
+        gate_up = self.gate_up(x)
+        if self.fused_silu:
+            return self.down_proj(kernels.silu_and_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate, dim=-1)
         return self.down_proj(self.act(gate) * up)
 
 

@@ -12,6 +12,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from energon_hf.engine.batch import PackedBatch
 from energon_hf.nn import Linear, attend
 from energon_hf.nn.lm_head import rows_for_logits, vocab_logits
+from energon_hf.nn.norm import LayerNorm
 
 POSITION_OFFSET = 2  # OPT's position table starts with two unused rows
 
@@ -25,10 +26,10 @@ class OPTDecoderLayer(nn.Module):
         self.head_dim = hidden // self.num_heads
         self.layer_idx = layer_idx
         self.pre_norm = config.do_layer_norm_before
-        self.self_attn_layer_norm = nn.LayerNorm(hidden, elementwise_affine=affine)
+        self.self_attn_layer_norm = LayerNorm(hidden, elementwise_affine=affine)
         self.qkv = Linear(hidden, 3 * hidden, bias=bias)
         self.out_proj = Linear(hidden, hidden, bias=bias)
-        self.final_layer_norm = nn.LayerNorm(hidden, elementwise_affine=affine)
+        self.final_layer_norm = LayerNorm(hidden, elementwise_affine=affine)
         self.fc1 = Linear(hidden, config.ffn_dim, bias=bias)
         self.act = get_activation(config.activation_function)
         self.fc2 = Linear(config.ffn_dim, hidden, bias=bias)
@@ -60,7 +61,7 @@ class OPTForCausalLM(nn.Module):
         self.project_in = Linear(width, hidden, bias=False) if width != hidden else None
         self.layers = nn.ModuleList(OPTDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         final_norm = config.do_layer_norm_before and not config._remove_final_layer_norm
-        self.final_layer_norm = (nn.LayerNorm(hidden, elementwise_affine=config.layer_norm_elementwise_affine)
+        self.final_layer_norm = (LayerNorm(hidden, elementwise_affine=config.layer_norm_elementwise_affine)
                                  if final_norm else None)
         self.project_out = Linear(hidden, width, bias=False) if width != hidden else None
         self.lm_head = None if config.tie_word_embeddings else Linear(width, config.vocab_size, bias=False)

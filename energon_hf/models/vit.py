@@ -10,6 +10,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClass
 
 from energon_hf.engine.batch import PackedBatch
 from energon_hf.nn import Linear, attend
+from energon_hf.nn.norm import LayerNorm
 
 
 class ViTLayer(nn.Module):
@@ -19,10 +20,10 @@ class ViTLayer(nn.Module):
         self.num_heads = config.num_attention_heads
         self.head_dim = hidden // self.num_heads
         self.layer_idx = layer_idx
-        self.norm_before = nn.LayerNorm(hidden, eps=eps)
+        self.norm_before = LayerNorm(hidden, eps=eps)
         self.qkv = Linear(hidden, 3 * hidden, bias=config.qkv_bias)
         self.attn_out = Linear(hidden, hidden)
-        self.norm_after = nn.LayerNorm(hidden, eps=eps)
+        self.norm_after = LayerNorm(hidden, eps=eps)
         self.fc = Linear(hidden, config.intermediate_size)
         self.act = get_activation(config.hidden_act)
         self.out = Linear(config.intermediate_size, hidden)
@@ -49,7 +50,7 @@ class ViTModel(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden))
         self.position_embeddings = nn.Parameter(torch.zeros(1, self.num_patches + 1, hidden))
         self.layers = nn.ModuleList(ViTLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
+        self.norm = LayerNorm(hidden, eps=config.layer_norm_eps)
         self.pooler = Linear(hidden, config.pooler_output_size) if add_pooling_layer else None
         self.pooler_act = get_activation(config.pooler_act)
 

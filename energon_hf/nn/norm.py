@@ -1,9 +1,11 @@
-"""Normalization layers with HF's exact numerics."""
+"""Normalization layers whose math goes through the kernel dispatch (HF's exact numerics on the torch path)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from energon_hf import kernels
 
 
 class RMSNorm(nn.Module):
@@ -15,7 +17,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return kernels.rms_norm(x, self.weight, self.eps)
+
+
+class LayerNorm(nn.LayerNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight is None:  # elementwise_affine=False (some OPT checkpoints)
+            return super().forward(x)
+        return kernels.layer_norm(x, self.weight, self.bias, self.eps)
