@@ -251,7 +251,7 @@ class EnergonModel:
 
     # -- lifetime ---------------------------------------------------------------------------------
     def close(self) -> None:
-        """Release the model and its cache (worker processes too, once the engine runs them)."""
+        """Free the KV cache (and, once the multi-process engine exists, stop its workers)."""
         self.runner.kv_cache = None
 
     def __enter__(self) -> EnergonModel:
