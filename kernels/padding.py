@@ -29,10 +29,9 @@ def check_attention_mask(attention_mask: torch.Tensor, shape: tuple[int, int]) -
     return attention_mask
 
 
-def remove_padding(
-    hidden: torch.Tensor, attention_mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """[B, S, ...] -> (packed [T, ...], indices [T] into B*S, cu_seqlens [B+1] int32, max_seqlen)."""
+def padding_layout(hidden: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The bookkeeping every remove_padding shares: (indices [T] into B*S, cu_seqlens [B+1] int32, max_seqlen).
+    Implementations differ only in how they copy the rows."""
     if hidden.dim() < 2:
         raise ValueError(f"remove_padding expects [B, S, ...], got shape {tuple(hidden.shape)}")
     batch, seqlen = hidden.shape[:2]
@@ -41,15 +40,26 @@ def remove_padding(
     indices = torch.nonzero(mask.flatten(), as_tuple=False).flatten()
     cu_seqlens = torch.zeros(batch + 1, dtype=torch.int32, device=hidden.device)
     torch.cumsum(seqlens, dim=0, out=cu_seqlens[1:])
-    max_seqlen = int(seqlens.max()) if batch else 0
-    packed = hidden.reshape(batch * seqlen, *hidden.shape[2:]).index_select(0, indices)
+    return indices, cu_seqlens, int(seqlens.max()) if batch else 0
+
+
+def check_rebuild(packed: torch.Tensor, indices: torch.Tensor) -> None:
+    if packed.shape[0] != indices.shape[0]:
+        raise ValueError(f"packed has {packed.shape[0]} tokens but indices has {indices.shape[0]}")
+
+
+def remove_padding(
+    hidden: torch.Tensor, attention_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """[B, S, ...] -> (packed [T, ...], indices [T] into B*S, cu_seqlens [B+1] int32, max_seqlen)."""
+    indices, cu_seqlens, max_seqlen = padding_layout(hidden, attention_mask)
+    packed = hidden.flatten(0, 1).index_select(0, indices)
     return packed, indices, cu_seqlens, max_seqlen
 
 
 def rebuild_padding(packed: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
     """(packed [T, ...], indices) -> [B, S, ...] with zeros at the padded positions."""
-    if packed.shape[0] != indices.shape[0]:
-        raise ValueError(f"packed has {packed.shape[0]} tokens but indices has {indices.shape[0]}")
+    check_rebuild(packed, indices)
     out = packed.new_zeros(batch * seqlen, *packed.shape[1:])
     out.index_copy_(0, indices, packed)
     return out.view(batch, seqlen, *packed.shape[1:])

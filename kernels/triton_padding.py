@@ -2,7 +2,7 @@
 
 Both directions are one row-copy kernel: remove gathers the real rows into the packed tensor, rebuild
 scatters them back into a zeroed padded tensor. The index bookkeeping (which rows are real, cu_seqlens)
-is the torch implementation's, so the two backends agree by construction on everything but the copy.
+is `padding.padding_layout`, shared with the torch version, so the backends differ only in the copy.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .padding import check_attention_mask
+from .padding import check_rebuild, padding_layout
 
 
 @triton.jit
@@ -35,15 +35,7 @@ def _launch(src: torch.Tensor, dst: torch.Tensor, src_rows: torch.Tensor, dst_ro
 
 
 def remove_padding(hidden: torch.Tensor, attention_mask: torch.Tensor):
-    if hidden.dim() < 2:
-        raise ValueError(f"remove_padding expects [B, S, ...], got shape {tuple(hidden.shape)}")
-    batch, seqlen = hidden.shape[:2]
-    mask = check_attention_mask(attention_mask, (batch, seqlen)).to(hidden.device)
-    seqlens = mask.sum(dim=1, dtype=torch.int32)
-    indices = torch.nonzero(mask.flatten(), as_tuple=False).flatten()
-    cu_seqlens = torch.zeros(batch + 1, dtype=torch.int32, device=hidden.device)
-    torch.cumsum(seqlens, dim=0, out=cu_seqlens[1:])
-    max_seqlen = int(seqlens.max()) if batch else 0
+    indices, cu_seqlens, max_seqlen = padding_layout(hidden, attention_mask)
     src = hidden.contiguous()
     width = src[0, 0].numel() if src.numel() else 0
     packed = src.new_empty(indices.numel(), *hidden.shape[2:])
@@ -52,8 +44,7 @@ def remove_padding(hidden: torch.Tensor, attention_mask: torch.Tensor):
 
 
 def rebuild_padding(packed: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
-    if packed.shape[0] != indices.shape[0]:
-        raise ValueError(f"packed has {packed.shape[0]} tokens but indices has {indices.shape[0]}")
+    check_rebuild(packed, indices)
     src = packed.contiguous()
     out = src.new_zeros(batch * seqlen, *packed.shape[1:])
     width = src[0].numel() if src.numel() else 0
