@@ -12,13 +12,27 @@ import torch
 import torch.nn.functional as F
 
 
-def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
         raise ValueError(f"q, k, v must be [T, heads, head_dim], got {tuple(q.shape)}, {tuple(k.shape)}")
     if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not match")
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
+
+
+def check_paged(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q) -> None:
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache and v_cache must both be [blocks, block_size, heads, head_dim], "
+                         f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    if q.dim() != 3 or q.shape[2] != k_cache.shape[3] or q.shape[1] % k_cache.shape[2]:
+        raise ValueError(f"q {tuple(q.shape)} does not fit a cache of {k_cache.shape[2]} heads x {k_cache.shape[3]}")
+    batch = cu_seqlens_q.shape[0] - 1
+    if block_tables.dim() != 2 or block_tables.shape[0] != batch or context_lens.shape != (batch,):
+        raise ValueError(f"block_tables {tuple(block_tables.shape)} and context_lens {tuple(context_lens.shape)} "
+                         f"must have one row per sequence ({batch})")
+    if block_tables.dtype.is_floating_point or context_lens.dtype.is_floating_point:
+        raise ValueError("block_tables and context_lens must be integer tensors")
 
 
 def varlen_attention(
@@ -35,7 +49,7 @@ def varlen_attention(
     One SDPA call per sequence: it does exactly sum(len_i^2) work and lets SDPA pick its fused CPU
     kernel (no mask tensor needed), which measured faster than one padded call with a mask.
     """
-    _check_qkv(q, k, v)
+    check_qkv(q, k, v)
     gqa = q.shape[1] != k.shape[1]
     batch = cu_seqlens.shape[0] - 1
     if batch * max_seqlen == q.shape[0]:
@@ -72,6 +86,7 @@ def paged_attention(
     cache for each sequence, this step's included. Query i of a sequence with q_len new tokens sits at
     position context_len - q_len + i and sees keys 0..that position.
     """
+    check_paged(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q)
     batch = block_tables.shape[0]
     block_size = k_cache.shape[1]
     max_ctx = block_tables.shape[1] * block_size

@@ -1,7 +1,8 @@
 """The one place that chooses a kernel implementation.
 
-Every op has a torch implementation (used on CPU, and the reference). Triton implementations are
-registered for CUDA as they land; `ENERGON_HF_KERNELS=triton|torch` forces a choice.
+Every op has a torch implementation (used on CPU, and the reference) and a GPU one (Triton kernels, or
+cuBLAS where a Triton kernel would not beat it). CUDA tensors take the GPU one, everything else torch;
+`ENERGON_HF_KERNELS=triton|torch` forces a choice (the tests run Triton on CPU through its interpreter).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Callable
 from functools import cache
 
 import torch
+import torch.nn.functional as F
 
 from . import attention, elementwise, linear, padding
 
@@ -31,9 +33,11 @@ def _triton(module: str, name: str) -> Callable:
 _IMPLEMENTATIONS: dict[str, dict[str, Callable]] = {
     "remove_padding": {"torch": padding.remove_padding, "triton": _triton("triton_padding", "remove_padding")},
     "rebuild_padding": {"torch": padding.rebuild_padding, "triton": _triton("triton_padding", "rebuild_padding")},
-    "varlen_attention": {"torch": attention.varlen_attention},
-    "paged_attention": {"torch": attention.paged_attention},
-    "linear": {"torch": linear.linear},
+    **{op: {"torch": getattr(attention, op), "triton": _triton("triton_attention", op)}
+       for op in ("varlen_attention", "paged_attention")},
+    # On CUDA the GEMM is cuBLAS's (F.linear); a Triton GEMM would not beat it.
+    "linear": {"torch": linear.linear, "triton": F.linear},
+    "linear_gelu": {"torch": linear.linear_gelu, "triton": _triton("triton_elementwise", "linear_gelu")},
     **{op: {"torch": getattr(elementwise, op), "triton": _triton("triton_elementwise", op)}
        for op in ("bias_gelu", "silu_and_mul", "layer_norm", "rms_norm")},
 }
@@ -61,16 +65,11 @@ def triton_installed() -> bool:
 def get_kernel(op: str, device: torch.device) -> Callable:
     impls = _IMPLEMENTATIONS[op]
     backend = backend_for(device)
-    forced = forced_backend() == backend
     if backend == "triton" and not triton_installed():
-        if forced:
+        if forced_backend() == "triton":
             raise NotImplementedError("ENERGON_HF_KERNELS=triton but the triton package is not installed")
         backend = "torch"
-    if backend in impls:
-        return impls[backend]
-    if forced:
-        raise NotImplementedError(f"kernel {op!r} has no {backend} implementation (ENERGON_HF_KERNELS={backend})")
-    return impls["torch"]
+    return impls[backend]
 
 
 def remove_padding(hidden: torch.Tensor, attention_mask: torch.Tensor):
@@ -93,6 +92,10 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_
 
 def linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     return get_kernel("linear", x.device)(x, weight, bias)
+
+
+def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, approximate: str) -> torch.Tensor:
+    return get_kernel("linear_gelu", x.device)(x, weight, bias, approximate)
 
 
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor, approximate: str = "none") -> torch.Tensor:

@@ -20,3 +20,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         out = torch.mm(weight, x.t()) if bias is None else torch.addmm(bias[:, None], weight, x.t())
         return out.t().contiguous()
     return F.linear(x, weight, bias)
+
+
+def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, approximate: str) -> torch.Tensor:
+    """gelu(x @ W^T + b). On CPU the bias rides in the matmul (addmm), which beats a separate fused pass."""
+    return F.gelu(linear(x, weight, bias), approximate=approximate)

@@ -7,6 +7,7 @@ computing in float32 and storing in the input dtype.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -79,6 +80,12 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor, approximate: str = "none") ->
         _bias_gelu[(rows, triton.cdiv(width, block))](x, bias.contiguous(), out, width,
                                                       TANH=approximate == "tanh", BLOCK=block)
     return out
+
+
+def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, approximate: str) -> torch.Tensor:
+    """cuBLAS for the matmul, then one pass that adds the bias and applies GELU (instead of two)."""
+    out = F.linear(x, weight)
+    return F.gelu(out, approximate=approximate) if bias is None else bias_gelu(out, bias, approximate)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

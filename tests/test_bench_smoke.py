@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
@@ -28,3 +30,12 @@ def test_generate_vs_hf(tmp_path):
     assert set(result["runs"]) == {"1", "3"}
     for run in result["runs"].values():
         assert run["same_tokens"] is True and run["ratio"] > 0
+
+
+def test_gpu_kernels_script(tmp_path):
+    """The GPU check runs end to end on tiny sizes through the Triton interpreter: every kernel matched."""
+    pytest.importorskip("triton")
+    result = _run("gpu_kernels.py", tmp_path / "gpu.json")
+    assert result["device"].startswith("cpu")
+    assert {"remove_padding", "varlen_attention_equal", "paged_attention_decode", "rms_norm"} <= set(result["kernels"])
+    assert all(figures.get("matched", True) for figures in result["kernels"].values())

@@ -70,11 +70,21 @@ def _naive_attention(q, k, v, causal, scale):
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v.double())
 
 
-@pytest.mark.parametrize("lengths", [[1, 9, 4, 1, 17], [6, 6, 6], [1]], ids=["mixed", "equal", "single"])
+@pytest.fixture(params=["torch", "triton"])
+def attention_backend(request, monkeypatch):
+    """Both attention implementations against the same naive formula (Triton through its interpreter on CPU)."""
+    if request.param == "triton":
+        pytest.importorskip("triton")
+    monkeypatch.setenv("ENERGON_HF_KERNELS", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("lengths", [[1, 9, 4, 1, 17], [6, 6, 6], [1], [70, 3]],
+                         ids=["mixed", "equal", "single", "long"])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2), (3, 1)])
-def test_varlen_attention(lengths, causal, heads, kv_heads):
-    dim = 12
+def test_varlen_attention(lengths, causal, heads, kv_heads, attention_backend):
+    dim = 12  # not a power of two
     total = sum(lengths)
     q, k, v = torch.randn(total, heads, dim), torch.randn(total, kv_heads, dim), torch.randn(total, kv_heads, dim)
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
@@ -85,11 +95,11 @@ def test_varlen_attention(lengths, causal, heads, kv_heads):
 
 
 @pytest.mark.parametrize("new_tokens", [[1, 1, 1], [3, 1, 5]])
-def test_paged_attention_reads_the_cache_through_block_tables(new_tokens):
-    heads, kv_heads, dim, block_size = 4, 2, 8, 4
-    context = [6, 1, 11]  # tokens in the cache after this step, the new ones included
-    cache = KVCache(1, 16, block_size, kv_heads, dim, torch.float32, "cpu")
-    allocator = BlockAllocator(16, block_size)
+@pytest.mark.parametrize("context", [[6, 1, 11], [40, 5, 21]], ids=["short", "long"])
+def test_paged_attention_reads_the_cache_through_block_tables(new_tokens, context, attention_backend):
+    heads, kv_heads, dim, block_size = 6, 2, 8, 4  # tokens in the cache after this step, the new ones included
+    cache = KVCache(1, 32, block_size, kv_heads, dim, torch.float32, "cpu")
+    allocator = BlockAllocator(32, block_size)
     for seq in (2, 0, 1):  # out of order, so blocks are not contiguous per sequence
         allocator.reserve(seq, context[seq])
     tables = allocator.block_table_tensor([0, 1, 2], "cpu")
@@ -126,10 +136,10 @@ def test_dispatch_choice(monkeypatch):
     monkeypatch.setenv("ENERGON_HF_KERNELS", "cuda-magic")
     with pytest.raises(ValueError, match="ENERGON_HF_KERNELS"):
         dispatch.backend_for(torch.device("cpu"))
-    monkeypatch.setenv("ENERGON_HF_KERNELS", "triton")  # forced, and this op has no Triton kernel yet
-    q = torch.zeros(2, 1, 4)
-    with pytest.raises(NotImplementedError, match="no triton implementation"):
-        kernels.varlen_attention(q, q, q, torch.tensor([0, 2], dtype=torch.int32), 2, True)
+    monkeypatch.setenv("ENERGON_HF_KERNELS", "triton")
+    assert dispatch.backend_for(torch.device("cpu")) == "triton"
+    assert set(dispatch.BACKENDS) == {b for impls in dispatch._IMPLEMENTATIONS.values() for b in impls}
+    assert all(len(impls) == 2 for impls in dispatch._IMPLEMENTATIONS.values()), "every op has both backends"
 
 
 @pytest.mark.parametrize("rows", [1, 2, 7, 64, 65])

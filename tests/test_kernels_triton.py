@@ -117,3 +117,19 @@ def test_elementwise_errors():
         kernels.silu_and_mul(torch.zeros(2, 5))
     with pytest.raises(ValueError, match="approximate"):
         kernels.bias_gelu(torch.zeros(2, 4), torch.zeros(4), "fast")
+
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    INTERPRETED, reason="the interpreter's tl.dot multiplies bf16 bit patterns (triton-lang/triton#11584); "
+                        "bench/gpu_kernels.py runs this on CUDA"))])
+def test_attention_half_precision(dtype):
+    """Half inputs: products in the tensor-core precision, softmax and accumulation in float32."""
+    lengths, heads, kv_heads, dim = [5, 33, 1], 4, 2, 16
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    q, k, v = (torch.randn(sum(lengths), h, dim, device=DEVICE) for h in (heads, kv_heads, kv_heads))
+    got = kernels.varlen_attention(q.to(dtype), k.to(dtype), v.to(dtype), cu, max(lengths), True)
+    expected = kernels.attention.varlen_attention(q, k, v, cu, max(lengths), True)
+    assert got.dtype == dtype and (got.float() - expected).abs().max() < 2e-2

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import BertConfig
-from transformers.activations import get_activation
 from transformers.modeling_outputs import (
     BaseModelOutputWithPoolingAndCrossAttentions,
     MaskedLMOutput,
@@ -31,8 +30,7 @@ class BertLayer(nn.Module):
         self.qkv = Linear(hidden, 3 * hidden)
         self.attn_out = Linear(hidden, hidden)
         self.attn_norm = LayerNorm(hidden, eps=eps)
-        self.fc = Linear(hidden, config.intermediate_size)
-        self.act = get_activation(config.hidden_act)
+        self.fc = Linear(hidden, config.intermediate_size, activation=config.hidden_act)
         self.out = Linear(config.intermediate_size, hidden)
         self.out_norm = LayerNorm(hidden, eps=eps)
 
@@ -40,7 +38,7 @@ class BertLayer(nn.Module):
         q, k, v = self.qkv(x).view(x.shape[0], 3, self.num_heads, self.head_dim).unbind(1)
         ctx = attend(q, k, v, batch.attn, self.layer_idx, causal=self.causal, scale=None)
         x = self.attn_norm(x + self.attn_out(ctx.reshape(x.shape[0], -1)))
-        return self.out_norm(x + self.out(self.act(self.fc(x))))
+        return self.out_norm(x + self.out(self.fc(x)))
 
 
 class BertModel(nn.Module):
@@ -94,8 +92,7 @@ class BertForMaskedLM(nn.Module):
         self.config = config
         hidden = config.hidden_size
         self.bert = BertModel(config, add_pooling_layer=False)
-        self.transform = Linear(hidden, hidden)
-        self.act = get_activation(config.hidden_act)
+        self.transform = Linear(hidden, hidden, activation=config.hidden_act)
         self.transform_norm = LayerNorm(hidden, eps=config.layer_norm_eps)
         # Tied (the default) decoder weights are the word embeddings, read in place.
         self.decoder = None if config.tie_word_embeddings else Linear(hidden, config.vocab_size, bias=False)
@@ -103,7 +100,7 @@ class BertForMaskedLM(nn.Module):
 
     def forward(self, batch: PackedBatch) -> dict[str, torch.Tensor]:
         hidden = rows_for_logits(self.bert.hidden_states(batch), batch)
-        hidden = self.transform_norm(self.act(self.transform(hidden)))
+        hidden = self.transform_norm(self.transform(hidden))
         return {"logits": vocab_logits(hidden, self.bert.word_embeddings, self.decoder, self.decoder_bias)}
 
 

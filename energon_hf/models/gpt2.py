@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import GPT2Config
-from transformers.activations import get_activation
 from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions, CausalLMOutputWithCrossAttentions
 
 from energon_hf.engine.batch import PackedBatch
@@ -40,13 +39,12 @@ class GPT2Block(nn.Module):
         self.ln_1 = LayerNorm(config.hidden_size, eps=eps)
         self.attn = GPT2Attention(config, layer_idx)
         self.ln_2 = LayerNorm(config.hidden_size, eps=eps)
-        self.fc = Linear(config.hidden_size, inner)
-        self.act = get_activation(config.activation_function)
+        self.fc = Linear(config.hidden_size, inner, activation=config.activation_function)
         self.proj = Linear(inner, config.hidden_size)
 
     def forward(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), batch)
-        return x + self.proj(self.act(self.fc(self.ln_2(x))))
+        return x + self.proj(self.fc(self.ln_2(x)))
 
 
 class GPT2Model(nn.Module):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import OPTConfig
-from transformers.activations import get_activation
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from energon_hf.engine.batch import PackedBatch
@@ -30,8 +29,7 @@ class OPTDecoderLayer(nn.Module):
         self.qkv = Linear(hidden, 3 * hidden, bias=bias)
         self.out_proj = Linear(hidden, hidden, bias=bias)
         self.final_layer_norm = LayerNorm(hidden, elementwise_affine=affine)
-        self.fc1 = Linear(hidden, config.ffn_dim, bias=bias)
-        self.act = get_activation(config.activation_function)
+        self.fc1 = Linear(hidden, config.ffn_dim, bias=bias, activation=config.activation_function)
         self.fc2 = Linear(config.ffn_dim, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
@@ -41,7 +39,7 @@ class OPTDecoderLayer(nn.Module):
         if not self.pre_norm:
             x = self.self_attn_layer_norm(x)
         h = self.final_layer_norm(x) if self.pre_norm else x
-        x = x + self.fc2(self.act(self.fc1(h)))
+        x = x + self.fc2(self.fc1(h))
         return x if self.pre_norm else self.final_layer_norm(x)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import ViTConfig
-from transformers.activations import get_activation
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 
 from energon_hf.engine.batch import PackedBatch
@@ -24,15 +23,14 @@ class ViTLayer(nn.Module):
         self.qkv = Linear(hidden, 3 * hidden, bias=config.qkv_bias)
         self.attn_out = Linear(hidden, hidden)
         self.norm_after = LayerNorm(hidden, eps=eps)
-        self.fc = Linear(hidden, config.intermediate_size)
-        self.act = get_activation(config.hidden_act)
+        self.fc = Linear(hidden, config.intermediate_size, activation=config.hidden_act)
         self.out = Linear(config.intermediate_size, hidden)
 
     def forward(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
         q, k, v = self.qkv(self.norm_before(x)).view(x.shape[0], 3, self.num_heads, self.head_dim).unbind(1)
         ctx = attend(q, k, v, batch.attn, self.layer_idx, causal=False, scale=None)
         x = x + self.attn_out(ctx.reshape(x.shape[0], -1))
-        return x + self.out(self.act(self.fc(self.norm_after(x))))
+        return x + self.out(self.fc(self.norm_after(x)))
 
 
 class ViTModel(nn.Module):
@@ -51,8 +49,8 @@ class ViTModel(nn.Module):
         self.position_embeddings = nn.Parameter(torch.zeros(1, self.num_patches + 1, hidden))
         self.layers = nn.ModuleList(ViTLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = LayerNorm(hidden, eps=config.layer_norm_eps)
-        self.pooler = Linear(hidden, config.pooler_output_size) if add_pooling_layer else None
-        self.pooler_act = get_activation(config.pooler_act)
+        self.pooler = Linear(hidden, config.pooler_output_size, activation=config.pooler_act) if add_pooling_layer \
+            else None
 
     @property
     def tokens_per_image(self) -> int:
@@ -74,7 +72,7 @@ class ViTModel(nn.Module):
         hidden = self.hidden_states(batch)
         out = {"last_hidden_state": hidden}
         if self.pooler is not None:
-            out["pooler_output"] = self.pooler_act(self.pooler(self.first_tokens(hidden, batch)))
+            out["pooler_output"] = self.pooler(self.first_tokens(hidden, batch))
         return out
 
 

@@ -1,0 +1,43 @@
+"""The models through the Triton kernels (the CUDA path), run by Triton's interpreter on CPU: the same parity
+with transformers as the torch path, for an encoder (exact GELU, bidirectional), GPT-2 (tanh GELU, learned
+positions, paged decode) and Llama (GQA, RMSNorm, SiLU-and-multiply, rotary)."""
+
+import pytest
+import torch
+import transformers
+from helpers import assert_forward_matches, assert_greedy_matches, padded_batch
+from test_parity_llama import LLAMA_TINY
+
+from energon_hf import EnergonModel
+
+pytest.importorskip("triton")
+LENGTHS = [3, 17, 1, 9]
+
+
+@pytest.fixture(autouse=True)
+def force_triton(monkeypatch):
+    monkeypatch.setenv("ENERGON_HF_KERNELS", "triton")
+
+
+def test_bert_forward(tiny):
+    path = tiny.make("BertModel")
+    ids, mask = padded_batch(LENGTHS, 100, "right")
+    assert_forward_matches(EnergonModel.from_pretrained(path), tiny.hf("BertModel"), ids, mask, "last_hidden_state")
+
+
+def test_gpt2_forward_and_greedy(tiny):
+    path = tiny.make("GPT2LMHeadModel")
+    ours, hf = EnergonModel.from_pretrained(path), tiny.hf("GPT2LMHeadModel")
+    ids, mask = padded_batch(LENGTHS, 128, "left")
+    assert_forward_matches(ours, hf, ids, mask)
+    assert_greedy_matches(ours, hf, ids, mask, max_new_tokens=6)
+
+
+def test_llama_gqa_forward_and_greedy(tmp_path):
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA_TINY)).save_pretrained(tmp_path)
+    ours = EnergonModel.from_pretrained(tmp_path)
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    ids, mask = padded_batch(LENGTHS, 128, "left")
+    assert_forward_matches(ours, hf, ids, mask)
+    assert_greedy_matches(ours, hf, ids, mask, max_new_tokens=6)
