@@ -13,6 +13,8 @@ from safetensors import SafetensorError, safe_open
 from energon_hf.errors import CheckpointError
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+                       "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 BIN_INDEX = "pytorch_model.bin.index.json"
 
 
@@ -87,6 +89,30 @@ class CheckpointReader:
 
     def keys(self) -> list[str]:
         return list(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        handle = self._open(self._where[name])
+        if isinstance(handle, dict):
+            return tuple(handle[name].shape)
+        return tuple(handle.get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> torch.dtype:
+        handle = self._open(self._where[name])
+        if isinstance(handle, dict):
+            return handle[name].dtype
+        return _SAFETENSORS_DTYPES.get(handle.get_slice(name).get_dtype(), torch.float32)
+
+    def read(self, name: str, dim: int, start: int, length: int) -> torch.Tensor:
+        """Only `length` entries from `start` along `dim` of tensor `name` (safetensors reads just those bytes)."""
+        path = self._where[name]
+        handle = self._open(path)
+        if isinstance(handle, dict):
+            return handle[name].narrow(dim, start, length)
+        index = (slice(None),) * dim + (slice(start, start + length),)
+        try:
+            return handle.get_slice(name)[index]
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"cannot read tensor {name!r} from {path}: {e}") from e
 
     def get(self, name: str) -> torch.Tensor:
         path = self._where[name]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers import GPT2Config
 
-from .weights import WeightSpec, transpose
+from .weights import WeightSpec
 
 # our sub-module -> HF sub-module, inside block h.{i}
 _BLOCK_LINEARS = {"attn.qkv": "attn.c_attn", "attn.proj": "attn.c_proj", "fc": "mlp.c_fc", "proj": "mlp.c_proj"}
@@ -18,7 +18,7 @@ def gpt2_model_specs(config: GPT2Config, prefix: str = "") -> dict[str, WeightSp
     for i in range(config.num_hidden_layers):
         for ours, theirs in _BLOCK_LINEARS.items():
             ours, theirs = f"{prefix}h.{i}.{ours}", f"{prefix}h.{i}.{theirs}"
-            specs[ours + ".weight"] = WeightSpec(theirs + ".weight", transpose)
+            specs[ours + ".weight"] = WeightSpec(theirs + ".weight", "transposed")
             specs[ours + ".bias"] = WeightSpec(theirs + ".bias")
     return specs
 

@@ -1,40 +1,68 @@
-"""How a parameter of ours is made from tensors of an HF checkpoint."""
+"""How a parameter of ours is made from tensors of an HF checkpoint, read lazily so that a tensor-parallel
+rank reads only its own slices from disk."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+
+from .checkpoint import CheckpointReader
+
+# same: the checkpoint tensor as is. transposed: a GPT-2 Conv1D [in, out] -> our [out, in].
+# concat: separate projections (q, k, v or gate, up) fused along dim 0.
+Layout = Literal["same", "transposed", "concat"]
 
 
 @dataclass(frozen=True)
 class WeightSpec:
-    """Our parameter = transform(*checkpoint tensors named in `sources`) (identity for one source).
+    """Our parameter = `layout` applied to the checkpoint tensors named in `sources`.
 
     `alternatives` lists other source tuples tried in order when a checkpoint lacks `sources`.
     """
 
     sources: str | tuple[str, ...]
-    transform: Callable[..., torch.Tensor] | None = None
+    layout: Layout = "same"
     alternatives: tuple[tuple[str, ...], ...] = ()
 
     @property
     def names(self) -> tuple[str, ...]:
         return (self.sources,) if isinstance(self.sources, str) else self.sources
 
-    def build(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        return self.transform(*tensors) if self.transform else tensors[0]
 
+class LazyWeight:
+    """Our parameter as it would be built from the checkpoint, read only where `narrow` asks."""
 
-def transpose(weight: torch.Tensor) -> torch.Tensor:
-    """Conv1D [in, out] -> nn.Linear [out, in]."""
-    return weight.t().contiguous()
+    def __init__(self, reader: CheckpointReader, names: list[str], layout: Layout):
+        self.reader, self.names, self.layout = reader, names, layout
+        shapes = [reader.shape(n) for n in names]
+        self.dtype = reader.dtype(names[0])
+        if layout == "transposed":
+            self.shape = torch.Size(reversed(shapes[0]))
+        elif layout == "concat":
+            self.shape = torch.Size([sum(s[0] for s in shapes), *shapes[0][1:]])
+        else:
+            self.shape = torch.Size(shapes[0])
+        self._rows = [s[0] for s in shapes]
 
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        if self.layout == "transposed":
+            return self.reader.read(self.names[0], 1 - dim, start, length).t().contiguous()
+        if self.layout == "same":
+            return self.reader.read(self.names[0], dim, start, length)
+        if dim != 0:  # every fused source contributes the same columns
+            return torch.cat([self.reader.read(n, dim, start, length) for n in self.names], dim=0)
+        pieces, offset = [], 0
+        for name, rows in zip(self.names, self._rows, strict=True):
+            lo, hi = max(start, offset), min(start + length, offset + rows)
+            if lo < hi:
+                pieces.append(self.reader.read(name, 0, lo - offset, hi - lo))
+            offset += rows
+        return torch.cat(pieces, dim=0) if len(pieces) > 1 else pieces[0]
 
-def concat(*tensors: torch.Tensor) -> torch.Tensor:
-    """Fuse separate projections (q, k, v) into one along the output dimension."""
-    return torch.cat(tensors, dim=0)
+    def full(self) -> torch.Tensor:
+        return self.narrow(0, 0, self.shape[0]) if self.shape else self.reader.get(self.names[0])
 
 
 def params_of(bias: bool) -> tuple[str, ...]:
@@ -48,4 +76,4 @@ def renamed(ours: str, theirs: str, params: tuple[str, ...] = ("weight", "bias")
 
 def fused(ours: str, theirs: tuple[str, ...], params: tuple[str, ...] = ("weight", "bias")) -> dict[str, WeightSpec]:
     """ours.{p} <- concat of theirs[i].{p}: separate projections (q, k, v or gate, up) fused into one."""
-    return {f"{ours}.{p}": WeightSpec(tuple(f"{t}.{p}" for t in theirs), concat) for p in params}
+    return {f"{ours}.{p}": WeightSpec(tuple(f"{t}.{p}" for t in theirs), "concat") for p in params}

@@ -12,9 +12,10 @@ from transformers.modeling_outputs import (
 )
 
 from energon_hf.engine.batch import PackedBatch
-from energon_hf.nn import Linear, attend
+from energon_hf.nn import Linear, Linear1D_Col, Linear1D_Row, VocabParallelEmbedding, attend
 from energon_hf.nn.lm_head import rows_for_logits, vocab_logits
 from energon_hf.nn.norm import LayerNorm
+from energon_hf.parallel import divide
 
 
 class BertLayer(nn.Module):
@@ -23,15 +24,15 @@ class BertLayer(nn.Module):
     def __init__(self, config: BertConfig, layer_idx: int):
         super().__init__()
         hidden, eps = config.hidden_size, config.layer_norm_eps
-        self.num_heads = config.num_attention_heads
-        self.head_dim = hidden // self.num_heads
+        self.num_heads = divide(config.num_attention_heads, "attention heads")  # this rank's heads
+        self.head_dim = hidden // config.num_attention_heads
         self.layer_idx = layer_idx
         self.causal = bool(config.is_decoder)
-        self.qkv = Linear(hidden, 3 * hidden)
-        self.attn_out = Linear(hidden, hidden)
+        self.qkv = Linear1D_Col(hidden, 3 * hidden, parts=(hidden,) * 3)
+        self.attn_out = Linear1D_Row(hidden, hidden)
         self.attn_norm = LayerNorm(hidden, eps=eps)
-        self.fc = Linear(hidden, config.intermediate_size, activation=config.hidden_act)
-        self.out = Linear(config.intermediate_size, hidden)
+        self.fc = Linear1D_Col(hidden, config.intermediate_size, activation=config.hidden_act)
+        self.out = Linear1D_Row(config.intermediate_size, hidden)
         self.out_norm = LayerNorm(hidden, eps=eps)
 
     def forward(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
@@ -51,7 +52,7 @@ class BertModel(nn.Module):
         super().__init__()
         self.config = config
         hidden = config.hidden_size
-        self.word_embeddings = nn.Embedding(config.vocab_size, hidden)
+        self.word_embeddings = VocabParallelEmbedding(config.vocab_size, hidden)
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, hidden)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, hidden)
         self.embed_norm = LayerNorm(hidden, eps=config.layer_norm_eps)
@@ -95,7 +96,7 @@ class BertForMaskedLM(nn.Module):
         self.transform = Linear(hidden, hidden, activation=config.hidden_act)
         self.transform_norm = LayerNorm(hidden, eps=config.layer_norm_eps)
         # Tied (the default) decoder weights are the word embeddings, read in place.
-        self.decoder = None if config.tie_word_embeddings else Linear(hidden, config.vocab_size, bias=False)
+        self.decoder = None if config.tie_word_embeddings else VocabParallelEmbedding(config.vocab_size, hidden)
         self.decoder_bias = nn.Parameter(torch.zeros(config.vocab_size))
 
     def forward(self, batch: PackedBatch) -> dict[str, torch.Tensor]:

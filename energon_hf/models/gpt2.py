@@ -8,22 +8,24 @@ from transformers import GPT2Config
 from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions, CausalLMOutputWithCrossAttentions
 
 from energon_hf.engine.batch import PackedBatch
-from energon_hf.nn import Linear, attend
+from energon_hf.nn import Linear1D_Col, Linear1D_Row, VocabParallelEmbedding, attend
 from energon_hf.nn.lm_head import rows_for_logits, vocab_logits
 from energon_hf.nn.norm import LayerNorm
+from energon_hf.parallel import divide
 
 
 class GPT2Attention(nn.Module):
     def __init__(self, config: GPT2Config, layer_idx: int):
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.head_dim = config.hidden_size // self.num_heads
+        self.num_heads = divide(config.num_attention_heads, "attention heads")  # this rank's heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
         self.layer_idx = layer_idx
         self.scale = self.head_dim**-0.5 if config.scale_attn_weights else 1.0
         if config.scale_attn_by_inverse_layer_idx:
             self.scale /= float(layer_idx + 1)
-        self.qkv = Linear(config.hidden_size, 3 * config.hidden_size)  # HF's fused c_attn, kept fused
-        self.proj = Linear(config.hidden_size, config.hidden_size)
+        hidden = config.hidden_size
+        self.qkv = Linear1D_Col(hidden, 3 * hidden, parts=(hidden,) * 3)  # HF's fused c_attn, kept fused
+        self.proj = Linear1D_Row(hidden, hidden)
 
     def forward(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
         q, k, v = self.qkv(x).view(x.shape[0], 3, self.num_heads, self.head_dim).unbind(1)
@@ -39,8 +41,8 @@ class GPT2Block(nn.Module):
         self.ln_1 = LayerNorm(config.hidden_size, eps=eps)
         self.attn = GPT2Attention(config, layer_idx)
         self.ln_2 = LayerNorm(config.hidden_size, eps=eps)
-        self.fc = Linear(config.hidden_size, inner, activation=config.activation_function)
-        self.proj = Linear(inner, config.hidden_size)
+        self.fc = Linear1D_Col(config.hidden_size, inner, activation=config.activation_function)
+        self.proj = Linear1D_Row(inner, config.hidden_size)
 
     def forward(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), batch)
@@ -58,7 +60,7 @@ class GPT2Model(nn.Module):
         if config.add_cross_attention:
             raise ValueError("GPT-2 with add_cross_attention=True (encoder-decoder use) is not supported")
         self.config = config
-        self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.wte = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.wpe = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.h = nn.ModuleList(GPT2Block(config, i) for i in range(config.num_hidden_layers))
         self.ln_f = LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
@@ -85,8 +87,8 @@ class GPT2LMHeadModel(nn.Module):
         super().__init__()
         self.config = config
         self.transformer = GPT2Model(config)
-        self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size,
-                                                                          bias=False)
+        self.lm_head = None if config.tie_word_embeddings else VocabParallelEmbedding(config.vocab_size,
+                                                                                          config.hidden_size)
 
     def forward(self, batch: PackedBatch) -> dict[str, torch.Tensor]:
         hidden = rows_for_logits(self.transformer.hidden_states(batch), batch)
@@ -95,4 +97,5 @@ class GPT2LMHeadModel(nn.Module):
     def kv_cache_layout(self) -> tuple[int, int, int]:
         """(layers, kv heads, head dim) of the KV cache this model fills."""
         c = self.config
-        return c.num_hidden_layers, c.num_attention_heads, c.hidden_size // c.num_attention_heads
+        heads = divide(c.num_attention_heads, "attention heads")
+        return c.num_hidden_layers, heads, c.hidden_size // c.num_attention_heads

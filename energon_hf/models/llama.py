@@ -11,10 +11,11 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from energon_hf import kernels
 from energon_hf.engine.batch import PackedBatch
-from energon_hf.nn import Linear, attend
+from energon_hf.nn import Linear1D_Col, Linear1D_Row, VocabParallelEmbedding, attend
 from energon_hf.nn.lm_head import rows_for_logits, vocab_logits
 from energon_hf.nn.norm import RMSNorm
 from energon_hf.nn.rotary import RotaryEmbedding, apply_rotary
+from energon_hf.parallel import divide
 
 
 def head_dim(config: LlamaConfig) -> int:
@@ -24,14 +25,17 @@ def head_dim(config: LlamaConfig) -> int:
 class LlamaAttention(nn.Module):
     def __init__(self, config: LlamaConfig, layer_idx: int):
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
+        # This rank's heads: query and key/value heads are both split (GQA groups stay whole).
+        self.num_heads = divide(config.num_attention_heads, "attention heads")
+        self.num_kv_heads = divide(config.num_key_value_heads, "key/value heads")
         self.head_dim = head_dim(config)
         self.layer_idx = layer_idx
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.split = (q_size, kv_size, kv_size)
-        self.qkv = Linear(config.hidden_size, sum(self.split), bias=config.attention_bias)
-        self.o_proj = Linear(q_size, config.hidden_size, bias=config.attention_bias)
+        q_size = config.num_attention_heads * self.head_dim
+        kv_size = config.num_key_value_heads * self.head_dim
+        self.qkv = Linear1D_Col(config.hidden_size, q_size + 2 * kv_size, bias=config.attention_bias,
+                                parts=(q_size, kv_size, kv_size))
+        self.split = (self.num_heads * self.head_dim,) + (self.num_kv_heads * self.head_dim,) * 2
+        self.o_proj = Linear1D_Row(q_size, config.hidden_size, bias=config.attention_bias)
 
     def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], batch: PackedBatch) -> torch.Tensor:
         q, k, v = self.qkv(x).split(self.split, dim=-1)
@@ -47,9 +51,10 @@ class LlamaMLP(nn.Module):
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
-        self.intermediate = config.intermediate_size
-        self.gate_up = Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        size = config.intermediate_size
+        self.intermediate = divide(size, "intermediate_size")  # this rank's gate and up halves
+        self.gate_up = Linear1D_Col(config.hidden_size, 2 * size, bias=config.mlp_bias, parts=(size, size))
+        self.down_proj = Linear1D_Row(size, config.hidden_size, bias=config.mlp_bias)
         self.fused_silu = config.hidden_act == "silu"  # the common case gets the fused kernel
         self.act = get_activation(config.hidden_act)
 
@@ -77,7 +82,7 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config, head_dim(config))
@@ -99,8 +104,8 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config)
-        self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size,
-                                                                          bias=False)
+        self.lm_head = None if config.tie_word_embeddings else VocabParallelEmbedding(config.vocab_size,
+                                                                                          config.hidden_size)
 
     def forward(self, batch: PackedBatch) -> dict[str, torch.Tensor]:
         hidden = rows_for_logits(self.model(batch), batch)
@@ -108,4 +113,5 @@ class LlamaForCausalLM(nn.Module):
 
     def kv_cache_layout(self) -> tuple[int, int, int]:
         """(layers, kv heads, head dim) of the KV cache this model fills."""
-        return self.config.num_hidden_layers, self.config.num_key_value_heads, head_dim(self.config)
+        c = self.config
+        return c.num_hidden_layers, divide(c.num_key_value_heads, "key/value heads"), head_dim(c)

@@ -9,9 +9,10 @@ from transformers import OPTConfig
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from energon_hf.engine.batch import PackedBatch
-from energon_hf.nn import Linear, attend
+from energon_hf.nn import Linear, Linear1D_Col, Linear1D_Row, VocabParallelEmbedding, attend
 from energon_hf.nn.lm_head import rows_for_logits, vocab_logits
 from energon_hf.nn.norm import LayerNorm
+from energon_hf.parallel import divide
 
 POSITION_OFFSET = 2  # OPT's position table starts with two unused rows
 
@@ -21,16 +22,16 @@ class OPTDecoderLayer(nn.Module):
         super().__init__()
         hidden, bias = config.hidden_size, config.enable_bias
         affine = config.layer_norm_elementwise_affine
-        self.num_heads = config.num_attention_heads
-        self.head_dim = hidden // self.num_heads
+        self.num_heads = divide(config.num_attention_heads, "attention heads")  # this rank's heads
+        self.head_dim = hidden // config.num_attention_heads
         self.layer_idx = layer_idx
         self.pre_norm = config.do_layer_norm_before
         self.self_attn_layer_norm = LayerNorm(hidden, elementwise_affine=affine)
-        self.qkv = Linear(hidden, 3 * hidden, bias=bias)
-        self.out_proj = Linear(hidden, hidden, bias=bias)
+        self.qkv = Linear1D_Col(hidden, 3 * hidden, bias=bias, parts=(hidden,) * 3)
+        self.out_proj = Linear1D_Row(hidden, hidden, bias=bias)
         self.final_layer_norm = LayerNorm(hidden, elementwise_affine=affine)
-        self.fc1 = Linear(hidden, config.ffn_dim, bias=bias, activation=config.activation_function)
-        self.fc2 = Linear(config.ffn_dim, hidden, bias=bias)
+        self.fc1 = Linear1D_Col(hidden, config.ffn_dim, bias=bias, activation=config.activation_function)
+        self.fc2 = Linear1D_Row(config.ffn_dim, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
         h = self.self_attn_layer_norm(x) if self.pre_norm else x
@@ -54,7 +55,7 @@ class OPTForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         width, hidden = config.word_embed_proj_dim, config.hidden_size
-        self.embed_tokens = nn.Embedding(config.vocab_size, width)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, width)
         self.embed_positions = nn.Embedding(config.max_position_embeddings + POSITION_OFFSET, hidden)
         self.project_in = Linear(width, hidden, bias=False) if width != hidden else None
         self.layers = nn.ModuleList(OPTDecoderLayer(config, i) for i in range(config.num_hidden_layers))
@@ -62,7 +63,7 @@ class OPTForCausalLM(nn.Module):
         self.final_layer_norm = (LayerNorm(hidden, elementwise_affine=config.layer_norm_elementwise_affine)
                                  if final_norm else None)
         self.project_out = Linear(hidden, width, bias=False) if width != hidden else None
-        self.lm_head = None if config.tie_word_embeddings else Linear(width, config.vocab_size, bias=False)
+        self.lm_head = None if config.tie_word_embeddings else VocabParallelEmbedding(config.vocab_size, width)
 
     def forward(self, batch: PackedBatch) -> dict[str, torch.Tensor]:
         x = self.embed_tokens(batch.input_ids)
@@ -80,4 +81,5 @@ class OPTForCausalLM(nn.Module):
 
     def kv_cache_layout(self) -> tuple[int, int, int]:
         c = self.config
-        return c.num_hidden_layers, c.num_attention_heads, c.hidden_size // c.num_attention_heads
+        heads = divide(c.num_attention_heads, "attention heads")
+        return c.num_hidden_layers, heads, c.hidden_size // c.num_attention_heads

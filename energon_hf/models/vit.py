@@ -8,23 +8,24 @@ from transformers import ViTConfig
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 
 from energon_hf.engine.batch import PackedBatch
-from energon_hf.nn import Linear, attend
+from energon_hf.nn import Linear, Linear1D_Col, Linear1D_Row, attend
 from energon_hf.nn.norm import LayerNorm
+from energon_hf.parallel import divide
 
 
 class ViTLayer(nn.Module):
     def __init__(self, config: ViTConfig, layer_idx: int):
         super().__init__()
         hidden, eps = config.hidden_size, config.layer_norm_eps
-        self.num_heads = config.num_attention_heads
-        self.head_dim = hidden // self.num_heads
+        self.num_heads = divide(config.num_attention_heads, "attention heads")  # this rank's heads
+        self.head_dim = hidden // config.num_attention_heads
         self.layer_idx = layer_idx
         self.norm_before = LayerNorm(hidden, eps=eps)
-        self.qkv = Linear(hidden, 3 * hidden, bias=config.qkv_bias)
-        self.attn_out = Linear(hidden, hidden)
+        self.qkv = Linear1D_Col(hidden, 3 * hidden, bias=config.qkv_bias, parts=(hidden,) * 3)
+        self.attn_out = Linear1D_Row(hidden, hidden)
         self.norm_after = LayerNorm(hidden, eps=eps)
-        self.fc = Linear(hidden, config.intermediate_size, activation=config.hidden_act)
-        self.out = Linear(config.intermediate_size, hidden)
+        self.fc = Linear1D_Col(hidden, config.intermediate_size, activation=config.hidden_act)
+        self.out = Linear1D_Row(config.intermediate_size, hidden)
 
     def forward(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
         q, k, v = self.qkv(self.norm_before(x)).view(x.shape[0], 3, self.num_heads, self.head_dim).unbind(1)

@@ -1,0 +1,136 @@
+"""Where this process sits in the tensor x pipeline grid, its process groups, and the collectives the
+parallel layers use. A process that never called `init_parallel` is the single rank of a 1 x 1 grid, so
+every layer works unchanged without torch.distributed.
+
+Rank layout: rank = pp_rank * tp + tp_rank, so the ranks of one pipeline stage are contiguous (one node
+holds whole stages when tp divides the GPUs per node, keeping the heavy TP traffic inside it).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class ParallelState:
+    tp_size: int = 1
+    tp_rank: int = 0
+    pp_size: int = 1
+    pp_rank: int = 0
+    tp_group: dist.ProcessGroup | None = None
+    pp_group: dist.ProcessGroup | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.pp_rank * self.tp_size + self.tp_rank
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    def stage_rank(self, pp_rank: int) -> int:
+        """Global rank of the rank with this process's tp_rank in stage `pp_rank`."""
+        return pp_rank * self.tp_size + self.tp_rank
+
+
+_state = ParallelState()
+
+
+def state() -> ParallelState:
+    return _state
+
+
+def init_parallel(tp: int, pp: int, rank: int, store: dist.Store, backend: str,
+                  timeout: timedelta = timedelta(minutes=5)) -> ParallelState:
+    """Join the tp*pp process group and build the TP groups (one per stage) and PP groups (one per tp rank).
+
+    `timeout` bounds how long a collective waits for a peer, so a rank that failed cannot hang the others.
+    """
+    global _state
+    world = tp * pp
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    pp_rank, tp_rank = divmod(rank, tp)
+    tp_group = pp_group = None
+    for stage in range(pp):  # every rank creates every group, in the same order (torch.distributed's rule)
+        group = dist.new_group([stage * tp + t for t in range(tp)])
+        if stage == pp_rank:
+            tp_group = group
+    for t in range(tp):
+        group = dist.new_group([stage * tp + t for stage in range(pp)])
+        if t == tp_rank:
+            pp_group = group
+    _state = ParallelState(tp, tp_rank, pp, pp_rank, tp_group, pp_group)
+    return _state
+
+
+def divide(total: int, what: str) -> int:
+    """total / tp, or an error that names what could not be split."""
+    tp = _state.tp_size
+    if total % tp:
+        raise ValueError(f"{what} ({total}) is not divisible by tp={tp}; choose a tp that divides it")
+    return total // tp
+
+
+def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
+    if _state.tp_size > 1:
+        dist.all_reduce(x, group=_state.tp_group)
+    return x
+
+
+def tp_all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Concatenate every TP rank's `x` along `dim`, in rank order."""
+    if _state.tp_size == 1:
+        return x
+    x = x.contiguous()
+    parts = [torch.empty_like(x) for _ in range(_state.tp_size)]
+    dist.all_gather(parts, x, group=_state.tp_group)
+    return torch.cat(parts, dim=dim)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This rank's part of a full tensor: the concatenation, along `dim`, of `ranges` (start, length) of the
+    full tensor, whose size along `dim` is `full`. Ranges may run past `full` (a vocabulary padded to a
+    multiple of tp): those rows are zeros."""
+
+    dim: int
+    full: int
+    ranges: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def split(cls, dim: int, parts: tuple[int, ...], rank: int, size: int) -> Shard:
+        """Each part (a fused projection's q, k, v, or gate and up) split evenly: rank r takes the r-th
+        slice of every part."""
+        ranges, offset = [], 0
+        for part in parts:
+            ranges.append((offset + rank * (part // size), part // size))
+            offset += part
+        return cls(dim, sum(parts), tuple(ranges))
+
+    @classmethod
+    def padded(cls, dim: int, full: int, rank: int, size: int) -> Shard:
+        per_rank = math.ceil(full / size)
+        return cls(dim, full, ((rank * per_rank, per_rank),))
+
+    def take(self, tensor) -> torch.Tensor:
+        """This shard of `tensor`: a torch.Tensor, or any object with `.shape` and `.narrow(dim, start,
+        length)` (the loader's lazy checkpoint tensor, which then reads only these ranges)."""
+        pieces = []
+        for start, length in self.ranges:
+            present = max(0, min(length, self.full - start))
+            if present:
+                pieces.append(tensor.narrow(self.dim, start, present))
+            if present < length:
+                shape = list(pieces[0].shape if pieces else tensor.shape)
+                shape[self.dim] = length - present
+                pieces.append(torch.zeros(shape, dtype=pieces[0].dtype if pieces else tensor.dtype))
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=self.dim)
