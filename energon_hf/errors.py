@@ -13,3 +13,7 @@ class ModelNotFoundError(CheckpointError, FileNotFoundError):
 
 class UnsupportedModelError(ValueError):
     """A model type or architecture energon_hf does not implement."""
+
+
+class EngineDeadError(RuntimeError):
+    """A worker process of the multi-process engine died; the engine cannot run any more steps."""

@@ -3,82 +3,29 @@
 from __future__ import annotations
 
 import os
+import threading
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import init_empty_weights
-from transformers import AutoConfig, GenerationConfig, PretrainedConfig
+from transformers import GenerationConfig, PretrainedConfig
 from transformers.utils import ModelOutput
 
 from energon_hf import kernels
-from energon_hf.converters import CheckpointReader, load_weights
-from energon_hf.converters.gguf import convert_gguf
 from energon_hf.engine.batch import AttentionMetadata, PackedBatch
 from energon_hf.engine.generation import generate_tokens
+from energon_hf.engine.multiprocess import MultiProcessRunner
 from energon_hf.engine.params import GenerationParams
 from energon_hf.engine.runner import LocalRunner
 from energon_hf.engine.sampler import Sampler
-from energon_hf.errors import ModelNotFoundError, UnsupportedModelError
+from energon_hf.loading import empty_model, load_config, load_model, resolve_dtype, resolve_model_path
 from energon_hf.models import Architecture, architecture_for
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 # Arguments of an HF forward that ask for something this inference engine does not compute.
 _UNSUPPORTED_FORWARD = ("labels", "output_attentions", "output_hidden_states", "inputs_embeds",
                         "past_key_values", "cache", "encoder_hidden_states", "interpolate_pos_encoding",
                         "bool_masked_pos", "head_mask")
-
-
-def resolve_model_path(path: str | os.PathLike, revision: str | None = None) -> Path:
-    """A local folder, a .gguf file (or a folder holding one) converted once to a cached folder, or a hub
-    id downloaded (config, tokenizer, weights) through huggingface_hub."""
-    local = Path(path).expanduser()
-    if local.is_file() and local.suffix == ".gguf":
-        return convert_gguf(local)
-    if local.is_dir():
-        gguf_files = sorted(local.glob("*.gguf"))
-        if not (local / "config.json").exists() and len(gguf_files) == 1:
-            return convert_gguf(gguf_files[0])
-        return local
-    if local.exists():
-        raise ModelNotFoundError(f"{str(path)!r} is a file; pass a checkpoint folder or a .gguf file")
-    text = str(path)
-    if text.startswith((".", "/", "~")) or text.count("/") > 1 or os.sep != "/" and os.sep in text:
-        raise ModelNotFoundError(f"model path {text!r} does not exist")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(text, revision=revision,
-                                      allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.bin"]))
-    except Exception as e:  # offline, unknown repo, bad id: all mean the same to the caller
-        raise ModelNotFoundError(
-            f"{text!r} is not a local folder and could not be fetched from the Hugging Face Hub: {e}"
-        ) from e
-
-
-def load_config(folder: Path) -> PretrainedConfig:
-    if not (folder / "config.json").is_file():
-        raise ModelNotFoundError(f"{folder} has no config.json; is it an HF checkpoint folder?")
-    try:
-        return AutoConfig.from_pretrained(folder)
-    except (ValueError, KeyError) as e:
-        model_type = PretrainedConfig.get_config_dict(folder)[0].get("model_type")
-        raise UnsupportedModelError(f"cannot read config.json of model_type {model_type!r} in {folder}: {e}") from e
-
-
-def resolve_dtype(dtype: str | torch.dtype, config: PretrainedConfig) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":  # transformers 5's default: the checkpoint's own dtype
-        saved = getattr(config, "dtype", None)
-        if isinstance(saved, str):
-            saved = _DTYPES.get(saved)
-        return saved if isinstance(saved, torch.dtype) and saved.is_floating_point else torch.float32
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of 'auto', {', '.join(repr(d) for d in _DTYPES)}")
-    return _DTYPES[dtype]
 
 
 class EnergonModel:
@@ -87,8 +34,9 @@ class EnergonModel:
 
     def __init__(self, model: torch.nn.Module, config: PretrainedConfig, architecture: Architecture,
                  generation_config: GenerationConfig | None, device: torch.device, dtype: torch.dtype,
-                 name_or_path: str = "", folder: Path | None = None):
-        self.model = model
+                 name_or_path: str = "", folder: Path | None = None,
+                 runner: LocalRunner | MultiProcessRunner | None = None, tp: int = 1, pp: int = 1):
+        self.model = model  # the loaded model, or (multi-process) its structure on the meta device
         self.config = config
         self.architecture = architecture
         self.generation_config = generation_config
@@ -96,31 +44,36 @@ class EnergonModel:
         self.dtype = dtype
         self.name_or_path = name_or_path
         self.folder = folder  # the HF folder the weights came from (tokenizer files live there too)
-        self.runner = LocalRunner(model, device, dtype)
+        self.runner = runner or LocalRunner(model, device, dtype)
+        self.tp, self.pp = tp, pp
+        # One call at a time: a generate owns the KV cache until it returns.
+        self._lock = threading.RLock()
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype: str | torch.dtype = "auto",
                         device: str | torch.device = "cpu", tp: int = 1, pp: int = 1,
-                        revision: str | None = None) -> EnergonModel:
-        if (tp, pp) != (1, 1):
-            raise NotImplementedError("tp/pp > 1 needs the multi-process engine, which is not built yet")
+                        revision: str | None = None, threads_per_rank: int | None = None) -> EnergonModel:
+        """Load an HF checkpoint. tp * pp > 1 starts that many worker processes (this process drives
+        them), each loading only its share of the weights; `threads_per_rank` defaults to cores / ranks."""
         folder = resolve_model_path(path, revision)
         config = load_config(folder)
         architecture = architecture_for(config)
         torch_dtype = resolve_dtype(dtype, config)
         device = torch.device(device)
-        reader = CheckpointReader(folder)
-        with init_empty_weights():
-            model = architecture.model_cls(config)
-        load_weights(model, architecture.weight_specs(config), reader, torch_dtype, device,
-                     base_prefix=getattr(architecture.model_cls, "base_prefix", ""))
-        model.eval().requires_grad_(False)
+        runner = None
+        if tp * pp > 1:
+            model = empty_model(config)
+            runner = MultiProcessRunner(partial(load_model, folder, torch_dtype), tp, pp, device.type,
+                                        threads_per_rank=threads_per_rank)
+        else:
+            model = load_model(folder, torch_dtype, device)
         generation_config = None
         if (folder / "generation_config.json").is_file():
             generation_config = GenerationConfig.from_pretrained(folder)
         elif architecture.can_generate:
             generation_config = GenerationConfig.from_model_config(config)
-        return cls(model, config, architecture, generation_config, device, torch_dtype, str(path), folder)
+        return cls(model, config, architecture, generation_config, device, torch_dtype, str(path), folder, runner,
+                   tp, pp)
 
     @property
     def position_limit(self) -> int | None:
@@ -198,7 +151,11 @@ class EnergonModel:
     def __call__(self, *args, **kwargs) -> ModelOutput:
         return self.forward(*args, **kwargs)
 
-    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+    def forward(self, *args, **kwargs) -> ModelOutput | tuple:
+        with self._lock:
+            return self._forward(*args, **kwargs)
+
+    def _forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 return_dict: bool = True, pixel_values=None, **kwargs) -> ModelOutput | tuple:
         for name in _UNSUPPORTED_FORWARD:
             value = kwargs.pop(name, None)
@@ -219,8 +176,12 @@ class EnergonModel:
         result = self.model.hf_output(**outputs)
         return result if return_dict else result.to_tuple()
 
-    def generate(self, input_ids=None, attention_mask=None, generator: torch.Generator | None = None,
-                 **kwargs) -> torch.Tensor:
+    def generate(self, *args, **kwargs) -> torch.Tensor:
+        with self._lock:
+            return self._generate(*args, **kwargs)
+
+    def _generate(self, input_ids=None, attention_mask=None, generator: torch.Generator | None = None,
+                  **kwargs) -> torch.Tensor:
         """HF generate semantics: returns [B, S + new] = the input as given, then the new tokens;
         a sequence that finished early is filled with pad_token_id."""
         if not self.architecture.can_generate:
@@ -251,8 +212,8 @@ class EnergonModel:
 
     # -- lifetime ---------------------------------------------------------------------------------
     def close(self) -> None:
-        """Free the KV cache (and, once the multi-process engine exists, stop its workers)."""
-        self.runner.kv_cache = None
+        """Free the KV cache and stop the worker processes, if any."""
+        self.runner.close()
 
     def __enter__(self) -> EnergonModel:
         return self
@@ -262,4 +223,4 @@ class EnergonModel:
 
     def __repr__(self) -> str:
         return (f"EnergonModel({self.architecture.name}, path={self.name_or_path!r}, dtype={self.dtype}, "
-                f"device={self.device})")
+                f"device={self.device}, tp={self.tp}, pp={self.pp})")

@@ -27,6 +27,9 @@ class LocalRunner:
         self.kv_cache = None  # free the old one before allocating
         self.kv_cache = KVCache(layers, num_blocks, block_size, kv_heads, head_dim, self.dtype, self.device)
 
+    def close(self) -> None:
+        self.kv_cache = None
+
     @torch.inference_mode()
     def run(self, batch: PackedBatch, use_cache: bool = False) -> dict[str, torch.Tensor]:
         batch = batch.to(self.device)

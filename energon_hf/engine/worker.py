@@ -1,0 +1,162 @@
+"""A worker rank: joins the tp x pp process group, builds its share of the model, then runs the driver's
+steps until told to stop. Every step is answered (the result from the output rank, an acknowledgement from
+the others, or the exception), so the driver always knows when a step is over on every rank.
+
+Started by the driver as `python -P -m energon_hf.engine CONTROL_FD LIFELINE_FD` (a fresh
+interpreter, like multiprocessing's spawn, but without re-running the caller's script unless a model
+factory defined in it has to be found there).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import runpy
+import sys
+import threading
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from multiprocessing.connection import Connection
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from energon_hf.parallel import init_parallel, state
+
+from .runner import LocalRunner
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    rank: int
+    tp: int
+    pp: int
+    store_host: str
+    store_port: int
+    device: str  # "cpu", or "cuda" (each rank takes cuda:<local rank>)
+    threads: int
+    build: Callable[[torch.device], nn.Module]  # picklable: a module-level function or functools.partial
+    collective_timeout_s: float
+    local_rank: int | None = None
+
+    @property
+    def backend(self) -> str:
+        return "nccl" if self.device == "cuda" else "gloo"
+
+
+def send(conn: Connection, message: Any) -> None:
+    """Plain pickle (tensors by value): no shared-memory file descriptors to run out of under load."""
+    conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def receive(conn: Connection) -> Any:
+    return pickle.loads(conn.recv_bytes())
+
+
+def portable(error: BaseException) -> BaseException:
+    """The exception itself if it survives pickling (its type and message reach the caller), else a
+    RuntimeError that names its type."""
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:
+        return RuntimeError(f"{type(error).__name__}: {error}")
+
+
+def _exit_when_driver_dies(lifeline: Connection) -> None:
+    """The driver never writes to the lifeline: recv returns (EOF) only when the driver process is gone,
+    and then this worker must not outlive it, even in the middle of a step."""
+    try:
+        lifeline.recv_bytes()
+    except (EOFError, OSError):
+        pass
+    os._exit(0)
+
+
+class Worker:
+    def __init__(self, spec: WorkerSpec):
+        self.spec = spec
+        local = spec.rank if spec.local_rank is None else spec.local_rank
+        self.device = torch.device(f"cuda:{local}") if spec.device == "cuda" else torch.device("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        store = dist.TCPStore(spec.store_host, spec.store_port, is_master=False, timeout=timedelta(seconds=60))
+        init_parallel(spec.tp, spec.pp, spec.rank, store, spec.backend,
+                      timeout=timedelta(seconds=spec.collective_timeout_s))
+        self.model = spec.build(self.device)
+        dtype = next(iter(self.model.parameters()), torch.empty(0)).dtype
+        self.runner = LocalRunner(self.model, self.device, dtype)
+
+    @property
+    def is_output_rank(self) -> bool:
+        st = state()
+        return st.is_last_stage and st.tp_rank == 0
+
+    @torch.inference_mode()
+    def handle(self, op: str, args: tuple) -> Any:
+        if op == "run":
+            return self.runner.run(*args)
+        if op == "ensure_cache":
+            return self.runner.ensure_cache(*args)
+        if op == "call":  # a custom model: the user's forward on plain arguments
+            inputs, kwargs = args
+            return self.model(*(t.to(self.device) if isinstance(t, torch.Tensor) else t for t in inputs), **kwargs)
+        raise ValueError(f"unknown engine operation {op!r}")
+
+
+def _read_spec(conn: Connection) -> WorkerSpec:
+    """The driver sends its sys.path and main script, then the pickled spec. A model factory defined in the
+    driver's main script is found by running that script as `__mp_main__`, as multiprocessing's spawn does
+    (so such a script needs the `if __name__ == "__main__":` guard)."""
+    sys_path, main_path = receive(conn)
+    sys.path[:] = sys_path
+    payload = conn.recv_bytes()
+    try:
+        return pickle.loads(payload)
+    except AttributeError:
+        if not main_path:
+            raise
+        main = sys.modules["__mp_main__"] = sys.modules["__main__"] = type(sys)("__mp_main__")
+        main.__dict__.update(runpy.run_path(main_path, run_name="__mp_main__"))
+        return pickle.loads(payload)
+
+
+def worker_main(conn: Connection, lifeline: Connection) -> None:
+    threading.Thread(target=_exit_when_driver_dies, args=(lifeline,), daemon=True).start()
+    try:
+        spec = _read_spec(conn)
+        torch.set_num_threads(spec.threads)
+        worker = Worker(spec)
+    except BaseException as e:  # noqa: BLE001 - every failure must reach the driver
+        send(conn, ("error", portable(e), traceback.format_exc()))
+        return
+    send(conn, ("ok", None))
+    while True:
+        try:
+            op, args = receive(conn)
+        except (EOFError, OSError):
+            break
+        if op == "stop":
+            break
+        try:
+            result = worker.handle(op, args)
+            send(conn, ("ok", _to_cpu(result) if worker.is_output_rank else None))
+        except Exception as e:  # noqa: BLE001
+            send(conn, ("error", portable(e), traceback.format_exc()))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _to_cpu(result: Any) -> Any:
+    if isinstance(result, torch.Tensor):
+        return result.cpu()
+    if isinstance(result, dict):
+        return {k: _to_cpu(v) for k, v in result.items()}
+    if isinstance(result, (list, tuple)):
+        return type(result)(_to_cpu(v) for v in result)
+    return result
+

@@ -1,0 +1,88 @@
+"""From a path, id or GGUF file to a loaded (possibly tensor/pipeline-sharded) packed model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from torch import nn
+from transformers import AutoConfig, PretrainedConfig
+
+from energon_hf.converters import CheckpointReader, load_weights
+from energon_hf.converters.gguf import convert_gguf
+from energon_hf.errors import ModelNotFoundError, UnsupportedModelError
+from energon_hf.models import architecture_for
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+def resolve_model_path(path: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local folder, a .gguf file (or a folder holding one) converted once to a cached folder, or a hub
+    id downloaded (config, tokenizer, weights) through huggingface_hub."""
+    local = Path(path).expanduser()
+    if local.is_file() and local.suffix == ".gguf":
+        return convert_gguf(local)
+    if local.is_dir():
+        gguf_files = sorted(local.glob("*.gguf"))
+        if not (local / "config.json").exists() and len(gguf_files) == 1:
+            return convert_gguf(gguf_files[0])
+        return local
+    if local.exists():
+        raise ModelNotFoundError(f"{str(path)!r} is a file; pass a checkpoint folder or a .gguf file")
+    text = str(path)
+    if text.startswith((".", "/", "~")) or text.count("/") > 1 or os.sep != "/" and os.sep in text:
+        raise ModelNotFoundError(f"model path {text!r} does not exist")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(text, revision=revision,
+                                      allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.bin"]))
+    except Exception as e:  # offline, unknown repo, bad id: all mean the same to the caller
+        raise ModelNotFoundError(
+            f"{text!r} is not a local folder and could not be fetched from the Hugging Face Hub: {e}"
+        ) from e
+
+
+def load_config(folder: Path) -> PretrainedConfig:
+    if not (folder / "config.json").is_file():
+        raise ModelNotFoundError(f"{folder} has no config.json; is it an HF checkpoint folder?")
+    try:
+        return AutoConfig.from_pretrained(folder)
+    except (ValueError, KeyError) as e:
+        model_type = PretrainedConfig.get_config_dict(folder)[0].get("model_type")
+        raise UnsupportedModelError(f"cannot read config.json of model_type {model_type!r} in {folder}: {e}") from e
+
+
+def resolve_dtype(dtype: str | torch.dtype, config: PretrainedConfig) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":  # transformers 5's default: the checkpoint's own dtype
+        saved = getattr(config, "dtype", None)
+        if isinstance(saved, str):
+            saved = _DTYPES.get(saved)
+        return saved if isinstance(saved, torch.dtype) and saved.is_floating_point else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of 'auto', {', '.join(repr(d) for d in _DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def empty_model(config: PretrainedConfig) -> nn.Module:
+    """The model for `config` on the meta device: its structure and class attributes, no memory."""
+    with init_empty_weights():
+        return architecture_for(config).model_cls(config)
+
+
+def load_model(folder: Path, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
+    """Build the model of the checkpoint in `folder` and load this rank's share of its weights.
+
+    Under tensor parallelism the parallel layers size themselves from `energon_hf.parallel.state()`
+    and the loader reads only their shards.
+    """
+    config = load_config(folder)
+    architecture = architecture_for(config)
+    model = empty_model(config)
+    load_weights(model, architecture.weight_specs(config), CheckpointReader(folder), dtype, torch.device(device),
+                 base_prefix=getattr(architecture.model_cls, "base_prefix", ""))
+    return model.eval().requires_grad_(False)

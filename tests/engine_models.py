@@ -1,0 +1,55 @@
+"""Custom models for the engine tests. They live in an importable module because worker processes find a
+model factory by its module and name (as multiprocessing does)."""
+
+import os
+import time
+
+import torch
+from torch import nn
+
+from energon_hf import Linear1D_Col, Linear1D_Row
+
+HIDDEN = 16
+
+
+def full_weights() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return {"fc1.weight": torch.randn(4 * HIDDEN, HIDDEN, generator=gen) / HIDDEN**0.5,
+            "fc1.bias": torch.randn(4 * HIDDEN, generator=gen),
+            "fc2.weight": torch.randn(HIDDEN, 4 * HIDDEN, generator=gen) / (4 * HIDDEN) ** 0.5,
+            "fc2.bias": torch.randn(HIDDEN, generator=gen)}
+
+
+def unsplit_mlp(x: torch.Tensor) -> torch.Tensor:
+    w = full_weights()
+    return torch.nn.functional.gelu(x @ w["fc1.weight"].T + w["fc1.bias"]) @ w["fc2.weight"].T + w["fc2.bias"]
+
+
+class MLP(nn.Module):
+    """Col then Row; `mode` lets a test make every rank fail, or block, on purpose."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = Linear1D_Col(HIDDEN, 4 * HIDDEN, activation="gelu")
+        self.fc2 = Linear1D_Row(4 * HIDDEN, HIDDEN)
+
+    def forward(self, x: torch.Tensor, mode: str = "run") -> torch.Tensor | int:
+        if mode == "raise":
+            raise KeyError(f"mode {mode!r} asked for an error")
+        if mode == "pid":
+            return os.getpid()
+        if mode == "sleep":
+            time.sleep(60)
+        return self.fc2(self.fc1(x))
+
+
+def build_mlp() -> MLP:
+    model = MLP()
+    for name, tensor in full_weights().items():
+        module, param = name.split(".")
+        getattr(model, module).load_full_(param, tensor)
+    return model
+
+
+def build_broken() -> MLP:
+    raise RuntimeError("this factory cannot build its model")
