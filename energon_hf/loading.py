@@ -14,6 +14,7 @@ from energon_hf.converters import CheckpointReader, load_weights
 from energon_hf.converters.gguf import convert_gguf
 from energon_hf.errors import ModelNotFoundError, UnsupportedModelError
 from energon_hf.models import architecture_for
+from energon_hf.parallel import stage_layers, state
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
            "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
@@ -78,11 +79,17 @@ def load_model(folder: Path, dtype: torch.dtype, device: torch.device | str) -> 
     """Build the model of the checkpoint in `folder` and load this rank's share of its weights.
 
     Under tensor parallelism the parallel layers size themselves from `energon_hf.parallel.state()`
-    and the loader reads only their shards.
+    and the loader reads only their shards; under pipeline parallelism only this stage's parameters are
+    loaded (the others stay on the meta device).
     """
     config = load_config(folder)
     architecture = architecture_for(config)
     model = empty_model(config)
+    st = state()
+    wanted = None
+    if st.pp_size > 1:
+        layers = stage_layers(len(model.layer_list), st.pp_size, st.pp_rank)
+        wanted = model.stage_params(layers, st.is_first_stage, st.is_last_stage)
     load_weights(model, architecture.weight_specs(config), CheckpointReader(folder), dtype, torch.device(device),
-                 base_prefix=getattr(architecture.model_cls, "base_prefix", ""))
+                 base_prefix=getattr(architecture.model_cls, "base_prefix", ""), wanted=wanted)
     return model.eval().requires_grad_(False)

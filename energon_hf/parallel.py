@@ -134,3 +134,13 @@ class Shard:
                 shape[self.dim] = length - present
                 pieces.append(torch.zeros(shape, dtype=pieces[0].dtype if pieces else tensor.dtype))
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=self.dim)
+
+
+def stage_layers(num_layers: int, pp: int, pp_rank: int) -> range:
+    """The contiguous layers of stage `pp_rank`: an even split, the first stages taking one more when pp does
+    not divide the layer count (the last stage also runs the LM head)."""
+    if num_layers < pp:
+        raise ValueError(f"pp={pp} needs at least {pp} layers; the model has {num_layers}")
+    per_stage, extra = divmod(num_layers, pp)
+    start = pp_rank * per_stage + min(pp_rank, extra)
+    return range(start, start + per_stage + (pp_rank < extra))

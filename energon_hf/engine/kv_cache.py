@@ -13,23 +13,32 @@ import torch
 
 
 class KVCache:
-    """Per-layer K and V blocks: [num_layers, num_blocks, block_size, kv_heads, head_dim]."""
+    """Per-layer K and V blocks: [num_layers, num_blocks, block_size, kv_heads, head_dim].
+
+    A pipeline stage holds only its own layers: layer ids first_layer .. first_layer + num_layers - 1.
+    """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str):
+                 dtype: torch.dtype, device: torch.device | str, first_layer: int = 0):
         shape = (num_layers, num_blocks, block_size, kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.block_size = block_size
+        self.first_layer = first_layer
 
     @property
     def num_blocks(self) -> int:
         return self.k.shape[1]
 
+    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V blocks [num_blocks, block_size, kv_heads, head_dim] of model layer `layer`."""
+        return self.k[layer - self.first_layer], self.v[layer - self.first_layer]
+
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """Store the packed new tokens' K/V [T, kv_heads, head_dim] at their slots."""
-        self.k[layer].view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k)
-        self.v[layer].view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v)
+        keys, values = self.layer(layer)
+        keys.view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k)
+        values.view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v)
 
 
 class BlockAllocator:

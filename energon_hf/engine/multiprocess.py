@@ -26,7 +26,7 @@ from torch import nn
 from energon_hf.errors import EngineDeadError
 
 from .batch import PackedBatch
-from .worker import WorkerSpec, receive, send
+from .worker import EVERY_RANK_ANSWERS, WorkerSpec, receive, send
 
 STOP_GRACE_S = 5.0
 
@@ -124,6 +124,10 @@ class MultiProcessRunner:
         """A custom model's forward on every rank; returns the output rank's result."""
         return self.request("call", args, kwargs)
 
+    def rank_stats(self) -> list[dict[str, Any]]:
+        """Per rank: its tp/pp place, layers, loaded parameter bytes and peak RSS."""
+        return self.request("stats")
+
     # -- control ---------------------------------------------------------------------------------
     def request(self, op: str, *args: Any) -> Any:
         with self._lock:
@@ -134,7 +138,7 @@ class MultiProcessRunner:
             except (OSError, ValueError):
                 self._check_alive()
                 raise
-            return self._collect()
+            return self._collect(every_rank=op in EVERY_RANK_ANSWERS)
 
     def _check_alive(self) -> None:
         if self._dead is None:
@@ -156,11 +160,11 @@ class MultiProcessRunner:
         self._finalizer()
         raise EngineDeadError(self._dead)
 
-    def _collect(self) -> Any:
+    def _collect(self, every_rank: bool = False) -> Any:
         """Wait for every rank's answer to the current step; returns the output rank's result or raises
         the first error."""
         pending = {conn: rank for rank, conn in enumerate(self._conns)}
-        result, error = None, None
+        answers, error = {}, None
         while pending:
             for ready in wait(list(pending)):
                 try:
@@ -171,12 +175,14 @@ class MultiProcessRunner:
                 if status == "error" and error is None:
                     error = (rank, *payload)
                 elif status == "ok" and payload[0] is not None:
-                    result = payload[0]
+                    answers[rank] = payload[0]
         if error is not None:
             rank, exc, trace = error
             exc.add_note(f"(raised in worker rank {rank})\n{trace}")
             raise exc
-        return result
+        if every_rank:
+            return [answers.get(rank) for rank in range(self.world_size)]
+        return next(iter(answers.values()), None)
 
     def close(self) -> None:
         with self._lock:

@@ -10,12 +10,16 @@ from .kv_cache import KVCache
 
 
 class LocalRunner:
-    """The single-device runner; the multi-process engine offers the same `run` / `ensure_cache`."""
+    """The single-device runner; the multi-process engine offers the same `run` / `ensure_cache`.
 
-    def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype):
+    `layers` (a pipeline stage's layer range) limits the KV cache, and `run`, to those layers.
+    """
+
+    def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype, layers: range | None = None):
         self.model = model
         self.device = device
         self.dtype = dtype
+        self.layers = layers
         self.kv_cache: KVCache | None = None
 
     def ensure_cache(self, num_blocks: int, block_size: int) -> None:
@@ -23,16 +27,23 @@ class LocalRunner:
         cache = self.kv_cache
         if cache is not None and cache.num_blocks >= num_blocks and cache.block_size == block_size:
             return
-        layers, kv_heads, head_dim = self.model.kv_cache_layout()
+        num_layers, kv_heads, head_dim = self.model.kv_cache_layout()
+        layers = self.layers or range(num_layers)
         self.kv_cache = None  # free the old one before allocating
-        self.kv_cache = KVCache(layers, num_blocks, block_size, kv_heads, head_dim, self.dtype, self.device)
+        self.kv_cache = KVCache(len(layers), num_blocks, block_size, kv_heads, head_dim, self.dtype, self.device,
+                                first_layer=layers.start)
 
     def close(self) -> None:
         self.kv_cache = None
 
     @torch.inference_mode()
-    def run(self, batch: PackedBatch, use_cache: bool = False) -> dict[str, torch.Tensor]:
+    def run(self, batch: PackedBatch, use_cache: bool = False, hidden: torch.Tensor | None = None,
+            last: bool = True) -> dict[str, torch.Tensor] | torch.Tensor:
+        """The model's outputs; a pipeline stage starts from `hidden` (None on the first stage) and returns
+        its hidden states unless it is the `last`."""
         batch = batch.to(self.device)
         if use_cache:
             batch.attn.kv_cache = self.kv_cache
-        return self.model(batch)
+        if self.layers is None:
+            return self.model(batch)
+        return self.model(batch, hidden=hidden, layers=self.layers, last=last)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import resource
 import runpy
 import sys
 import threading
@@ -25,8 +26,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from energon_hf.parallel import init_parallel, state
+from energon_hf.parallel import init_parallel, stage_layers, state
 
+from .pipeline import PipelineStage
 from .runner import LocalRunner
 
 
@@ -88,20 +90,35 @@ class Worker:
         init_parallel(spec.tp, spec.pp, spec.rank, store, spec.backend,
                       timeout=timedelta(seconds=spec.collective_timeout_s))
         self.model = spec.build(self.device)
-        dtype = next(iter(self.model.parameters()), torch.empty(0)).dtype
-        self.runner = LocalRunner(self.model, self.device, dtype)
+        st = state()
+        dtype = next((p.dtype for p in self.model.parameters() if not p.is_meta), torch.float32)
+        layers = stage_layers(len(self.model.layer_list), st.pp_size, st.pp_rank) if st.pp_size > 1 else None
+        self.runner = LocalRunner(self.model, self.device, dtype, layers)
+        self.stage = PipelineStage(self.runner, self.model.config.hidden_size, dtype, self.device) if layers else None
 
     @property
     def is_output_rank(self) -> bool:
         st = state()
         return st.is_last_stage and st.tp_rank == 0
 
+    def stats(self) -> dict[str, Any]:
+        """What this rank holds: its place, layers, loaded parameter bytes and peak memory."""
+        st = state()
+        params = sum(p.numel() * p.element_size() for p in self.model.parameters() if not p.is_meta)
+        peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux reports KiB
+        layers = self.runner.layers
+        return {"rank": st.rank, "tp_rank": st.tp_rank, "pp_rank": st.pp_rank, "pid": os.getpid(),
+                "layers": None if layers is None else [layers.start, layers.stop], "param_bytes": params,
+                "peak_rss_bytes": peak_kib * 1024}
+
     @torch.inference_mode()
     def handle(self, op: str, args: tuple) -> Any:
         if op == "run":
-            return self.runner.run(*args)
+            return self.stage.run(*args) if self.stage else self.runner.run(*args)
         if op == "ensure_cache":
             return self.runner.ensure_cache(*args)
+        if op == "stats":
+            return self.stats()
         if op == "call":  # a custom model: the user's forward on plain arguments
             inputs, kwargs = args
             return self.model(*(t.to(self.device) if isinstance(t, torch.Tensor) else t for t in inputs), **kwargs)
@@ -125,6 +142,9 @@ def _read_spec(conn: Connection) -> WorkerSpec:
         return pickle.loads(payload)
 
 
+EVERY_RANK_ANSWERS = ("stats",)  # operations whose result the driver wants from every rank, not one
+
+
 def worker_main(conn: Connection, lifeline: Connection) -> None:
     threading.Thread(target=_exit_when_driver_dies, args=(lifeline,), daemon=True).start()
     try:
@@ -144,7 +164,8 @@ def worker_main(conn: Connection, lifeline: Connection) -> None:
             break
         try:
             result = worker.handle(op, args)
-            send(conn, ("ok", _to_cpu(result) if worker.is_output_rank else None))
+            answers = worker.is_output_rank or op in EVERY_RANK_ANSWERS
+            send(conn, ("ok", _to_cpu(result) if answers else None))
         except Exception as e:  # noqa: BLE001
             send(conn, ("error", portable(e), traceback.format_exc()))
     if dist.is_initialized():

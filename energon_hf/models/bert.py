@@ -17,6 +17,8 @@ from energon_hf.nn.lm_head import rows_for_logits, vocab_logits
 from energon_hf.nn.norm import LayerNorm
 from energon_hf.parallel import divide
 
+from .staged import StagedModel
+
 
 class BertLayer(nn.Module):
     """Post-LayerNorm encoder layer with q, k, v fused into one projection."""
@@ -42,11 +44,12 @@ class BertLayer(nn.Module):
         return self.out_norm(x + self.out(self.fc(x)))
 
 
-class BertModel(nn.Module):
+class BertModel(StagedModel):
     hf_output = BaseModelOutputWithPoolingAndCrossAttentions
     token_outputs = ("last_hidden_state",)
     learned_positions = True  # position ids past max_position_embeddings do not exist
     base_prefix = "bert."
+    head_modules = ("pooler",)
 
     def __init__(self, config: BertConfig, add_pooling_layer: bool = True):
         super().__init__()
@@ -59,34 +62,32 @@ class BertModel(nn.Module):
         self.layers = nn.ModuleList(BertLayer(config, i) for i in range(config.num_hidden_layers))
         self.pooler = Linear(hidden, hidden) if add_pooling_layer else None
 
-    def hidden_states(self, batch: PackedBatch) -> torch.Tensor:
+    def embed(self, batch: PackedBatch) -> torch.Tensor:
         token_types = batch.token_type_ids
         if token_types is None:
             token_types = torch.zeros_like(batch.input_ids)
         x = self.word_embeddings(batch.input_ids) + self.token_type_embeddings(token_types)
-        x = self.embed_norm(x + self.position_embeddings(batch.positions))
-        for layer in self.layers:
-            x = layer(x, batch)
-        return x
+        return self.embed_norm(x + self.position_embeddings(batch.positions))
 
     def pool(self, hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
         """tanh(dense(first token)) per sequence: the first real token, i.e. [CLS]."""
         first = hidden.index_select(0, batch.attn.cu_seqlens[:-1].long())
         return torch.tanh(self.pooler(first))
 
-    def forward(self, batch: PackedBatch) -> dict[str, torch.Tensor]:
-        hidden = self.hidden_states(batch)
-        out = {"last_hidden_state": hidden}
+    def finish(self, x: torch.Tensor, batch: PackedBatch) -> dict[str, torch.Tensor]:
+        out = {"last_hidden_state": x}
         if self.pooler is not None:
-            out["pooler_output"] = self.pool(hidden, batch)
+            out["pooler_output"] = self.pool(x, batch)
         return out
 
 
-class BertForMaskedLM(nn.Module):
+class BertForMaskedLM(StagedModel):
     hf_output = MaskedLMOutput
     token_outputs = ("logits",)
     learned_positions = True  # position ids past max_position_embeddings do not exist
     base_prefix = "bert."
+    layers_path = "bert.layers"
+    head_modules = ("transform", "transform_norm", "decoder", "decoder_bias")
 
     def __init__(self, config: BertConfig):
         super().__init__()
@@ -99,17 +100,24 @@ class BertForMaskedLM(nn.Module):
         self.decoder = None if config.tie_word_embeddings else VocabParallelEmbedding(config.vocab_size, hidden)
         self.decoder_bias = nn.Parameter(torch.zeros(config.vocab_size))
 
-    def forward(self, batch: PackedBatch) -> dict[str, torch.Tensor]:
-        hidden = rows_for_logits(self.bert.hidden_states(batch), batch)
-        hidden = self.transform_norm(self.transform(hidden))
+    def embed(self, batch: PackedBatch) -> torch.Tensor:
+        return self.bert.embed(batch)
+
+    def finish(self, x: torch.Tensor, batch: PackedBatch) -> dict[str, torch.Tensor]:
+        hidden = self.transform_norm(self.transform(rows_for_logits(x, batch)))
         return {"logits": vocab_logits(hidden, self.bert.word_embeddings, self.decoder, self.decoder_bias)}
 
+    def tied_embedding(self) -> str | None:
+        return "bert.word_embeddings" if self.decoder is None else None
 
-class BertForSequenceClassification(nn.Module):
+
+class BertForSequenceClassification(StagedModel):
     hf_output = SequenceClassifierOutput
     token_outputs = ()
     learned_positions = True  # position ids past max_position_embeddings do not exist
     base_prefix = "bert."
+    layers_path = "bert.layers"
+    head_modules = ("bert.pooler", "classifier")
 
     def __init__(self, config: BertConfig):
         super().__init__()
@@ -117,6 +125,8 @@ class BertForSequenceClassification(nn.Module):
         self.bert = BertModel(config, add_pooling_layer=True)
         self.classifier = Linear(config.hidden_size, config.num_labels)
 
-    def forward(self, batch: PackedBatch) -> dict[str, torch.Tensor]:
-        hidden = self.bert.hidden_states(batch)
-        return {"logits": self.classifier(self.bert.pool(hidden, batch))}
+    def embed(self, batch: PackedBatch) -> torch.Tensor:
+        return self.bert.embed(batch)
+
+    def finish(self, x: torch.Tensor, batch: PackedBatch) -> dict[str, torch.Tensor]:
+        return {"logits": self.classifier(self.bert.pool(x, batch))}

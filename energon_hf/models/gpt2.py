@@ -13,6 +13,8 @@ from energon_hf.nn.lm_head import rows_for_logits, vocab_logits
 from energon_hf.nn.norm import LayerNorm
 from energon_hf.parallel import divide
 
+from .staged import StagedModel
+
 
 class GPT2Attention(nn.Module):
     def __init__(self, config: GPT2Config, layer_idx: int):
@@ -49,11 +51,13 @@ class GPT2Block(nn.Module):
         return x + self.proj(self.fc(self.ln_2(x)))
 
 
-class GPT2Model(nn.Module):
+class GPT2Model(StagedModel):
     hf_output = BaseModelOutputWithPastAndCrossAttentions
     token_outputs = ("last_hidden_state",)
     learned_positions = True  # position ids past max_position_embeddings do not exist
     base_prefix = "transformer."  # HF checkpoints hold the body with or without this prefix
+    layers_path = "h"
+    head_modules = ("ln_f",)
 
     def __init__(self, config: GPT2Config):
         super().__init__()
@@ -65,23 +69,23 @@ class GPT2Model(nn.Module):
         self.h = nn.ModuleList(GPT2Block(config, i) for i in range(config.num_hidden_layers))
         self.ln_f = LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
 
-    def hidden_states(self, batch: PackedBatch) -> torch.Tensor:
+    def embed(self, batch: PackedBatch) -> torch.Tensor:
         x = self.wte(batch.input_ids) + self.wpe(batch.positions)
         if batch.token_type_ids is not None:  # HF GPT-2 embeds token types with the word embeddings
             x = x + self.wte(batch.token_type_ids)
-        for block in self.h:
-            x = block(x, batch)
-        return self.ln_f(x)
+        return x
 
-    def forward(self, batch: PackedBatch) -> dict[str, torch.Tensor]:
-        return {"last_hidden_state": self.hidden_states(batch)}
+    def finish(self, x: torch.Tensor, batch: PackedBatch) -> dict[str, torch.Tensor]:
+        return {"last_hidden_state": self.ln_f(x)}
 
 
-class GPT2LMHeadModel(nn.Module):
+class GPT2LMHeadModel(StagedModel):
     hf_output = CausalLMOutputWithCrossAttentions
     token_outputs = ("logits",)
     learned_positions = True  # position ids past max_position_embeddings do not exist
     base_prefix = "transformer."
+    layers_path = "transformer.h"
+    head_modules = ("transformer.ln_f", "lm_head")
 
     def __init__(self, config: GPT2Config):
         super().__init__()
@@ -90,9 +94,15 @@ class GPT2LMHeadModel(nn.Module):
         self.lm_head = None if config.tie_word_embeddings else VocabParallelEmbedding(config.vocab_size,
                                                                                           config.hidden_size)
 
-    def forward(self, batch: PackedBatch) -> dict[str, torch.Tensor]:
-        hidden = rows_for_logits(self.transformer.hidden_states(batch), batch)
+    def embed(self, batch: PackedBatch) -> torch.Tensor:
+        return self.transformer.embed(batch)
+
+    def finish(self, x: torch.Tensor, batch: PackedBatch) -> dict[str, torch.Tensor]:
+        hidden = self.transformer.ln_f(rows_for_logits(x, batch))
         return {"logits": vocab_logits(hidden, self.transformer.wte, self.lm_head)}
+
+    def tied_embedding(self) -> str | None:
+        return "transformer.wte" if self.lm_head is None else None
 
     def kv_cache_layout(self) -> tuple[int, int, int]:
         """(layers, kv heads, head dim) of the KV cache this model fills."""

@@ -17,6 +17,8 @@ from energon_hf.nn.norm import RMSNorm
 from energon_hf.nn.rotary import RotaryEmbedding, apply_rotary
 from energon_hf.parallel import divide
 
+from .staged import StagedModel
+
 
 def head_dim(config: LlamaConfig) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -37,7 +39,7 @@ class LlamaAttention(nn.Module):
         self.split = (self.num_heads * self.head_dim,) + (self.num_kv_heads * self.head_dim,) * 2
         self.o_proj = Linear1D_Row(q_size, config.hidden_size, bias=config.attention_bias)
 
-    def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], batch: PackedBatch) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: PackedBatch, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         q, k, v = self.qkv(x).split(self.split, dim=-1)
         q = apply_rotary(q.view(-1, self.num_heads, self.head_dim), *cos_sin)
         k = apply_rotary(k.view(-1, self.num_kv_heads, self.head_dim), *cos_sin)
@@ -74,12 +76,14 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LlamaMLP(config)
 
-    def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], batch: PackedBatch) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos_sin, batch)
+    def forward(self, x: torch.Tensor, batch: PackedBatch, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), batch, cos_sin)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class LlamaModel(nn.Module):
+    """The body's parameters under HF's `model.` names; LlamaForCausalLM runs them stage by stage."""
+
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
@@ -87,18 +91,13 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config, head_dim(config))
 
-    def forward(self, batch: PackedBatch) -> torch.Tensor:
-        x = self.embed_tokens(batch.input_ids)
-        cos_sin = self.rotary.cos_sin(batch.positions, x.dtype)  # once per step, shared by every layer
-        for layer in self.layers:
-            x = layer(x, cos_sin, batch)
-        return self.norm(x)
 
-
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(StagedModel):
     hf_output = CausalLMOutputWithPast
     token_outputs = ("logits",)
     base_prefix = "model."
+    layers_path = "model.layers"
+    head_modules = ("model.norm", "lm_head")
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -107,9 +106,18 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = None if config.tie_word_embeddings else VocabParallelEmbedding(config.vocab_size,
                                                                                           config.hidden_size)
 
-    def forward(self, batch: PackedBatch) -> dict[str, torch.Tensor]:
-        hidden = rows_for_logits(self.model(batch), batch)
+    def embed(self, batch: PackedBatch) -> torch.Tensor:
+        return self.model.embed_tokens(batch.input_ids)
+
+    def layer_args(self, batch: PackedBatch, x: torch.Tensor) -> tuple:
+        return (self.model.rotary.cos_sin(batch.positions, x.dtype),)  # once per step, shared by every layer
+
+    def finish(self, x: torch.Tensor, batch: PackedBatch) -> dict[str, torch.Tensor]:
+        hidden = self.model.norm(rows_for_logits(x, batch))
         return {"logits": vocab_logits(hidden, self.model.embed_tokens, self.lm_head)}
+
+    def tied_embedding(self) -> str | None:
+        return "model.embed_tokens" if self.lm_head is None else None
 
     def kv_cache_layout(self) -> tuple[int, int, int]:
         """(layers, kv heads, head dim) of the KV cache this model fills."""

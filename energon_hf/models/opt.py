@@ -14,6 +14,8 @@ from energon_hf.nn.lm_head import rows_for_logits, vocab_logits
 from energon_hf.nn.norm import LayerNorm
 from energon_hf.parallel import divide
 
+from .staged import StagedModel
+
 POSITION_OFFSET = 2  # OPT's position table starts with two unused rows
 
 
@@ -44,12 +46,13 @@ class OPTDecoderLayer(nn.Module):
         return x if self.pre_norm else self.final_layer_norm(x)
 
 
-class OPTForCausalLM(nn.Module):
+class OPTForCausalLM(StagedModel):
     hf_output = CausalLMOutputWithPast
     token_outputs = ("logits",)
     base_prefix = "model."
     learned_positions = True  # position ids past max_position_embeddings do not exist
     positions_count_real_tokens = True  # HF's OPT numbers positions by the mask's cumsum, even in forward
+    head_modules = ("final_layer_norm", "project_out", "lm_head")
 
     def __init__(self, config: OPTConfig):
         super().__init__()
@@ -65,13 +68,16 @@ class OPTForCausalLM(nn.Module):
         self.project_out = Linear(hidden, width, bias=False) if width != hidden else None
         self.lm_head = None if config.tie_word_embeddings else VocabParallelEmbedding(config.vocab_size, width)
 
-    def forward(self, batch: PackedBatch) -> dict[str, torch.Tensor]:
+    def embed(self, batch: PackedBatch) -> torch.Tensor:
         x = self.embed_tokens(batch.input_ids)
         if self.project_in is not None:
             x = self.project_in(x)
-        x = x + self.embed_positions(batch.positions + POSITION_OFFSET)
-        for layer in self.layers:
-            x = layer(x, batch)
+        return x + self.embed_positions(batch.positions + POSITION_OFFSET)
+
+    def tied_embedding(self) -> str | None:
+        return "embed_tokens" if self.lm_head is None else None
+
+    def finish(self, x: torch.Tensor, batch: PackedBatch) -> dict[str, torch.Tensor]:
         x = rows_for_logits(x, batch)
         if self.final_layer_norm is not None:
             x = self.final_layer_norm(x)

@@ -12,6 +12,8 @@ from energon_hf.nn import Linear, Linear1D_Col, Linear1D_Row, attend
 from energon_hf.nn.norm import LayerNorm
 from energon_hf.parallel import divide
 
+from .staged import StagedModel
+
 
 class ViTLayer(nn.Module):
     def __init__(self, config: ViTConfig, layer_idx: int):
@@ -34,11 +36,12 @@ class ViTLayer(nn.Module):
         return x + self.out(self.fc(self.norm_after(x)))
 
 
-class ViTModel(nn.Module):
+class ViTModel(StagedModel):
     hf_output = BaseModelOutputWithPooling
     token_outputs = ("last_hidden_state",)
     base_prefix = "vit."
     main_input = "pixel_values"
+    head_modules = ("norm", "pooler")
 
     def __init__(self, config: ViTConfig, add_pooling_layer: bool = True):
         super().__init__()
@@ -57,31 +60,30 @@ class ViTModel(nn.Module):
     def tokens_per_image(self) -> int:
         return self.num_patches + 1
 
-    def hidden_states(self, batch: PackedBatch) -> torch.Tensor:
+    def embed(self, batch: PackedBatch) -> torch.Tensor:
         """Every image gives the same number of tokens, so packing is a reshape: [B*(P+1), H]."""
         patches = self.patch_embed(batch.pixel_values.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)
         cls = self.cls_token.expand(patches.shape[0], -1, -1)
-        x = (torch.cat((cls, patches), dim=1) + self.position_embeddings).flatten(0, 1)
-        for layer in self.layers:
-            x = layer(x, batch)
-        return self.norm(x)
+        return (torch.cat((cls, patches), dim=1) + self.position_embeddings).flatten(0, 1)
 
     def first_tokens(self, hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
         return hidden.index_select(0, batch.attn.cu_seqlens[:-1].long())
 
-    def forward(self, batch: PackedBatch) -> dict[str, torch.Tensor]:
-        hidden = self.hidden_states(batch)
+    def finish(self, x: torch.Tensor, batch: PackedBatch) -> dict[str, torch.Tensor]:
+        hidden = self.norm(x)
         out = {"last_hidden_state": hidden}
         if self.pooler is not None:
             out["pooler_output"] = self.pooler(self.first_tokens(hidden, batch))
         return out
 
 
-class ViTForImageClassification(nn.Module):
+class ViTForImageClassification(StagedModel):
     hf_output = ImageClassifierOutput
     token_outputs = ()
     base_prefix = "vit."
     main_input = "pixel_values"
+    layers_path = "vit.layers"
+    head_modules = ("vit.norm", "classifier")
 
     def __init__(self, config: ViTConfig):
         super().__init__()
@@ -93,6 +95,8 @@ class ViTForImageClassification(nn.Module):
     def tokens_per_image(self) -> int:
         return self.vit.tokens_per_image
 
-    def forward(self, batch: PackedBatch) -> dict[str, torch.Tensor]:
-        hidden = self.vit.hidden_states(batch)
-        return {"logits": self.classifier(self.vit.first_tokens(hidden, batch))}
+    def embed(self, batch: PackedBatch) -> torch.Tensor:
+        return self.vit.embed(batch)
+
+    def finish(self, x: torch.Tensor, batch: PackedBatch) -> dict[str, torch.Tensor]:
+        return {"logits": self.classifier(self.vit.first_tokens(self.vit.norm(x), batch))}

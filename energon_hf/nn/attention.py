@@ -15,6 +15,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn: AttentionMet
     if cache is not None:
         cache.write(layer_idx, k, v, attn.slot_mapping)
         if not attn.is_prefill:
-            return kernels.paged_attention(q, cache.k[layer_idx], cache.v[layer_idx], attn.block_tables,
-                                           attn.context_lens, attn.cu_seqlens, attn.max_seqlen, scale)
+            keys, values = cache.layer(layer_idx)
+            return kernels.paged_attention(q, keys, values, attn.block_tables, attn.context_lens, attn.cu_seqlens,
+                                           attn.max_seqlen, scale)
     return kernels.varlen_attention(q, k, v, attn.cu_seqlens, attn.max_seqlen, causal, scale)

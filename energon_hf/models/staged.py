@@ -1,0 +1,63 @@
+"""Every model is embed -> layers -> finish: the cut points of pipeline parallelism.
+
+A pipeline stage runs a contiguous range of layers; the first stage also embeds, the last also finishes
+(final norm and head). `stage_params` says which parameters a stage needs, so the loader reads only those
+(the rest stay on the meta device and cost nothing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from energon_hf.engine.batch import PackedBatch
+
+
+class StagedModel(nn.Module):
+    layers_path: str = "layers"  # the nn.ModuleList of transformer layers
+    head_modules: tuple[str, ...] = ()  # modules that `finish` uses; all others but the layers are `embed`'s
+
+    def embed(self, batch: PackedBatch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def layer_args(self, batch: PackedBatch, x: torch.Tensor) -> tuple:
+        """Extra arguments every layer takes after (x, batch), computed once per step (Llama: cos/sin)."""
+        return ()
+
+    def finish(self, x: torch.Tensor, batch: PackedBatch) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def tied_embedding(self) -> str | None:
+        """The embedding module a tied head reads (the last stage needs it too)."""
+        return None
+
+    @property
+    def layer_list(self) -> nn.ModuleList:
+        return self.get_submodule(self.layers_path)
+
+    def forward(self, batch: PackedBatch, hidden: torch.Tensor | None = None, layers: range | None = None,
+                last: bool = True) -> dict[str, torch.Tensor] | torch.Tensor:
+        """The whole model, or one stage: start from `hidden` (None: embed), run `layers`, finish if `last`."""
+        x = self.embed(batch) if hidden is None else hidden
+        extra = self.layer_args(batch, x)
+        blocks = self.layer_list
+        for i in range(len(blocks)) if layers is None else layers:
+            x = blocks[i](x, batch, *extra)
+        return self.finish(x, batch) if last else x
+
+    def stage_params(self, layers: range, first: bool, last: bool) -> Callable[[str], bool]:
+        prefix, tied = self.layers_path + ".", self.tied_embedding()
+
+        def under(name: str, module: str | None) -> bool:
+            return module is not None and (name == module or name.startswith(module + "."))
+
+        def wanted(name: str) -> bool:
+            if name.startswith(prefix):
+                return int(name[len(prefix):].split(".", 1)[0]) in layers
+            if any(under(name, m) for m in self.head_modules):
+                return last
+            return first or (last and under(name, tied))
+
+        return wanted

@@ -1,0 +1,97 @@
+"""Pipeline parallelism (and tp x pp) on real worker processes against transformers on the same weights:
+uneven stages, micro-batches, tied heads on the last stage, and generation through each stage's KV cache."""
+
+import pytest
+import torch
+import transformers
+from helpers import MIXED_LENGTHS, assert_forward_matches, assert_greedy_matches, padded_batch
+from test_parity_llama import LLAMA_TINY
+from test_parity_opt import OPT_TINY
+from test_parity_vit import VIT_TINY
+
+from energon_hf import EnergonModel
+from energon_hf.engine.batch import AttentionMetadata, PackedBatch
+from energon_hf.engine.pipeline import split_batch
+from energon_hf.parallel import stage_layers
+
+LENGTHS = MIXED_LENGTHS[:5]
+
+
+def _engine(path, tp=1, pp=2):
+    return EnergonModel.from_pretrained(path, tp=tp, pp=pp, threads_per_rank=1)
+
+
+def _saved(tmp_path_factory, model_cls, config):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp(model_cls.__name__)
+    model_cls(config).save_pretrained(path)
+    return path, model_cls.from_pretrained(path).eval()
+
+
+def test_stage_layers_are_contiguous_and_cover_every_layer():
+    assert [stage_layers(7, 3, r) for r in range(3)] == [range(0, 3), range(3, 5), range(5, 7)]
+    with pytest.raises(ValueError, match="pp=4 needs at least 4 layers"):
+        stage_layers(3, 4, 0)
+
+
+def test_split_batch_keeps_every_sequence_once():
+    lengths = torch.tensor([5, 1, 9, 3, 2])
+    cu = torch.cat([torch.zeros(1, dtype=torch.int32), lengths.cumsum(0).int()])
+    total = int(cu[-1])
+    batch = PackedBatch(torch.arange(total), torch.arange(total), AttentionMetadata(cu, 9),
+                        logits_indices=cu[1:].long() - 1)
+    parts = split_batch(batch, 2)
+    assert len(parts) == 2
+    assert torch.equal(torch.cat([p.input_ids for p in parts]), batch.input_ids)
+    assert torch.equal(torch.cat([p.logits_indices + int(p.input_ids[0]) for p in parts]), batch.logits_indices)
+    assert sum(p.attn.num_seqs for p in parts) == 5
+    assert len(split_batch(batch, 8)) <= 5
+
+
+@pytest.mark.parametrize("tp,pp", [(1, 2), (2, 2)])
+def test_gpt2_uneven_stages(tiny, tp, pp):
+    """3 layers over 2 stages (2 + 1); the tied head on the last stage reads its own copy of wte."""
+    path, hf = tiny.make("GPT2LMHeadModel", n_layer=3), tiny.hf("GPT2LMHeadModel", n_layer=3)
+    with _engine(path, tp, pp) as ours:
+        stats = ours.runner.rank_stats()
+        assert [s["layers"] for s in stats] == [[0, 2]] * tp + [[2, 3]] * tp
+        ids, mask = padded_batch(LENGTHS, 128, "left")
+        assert_forward_matches(ours, hf, ids, mask)
+        assert_greedy_matches(ours, hf, ids, mask, max_new_tokens=12)
+    full = sum(p.numel() * 4 for p in hf.parameters())
+    assert max(s["param_bytes"] for s in stats) < full / tp  # no rank holds the whole model
+
+
+@pytest.mark.parametrize("tp,pp", [(1, 2), (2, 2)])
+def test_llama(tmp_path_factory, tp, pp):
+    path, hf = _saved(tmp_path_factory, transformers.LlamaForCausalLM, transformers.LlamaConfig(**LLAMA_TINY))
+    with _engine(path, tp, pp) as ours:
+        ids, mask = padded_batch(LENGTHS, 128, "left")
+        assert_forward_matches(ours, hf, ids, mask)
+        assert_greedy_matches(ours, hf, ids, mask, max_new_tokens=12)
+
+
+@pytest.mark.parametrize("tp,pp", [(1, 2), (2, 2)])
+def test_bert_masked_lm(tiny, tp, pp):
+    with _engine(tiny.make("BertForMaskedLM"), tp, pp) as ours:
+        ids, mask = padded_batch(LENGTHS, 100, "right")
+        assert_forward_matches(ours, tiny.hf("BertForMaskedLM"), ids, mask)
+
+
+def test_opt(tmp_path_factory):
+    path, hf = _saved(tmp_path_factory, transformers.OPTForCausalLM, transformers.OPTConfig(**OPT_TINY))
+    with _engine(path) as ours:
+        ids, mask = padded_batch(LENGTHS, OPT_TINY["vocab_size"], "left")
+        assert_forward_matches(ours, hf, ids, mask)
+        assert_greedy_matches(ours, hf, ids, mask, max_new_tokens=12)
+
+
+def test_vit_model(tmp_path_factory):
+    path, hf = _saved(tmp_path_factory, transformers.ViTModel, transformers.ViTConfig(**VIT_TINY))
+    pixels = torch.randn(3, 3, VIT_TINY["image_size"], VIT_TINY["image_size"])
+    with _engine(path) as ours:
+        got = ours(pixel_values=pixels)
+    with torch.no_grad():
+        expected = hf(pixel_values=pixels)
+    assert (got.last_hidden_state - expected.last_hidden_state).abs().max() <= 1e-4
+    assert (got.pooler_output - expected.pooler_output).abs().max() <= 1e-4
