@@ -12,7 +12,8 @@ from transformers import AutoConfig, PretrainedConfig
 
 from energon_hf.converters import CheckpointReader, load_weights
 from energon_hf.converters.gguf import convert_gguf
-from energon_hf.errors import ModelNotFoundError, UnsupportedModelError
+from energon_hf.converters.sharded import load_rank, read_manifest
+from energon_hf.errors import CheckpointError, ModelNotFoundError, UnsupportedModelError
 from energon_hf.models import architecture_for
 from energon_hf.parallel import stage_layers, state
 
@@ -56,6 +57,19 @@ def load_config(folder: Path) -> PretrainedConfig:
         raise UnsupportedModelError(f"cannot read config.json of model_type {model_type!r} in {folder}: {e}") from e
 
 
+def resolve_parallel(folder: Path, tp: int | None, pp: int | None) -> tuple[int, int]:
+    """tp and pp to run with: as asked (default 1), or a pre-sharded folder's own, which must agree."""
+    manifest = read_manifest(folder)
+    if manifest is None:
+        return tp or 1, pp or 1
+    want = (tp or manifest["tp"], pp or manifest["pp"])
+    if want != (manifest["tp"], manifest["pp"]):
+        raise CheckpointError(f"{folder} was converted for tp={manifest['tp']}, pp={manifest['pp']}; "
+                              f"load it with those, or convert the original checkpoint again for tp={want[0]}, "
+                              f"pp={want[1]}")
+    return want
+
+
 def resolve_dtype(dtype: str | torch.dtype, config: PretrainedConfig) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -90,6 +104,10 @@ def load_model(folder: Path, dtype: torch.dtype, device: torch.device | str) -> 
     if st.pp_size > 1:
         layers = stage_layers(len(model.layer_list), st.pp_size, st.pp_rank)
         wanted = model.stage_params(layers, st.is_first_stage, st.is_last_stage)
-    load_weights(model, architecture.weight_specs(config), CheckpointReader(folder), dtype, torch.device(device),
-                 base_prefix=getattr(architecture.model_cls, "base_prefix", ""), wanted=wanted)
+    manifest = read_manifest(folder)
+    if manifest is not None:  # pre-sharded by energon_hf.convert: this rank's own file
+        load_rank(model, folder, manifest, st.rank, dtype, torch.device(device), wanted)
+    else:
+        load_weights(model, architecture.weight_specs(config), CheckpointReader(folder), dtype, torch.device(device),
+                     base_prefix=getattr(architecture.model_cls, "base_prefix", ""), wanted=wanted)
     return model.eval().requires_grad_(False)

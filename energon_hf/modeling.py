@@ -19,7 +19,14 @@ from energon_hf.engine.multiprocess import MultiProcessRunner
 from energon_hf.engine.params import GenerationParams
 from energon_hf.engine.runner import LocalRunner
 from energon_hf.engine.sampler import Sampler
-from energon_hf.loading import empty_model, load_config, load_model, resolve_dtype, resolve_model_path
+from energon_hf.loading import (
+    empty_model,
+    load_config,
+    load_model,
+    resolve_dtype,
+    resolve_model_path,
+    resolve_parallel,
+)
 from energon_hf.models import Architecture, architecture_for
 
 # Arguments of an HF forward that ask for something this inference engine does not compute.
@@ -51,11 +58,13 @@ class EnergonModel:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype: str | torch.dtype = "auto",
-                        device: str | torch.device = "cpu", tp: int = 1, pp: int = 1,
+                        device: str | torch.device = "cpu", tp: int | None = None, pp: int | None = None,
                         revision: str | None = None, threads_per_rank: int | None = None) -> EnergonModel:
-        """Load an HF checkpoint. tp * pp > 1 starts that many worker processes (this process drives
-        them), each loading only its share of the weights; `threads_per_rank` defaults to cores / ranks."""
+        """Load an HF checkpoint, or a folder pre-sharded by `python -m energon_hf.convert` (its tp and pp
+        are the default then). tp * pp > 1 starts that many worker processes (this process drives them),
+        each loading only its share of the weights; `threads_per_rank` defaults to cores / ranks."""
         folder = resolve_model_path(path, revision)
+        tp, pp = resolve_parallel(folder, tp, pp)
         config = load_config(folder)
         architecture = architecture_for(config)
         torch_dtype = resolve_dtype(dtype, config)

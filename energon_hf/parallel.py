@@ -9,6 +9,8 @@ holds whole stages when tp divides the GPUs per node, keeping the heavy TP traff
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -70,6 +72,18 @@ def init_parallel(tp: int, pp: int, rank: int, store: dist.Store, backend: str,
             pp_group = group
     _state = ParallelState(tp, tp_rank, pp, pp_rank, tp_group, pp_group)
     return _state
+
+
+@contextmanager
+def placed_as(tp: int, tp_rank: int, pp: int = 1, pp_rank: int = 0) -> Iterator[ParallelState]:
+    """Build models as rank (tp_rank, pp_rank) of a tp x pp grid would, without process groups: the
+    converter uses it to write every rank's shards from one process."""
+    global _state
+    saved, _state = _state, ParallelState(tp, tp_rank, pp, pp_rank)
+    try:
+        yield _state
+    finally:
+        _state = saved
 
 
 def divide(total: int, what: str) -> int:

@@ -8,20 +8,21 @@ import torch
 from torch import nn
 
 from energon_hf import Linear1D_Col, Linear1D_Row
+from energon_hf.parallel import state
 
 HIDDEN = 16
 
 
-def full_weights() -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(0)
+def full_weights(seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
     return {"fc1.weight": torch.randn(4 * HIDDEN, HIDDEN, generator=gen) / HIDDEN**0.5,
             "fc1.bias": torch.randn(4 * HIDDEN, generator=gen),
             "fc2.weight": torch.randn(HIDDEN, 4 * HIDDEN, generator=gen) / (4 * HIDDEN) ** 0.5,
             "fc2.bias": torch.randn(HIDDEN, generator=gen)}
 
 
-def unsplit_mlp(x: torch.Tensor) -> torch.Tensor:
-    w = full_weights()
+def unsplit_mlp(x: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    w = full_weights(seed)
     return torch.nn.functional.gelu(x @ w["fc1.weight"].T + w["fc1.bias"]) @ w["fc2.weight"].T + w["fc2.bias"]
 
 
@@ -43,9 +44,9 @@ class MLP(nn.Module):
         return self.fc2(self.fc1(x))
 
 
-def build_mlp() -> MLP:
+def build_mlp(seed: int = 0) -> MLP:
     model = MLP()
-    for name, tensor in full_weights().items():
+    for name, tensor in full_weights(seed).items():
         module, param = name.split(".")
         getattr(model, module).load_full_(param, tensor)
     return model
@@ -53,3 +54,8 @@ def build_mlp() -> MLP:
 
 def build_broken() -> MLP:
     raise RuntimeError("this factory cannot build its model")
+
+
+def build_stage() -> MLP:
+    """Pipeline stage s of a custom model: the MLP with seed s (the whole model is mlp_1(mlp_0(x)))."""
+    return build_mlp(seed=state().pp_rank)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_models import HIDDEN, build_broken, build_mlp, unsplit_mlp
+from engine_models import HIDDEN, build_broken, build_mlp, build_stage, unsplit_mlp
 
 from energon_hf import EngineDeadError, launch
 
@@ -46,6 +46,14 @@ def mlp():
 def test_col_row_mlp_gives_the_unsplit_output(mlp):
     x = torch.randn(5, HIDDEN)
     assert (mlp(x) - unsplit_mlp(x)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_custom_pipeline_stages(tp):
+    """pp=2: each rank builds its stage; the first gets the caller's input, the second the first's output."""
+    with launch(build_stage, tp=tp, pp=2, threads_per_rank=1) as model:
+        x = torch.randn(4, HIDDEN)
+        assert (model(x) - unsplit_mlp(unsplit_mlp(x, seed=0), seed=1)).abs().max() < 1e-5
 
 
 def test_worker_exception_reaches_the_caller_and_the_engine_stays_usable(mlp):

@@ -42,11 +42,13 @@ def launch(model_factory: Callable[[], nn.Module], tp: int = 1, pp: int = 1, dev
     """Start tp*pp worker ranks; each calls `model_factory()` after joining the process groups, so the
     parallel layers it builds take their share (`energon_hf.parallel.state()` tells a factory its rank).
 
+    With pp > 1 the factory builds its rank's pipeline stage (`state().pp_rank`): the first stage is called
+    with the caller's arguments, each later stage with the previous stage's output tensor, and the last
+    stage's output is returned.
+
     `model_factory` must be picklable: a module-level function (or a functools.partial of one). If it is
     defined in the script you run, guard the script with `if __name__ == "__main__":`, as for
     multiprocessing: the workers import it to find the factory.
     """
-    if pp != 1:
-        raise NotImplementedError("custom models run with tensor parallelism only (pp=1) for now")
     return LaunchedModel(MultiProcessRunner(partial(_build, model_factory), tp, pp, device,
                                             threads_per_rank=threads_per_rank))

@@ -47,6 +47,47 @@ def _sequences(batch: PackedBatch, first: int, end: int) -> PackedBatch:
                        logits_indices)
 
 
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.bool)
+_MAX_DIMS = 8
+
+
+def send_tensor(tensor: torch.Tensor, dst: int) -> None:
+    """Send a tensor whose shape and dtype the receiver does not know: a header first, then the data."""
+    if tensor.dtype not in _DTYPES or tensor.dim() > _MAX_DIMS:
+        raise ValueError(f"a stage output must be a tensor of at most {_MAX_DIMS} dims and one of {_DTYPES}, "
+                         f"got {tensor.dtype} {tuple(tensor.shape)}")
+    header = torch.full((_MAX_DIMS + 2,), -1, dtype=torch.int64)
+    header[0], header[1] = _DTYPES.index(tensor.dtype), tensor.dim()
+    header[2:2 + tensor.dim()] = torch.tensor(tensor.shape, dtype=torch.int64)
+    dist.send(header.to(tensor.device), dst)
+    dist.send(tensor.contiguous(), dst)
+
+
+def recv_tensor(src: int, device: torch.device) -> torch.Tensor:
+    header = torch.empty(_MAX_DIMS + 2, dtype=torch.int64, device=device)
+    dist.recv(header, src)
+    dtype, dims = _DTYPES[int(header[0])], int(header[1])
+    tensor = torch.empty(header[2:2 + dims].tolist(), dtype=dtype, device=device)
+    dist.recv(tensor, src)
+    return tensor
+
+
+def call_stage(model: torch.nn.Module, args: tuple, kwargs: dict, device: torch.device):
+    """A custom model's stage: the first stage takes the caller's arguments, every later stage the previous
+    stage's output tensor; the last stage's output is the result."""
+    st = state()
+    if st.is_first_stage:
+        out = model(*args, **kwargs)
+    else:
+        out = model(recv_tensor(st.stage_rank(st.pp_rank - 1), device))
+    if st.is_last_stage:
+        return out
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"pipeline stage {st.pp_rank} must return one tensor for the next stage, got {type(out)}")
+    send_tensor(out, st.stage_rank(st.pp_rank + 1))
+    return None
+
+
 class PipelineStage:
     def __init__(self, runner: LocalRunner, hidden_size: int, dtype: torch.dtype, device: torch.device):
         self.runner, self.hidden_size, self.dtype, self.device = runner, hidden_size, dtype, device

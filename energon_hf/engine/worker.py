@@ -26,9 +26,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from energon_hf.models.staged import StagedModel
 from energon_hf.parallel import init_parallel, stage_layers, state
 
-from .pipeline import PipelineStage
+from .pipeline import PipelineStage, call_stage
 from .runner import LocalRunner
 
 
@@ -92,7 +93,8 @@ class Worker:
         self.model = spec.build(self.device)
         st = state()
         dtype = next((p.dtype for p in self.model.parameters() if not p.is_meta), torch.float32)
-        layers = stage_layers(len(self.model.layer_list), st.pp_size, st.pp_rank) if st.pp_size > 1 else None
+        staged = isinstance(self.model, StagedModel) and st.pp_size > 1  # custom models stage themselves
+        layers = stage_layers(len(self.model.layer_list), st.pp_size, st.pp_rank) if staged else None
         self.runner = LocalRunner(self.model, self.device, dtype, layers)
         self.stage = PipelineStage(self.runner, self.model.config.hidden_size, dtype, self.device) if layers else None
 
@@ -121,7 +123,10 @@ class Worker:
             return self.stats()
         if op == "call":  # a custom model: the user's forward on plain arguments
             inputs, kwargs = args
-            return self.model(*(t.to(self.device) if isinstance(t, torch.Tensor) else t for t in inputs), **kwargs)
+            inputs = tuple(t.to(self.device) if isinstance(t, torch.Tensor) else t for t in inputs)
+            if state().pp_size > 1:
+                return call_stage(self.model, inputs, kwargs, self.device)
+            return self.model(*inputs, **kwargs)
         raise ValueError(f"unknown engine operation {op!r}")
 
 
