@@ -59,10 +59,15 @@ class EnergonModel:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype: str | torch.dtype = "auto",
                         device: str | torch.device = "cpu", tp: int | None = None, pp: int | None = None,
-                        revision: str | None = None, threads_per_rank: int | None = None) -> EnergonModel:
+                        revision: str | None = None, threads_per_rank: int | None = None,
+                        driver_address: str | None = None) -> EnergonModel:
         """Load an HF checkpoint, or a folder pre-sharded by `python -m energon_hf.convert` (its tp and pp
         are the default then). tp * pp > 1 starts that many worker processes (this process drives them),
-        each loading only its share of the weights; `threads_per_rank` defaults to cores / ranks."""
+        each loading only its share of the weights; `threads_per_rank` defaults to cores / ranks.
+
+        `driver_address="host:port"` starts no workers: tp*pp ranks launched by torchrun on any machines
+        (`python -m energon_hf.node --driver host:port`) connect there; the checkpoint path must be
+        readable on every node."""
         folder = resolve_model_path(path, revision)
         tp, pp = resolve_parallel(folder, tp, pp)
         config = load_config(folder)
@@ -70,10 +75,10 @@ class EnergonModel:
         torch_dtype = resolve_dtype(dtype, config)
         device = torch.device(device)
         runner = None
-        if tp * pp > 1:
+        if tp * pp > 1 or driver_address is not None:
             model = empty_model(config)
             runner = MultiProcessRunner(partial(load_model, folder, torch_dtype), tp, pp, device.type,
-                                        threads_per_rank=threads_per_rank)
+                                        threads_per_rank=threads_per_rank, driver_address=driver_address)
         else:
             model = load_model(folder, torch_dtype, device)
         generation_config = None

@@ -51,15 +51,19 @@ def state() -> ParallelState:
     return _state
 
 
-def init_parallel(tp: int, pp: int, rank: int, store: dist.Store, backend: str,
+def init_parallel(tp: int, pp: int, rank: int, store: dist.Store | None, backend: str,
                   timeout: timedelta = timedelta(minutes=5)) -> ParallelState:
     """Join the tp*pp process group and build the TP groups (one per stage) and PP groups (one per tp rank).
 
-    `timeout` bounds how long a collective waits for a peer, so a rank that failed cannot hang the others.
+    `store` is the rendezvous (None: torchrun's MASTER_ADDR / MASTER_PORT environment). `timeout` bounds
+    how long a collective waits for a peer, so a rank that failed cannot hang the others.
     """
     global _state
     world = tp * pp
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    if store is None:
+        dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world, timeout=timeout)
+    else:
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
     pp_rank, tp_rank = divmod(rank, tp)
     tp_group = pp_group = None
     for stage in range(pp):  # every rank creates every group, in the same order (torch.distributed's rule)

@@ -16,7 +16,7 @@ import sys
 import threading
 import weakref
 from collections.abc import Callable
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection, Listener, wait
 from typing import Any
 
 import torch
@@ -29,6 +29,7 @@ from .batch import PackedBatch
 from .worker import EVERY_RANK_ANSWERS, WorkerSpec, receive, send
 
 STOP_GRACE_S = 5.0
+ENGINE_KEY_ENV = "ENERGON_HF_ENGINE_KEY"
 
 
 def _shutdown(processes: list[subprocess.Popen], conns: list[Connection], lifelines: list[Connection]) -> None:
@@ -62,10 +63,54 @@ def _start_worker(spec: WorkerSpec) -> tuple[subprocess.Popen, Connection, Conne
     control_theirs.close()
     lifeline_theirs.close()
     conn = Connection(control.detach())
-    main_path = getattr(sys.modules["__main__"], "__file__", None)
-    send(conn, (list(sys.path), main_path))
-    conn.send_bytes(pickle.dumps(spec, protocol=pickle.HIGHEST_PROTOCOL))
+    _send_spec(conn, spec, same_machine=True)
     return process, conn, Connection(lifeline.detach())
+
+
+def _send_spec(conn: Connection, spec: WorkerSpec, same_machine: bool) -> None:
+    main_path = getattr(sys.modules["__main__"], "__file__", None)
+    send(conn, (list(sys.path), main_path) if same_machine else (None, None))
+    conn.send_bytes(pickle.dumps(spec, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def engine_key(authkey: str | bytes | None) -> bytes:
+    """The shared secret that authenticates driver and remote workers (their messages are pickles)."""
+    key = authkey if authkey is not None else os.environ.get(ENGINE_KEY_ENV)
+    if not key:
+        raise ValueError(f"workers on other machines need a shared key: set {ENGINE_KEY_ENV} (the same on the "
+                         f"driver and every torchrun node) or pass authkey=")
+    return key.encode() if isinstance(key, str) else key
+
+
+def _accept_workers(address: str, authkey: bytes, world_size: int,
+                    timeout_s: float) -> tuple[list[Connection], list[Connection], list[int]]:
+    """Wait for every rank's control and lifeline connections (see energon_hf.node)."""
+    host, _, port = address.rpartition(":")
+    listener = Listener((host or "0.0.0.0", int(port)), authkey=authkey)
+    conns: dict[int, Connection] = {}
+    lifelines: dict[int, Connection] = {}
+    pids: dict[int, int] = {}
+    timer = threading.Timer(timeout_s, listener.close)  # unblocks accept() when the workers do not come
+    timer.start()
+    try:
+        while len(conns) < world_size or len(lifelines) < world_size:
+            try:
+                conn = listener.accept()
+            except OSError as e:
+                raise EngineDeadError(f"only {len(conns)} of {world_size} worker ranks connected to {address} "
+                                      f"within {timeout_s:.0f} s") from e
+            role, rank, world, pid = receive(conn)
+            if world != world_size or not 0 <= rank < world_size:
+                conn.close()
+                raise ValueError(f"a worker with RANK={rank}, WORLD_SIZE={world} connected; this engine needs "
+                                 f"tp*pp={world_size} ranks")
+            (conns if role == "control" else lifelines)[rank] = conn
+            pids[rank] = pid
+    finally:
+        timer.cancel()
+        listener.close()
+    return [conns[r] for r in range(world_size)], [lifelines[r] for r in range(world_size)], \
+        [pids[r] for r in range(world_size)]
 
 
 class MultiProcessRunner:
@@ -78,30 +123,47 @@ class MultiProcessRunner:
     """
 
     def __init__(self, build: Callable[[torch.device], nn.Module], tp: int = 1, pp: int = 1, device: str = "cpu",
-                 threads_per_rank: int | None = None, collective_timeout_s: float = 300.0):
+                 threads_per_rank: int | None = None, collective_timeout_s: float = 300.0,
+                 driver_address: str | None = None, authkey: str | bytes | None = None,
+                 connect_timeout_s: float = 300.0):
+        """`driver_address` ("host:port"): do not start workers here; listen there for tp*pp ranks started
+        elsewhere under torchrun (`python -m energon_hf.node --driver host:port`), authenticated by
+        `authkey` (default: $ENERGON_HF_ENGINE_KEY)."""
         if tp < 1 or pp < 1:
             raise ValueError(f"tp and pp must be >= 1, got tp={tp}, pp={pp}")
         self.world_size = tp * pp
         device = torch.device(device).type
-        if device == "cuda" and torch.cuda.device_count() < self.world_size:
+        local = driver_address is None
+        if local and device == "cuda" and torch.cuda.device_count() < self.world_size:
             raise ValueError(f"tp*pp={self.world_size} ranks need as many GPUs; {torch.cuda.device_count()} visible")
-        threads = threads_per_rank or max(1, (os.cpu_count() or 1) // self.world_size)
-        # The driver hosts the rendezvous store on a free port: engines side by side never collide.
-        self._store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
         self._processes: list[subprocess.Popen] = []
         self._conns: list[Connection] = []
         lifelines: list[Connection] = []  # held open (never written) for as long as the engine lives
         self._finalizer = weakref.finalize(self, _shutdown, self._processes, self._conns, lifelines)
-        for rank in range(self.world_size):
-            spec = WorkerSpec(rank, tp, pp, "127.0.0.1", self._store.port, device, threads, build,
-                              collective_timeout_s)
-            process, conn, lifeline = _start_worker(spec)
-            self._processes.append(process)
-            self._conns.append(conn)
-            lifelines.append(lifeline)
         self._lock = threading.Lock()
         self._dead: str | None = None
         self.kv_cache = None  # lives on the workers; kept for LocalRunner's interface
+        if local:
+            threads = threads_per_rank or max(1, (os.cpu_count() or 1) // self.world_size)
+            # The driver hosts the rendezvous store on a free port: engines side by side never collide.
+            self._store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+            for rank in range(self.world_size):
+                spec = WorkerSpec(rank, tp, pp, "127.0.0.1", self._store.port, device, threads, build,
+                                  collective_timeout_s)
+                process, conn, lifeline = _start_worker(spec)
+                self._processes.append(process)
+                self._conns.append(conn)
+                lifelines.append(lifeline)
+            self._pids = [p.pid for p in self._processes]
+        else:  # torchrun started the ranks and does their rendezvous (MASTER_ADDR / MASTER_PORT)
+            self._store = None
+            conns, remote_lifelines, self._pids = _accept_workers(driver_address, engine_key(authkey),
+                                                                  self.world_size, connect_timeout_s)
+            self._conns.extend(conns)
+            lifelines.extend(remote_lifelines)
+            for rank, conn in enumerate(conns):
+                _send_spec(conn, WorkerSpec(rank, tp, pp, None, 0, device, threads_per_rank or 0, build,
+                                            collective_timeout_s), same_machine=False)
         try:
             with self._lock:
                 self._collect()  # every rank loaded its share, or the first error is raised here
@@ -111,7 +173,8 @@ class MultiProcessRunner:
 
     @property
     def pids(self) -> list[int]:
-        return [p.pid for p in self._processes]
+        """Worker process ids (on their own machines, for ranks started by torchrun)."""
+        return list(self._pids)
 
     # -- the runner interface ----------------------------------------------------------------------
     def run(self, batch: PackedBatch, use_cache: bool = False) -> dict[str, torch.Tensor]:
@@ -149,13 +212,14 @@ class MultiProcessRunner:
             raise EngineDeadError(self._dead)
 
     def _died(self, rank: int) -> None:
-        process = self._processes[rank]
         if self._dead is None:
-            try:
-                code = process.wait(STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
-                code = "unknown (it closed its connection)"
-            self._dead = (f"worker rank {rank} (pid {process.pid}) died with exit code {code}; "
+            code = "unknown (it closed its connection)"
+            if self._processes:
+                try:
+                    code = self._processes[rank].wait(STOP_GRACE_S)
+                except subprocess.TimeoutExpired:
+                    pass
+            self._dead = (f"worker rank {rank} (pid {self._pids[rank]}) died with exit code {code}; "
                           f"the engine is stopped: load the model again to continue")
         self._finalizer()
         raise EngineDeadError(self._dead)

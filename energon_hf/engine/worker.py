@@ -17,7 +17,7 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from multiprocessing.connection import Connection
 from typing import Any
@@ -38,10 +38,10 @@ class WorkerSpec:
     rank: int
     tp: int
     pp: int
-    store_host: str
+    store_host: str | None  # None: rendezvous through torchrun's environment (MASTER_ADDR, MASTER_PORT)
     store_port: int
     device: str  # "cpu", or "cuda" (each rank takes cuda:<local rank>)
-    threads: int
+    threads: int  # 0: this node's cores / its ranks (LOCAL_WORLD_SIZE)
     build: Callable[[torch.device], nn.Module]  # picklable: a module-level function or functools.partial
     collective_timeout_s: float
     local_rank: int | None = None
@@ -87,7 +87,9 @@ class Worker:
         self.device = torch.device(f"cuda:{local}") if spec.device == "cuda" else torch.device("cpu")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        store = dist.TCPStore(spec.store_host, spec.store_port, is_master=False, timeout=timedelta(seconds=60))
+        store = None
+        if spec.store_host is not None:
+            store = dist.TCPStore(spec.store_host, spec.store_port, is_master=False, timeout=timedelta(seconds=60))
         init_parallel(spec.tp, spec.pp, spec.rank, store, spec.backend,
                       timeout=timedelta(seconds=spec.collective_timeout_s))
         self.model = spec.build(self.device)
@@ -135,7 +137,8 @@ def _read_spec(conn: Connection) -> WorkerSpec:
     driver's main script is found by running that script as `__mp_main__`, as multiprocessing's spawn does
     (so such a script needs the `if __name__ == "__main__":` guard)."""
     sys_path, main_path = receive(conn)
-    sys.path[:] = sys_path
+    if sys_path is not None:  # same machine: import what the driver can import
+        sys.path[:] = sys_path
     payload = conn.recv_bytes()
     try:
         return pickle.loads(payload)
@@ -150,11 +153,14 @@ def _read_spec(conn: Connection) -> WorkerSpec:
 EVERY_RANK_ANSWERS = ("stats",)  # operations whose result the driver wants from every rank, not one
 
 
-def worker_main(conn: Connection, lifeline: Connection) -> None:
+def worker_main(conn: Connection, lifeline: Connection, local_rank: int | None = None) -> None:
     threading.Thread(target=_exit_when_driver_dies, args=(lifeline,), daemon=True).start()
     try:
         spec = _read_spec(conn)
-        torch.set_num_threads(spec.threads)
+        if local_rank is not None:
+            spec = replace(spec, local_rank=local_rank)
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", spec.tp * spec.pp))
+        torch.set_num_threads(spec.threads or max(1, (os.cpu_count() or 1) // local_ranks))
         worker = Worker(spec)
     except BaseException as e:  # noqa: BLE001 - every failure must reach the driver
         send(conn, ("error", portable(e), traceback.format_exc()))
