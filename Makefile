@@ -40,6 +40,7 @@ test: $(VENV)/.installed-test
 bench: $(VENV)/.installed-run
 	$(PY) -P bench/bert_packed_vs_hf.py
 	$(PY) -P bench/generate_vs_hf.py
+	$(PY) -P bench/tp_latency.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -10,6 +10,8 @@ import torch
 
 from .checkpoint import CheckpointReader
 
+TRANSPOSE_BLOCK_ROWS = 256
+
 # same: the checkpoint tensor as is. transposed: a GPT-2 Conv1D [in, out] -> our [out, in].
 # concat: separate projections (q, k, v or gate, up) fused along dim 0.
 Layout = Literal["same", "transposed", "concat"]
@@ -48,7 +50,7 @@ class LazyWeight:
 
     def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
         if self.layout == "transposed":
-            return self.reader.read(self.names[0], 1 - dim, start, length).t().contiguous()
+            return self._transposed(dim, start, length)
         if self.layout == "same":
             return self.reader.read(self.names[0], dim, start, length)
         if dim != 0:  # every fused source contributes the same columns
@@ -60,6 +62,33 @@ class LazyWeight:
                 pieces.append(self.reader.read(name, 0, lo - offset, hi - lo))
             offset += rows
         return torch.cat(pieces, dim=0) if len(pieces) > 1 else pieces[0]
+
+    def _transposed(self, dim: int, start: int, length: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """A Conv1D [in, out] slice written transposed into its [out, in] place, a block of source rows at a
+        time: no full-size temporary (which, freed, would stay in the heap and double a rank's memory)."""
+        name = self.names[0]
+        source_rows = range(start, start + length) if dim == 1 else range(self.shape[1])
+        if out is None:
+            shape = list(self.shape)
+            shape[dim] = length
+            out = torch.empty(shape, dtype=self.dtype)
+        into = out.t()  # [source rows, source columns] view
+        for first in range(0, len(source_rows), TRANSPOSE_BLOCK_ROWS):
+            begin = source_rows.start + first
+            block = range(begin, min(source_rows.stop, begin + TRANSPOSE_BLOCK_ROWS))
+            if dim == 1:  # whole source rows
+                piece = self.reader.read(name, 0, block.start, len(block))
+            else:  # a column range of every source row
+                piece = self.reader.read(name, 1, start, length, rows=block)
+            into[first:first + len(block)] = piece
+        return out
+
+    def narrow_into(self, dim: int, start: int, length: int, out: torch.Tensor) -> None:
+        """narrow(), written into `out` (a part of a bigger shard: no temporary for transposed layouts)."""
+        if self.layout == "transposed":
+            self._transposed(dim, start, length, out)
+        else:
+            out.copy_(self.narrow(dim, start, length))
 
     def full(self) -> torch.Tensor:
         return self.narrow(0, 0, self.shape[0]) if self.shape else self.reader.get(self.names[0])

@@ -167,6 +167,14 @@ class Shard:
     def take(self, tensor) -> torch.Tensor:
         """This shard of `tensor`: a torch.Tensor, or any object with `.shape` and `.narrow(dim, start,
         length)` (the loader's lazy checkpoint tensor, which then reads only these ranges)."""
+        if hasattr(tensor, "narrow_into") and all(start + length <= self.full for start, length in self.ranges):
+            shape = list(tensor.shape)
+            shape[self.dim] = sum(length for _, length in self.ranges)
+            out, offset = torch.empty(shape, dtype=tensor.dtype), 0
+            for start, length in self.ranges:  # each range read straight into its place
+                tensor.narrow_into(self.dim, start, length, out.narrow(self.dim, offset, length))
+                offset += length
+            return out
         pieces = []
         for start, length in self.ranges:
             present = max(0, min(length, self.full - start))
