@@ -39,3 +39,15 @@ def test_gpu_kernels_script(tmp_path):
     assert result["device"].startswith("cpu")
     assert {"remove_padding", "varlen_attention_equal", "paged_attention_decode", "rms_norm"} <= set(result["kernels"])
     assert all(figures.get("matched", True) for figures in result["kernels"].values())
+
+
+def test_tp_latency(tmp_path):
+    result = _run("tp_latency.py", tmp_path / "tp.json")
+    assert result["max_abs_diff_tp2_vs_tp1"] < 1e-4 and result["ratio_tp2_over_tp1"] > 0
+    assert [s["tp_rank"] for s in result["rank_stats"]] == [0, 1]
+
+
+def test_tp_load_memory(tmp_path):
+    result = _run("tp_load_memory.py", tmp_path / "load.json", "--folder", str(tmp_path / "ckpt"))
+    assert set(result["runs"]) == {"transformers", "energon_hf", "energon_hf_presharded"}
+    assert len(result["runs"]["energon_hf"]["ranks"]) == 2 and result["worst_rank_peak_rss_over_model"] > 0

@@ -1,6 +1,8 @@
 """Every model at tp=2 on real worker processes (gloo) against transformers on the same weights: the
 parity of tp=1 (fp32 max abs diff <= 1e-4 on real tokens, equal greedy tokens)."""
 
+import threading
+
 import pytest
 import torch
 import transformers
@@ -32,7 +34,19 @@ def test_gpt2_padded_vocabulary(tiny):
     with _engine(path) as ours:
         ids, mask = padded_batch(LENGTHS, 127, "left")
         assert_forward_matches(ours, hf, ids, mask)
-        assert_greedy_matches(ours, hf, ids, mask, max_new_tokens=12)
+        expected = assert_greedy_matches(ours, hf, ids, mask, max_new_tokens=12)
+        with pytest.raises(ValueError, match="outside"):  # checked in the driver: the workers never see it
+            ours(input_ids=[[5, 127]])
+        # Callers on several threads share the engine safely (generate owns the KV cache until it returns).
+        results = [None] * 3
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, ours.generate(
+            ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)))
+            for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert all(r is not None and torch.equal(r, expected) for r in results)
 
 
 def test_bert_masked_lm_and_classification(tiny):

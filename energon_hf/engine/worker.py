@@ -16,6 +16,7 @@ import resource
 import runpy
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -112,7 +113,9 @@ class Worker:
             store = dist.TCPStore(spec.store_host, spec.store_port, is_master=False, timeout=timedelta(seconds=60))
         init_parallel(spec.tp, spec.pp, spec.rank, store, spec.backend,
                       timeout=timedelta(seconds=spec.collective_timeout_s))
+        start = time.perf_counter()
         self.model = spec.build(self.device)
+        self.build_s = time.perf_counter() - start
         st = state()
         dtype = next((p.dtype for p in self.model.parameters() if not p.is_meta), torch.float32)
         staged = isinstance(self.model, StagedModel) and st.pp_size > 1  # custom models stage themselves
@@ -133,7 +136,8 @@ class Worker:
         layers = self.runner.layers
         return {"rank": st.rank, "tp_rank": st.tp_rank, "pp_rank": st.pp_rank, "pid": os.getpid(),
                 "layers": None if layers is None else [layers.start, layers.stop], "param_bytes": params,
-                "peak_rss_bytes": peak_kib * 1024}
+                "peak_rss_bytes": peak_kib * 1024, "build_s": self.build_s,
+                "process_cpu_s": time.process_time()}
 
     @torch.inference_mode()
     def handle(self, op: str, args: tuple) -> Any:
