@@ -1,6 +1,11 @@
 """energon_hf.converters: HF checkpoints -> energon weights (name maps, transforms, reading, loading)."""
 
-from .bert import bert_masked_lm_specs, bert_model_specs, bert_sequence_classification_specs
+from .bert import (
+    bert_masked_lm_specs,
+    bert_model_specs,
+    bert_sequence_classification_specs,
+    bert_token_classification_specs,
+)
 from .checkpoint import CheckpointReader, find_weight_files
 from .gpt2 import gpt2_lm_head_specs, gpt2_model_specs
 from .llama import llama_causal_lm_specs
@@ -15,6 +20,7 @@ __all__ = [
     "bert_masked_lm_specs",
     "bert_model_specs",
     "bert_sequence_classification_specs",
+    "bert_token_classification_specs",
     "find_weight_files",
     "gpt2_lm_head_specs",
     "gpt2_model_specs",

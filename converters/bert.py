@@ -44,3 +44,8 @@ def bert_masked_lm_specs(config: BertConfig, prefix: str = "") -> dict[str, Weig
 
 def bert_sequence_classification_specs(config: BertConfig, prefix: str = "") -> dict[str, WeightSpec]:
     return bert_model_specs(config, prefix + "bert.") | renamed(prefix + "classifier", prefix + "classifier")
+
+
+def bert_token_classification_specs(config: BertConfig, prefix: str = "") -> dict[str, WeightSpec]:
+    return bert_model_specs(config, prefix + "bert.", pooler=False) | renamed(prefix + "classifier",
+                                                                               prefix + "classifier")

@@ -4,6 +4,7 @@ from .engine.launch import launch
 from .errors import CheckpointError, EngineDeadError, ModelNotFoundError, UnsupportedModelError
 from .modeling import EnergonModel
 from .nn.parallel import Linear1D_Col, Linear1D_Row, VocabParallelEmbedding
+from .pipelines import pipeline
 
 __version__ = "0.1.0"
 
@@ -18,4 +19,5 @@ __all__ = [
     "VocabParallelEmbedding",
     "__version__",
     "launch",
+    "pipeline",
 ]

@@ -90,6 +90,23 @@ class EnergonModel:
                    tp, pp)
 
     @property
+    def base_model_prefix(self) -> str:
+        """As on an HF PreTrainedModel ("bert", "transformer", "model"...); pipelines name errors with it."""
+        return getattr(self.model, "base_prefix", "").rstrip(".")
+
+    def can_generate(self) -> bool:
+        return self.architecture.can_generate
+
+    def to(self, device: str | torch.device) -> EnergonModel:
+        """Models stay where they were loaded (pass device= to from_pretrained); this only checks."""
+        if torch.device(device) != self.device:
+            raise ValueError(f"this model lives on {self.device}; load it with device={str(device)!r} instead")
+        return self
+
+    def eval(self) -> EnergonModel:
+        return self  # always in inference mode
+
+    @property
     def position_limit(self) -> int | None:
         """Learned position embeddings end at max_position_embeddings; rotary positions do not."""
         learned = getattr(self.architecture.model_cls, "learned_positions", False)

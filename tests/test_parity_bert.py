@@ -17,7 +17,7 @@ def _inputs(side: str):
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
-@pytest.mark.parametrize("arch", ["BertModel", "BertForMaskedLM"])
+@pytest.mark.parametrize("arch", ["BertModel", "BertForMaskedLM", "BertForTokenClassification"])
 def test_token_outputs_match_transformers(tiny, arch, side):
     ours, hf = EnergonModel.from_pretrained(tiny.make(arch)), tiny.hf(arch)
     inputs = _inputs(side)
@@ -25,7 +25,7 @@ def test_token_outputs_match_transformers(tiny, arch, side):
         expected = hf(**inputs)
     got = ours(**inputs)
     assert type(got) is type(expected)
-    field = "logits" if arch == "BertForMaskedLM" else "last_hidden_state"
+    field = "last_hidden_state" if arch == "BertModel" else "logits"
     assert getattr(got, field).shape == getattr(expected, field).shape
     assert max_diff_on_real(getattr(got, field), getattr(expected, field), inputs["attention_mask"]) <= ATOL
 

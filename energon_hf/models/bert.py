@@ -9,6 +9,7 @@ from transformers.modeling_outputs import (
     BaseModelOutputWithPoolingAndCrossAttentions,
     MaskedLMOutput,
     SequenceClassifierOutput,
+    TokenClassifierOutput,
 )
 
 from energon_hf.engine.batch import PackedBatch
@@ -130,3 +131,24 @@ class BertForSequenceClassification(StagedModel):
 
     def finish(self, x: torch.Tensor, batch: PackedBatch) -> dict[str, torch.Tensor]:
         return {"logits": self.classifier(self.bert.pool(x, batch))}
+
+
+class BertForTokenClassification(StagedModel):
+    hf_output = TokenClassifierOutput
+    token_outputs = ("logits",)
+    learned_positions = True  # position ids past max_position_embeddings do not exist
+    base_prefix = "bert."
+    layers_path = "bert.layers"
+    head_modules = ("classifier",)
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+        self.bert = BertModel(config, add_pooling_layer=False)
+        self.classifier = Linear(config.hidden_size, config.num_labels)
+
+    def embed(self, batch: PackedBatch) -> torch.Tensor:
+        return self.bert.embed(batch)
+
+    def finish(self, x: torch.Tensor, batch: PackedBatch) -> dict[str, torch.Tensor]:
+        return {"logits": self.classifier(x)}
