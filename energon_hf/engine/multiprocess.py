@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from multiprocessing.connection import Connection, Listener, wait
@@ -32,22 +33,28 @@ STOP_GRACE_S = 5.0
 ENGINE_KEY_ENV = "ENERGON_HF_ENGINE_KEY"
 
 
-def _shutdown(processes: list[subprocess.Popen], conns: list[Connection], lifelines: list[Connection]) -> None:
-    """Stop every worker: ask politely, then terminate, then kill. Safe to call twice."""
-    for conn in conns:
-        try:
-            send(conn, ("stop", ()))
-        except (OSError, ValueError):
-            pass
-    for process in processes:
-        for stop in (None, process.terminate, process.kill):
-            if stop is not None:
-                stop()
+def _shutdown(processes: list[subprocess.Popen], conns: list[Connection], lifelines: list[Connection],
+              graceful: bool = True) -> None:
+    """Stop every worker: ask them to stop (graceful), then terminate, then kill, each round waiting at most
+    STOP_GRACE_S for all of them together. A broken engine skips the request: its survivors may be stuck in
+    a collective with the dead rank."""
+    if graceful:
+        for conn in conns:
             try:
-                process.wait(STOP_GRACE_S)
-                break
+                send(conn, ("stop", ()))
+            except (OSError, ValueError):
+                pass
+    rounds = [None] if graceful else []  # the first round only waits for the requested stop
+    for stop in [*rounds, subprocess.Popen.terminate, subprocess.Popen.kill]:
+        running = [p for p in processes if p.poll() is None]
+        for process in running if stop else ():
+            stop(process)
+        deadline = time.monotonic() + STOP_GRACE_S
+        for process in running:
+            try:
+                process.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                continue
+                pass
     for conn in (*conns, *lifelines):
         conn.close()
 
@@ -138,7 +145,8 @@ class MultiProcessRunner:
             raise ValueError(f"tp*pp={self.world_size} ranks need as many GPUs; {torch.cuda.device_count()} visible")
         self._processes: list[subprocess.Popen] = []
         self._conns: list[Connection] = []
-        lifelines: list[Connection] = []  # held open (never written) for as long as the engine lives
+        self._lifelines: list[Connection] = []  # held open (never written) for as long as the engine lives
+        lifelines = self._lifelines
         self._finalizer = weakref.finalize(self, _shutdown, self._processes, self._conns, lifelines)
         self._lock = threading.Lock()
         self._dead: str | None = None
@@ -221,7 +229,8 @@ class MultiProcessRunner:
                     pass
             self._dead = (f"worker rank {rank} (pid {self._pids[rank]}) died with exit code {code}; "
                           f"the engine is stopped: load the model again to continue")
-        self._finalizer()
+        if self._finalizer.detach() is not None:  # the survivors may be waiting on the dead rank: no grace
+            _shutdown(self._processes, self._conns, self._lifelines, graceful=False)
         raise EngineDeadError(self._dead)
 
     def _collect(self, every_rank: bool = False) -> Any:
