@@ -46,6 +46,7 @@ class BlockAllocator:
 
     def __init__(self, num_blocks: int, block_size: int):
         self.block_size = block_size
+        self.num_blocks_total = num_blocks
         self._free: deque[int] = deque(range(num_blocks))
         self.tables: dict[int, list[int]] = {}
 

@@ -1,0 +1,244 @@
+"""Continuous batching: requests join and leave the running batch at every step (iteration-level scheduling,
+as in Orca and vLLM).
+
+Each iteration admits waiting requests as one packed prefill step, under a token budget and the free KV
+cache blocks, then runs one decode step for every running sequence. A sequence that finishes (EOS, its
+token limit, or a cancel) frees its blocks at once. When the cache cannot hold the next token of every
+running sequence, the most recently admitted one is preempted: its blocks are freed and it goes back to
+the front of the queue, to be prefilled again later with what it generated so far (recompute).
+
+One background thread drives the loop and sleeps on a condition when there is nothing to do.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from energon_hf import kernels
+
+from .batch import AttentionMetadata, PackedBatch
+from .kv_cache import BlockAllocator, slot_mapping
+from .params import GenerationParams
+from .sampler import Sampler
+
+_DONE = object()
+
+
+@dataclass
+class Request:
+    """One generation request; iterate `stream()` for its tokens as they come, or call `result()`."""
+
+    request_id: int
+    prompt: list[int]
+    params: GenerationParams
+    sampler: Sampler
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" (EOS), "length", "cancelled" or "error"
+    error: BaseException | None = None
+    _queue: queue.Queue = field(default_factory=queue.Queue, repr=False)
+    _done: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    @property
+    def context(self) -> list[int]:
+        return self.prompt + self.tokens
+
+    def stream(self, timeout: float | None = None) -> Iterator[int]:
+        while True:
+            item = self._queue.get(timeout=timeout)
+            if item is _DONE:
+                if self.error is not None:
+                    raise self.error
+                return
+            yield item
+
+    def result(self, timeout: float | None = None) -> list[int]:
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.request_id} did not finish within {timeout} s")
+        if self.error is not None:
+            raise self.error
+        return list(self.tokens)
+
+
+class ContinuousBatcher:
+    """Serves generation requests on a runner (LocalRunner or the multi-process engine), sharing its KV cache.
+
+    `max_batch_tokens` bounds the tokens of one prefill step; `max_running` the sequences decoding together.
+    """
+
+    def __init__(self, runner, vocab_size: int, num_blocks: int, block_size: int = 16,
+                 max_batch_tokens: int = 4096, max_running: int = 256, device: torch.device | str = "cpu"):
+        self.runner, self.vocab_size, self.device = runner, vocab_size, torch.device(device)
+        self.block_size, self.max_batch_tokens, self.max_running = block_size, max_batch_tokens, max_running
+        runner.ensure_cache(num_blocks, block_size)
+        self.allocator = BlockAllocator(num_blocks, block_size)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self._ids = itertools.count()
+        self._wake = threading.Condition()
+        self._stopped = False
+        self.steps = 0
+        self.preemptions = 0
+        self._thread = threading.Thread(target=self._loop, name="energon-batcher", daemon=True)
+        self._thread.start()
+
+    # -- requests ----------------------------------------------------------------------------------
+    def submit(self, prompt: list[int], params: GenerationParams, generator: torch.Generator | None = None) -> Request:
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        needed = self.allocator.blocks_for(len(prompt) + params.max_new_tokens)
+        if needed > self.allocator.num_blocks_total:
+            raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) needs "
+                             f"{needed} KV cache blocks; the cache holds {self.allocator.num_blocks_total}")
+        sampler = Sampler(params, self.vocab_size, self.device, generator)
+        sampler.observe_prompts([torch.tensor(prompt)])
+        request = Request(next(self._ids), list(prompt), params, sampler)
+        with self._wake:
+            if self._stopped:
+                raise RuntimeError("the batcher is stopped")
+            self.waiting.append(request)
+            self._wake.notify()
+        return request
+
+    def cancel(self, request: Request) -> None:
+        """Stop a request (a client that went away): it leaves the batch at the next step."""
+        with self._wake:
+            if request.finish_reason is None:
+                request.finish_reason = "cancelled"
+            self._wake.notify()
+
+    def close(self) -> None:
+        with self._wake:
+            self._stopped = True
+            self._wake.notify()
+        self._thread.join(30)
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stopped and not self.waiting and not self.running:
+                    self._wake.wait()
+                if self._stopped:
+                    break
+                self._drop_cancelled()
+                admitted = self._admit()
+            try:
+                if admitted:
+                    self._prefill(admitted)
+                if self.running:
+                    self._decode()
+                self.steps += 1
+            except Exception as e:  # noqa: BLE001 - the engine failed: every request in flight gets the error
+                with self._wake:
+                    for request in [*self.running, *self.waiting]:
+                        self._finish(request, "error", e)
+                    self.running, self.waiting = [], deque()
+        with self._wake:
+            for request in [*self.running, *self.waiting]:
+                self._finish(request, "cancelled")
+
+    def _drop_cancelled(self) -> None:
+        for request in [r for r in self.running if r.finish_reason == "cancelled"]:
+            self.running.remove(request)
+            self._finish(request, "cancelled")
+        for request in [r for r in self.waiting if r.finish_reason == "cancelled"]:
+            self.waiting.remove(request)
+            self._finish(request, "cancelled")
+
+    def _admit(self) -> list[Request]:
+        """Waiting requests that fit this step's token budget and the free blocks (the decode of every
+        running sequence keeps one block of headroom each)."""
+        admitted, tokens = [], 0
+        headroom = len(self.running)
+        while self.waiting and len(self.running) + len(admitted) < self.max_running:
+            request = self.waiting[0]
+            length = len(request.context)
+            if admitted and tokens + length > self.max_batch_tokens:
+                break
+            if self.allocator.blocks_for(length + 1) + headroom > self.allocator.num_free:
+                break
+            self.allocator.reserve(request.request_id, length + 1)
+            admitted.append(self.waiting.popleft())
+            tokens += length
+        return admitted
+
+    def _prefill(self, requests: list[Request]) -> None:
+        contexts = [torch.tensor(r.context, dtype=torch.long) for r in requests]
+        lengths = torch.tensor([len(c) for c in contexts])
+        cu = torch.zeros(len(requests) + 1, dtype=torch.int32)
+        torch.cumsum(lengths, 0, out=cu[1:])
+        positions = kernels.positions_from_cu_seqlens(cu, int(cu[-1]))
+        tables = self.allocator.block_table_tensor([r.request_id for r in requests], "cpu")
+        rows = torch.repeat_interleave(torch.arange(len(requests)), lengths)
+        attn = AttentionMetadata(cu, int(lengths.max()), slot_mapping=slot_mapping(tables, rows, positions,
+                                                                                   self.block_size))
+        logits = self.runner.run(PackedBatch(torch.cat(contexts), positions, attn,
+                                             logits_indices=cu[1:].long() - 1), use_cache=True)["logits"]
+        self.running.extend(requests)
+        self._sample(requests, logits)
+
+    def _decode(self) -> None:
+        self._make_room()
+        if not self.running:
+            return
+        requests = list(self.running)
+        context = torch.tensor([len(r.context) for r in requests])  # the last token is not cached yet
+        for request, n in zip(requests, context.tolist(), strict=True):
+            self.allocator.reserve(request.request_id, n)
+        tables = self.allocator.block_table_tensor([r.request_id for r in requests], "cpu")
+        positions = context - 1
+        attn = AttentionMetadata(torch.arange(len(requests) + 1, dtype=torch.int32), 1,
+                                 slot_mapping=slot_mapping(tables, torch.arange(len(requests)), positions,
+                                                           self.block_size),
+                                 block_tables=tables, context_lens=context.to(torch.int32), is_prefill=False)
+        last = torch.tensor([r.tokens[-1] for r in requests])
+        logits = self.runner.run(PackedBatch(last, positions, attn), use_cache=True)["logits"]
+        self._sample(requests, logits)
+
+    def _make_room(self) -> None:
+        """Preempt the newest running sequences until every one can cache its next token."""
+        def missing() -> int:
+            return sum(max(0, self.allocator.blocks_for(len(r.context)) - len(self.allocator.tables[r.request_id]))
+                       for r in self.running)
+
+        with self._wake:
+            while self.running and missing() > self.allocator.num_free:
+                victim = self.running.pop()
+                self.allocator.release(victim.request_id)
+                self.preemptions += 1
+                self.waiting.appendleft(victim)
+
+    def _sample(self, requests: list[Request], logits: torch.Tensor) -> None:
+        for row, request in enumerate(requests):
+            if request.finish_reason is not None:  # cancelled while the step ran
+                continue
+            token = int(request.sampler(logits[row:row + 1], torch.zeros(1, dtype=torch.long),
+                                        len(request.tokens))[0])
+            request.tokens.append(token)
+            request._queue.put(token)
+            if token in request.params.eos_token_ids:
+                self._retire(request, "stop")
+            elif len(request.tokens) >= request.params.max_new_tokens:
+                self._retire(request, "length")
+
+    def _retire(self, request: Request, reason: str) -> None:
+        with self._wake:
+            if request in self.running:
+                self.running.remove(request)
+            self._finish(request, reason)
+
+    def _finish(self, request: Request, reason: str, error: BaseException | None = None) -> None:
+        self.allocator.release(request.request_id)
+        if request._done.is_set():
+            return
+        request.finish_reason = reason if request.finish_reason in (None, "cancelled") else request.finish_reason
+        request.error = error
+        request._queue.put(_DONE)
+        request._done.set()
