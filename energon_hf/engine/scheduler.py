@@ -16,7 +16,7 @@ import itertools
 import queue
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -85,6 +85,7 @@ class ContinuousBatcher:
         self._stopped = False
         self.steps = 0
         self.preemptions = 0
+        self.on_step: Callable[[str, int], None] | None = None  # (kind, sequences): for metrics
         self._thread = threading.Thread(target=self._loop, name="energon-batcher", daemon=True)
         self._thread.start()
 
@@ -132,8 +133,10 @@ class ContinuousBatcher:
             try:
                 if admitted:
                     self._prefill(admitted)
+                    self._observe("prefill", len(admitted))
                 if self.running:
                     self._decode()
+                    self._observe("decode", len(self.running))
                 self.steps += 1
             except Exception as e:  # noqa: BLE001 - the engine failed: every request in flight gets the error
                 with self._wake:
@@ -143,6 +146,14 @@ class ContinuousBatcher:
         with self._wake:
             for request in [*self.running, *self.waiting]:
                 self._finish(request, "cancelled")
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _observe(self, kind: str, sequences: int) -> None:
+        if self.on_step is not None:
+            self.on_step(kind, sequences)
 
     def _drop_cancelled(self) -> None:
         for request in [r for r in self.running if r.finish_reason == "cancelled"]:

@@ -1,0 +1,210 @@
+"""The real server (python -m energon_hf.serve) on 127.0.0.1 with real HTTP clients (httpx, openai):
+OpenAI-compatible results equal to the model's own greedy generate, streaming, concurrency, stop strings,
+disconnects, API key, metrics, embeddings, and 4xx errors that name the field."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+import transformers
+
+from energon_hf import EnergonModel
+
+KEY = "test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model_path, name: str, *extra: str):
+    port = free_port()
+    env = {**os.environ, "ENERGON_HF_API_KEY": KEY}
+    process = subprocess.Popen([sys.executable, "-P", "-m", "energon_hf.serve", "--model", str(model_path),
+                                "--served-name", name, "--port", str(port), *extra],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited: {process.stdout.read()[-3000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    process.kill()
+    raise RuntimeError("server did not come up")
+
+
+@pytest.fixture(scope="module")
+def server(chat_llama):
+    process, url = start_server(chat_llama, "tiny", "--kv-cache-tokens", "4096")
+    yield url
+    process.terminate()
+    process.wait(30)
+
+
+@pytest.fixture(scope="module")
+def local(chat_llama):
+    return EnergonModel.from_pretrained(chat_llama)
+
+
+def greedy(model: EnergonModel, prompt: list[int], new: int) -> list[int]:
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=new, do_sample=False)
+    tokens = out[0, len(prompt):].tolist()
+    eos = model.generation_config.eos_token_id
+    return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
+
+
+def complete(url: str, **body) -> httpx.Response:
+    return httpx.post(url + "/v1/completions", json={"model": "tiny", "temperature": 0, **body}, headers=AUTH,
+                      timeout=120)
+
+
+def test_models_and_health(server):
+    assert httpx.get(server + "/health").json() == {"status": "ok"}  # no key needed
+    assert httpx.get(server + "/v1/models", headers=AUTH).json()["data"][0]["id"] == "tiny"
+
+
+def test_greedy_completion_equals_generate(server, local, chat_llama):
+    tokenizer = transformers.AutoTokenizer.from_pretrained(chat_llama)
+    prompt = [5, 17, 99, 1000, 3]
+    body = complete(server, prompt=prompt, max_tokens=12).json()
+    expected = greedy(local, prompt, 12)
+    assert body["choices"][0]["text"] == tokenizer.decode(expected, skip_special_tokens=True)
+    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": len(expected), "total_tokens": 5 + len(expected)}
+    assert body["object"] == "text_completion" and body["choices"][0]["finish_reason"] in ("length", "stop")
+
+
+def test_stream_gives_the_same_text(server):
+    whole = complete(server, prompt="The capital of France is", max_tokens=10).json()["choices"][0]["text"]
+    chunks, done = [], False
+    with httpx.stream("POST", server + "/v1/completions", headers=AUTH, timeout=120,
+                      json={"model": "tiny", "prompt": "The capital of France is", "max_tokens": 10,
+                            "temperature": 0, "stream": True}) as response:
+        for line in response.iter_lines():
+            if line == "data: [DONE]":
+                done = True
+            elif line.startswith("data: "):
+                chunks.append(json.loads(line[6:]))
+    assert done and "".join(c["choices"][0]["text"] for c in chunks) == whole
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("length", "stop")
+
+
+def test_stop_string_cuts_the_text(server):
+    whole = complete(server, prompt="Once upon a time", max_tokens=12).json()["choices"][0]["text"]
+    stop = whole[len(whole) // 2:len(whole) // 2 + 3]
+    cut = complete(server, prompt="Once upon a time", max_tokens=12, stop=[stop]).json()["choices"][0]
+    assert cut["text"] == whole[:whole.index(stop)] and cut["finish_reason"] == "stop"
+
+
+def test_openai_client_chat_and_stream(server, local, chat_llama):
+    client = openai.OpenAI(base_url=server + "/v1", api_key=KEY)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(chat_llama)
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    expected = tokenizer.decode(greedy(local, list(prompt["input_ids"]), 8), skip_special_tokens=True)
+    assert reply.choices[0].message.content == expected and reply.choices[0].message.role == "assistant"
+    streamed = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0,
+                                              stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == expected
+
+
+def test_concurrent_requests_all_answered_as_if_alone(server, local):
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 4000, (int(n),), generator=gen).tolist()
+               for n in torch.randint(1, 60, (48,), generator=gen)]
+    news = [int(n) for n in torch.randint(1, 16, (48,), generator=gen)]
+    answers = [None] * len(prompts)
+
+    def ask(i: int) -> None:
+        answers[i] = complete(server, prompt=prompts[i], max_tokens=news[i]).json()
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    for i, answer in enumerate(answers):
+        assert answer is not None and answer["usage"]["completion_tokens"] == len(greedy(local, prompts[i], news[i]))
+    metrics = httpx.get(server + "/metrics", headers=AUTH).text
+    assert "energon_batch_size_bucket" in metrics and "energon_requests_total" in metrics
+
+
+def test_a_client_that_disconnects_frees_its_sequence(server):
+    with httpx.stream("POST", server + "/v1/completions", headers=AUTH, timeout=60,
+                      json={"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 2000, "stream": True}) as response:
+        next(response.iter_lines())  # one chunk, then hang up
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        metrics = httpx.get(server + "/metrics", headers=AUTH).text
+        if "energon_running_sequences 0.0" in metrics:
+            break
+        time.sleep(0.2)
+    assert "energon_running_sequences 0.0" in metrics
+    assert complete(server, prompt=[5, 6], max_tokens=2).status_code == 200
+
+
+@pytest.mark.parametrize("body,status,field", [
+    ({"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+    ({"max_tokens": 4}, 400, "prompt"),
+    ({"prompt": "hi", "temperature": "hot"}, 400, "temperature"),
+    ({"prompt": "hi", "model": "gpt-4"}, 404, "model"),
+    ({"prompt": "hi", "n": 3}, 400, "n"),
+    ({"prompt": ""}, 400, "prompt"),
+    ({"prompt": [1] * 5000}, 400, "prompt"),
+    ({"prompt": "hi", "max_tokens": 100000}, 400, "max_tokens"),
+    ({"prompt": [10 ** 9]}, 400, "prompt"),
+], ids=["max_tokens<=0", "missing-prompt", "wrong-type", "unknown-model", "n", "empty", "too-long",
+        "beyond-context", "bad-token-id"])
+def test_bad_requests_are_4xx_naming_the_field(server, body, status, field):
+    response = httpx.post(server + "/v1/completions", json={"model": "tiny", **body}, headers=AUTH, timeout=30)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["param"] == field or field in error["message"]
+
+
+def test_malformed_json_auth_and_size_limit(server):
+    response = httpx.post(server + "/v1/completions", content=b"{not json", headers={**AUTH,
+                          "Content-Type": "application/json"})
+    assert response.status_code == 400 and "JSON" in response.json()["error"]["message"]
+    assert httpx.post(server + "/v1/completions", json={"model": "tiny", "prompt": "hi"}).status_code == 401
+    assert httpx.get(server + "/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    huge = {"model": "tiny", "prompt": "x" * (2 << 20)}
+    assert httpx.post(server + "/v1/completions", json=huge, headers=AUTH).status_code == 413
+    assert complete(server, prompt=[5], max_tokens=1).status_code == 200  # still serving
+
+
+def test_embeddings_on_minilm(minilm_path):
+    process, url = start_server(minilm_path, "minilm")
+    try:
+        texts = ["A man is eating food.", "A man is riding a horse."]
+        body = httpx.post(url + "/v1/embeddings", json={"model": "minilm", "input": texts}, headers=AUTH,
+                          timeout=60).json()
+        tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path)
+        hf = transformers.AutoModel.from_pretrained(minilm_path).eval()
+        batch = tokenizer(texts, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            hidden = hf(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        expected = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+        got = torch.tensor([d["embedding"] for d in body["data"]])
+        assert got.shape == (2, 384) and (got - expected).abs().max() < 1e-4
+        wrong = httpx.post(url + "/v1/completions", json={"model": "minilm", "prompt": "hi"}, headers=AUTH)
+        assert wrong.status_code == 400 and "encoder" in wrong.json()["error"]["message"]
+    finally:
+        process.terminate()
+        process.wait(30)
