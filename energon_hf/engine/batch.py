@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .kv_cache import KVCache
+from energon_hf import kernels
+
+from .kv_cache import KVCache, slot_mapping
 
 
 @dataclass
@@ -51,3 +53,30 @@ class PackedBatch:
         )
         return PackedBatch(move(self.input_ids), move(self.positions), attn, move(self.token_type_ids),
                            move(self.pixel_values), move(self.logits_indices))
+
+
+def prefill_batch(prompts: list[torch.Tensor], block_tables: torch.Tensor, block_size: int) -> PackedBatch:
+    """All prompts packed into one step that fills their KV cache slots (row i of `block_tables` belongs to
+    prompts[i]); only each prompt's last token reaches the LM head."""
+    lengths = torch.tensor([len(p) for p in prompts])
+    cu_seqlens = torch.zeros(len(prompts) + 1, dtype=torch.int32)
+    torch.cumsum(lengths, 0, out=cu_seqlens[1:])
+    positions = kernels.positions_from_cu_seqlens(cu_seqlens, int(cu_seqlens[-1]))
+    rows = torch.repeat_interleave(torch.arange(len(prompts)), lengths)
+    attn = AttentionMetadata(cu_seqlens, int(lengths.max()),
+                             slot_mapping=slot_mapping(block_tables, rows, positions, block_size))
+    return PackedBatch(torch.cat(prompts), positions, attn, logits_indices=cu_seqlens[1:].long() - 1)
+
+
+def decode_batch(tokens: torch.Tensor, context_lens: torch.Tensor, block_tables: torch.Tensor,
+                 block_size: int) -> PackedBatch:
+    """One new token per sequence, attending to its cache: `context_lens` counts each sequence's cached
+    tokens after this step (the new one included), so the new token sits at position context_len - 1."""
+    positions = context_lens.long() - 1
+    width = -(-int(context_lens.max()) // block_size)
+    attn = AttentionMetadata(
+        torch.arange(len(tokens) + 1, dtype=torch.int32), 1,
+        slot_mapping=slot_mapping(block_tables, torch.arange(len(tokens)), positions, block_size),
+        block_tables=block_tables[:, :width], context_lens=context_lens.to(torch.int32), is_prefill=False,
+    )
+    return PackedBatch(tokens, positions, attn)

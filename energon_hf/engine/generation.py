@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from energon_hf import kernels
-
-from .batch import AttentionMetadata, PackedBatch
-from .kv_cache import BlockAllocator, slot_mapping
+from .batch import decode_batch, prefill_batch
+from .kv_cache import BlockAllocator
 from .params import GenerationParams
 from .runner import LocalRunner
 from .sampler import Sampler
@@ -34,15 +32,7 @@ def generate_tokens(runner: LocalRunner, prompts: list[torch.Tensor], params: Ge
     block_tables = allocator.block_table_tensor(list(range(batch_size)), "cpu")
     sampler.observe_prompts(prompts)
 
-    # Prefill: all prompts packed into one step; only each sequence's last token reaches the LM head.
-    cu_seqlens = torch.zeros(batch_size + 1, dtype=torch.int32)
-    torch.cumsum(lengths, 0, out=cu_seqlens[1:])
-    positions = kernels.positions_from_cu_seqlens(cu_seqlens, int(cu_seqlens[-1]))
-    rows = torch.repeat_interleave(torch.arange(batch_size), lengths)
-    attn = AttentionMetadata(cu_seqlens, int(lengths.max()),
-                             slot_mapping=slot_mapping(block_tables, rows, positions, BLOCK_SIZE), is_prefill=True)
-    logits = runner.run(PackedBatch(torch.cat(prompts), positions, attn, logits_indices=cu_seqlens[1:].long() - 1),
-                        use_cache=True)["logits"]
+    logits = runner.run(prefill_batch(prompts, block_tables, BLOCK_SIZE), use_cache=True)["logits"]
 
     generated: list[list[int]] = [[] for _ in range(batch_size)]
     active = torch.arange(batch_size)
@@ -57,14 +47,7 @@ def generate_tokens(runner: LocalRunner, prompts: list[torch.Tensor], params: Ge
         if step + 1 == params.max_new_tokens or active.numel() == 0:
             break
         # Decode: one new token per running sequence, at position = its current length.
-        positions = context[active]
         context[active] += 1
-        ctx = context[active].to(torch.int32)
-        width = -(-int(ctx.max()) // BLOCK_SIZE)
-        attn = AttentionMetadata(
-            torch.arange(active.numel() + 1, dtype=torch.int32), 1,
-            slot_mapping=slot_mapping(block_tables, active, positions, BLOCK_SIZE),
-            block_tables=block_tables[active, :width], context_lens=ctx, is_prefill=False,
-        )
-        logits = runner.run(PackedBatch(tokens, positions, attn), use_cache=True)["logits"]
+        logits = runner.run(decode_batch(tokens, context[active], block_tables[active], BLOCK_SIZE),
+                            use_cache=True)["logits"]
     return generated

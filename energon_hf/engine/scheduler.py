@@ -21,10 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from energon_hf import kernels
-
-from .batch import AttentionMetadata, PackedBatch
-from .kv_cache import BlockAllocator, slot_mapping
+from .batch import decode_batch, prefill_batch
+from .kv_cache import BlockAllocator
 from .params import GenerationParams
 from .sampler import Sampler
 
@@ -182,16 +180,8 @@ class ContinuousBatcher:
 
     def _prefill(self, requests: list[Request]) -> None:
         contexts = [torch.tensor(r.context, dtype=torch.long) for r in requests]
-        lengths = torch.tensor([len(c) for c in contexts])
-        cu = torch.zeros(len(requests) + 1, dtype=torch.int32)
-        torch.cumsum(lengths, 0, out=cu[1:])
-        positions = kernels.positions_from_cu_seqlens(cu, int(cu[-1]))
         tables = self.allocator.block_table_tensor([r.request_id for r in requests], "cpu")
-        rows = torch.repeat_interleave(torch.arange(len(requests)), lengths)
-        attn = AttentionMetadata(cu, int(lengths.max()), slot_mapping=slot_mapping(tables, rows, positions,
-                                                                                   self.block_size))
-        logits = self.runner.run(PackedBatch(torch.cat(contexts), positions, attn,
-                                             logits_indices=cu[1:].long() - 1), use_cache=True)["logits"]
+        logits = self.runner.run(prefill_batch(contexts, tables, self.block_size), use_cache=True)["logits"]
         self.running.extend(requests)
         self._sample(requests, logits)
 
@@ -204,13 +194,8 @@ class ContinuousBatcher:
         for request, n in zip(requests, context.tolist(), strict=True):
             self.allocator.reserve(request.request_id, n)
         tables = self.allocator.block_table_tensor([r.request_id for r in requests], "cpu")
-        positions = context - 1
-        attn = AttentionMetadata(torch.arange(len(requests) + 1, dtype=torch.int32), 1,
-                                 slot_mapping=slot_mapping(tables, torch.arange(len(requests)), positions,
-                                                           self.block_size),
-                                 block_tables=tables, context_lens=context.to(torch.int32), is_prefill=False)
         last = torch.tensor([r.tokens[-1] for r in requests])
-        logits = self.runner.run(PackedBatch(last, positions, attn), use_cache=True)["logits"]
+        logits = self.runner.run(decode_batch(last, context, tables, self.block_size), use_cache=True)["logits"]
         self._sample(requests, logits)
 
     def _make_room(self) -> None:
