@@ -211,7 +211,8 @@ def create_app(model: EnergonModel, tokenizer, settings: ServeSettings) -> FastA
     def engine_failed(e: Exception) -> APIError:
         return APIError(503, f"the engine failed: {e}", kind="engine_error")
 
-    def respond(endpoint: str, body: _Request, prompt: list[int], params: GenerationParams, chat: bool):
+    async def respond(endpoint: str, body: _Request, prompt: list[int], params: GenerationParams, chat: bool):
+        """Submit to the batcher; answer as server-sent events, or as one JSON body once it finished."""
         started = time.perf_counter()
         request = submit(prompt, params)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
@@ -219,7 +220,7 @@ def create_app(model: EnergonModel, tokenizer, settings: ServeSettings) -> FastA
         if body.stream:
             return StreamingResponse(stream(request, body.stops(), rid, kind, chat, endpoint, started),
                                      media_type="text/event-stream")
-        return rid, kind, request, started
+        return await finish(endpoint, body, prompt, rid, kind, request, started, chat)
 
     def stream(request, stops, rid, kind, chat, endpoint, started) -> Iterator[str]:
         stopper = TextStopper(tokenizer, stops)
@@ -287,10 +288,7 @@ def create_app(model: EnergonModel, tokenizer, settings: ServeSettings) -> FastA
             if any(t < 0 or t >= model.config.vocab_size for t in prompt):
                 raise APIError(400, f"prompt token ids must be in [0, {model.config.vocab_size})", param="prompt")
         params = params_for(body, len(prompt), DEFAULT_COMPLETION_TOKENS, "max_tokens")
-        answer = respond("completions", body, prompt, params, chat=False)
-        if isinstance(answer, StreamingResponse):
-            return answer
-        return await finish("completions", body, prompt, *answer, chat=False)
+        return await respond("completions", body, prompt, params, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest):
@@ -301,10 +299,7 @@ def create_app(model: EnergonModel, tokenizer, settings: ServeSettings) -> FastA
                                                     return_dict=True)["input_ids"])
         params = params_for(body, len(prompt), DEFAULT_CHAT_TOKENS,
                             "max_completion_tokens" if body.max_completion_tokens else "max_tokens")
-        answer = respond("chat", body, prompt, params, chat=True)
-        if isinstance(answer, StreamingResponse):
-            return answer
-        return await finish("chat", body, prompt, *answer, chat=True)
+        return await respond("chat", body, prompt, params, chat=True)
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest):
