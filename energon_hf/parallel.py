@@ -165,26 +165,23 @@ class Shard:
         return cls(dim, full, ((rank * per_rank, per_rank),))
 
     def take(self, tensor) -> torch.Tensor:
-        """This shard of `tensor`: a torch.Tensor, or any object with `.shape` and `.narrow(dim, start,
-        length)` (the loader's lazy checkpoint tensor, which then reads only these ranges)."""
-        if hasattr(tensor, "narrow_into") and all(start + length <= self.full for start, length in self.ranges):
-            shape = list(tensor.shape)
-            shape[self.dim] = sum(length for _, length in self.ranges)
-            out, offset = torch.empty(shape, dtype=tensor.dtype), 0
-            for start, length in self.ranges:  # each range read straight into its place
-                tensor.narrow_into(self.dim, start, length, out.narrow(self.dim, offset, length))
-                offset += length
-            return out
-        pieces = []
+        """This shard of `tensor`: a torch.Tensor, or any object with `.shape`, `.dtype` and `.narrow(dim,
+        start, length)`; one that also has `.narrow_into(dim, start, length, out)` (the loader's lazy
+        checkpoint tensor) reads each range straight into its place in the shard."""
+        shape = list(tensor.shape)
+        shape[self.dim] = sum(length for _, length in self.ranges)
+        out = torch.zeros(shape, dtype=tensor.dtype, device=getattr(tensor, "device", "cpu"))
+        offset = 0
         for start, length in self.ranges:
-            present = max(0, min(length, self.full - start))
+            present = max(0, min(length, self.full - start))  # rows past `full` stay zero (vocab padding)
             if present:
-                pieces.append(tensor.narrow(self.dim, start, present))
-            if present < length:
-                shape = list(pieces[0].shape if pieces else tensor.shape)
-                shape[self.dim] = length - present
-                pieces.append(torch.zeros(shape, dtype=pieces[0].dtype if pieces else tensor.dtype))
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=self.dim)
+                into = out.narrow(self.dim, offset, present)
+                if hasattr(tensor, "narrow_into"):
+                    tensor.narrow_into(self.dim, start, present, into)
+                else:
+                    into.copy_(tensor.narrow(self.dim, start, present))
+            offset += length
+        return out
 
 
 def stage_layers(num_layers: int, pp: int, pp_rank: int) -> range:
