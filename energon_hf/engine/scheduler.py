@@ -26,31 +26,50 @@ from .kv_cache import BlockAllocator
 from .params import GenerationParams
 from .sampler import Sampler
 
-_DONE = object()
+DONE = object()  # the last event of a request
+
+
+@dataclass
+class TokenLogprob:
+    """The log-probability of a generated token under the model's distribution (before sampling
+    parameters), and the `top` most likely tokens with theirs."""
+
+    logprob: float
+    top: list[tuple[int, float]]
 
 
 @dataclass
 class Request:
-    """One generation request; iterate `stream()` for its tokens as they come, or call `result()`."""
+    """One generation request; iterate `stream()` for its tokens as they come, or call `result()`.
+
+    Events go to `events` as (request, token) and (request, DONE); several requests may share one queue
+    (n choices of one prompt) and a reader tells them apart by the request."""
 
     request_id: int
     prompt: list[int]
     params: GenerationParams
     sampler: Sampler
+    logprobs: int | None = None  # None: none; k: the chosen token's and the k most likely tokens'
     tokens: list[int] = field(default_factory=list)
+    token_logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" (EOS), "length", "cancelled" or "error"
     error: BaseException | None = None
-    _queue: queue.Queue = field(default_factory=queue.Queue, repr=False)
+    events: queue.Queue = field(default_factory=queue.Queue, repr=False)
     _done: threading.Event = field(default_factory=threading.Event, repr=False)
 
     @property
     def context(self) -> list[int]:
         return self.prompt + self.tokens
 
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
     def stream(self, timeout: float | None = None) -> Iterator[int]:
+        """Tokens as they come (only for a request with its own event queue)."""
         while True:
-            item = self._queue.get(timeout=timeout)
-            if item is _DONE:
+            _, item = self.events.get(timeout=timeout)
+            if item is DONE:
                 if self.error is not None:
                     raise self.error
                 return
@@ -88,7 +107,10 @@ class ContinuousBatcher:
         self._thread.start()
 
     # -- requests ----------------------------------------------------------------------------------
-    def submit(self, prompt: list[int], params: GenerationParams, generator: torch.Generator | None = None) -> Request:
+    def submit(self, prompt: list[int], params: GenerationParams, generator: torch.Generator | None = None,
+               logprobs: int | None = None, events: queue.Queue | None = None) -> Request:
+        """Queue a request. `logprobs=k` records each token's log-probability and the k most likely
+        alternatives; `events` is a queue shared with other requests (default: its own)."""
         if not prompt:
             raise ValueError("the prompt is empty")
         needed = self.allocator.blocks_for(len(prompt) + params.max_new_tokens)
@@ -97,7 +119,9 @@ class ContinuousBatcher:
                              f"{needed} KV cache blocks; the cache holds {self.allocator.num_blocks_total}")
         sampler = Sampler(params, self.vocab_size, self.device, generator)
         sampler.observe_prompts([torch.tensor(prompt)])
-        request = Request(next(self._ids), list(prompt), params, sampler)
+        request = Request(next(self._ids), list(prompt), params, sampler, logprobs)
+        if events is not None:
+            request.events = events
         with self._wake:
             if self._stopped:
                 raise RuntimeError("the batcher is stopped")
@@ -137,8 +161,8 @@ class ContinuousBatcher:
                     self._observe("decode", len(self.running))
                 self.steps += 1
             except Exception as e:  # noqa: BLE001 - the engine failed: every request in flight gets the error
-                with self._wake:
-                    for request in [*self.running, *self.waiting]:
+                with self._wake:  # admitted ones are in neither list while their prefill runs
+                    for request in [*admitted, *self.running, *self.waiting]:
                         self._finish(request, "error", e)
                     self.running, self.waiting = [], deque()
         with self._wake:
@@ -212,13 +236,21 @@ class ContinuousBatcher:
                 self.waiting.appendleft(victim)
 
     def _sample(self, requests: list[Request], logits: torch.Tensor) -> None:
+        wanted = [r.logprobs for r in requests if r.logprobs is not None]
+        if wanted:  # one log_softmax and top-k for the whole step
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            top_values, top_ids = logp.topk(max(wanted), dim=-1)
         for row, request in enumerate(requests):
             if request.finish_reason is not None:  # cancelled while the step ran
                 continue
             token = int(request.sampler(logits[row:row + 1], torch.zeros(1, dtype=torch.long),
                                         len(request.tokens))[0])
+            if request.logprobs is not None:
+                k = request.logprobs
+                top = list(zip(top_ids[row, :k].tolist(), top_values[row, :k].tolist(), strict=True))
+                request.token_logprobs.append(TokenLogprob(float(logp[row, token]), top))
             request.tokens.append(token)
-            request._queue.put(token)
+            request.events.put((request, token))
             if token in request.params.eos_token_ids:
                 self._retire(request, "stop")
             elif len(request.tokens) >= request.params.max_new_tokens:
@@ -236,5 +268,5 @@ class ContinuousBatcher:
             return
         request.finish_reason = reason if request.finish_reason in (None, "cancelled") else request.finish_reason
         request.error = error
-        request._queue.put(_DONE)
         request._done.set()
+        request.events.put((request, DONE))

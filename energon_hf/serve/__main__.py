@@ -34,6 +34,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="requests allowed to wait for admission before new ones get 429 (default 256)")
     parser.add_argument("--kv-cache-tokens", type=int, default=16384,
                         help="tokens the KV cache holds across all running sequences (default 16384)")
+    parser.add_argument("--embed-batching", choices=("packed", "priority"), default="packed",
+                        help="how /v1/embeddings batches concurrent requests: packed (the oldest first under "
+                             "--max-batch-tokens real tokens; padding-free) or priority (EnergonAI's: length "
+                             "groups with the least padding, by batch size and waiting time) (default packed)")
+    parser.add_argument("--max-wait-ms", type=float, default=50.0,
+                        help="priority batching: a request that waited this long runs in the next batch (default 50)")
     parser.add_argument("--api-key", default=os.environ.get("ENERGON_HF_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on every route but /health "
                              "(default: $ENERGON_HF_API_KEY; none: open)")
@@ -51,20 +57,22 @@ def main(argv: list[str] | None = None) -> int:
 
     source = args.model or defaults.generation_model()
     model = EnergonModel.from_pretrained(source, dtype=args.dtype, device=args.device, tp=args.tp, pp=args.pp)
-    tokenizer = AutoTokenizer.from_pretrained(model.folder)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model.folder)
+    except (OSError, ValueError):  # an image model: its pipeline loads the image processor
+        tokenizer = None
     name = args.served_name or (DEFAULT_NAME if args.model is None
                                 else os.path.basename(str(source).rstrip("/")).removesuffix(".gguf"))
     settings = ServeSettings(served_name=name, api_key=args.api_key, max_queue=args.max_queue,
-                             max_batch_tokens=args.max_batch_tokens, kv_cache_tokens=args.kv_cache_tokens)
+                             max_batch_tokens=args.max_batch_tokens, kv_cache_tokens=args.kv_cache_tokens,
+                             embed_policy=args.embed_batching, max_wait_ms=args.max_wait_ms)
     app = create_app(model, tokenizer, settings)
     print(f"serving {name!r} ({model.architecture.name}, tp={model.tp}, pp={model.pp}) on "
           f"http://{args.host}:{args.port}", flush=True)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:
-        if app.state.batcher is not None:
-            app.state.batcher.close()
-        model.close()
+        app.state.served.close()
     return 0
 
 

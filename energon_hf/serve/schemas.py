@@ -19,7 +19,8 @@ class _Request(BaseModel):
     stream: bool = False
     stop: str | list[str] | None = None
     seed: int | None = None
-    logprobs: bool | int | None = None
+    stream_options: dict | None = None  # {"include_usage": true}: a last chunk with the usage
+    ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (benchmarks)
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -27,6 +28,7 @@ class _Request(BaseModel):
 
 class CompletionRequest(_Request):
     prompt: str | list[int]
+    logprobs: int | None = Field(default=None, ge=0)  # the k most likely tokens with each token's logprob
 
 
 class ChatMessage(BaseModel):
@@ -37,6 +39,8 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, gt=0)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0)
 
 
 class EmbeddingRequest(BaseModel):

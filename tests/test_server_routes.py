@@ -1,0 +1,252 @@
+"""More of the server, each on a real uvicorn server on 127.0.0.1 in a thread of the test process (one
+interpreter start fewer per server): a full queue's 429, an engine worker killed under load, /v1/pipeline for
+encoder and image tasks, and /v1/embeddings' dynamic batching."""
+
+import base64
+import io
+import os
+import signal
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+import torch
+import transformers
+import uvicorn
+from PIL import Image
+from test_server import free_port
+
+from energon_hf import EnergonModel
+from energon_hf.engine.dynamic_batcher import DynamicBatcher, EncodeRequest, pick_priority
+from energon_hf.serve import ServeSettings, create_app
+from energon_hf.serve.embeddings import mean_pooling_runner
+
+
+class ThreadedServer:
+    """create_app served by uvicorn on a free 127.0.0.1 port, in a thread."""
+
+    def __init__(self, model: EnergonModel, tokenizer, settings: ServeSettings):
+        self.app = create_app(model, tokenizer, settings)
+        self.served = self.app.state.served
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> "ThreadedServer":
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "the server did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.served.close()
+
+
+def wait_for(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.01)
+
+
+def completion(prompt: list[int], new: int, **extra) -> dict:
+    return {"model": "tiny", "prompt": prompt, "max_tokens": new, "temperature": 0, "ignore_eos": True, **extra}
+
+
+def test_a_full_queue_answers_429_with_retry_after(chat_llama):
+    """The KV cache (512 tokens) holds one long sequence; a prompt that needs the whole cache waits for it;
+    with --max-queue 1 the next request is refused at once, and the waiting one is served later."""
+    model = EnergonModel.from_pretrained(chat_llama)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(chat_llama)
+    with ThreadedServer(model, tokenizer, ServeSettings("tiny", max_queue=1, kv_cache_tokens=512)) as server:
+        url = server.url + "/v1/completions"
+        waiting: list[httpx.Response] = []
+        with httpx.stream("POST", url, json=completion([5] * 10, 500, stream=True), timeout=120) as first:
+            next(line for line in first.iter_lines() if line.startswith("data: "))  # it is running
+            thread = threading.Thread(target=lambda: waiting.append(httpx.post(url, json=completion([6] * 500, 1),
+                                                                               timeout=120)))
+            thread.start()
+            wait_for(lambda: len(server.served.batcher.waiting) == 1)
+            refused = httpx.post(url, json=completion([7] * 5, 1), timeout=30)
+        assert refused.status_code == 429, refused.text
+        assert refused.headers["retry-after"] == "1" and refused.json()["error"]["type"] == "rate_limit_error"
+        thread.join(60)  # the stream was closed: its sequence left and the waiting request ran
+        assert waiting[0].status_code == 200 and waiting[0].json()["usage"]["completion_tokens"] == 1
+
+
+def test_a_killed_worker_fails_requests_with_503_and_the_server_turns_unhealthy(chat_llama):
+    """Documented behaviour: requests in flight and later ones get 503 engine_error (a stream gets an error
+    event), /health answers 503 so an orchestrator restarts the server; HTTP itself stays up."""
+    model = EnergonModel.from_pretrained(chat_llama, tp=2)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(chat_llama)
+    with ThreadedServer(model, tokenizer, ServeSettings("tiny")) as server:
+        url = server.url + "/v1/completions"
+        answers: list[httpx.Response] = []
+        streamed: list[str] = []
+
+        def ask(i: int) -> None:
+            answers.append(httpx.post(url, json=completion([5 + i] * (4 + i), 1000), timeout=120))
+
+        def stream() -> None:
+            with httpx.stream("POST", url, json=completion([9] * 6, 1000, stream=True), timeout=120) as response:
+                streamed.extend(response.iter_lines())
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(6)] + [threading.Thread(target=stream)]
+        for thread in threads:
+            thread.start()
+        wait_for(lambda: len(server.served.batcher.running) >= 4)
+        os.kill(model.runner.pids[1], signal.SIGKILL)
+        for thread in threads:
+            thread.join(60)
+        assert len(answers) == 6 and all(a.status_code == 503 for a in answers), [a.text for a in answers]
+        assert all(a.json()["error"]["type"] == "engine_error" for a in answers)
+        assert any('"engine_error"' in line for line in streamed) and "data: [DONE]" not in streamed
+        assert httpx.get(server.url + "/health").status_code == 503
+        assert httpx.get(server.url + "/v1/models").status_code == 200
+        late = httpx.post(url, json=completion([5], 2), timeout=30)
+        assert late.status_code == 503 and "engine" in late.json()["error"]["message"]
+
+
+@pytest.fixture(scope="module")
+def minilm_server(minilm_path):
+    model = EnergonModel.from_pretrained(minilm_path)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path)
+    with ThreadedServer(model, tokenizer, ServeSettings("minilm", max_batch_tokens=512)) as server:
+        yield server
+
+
+def hf_sentence_embeddings(folder, texts: list[str]) -> torch.Tensor:
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    model = transformers.AutoModel.from_pretrained(folder).eval()
+    batch = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+
+
+def test_concurrent_embedding_requests_each_equal_transformers(minilm_server, minilm_path):
+    words = "the quick brown fox jumps over a lazy dog while energon packs every token".split()
+    gen = np.random.default_rng(0)
+    requests = [[" ".join(gen.choice(words, int(gen.integers(1, 40)))) for _ in range(int(gen.integers(1, 4)))]
+                for _ in range(24)]
+    answers: list = [None] * len(requests)
+
+    def ask(i: int) -> None:
+        answers[i] = httpx.post(minilm_server.url + "/v1/embeddings", json={"model": "minilm", "input": requests[i]},
+                                timeout=120).json()
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(requests))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    expected = hf_sentence_embeddings(minilm_path, [t for texts in requests for t in texts])
+    got = torch.tensor([d["embedding"] for answer in answers for d in answer["data"]])
+    assert got.shape == expected.shape and (got - expected).abs().max() < 1e-4
+
+
+def test_pipeline_route_feature_extraction_equals_transformers(minilm_server, minilm_path):
+    texts = ["A man is eating food.", "A man is riding a horse."]
+    body = httpx.post(minilm_server.url + "/v1/pipeline", json={"inputs": texts}, timeout=60).json()
+    expected = transformers.pipeline("feature-extraction", model=str(minilm_path), dtype=torch.float32)(texts)
+    for ours, theirs in zip(body, expected, strict=True):
+        assert np.abs(np.array(ours) - np.array(theirs)).max() < 1e-4
+    bad = httpx.post(minilm_server.url + "/v1/pipeline", json={"inputs": texts, "parameters": {"device": 0}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "parameters"
+    assert httpx.post(minilm_server.url + "/v1/pipeline", json={"inputs": [1, 2]}).status_code == 400
+
+
+def test_pipeline_route_images_come_as_base64_never_as_paths_or_urls(tmp_path):
+    config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=2,
+                                    num_attention_heads=4, intermediate_size=96,
+                                    id2label={0: "cat", 1: "dog", 2: "bird"}, label2id={"cat": 0, "dog": 1, "bird": 2})
+    torch.manual_seed(0)
+    transformers.ViTForImageClassification(config).save_pretrained(tmp_path)
+    transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path)
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 30, 3), dtype=np.uint8))
+    png = io.BytesIO()
+    picture.save(png, format="PNG")
+    encoded = base64.b64encode(png.getvalue()).decode()
+    with ThreadedServer(EnergonModel.from_pretrained(tmp_path), None, ServeSettings("vit")) as server:
+        url = server.url + "/v1/pipeline"
+        ours = httpx.post(url, json={"inputs": [encoded, "data:image/png;base64," + encoded],
+                                     "parameters": {"top_k": 2}}, timeout=60).json()
+        theirs = transformers.pipeline("image-classification", model=str(tmp_path))(picture, top_k=2)
+        for answer in ours:
+            assert [d["label"] for d in answer] == [d["label"] for d in theirs]
+            assert max(abs(a["score"] - b["score"]) for a, b in zip(answer, theirs, strict=True)) < 1e-4
+        for refused in (str(tmp_path / "model.safetensors"), "http://127.0.0.1:1/cat.png", "bm90IGFuIGltYWdl"):
+            response = httpx.post(url, json={"inputs": refused}, timeout=30)
+            assert response.status_code == 400 and "base64" in response.json()["error"]["message"]
+
+
+def test_dynamic_batching_runs_requests_that_waited_together(minilm_path):
+    """While a batch runs, the next requests queue up; they then run as one batch (packed policy) whose
+    results are each request's own."""
+    model = EnergonModel.from_pretrained(minilm_path)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path)
+    embed = mean_pooling_runner(model, tokenizer)
+    gate, batches = threading.Event(), []
+
+    def run(sequences):
+        gate.wait(30)  # holds the first batch so that the others queue behind it
+        batches.append(len(sequences))
+        return embed(sequences)
+
+    batcher = DynamicBatcher(run, max_batch_tokens=4096)
+    try:
+        texts = [["A man is eating food."], ["A cat.", "Tensor parallelism splits weights."], ["Paris is in France."]]
+        first = batcher.submit(tokenizer(["The first request."])["input_ids"])
+        wait_for(lambda: batcher.running)
+        futures = [batcher.submit(tokenizer(t)["input_ids"]) for t in texts]
+        gate.set()
+        first.result(30)
+        results = [f.result(30) for f in futures]
+    finally:
+        batcher.close()
+    assert batches == [1, 4]  # the three waiting requests (four texts) ran together
+    expected = hf_sentence_embeddings(minilm_path, [t for group in texts for t in group])
+    got = torch.stack([torch.nn.functional.normalize(v, dim=-1) for r in results for v in r])
+    assert (got - expected).abs().max() < 1e-4
+
+
+def test_priority_policy_groups_by_length_and_never_starves():
+    """EnergonAI's policy: length-sorted groups with the least padding; the biggest group first, unless a
+    request waited past max_wait, whose group then goes first."""
+    ran: list[list[int]] = []
+    gate = threading.Event()
+
+    def run(sequences):
+        gate.wait(30)
+        ran.append(sorted(len(s) for s in sequences))
+        return [len(s) for s in sequences]
+
+    batcher = DynamicBatcher(run, max_batch_tokens=1024, policy="priority", max_wait_s=60)
+    try:
+        hold = batcher.submit([[1]])
+        wait_for(lambda: batcher.running)
+        lengths = [100, 5, 101, 6, 7, 102, 5]
+        futures = [batcher.submit([[1] * n]) for n in lengths]
+        gate.set()
+        assert [f.result(30) for f in futures] == [[n] for n in lengths] and hold.result(30) == [1]
+    finally:
+        batcher.close()
+    assert ran == [[1], [5, 5, 6, 7], [100, 101, 102]]
+
+
+
+def test_priority_policy_runs_a_request_that_waited_past_max_wait_first():
+    now = 100.0
+    short = [EncodeRequest([[1] * 5], arrived=now - 0.01) for _ in range(6)]
+    long = EncodeRequest([[1] * 200], arrived=now - 0.01)
+    assert pick_priority([long, *short], now, 4096, max_wait_s=1.0) == short  # the bigger group
+    long.arrived = now - 1.0  # waited max_wait: its group goes first, however small
+    assert pick_priority([long, *short], now, 4096, max_wait_s=1.0) == [long]
