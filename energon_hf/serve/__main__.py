@@ -1,9 +1,11 @@
 """python -m energon_hf.serve: an OpenAI-compatible HTTP server on an energon_hf model.
 
-    python -m energon_hf.serve --model PATH_OR_GGUF [--tp 2 --pp 1] [--host 127.0.0.1 --port 8020]
+    python -m energon_hf.serve [--model PATH_OR_GGUF] [--tp 2 --pp 1] [--host 127.0.0.1 --port 8020]
+    python -m energon_hf.serve --config energon_config.py      # EnergonAI's config files
 
 Endpoints: /v1/completions and /v1/chat/completions (generation models; `stream: true` for server-sent
-events), /v1/embeddings (encoder models), /v1/models, /health, /metrics (Prometheus).
+events), /v1/embeddings (encoder base models), /v1/pipeline (the HF Inference API's {"inputs",
+"parameters"} for the model's task), /v1/models, /health, /metrics (Prometheus).
 """
 
 from __future__ import annotations
@@ -15,21 +17,30 @@ import sys
 from energon_hf import defaults
 
 DEFAULT_NAME = "SmolLM2-135M-Instruct"  # the embedded default model
+# Flags a --config file may set: their defaults apply after the file (a flag given on the command line wins).
+# tp/pp None: 1, or what a pre-sharded checkpoint's manifest says.
+DEFAULTS = {"model": None, "tp": None, "pp": None, "dtype": "auto", "device": "cpu", "host": "127.0.0.1", "port": 8020}
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m energon_hf.serve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None,
                         help="checkpoint folder, hub id or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--config", default=None,
+                        help="an EnergonAI-style Python config file (model_class, model_type, half, backend, "
+                             "tp_init_size, pp_init_size, server_host, server_port, host, port, rm_padding, "
+                             "checkpoint; see energon_hf/serve/config.py); flags given here win over it")
     parser.add_argument("--served-name", default=None, help="the model name clients send (default: --model's name)")
     parser.add_argument("--tp", type=int, default=None, help="tensor-parallel worker processes (default 1)")
     parser.add_argument("--pp", type=int, default=None, help="pipeline stages (default 1)")
-    parser.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, float16 or bfloat16")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8020, help="port to listen on (default 8020)")
+    parser.add_argument("--dtype", default=None, help="auto (the checkpoint's; default), float32, float16 or bfloat16")
+    parser.add_argument("--device", default=None, help="cpu (default) or cuda")
+    parser.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=None, help="port to listen on (default 8020)")
     parser.add_argument("--max-batch-tokens", type=int, default=4096,
-                        help="most prompt tokens admitted into one prefill step (default 4096)")
+                        help="most prompt tokens admitted into one prefill step, and most real tokens of one "
+                             "encoder batch (default 4096)")
     parser.add_argument("--max-queue", type=int, default=256,
                         help="requests allowed to wait for admission before new ones get 429 (default 256)")
     parser.add_argument("--kv-cache-tokens", type=int, default=16384,
@@ -46,33 +57,70 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def resolve(args: argparse.Namespace) -> dict:
+    """The settings: command-line flags, else the config file's, else the defaults."""
+    from .config import read_config
+
+    config = read_config(args.config) if args.config else {}
+    merged = {key: getattr(args, key) if getattr(args, key) is not None else config.get(key, default)
+              for key, default in DEFAULTS.items()}
+    merged["factory"] = None if args.model else config.get("factory")
+    merged["task"] = config.get("task")
+    return merged
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    import uvicorn
-    from transformers import AutoTokenizer
+    from .config import ConfigError
 
-    from energon_hf import EnergonModel
-
-    from .app import ServeSettings, create_app
-
-    source = args.model or defaults.generation_model()
-    model = EnergonModel.from_pretrained(source, dtype=args.dtype, device=args.device, tp=args.tp, pp=args.pp)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model.folder)
-    except (OSError, ValueError):  # an image model: its pipeline loads the image processor
-        tokenizer = None
-    name = args.served_name or (DEFAULT_NAME if args.model is None
-                                else os.path.basename(str(source).rstrip("/")).removesuffix(".gguf"))
-    settings = ServeSettings(served_name=name, api_key=args.api_key, max_queue=args.max_queue,
+        setup = resolve(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    from .app import ServeSettings
+
+    def settings(name: str) -> ServeSettings:
+        return ServeSettings(served_name=name, api_key=args.api_key, max_queue=args.max_queue,
                              max_batch_tokens=args.max_batch_tokens, kv_cache_tokens=args.kv_cache_tokens,
                              embed_policy=args.embed_batching, max_wait_ms=args.max_wait_ms)
-    app = create_app(model, tokenizer, settings)
-    print(f"serving {name!r} ({model.architecture.name}, tp={model.tp}, pp={model.pp}) on "
-          f"http://{args.host}:{args.port}", flush=True)
+
+    if setup["factory"] is not None:  # a config file's custom model_class
+        from energon_hf.engine.launch import launch
+
+        from .custom import create_custom_app
+
+        factory = setup["factory"]
+        name = args.served_name or getattr(getattr(factory, "func", factory), "__name__", "custom")
+        model = launch(factory, tp=setup["tp"] or 1, pp=setup["pp"] or 1, device=setup["device"])
+        app = create_custom_app(model, settings(name), setup["task"] or "custom")
+        description, close = f"custom model, tp={setup['tp'] or 1}, pp={setup['pp'] or 1}", model.close
+    else:
+        from transformers import AutoTokenizer
+
+        from energon_hf import EnergonModel
+
+        from .app import create_app
+
+        source = setup["model"] or defaults.generation_model()
+        model = EnergonModel.from_pretrained(source, dtype=setup["dtype"], device=setup["device"], tp=setup["tp"],
+                                             pp=setup["pp"])
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model.folder)
+        except (OSError, ValueError):  # an image model: its pipeline loads the image processor
+            tokenizer = None
+        name = args.served_name or (DEFAULT_NAME if setup["model"] is None
+                                    else os.path.basename(str(source).rstrip("/")).removesuffix(".gguf"))
+        app = create_app(model, tokenizer, settings(name))
+        description, close = f"{model.architecture.name}, tp={model.tp}, pp={model.pp}", app.state.served.close
+    print(f"serving {name!r} ({description}) on "
+          f"http://{setup['host']}:{setup['port']}", flush=True)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        uvicorn.run(app, host=setup["host"], port=setup["port"], log_level="warning")
     finally:
-        app.state.served.close()
+        close()
     return 0
 
 

@@ -10,6 +10,7 @@ arrive while the model is busy go together into the next padding-free batch. Err
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -59,12 +60,9 @@ def _served(model: EnergonModel, tokenizer, settings: ServeSettings) -> Served:
                   encoder_pipeline)
 
 
-def create_app(model: EnergonModel, tokenizer, settings: ServeSettings) -> FastAPI:
-    served = _served(model, tokenizer, settings)
+def base_app(settings: ServeSettings, metrics: Metrics, healthy: Callable[[], bool], task: str) -> FastAPI:
+    """What every server has: the API key and body size guard, JSON errors, /health, /v1/models, /metrics."""
     app = FastAPI(title="energon_hf", version="0.1")
-    app.state.served = served
-    for module in (generation, embeddings, pipeline_api):
-        app.include_router(module.router)
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -94,17 +92,27 @@ def create_app(model: EnergonModel, tokenizer, settings: ServeSettings) -> FastA
 
     @app.get("/health")
     def health():
-        if not served.healthy:
+        if not healthy():
             return APIError(503, "the engine is down", kind="engine_error").response()
         return {"status": "ok"}
 
     @app.get("/v1/models")
     def models():
         return {"object": "list", "data": [{"id": settings.served_name, "object": "model", "created": 0,
-                                            "owned_by": "energon_hf", "task": served.task}]}
+                                            "owned_by": "energon_hf", "task": task}]}
 
     @app.get("/metrics")
     def prometheus():
-        return Response(generate_latest(served.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    return app
+
+
+def create_app(model: EnergonModel, tokenizer, settings: ServeSettings) -> FastAPI:
+    """The server of an EnergonModel: generation or encoder routes by what the model is."""
+    served = _served(model, tokenizer, settings)
+    app = base_app(settings, served.metrics, lambda: served.healthy, served.task)
+    app.state.served = served
+    for module in (generation, embeddings, pipeline_api):
+        app.include_router(module.router)
     return app
