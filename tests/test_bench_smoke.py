@@ -51,3 +51,14 @@ def test_tp_load_memory(tmp_path):
     result = _run("tp_load_memory.py", tmp_path / "load.json", "--folder", str(tmp_path / "ckpt"))
     assert set(result["runs"]) == {"transformers", "energon_hf", "energon_hf_presharded"}
     assert len(result["runs"]["energon_hf"]["ranks"]) == 2 and result["worst_rank_peak_rss_over_model"] > 0
+
+
+def test_serve_vs_hf(tmp_path):
+    """The real server as a subprocess at 1 and 4 clients, then transformers' static batch, on a tiny Llama."""
+    result = _run("serve_vs_hf.py", tmp_path / "serve.json")
+    assert set(result["server"]) == {"1", "4"}
+    for clients, level in result["server"].items():
+        assert level["clients"] == int(clients) and level["exact_lengths"] is True
+        assert len(level["latencies_s"]) == level["requests"] and level["tokens_per_s"] > 0
+    assert result["transformers"]["tokens_per_s"] > 0 and result["ratio"] > 0
+    assert result["same_text"] is True and result["same_text_across_concurrency"] is True
