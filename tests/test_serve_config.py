@@ -6,13 +6,13 @@ import re
 import subprocess
 import sys
 import textwrap
-import time
 
 import httpx
 import pytest
 import torch
-from test_server import AUTH, free_port, start_server
+from test_server import AUTH, start_server
 
+from energon_hf.serve.__main__ import parse_args, resolve
 from energon_hf.serve.config import ConfigError, read_config
 
 CUSTOM = '''
@@ -75,6 +75,8 @@ def test_custom_model_class_from_parallel_layers_serves_its_forward(tmp_path):
         w = mlp_config.weights()
         expected = torch.nn.functional.gelu(x @ w["fc1.weight"].T + w["fc1.bias"]) @ w["fc2.weight"].T + w["fc2.bias"]
         assert (torch.tensor(body.json()) - expected).abs().max() < 1e-5
+        serving = next(line for line in process.stdout if line.startswith("serving"))  # printed before /health
+        assert "tp=2, pp=1" in serving  # tp_init_size = 2
         models = httpx.get(url + "/v1/models", headers=AUTH).json()["data"][0]
         assert models["id"] == "build_mlp" and models["task"] == "mlp"
         wrong = httpx.post(url + "/v1/pipeline", json={"inputs": [[1.0, 2.0]]}, headers=AUTH, timeout=60)
@@ -85,33 +87,26 @@ def test_custom_model_class_from_parallel_layers_serves_its_forward(tmp_path):
         process.wait(30)
 
 
-def test_a_checkpoint_config_sets_parallelism_and_the_listening_port(tmp_path, chat_llama):
-    port = free_port()
-    (tmp_path / "llama_config.py").write_text(textwrap.dedent(f'''
-        model_class = {str(chat_llama)!r}
+def test_a_checkpoint_config_maps_energonai_keys_and_flags_win(tmp_path):
+    (tmp_path / "gpt_config.py").write_text(textwrap.dedent("""
+        model_class = "path/to/checkpoint"
         model_type = "gpt"
+        half = True
+        backend = "gloo"
         tp_init_size = 2
-        server_host = "127.0.0.1"
-        server_port = {port}
-        rm_padding = True
-    '''))
-    process = subprocess.Popen([sys.executable, "-P", "-m", "energon_hf.serve", "--config",
-                                str(tmp_path / "llama_config.py"), "--served-name", "tiny"],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        line = process.stdout.readline()
-        assert f"tp=2, pp=1) on http://127.0.0.1:{port}" in line, line
-        body = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 3, "temperature": 0}
-        for _ in range(600):
-            try:
-                answer = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60)
-                break
-            except httpx.ConnectError:
-                time.sleep(0.1)
-        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 3
-    finally:
-        process.terminate()
-        process.wait(30)
+        pp_init_size = 2
+        server_host = "0.0.0.0"
+        server_port = 8123
+        host = "127.0.0.1"
+        port = 29400
+        rm_padding = False
+    """))
+    config = str(tmp_path / "gpt_config.py")
+    setup = resolve(parse_args(["--config", config]))
+    assert setup == {"model": "path/to/checkpoint", "tp": 2, "pp": 2, "dtype": "float16", "device": "cpu",
+                     "host": "0.0.0.0", "port": 8123, "factory": None, "task": "gpt"}
+    flags = resolve(parse_args(["--config", config, "--tp", "1", "--port", "9000", "--dtype", "float32"]))
+    assert (flags["tp"], flags["port"], flags["dtype"], flags["pp"]) == (1, 9000, "float32", 2)
 
 
 def test_bad_config_files_are_clear_errors(tmp_path):
