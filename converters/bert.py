@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from transformers import BertConfig
+from typing import TYPE_CHECKING
 
 from .weights import WeightSpec, fused, renamed
+
+if TYPE_CHECKING:
+    from transformers import BertConfig
 
 # our sub-module -> HF sub-module, inside layer i
 _LAYER_MODULES = {

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from transformers import GPT2Config
+from typing import TYPE_CHECKING
 
 from .weights import WeightSpec
+
+if TYPE_CHECKING:
+    from transformers import GPT2Config
 
 # our sub-module -> HF sub-module, inside block h.{i}
 _BLOCK_LINEARS = {"attn.qkv": "attn.c_attn", "attn.proj": "attn.c_proj", "fc": "mlp.c_fc", "proj": "mlp.c_proj"}

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from transformers import LlamaConfig
+from typing import TYPE_CHECKING
 
 from .weights import WeightSpec, fused, params_of, renamed
+
+if TYPE_CHECKING:
+    from transformers import LlamaConfig
 
 
 def llama_causal_lm_specs(config: LlamaConfig, prefix: str = "") -> dict[str, WeightSpec]:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from transformers import OPTConfig
+from typing import TYPE_CHECKING
 
 from .weights import WeightSpec, fused, params_of, renamed
+
+if TYPE_CHECKING:
+    from transformers import OPTConfig
 
 
 def opt_causal_lm_specs(config: OPTConfig, prefix: str = "") -> dict[str, WeightSpec]:

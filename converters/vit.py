@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from transformers import ViTConfig
+from typing import TYPE_CHECKING
 
 from .weights import WeightSpec, fused, params_of, renamed
+
+if TYPE_CHECKING:
+    from transformers import ViTConfig
 
 # our sub-module -> HF sub-module, inside layer i
 _LAYER_MODULES = {

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -83,9 +87,48 @@ def resolve_dtype(dtype: str | torch.dtype, config: PretrainedConfig) -> torch.d
     return _DTYPES[dtype]
 
 
+# torch.nn.init's initialisers (the ones layers' reset_parameters call).
+_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+                   "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_", "sparse_")
+_meta_init_lock = threading.Lock()
+_meta_init_users = 0
+_meta_init_originals: dict[str, object] = {}
+
+
+def _skipping_meta(init):
+    @functools.wraps(init)
+    def skip_meta(tensor, *args, **kwargs):
+        return tensor if tensor.is_meta else init(tensor, *args, **kwargs)
+
+    return skip_meta
+
+
+@contextmanager
+def _no_init_on_meta() -> Iterator[None]:
+    """Layers built on the meta device skip their random initialisation: a meta tensor holds no values, so
+    nothing changes, but torch runs those initialisers through its Python reference kernels there, whose
+    first use imports torch._dynamo (seconds of start-up in every worker process). Tensors elsewhere (other
+    threads included) are initialised as usual."""
+    global _meta_init_users
+    with _meta_init_lock:
+        if _meta_init_users == 0:
+            for name in _INIT_FUNCTIONS:
+                _meta_init_originals[name] = getattr(nn.init, name)
+                setattr(nn.init, name, _skipping_meta(_meta_init_originals[name]))
+        _meta_init_users += 1
+    try:
+        yield
+    finally:
+        with _meta_init_lock:
+            _meta_init_users -= 1
+            if _meta_init_users == 0:
+                for name in _INIT_FUNCTIONS:
+                    setattr(nn.init, name, _meta_init_originals.pop(name))
+
+
 def empty_model(config: PretrainedConfig) -> nn.Module:
     """The model for `config` on the meta device: its structure and class attributes, no memory."""
-    with init_empty_weights():
+    with init_empty_weights(), _no_init_on_meta():
         return architecture_for(config).model_cls(config)
 
 

@@ -56,4 +56,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # As energon_hf.engine's workers: skip the interpreter's slow teardown of torch (torchrun, and the
+    # driver's close(), wait for this exit).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

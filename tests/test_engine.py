@@ -81,10 +81,17 @@ def test_concurrent_callers_get_their_own_results(mlp):
         assert (results[i] - unsplit_mlp(x)).abs().max() < 1e-5
 
 
-def test_two_engines_run_side_by_side(mlp):
+def test_two_engines_run_side_by_side_and_with_stops_every_worker(mlp):
+    """A second engine next to the module's; leaving its `with` block stops its workers, not the other's."""
     with launch(build_mlp, tp=2, threads_per_rank=1) as other:
+        pids = other.runner.pids
+        assert all(alive(p) for p in pids)
         x = torch.randn(3, HIDDEN)
         assert torch.allclose(other(x), mlp(x), atol=1e-6)
+    assert wait_gone(pids)
+    with pytest.raises(EngineDeadError, match="closed"):
+        other(torch.zeros(1, HIDDEN))
+    assert (mlp(x) - unsplit_mlp(x)).abs().max() < 1e-5
 
 
 def test_a_factory_error_reaches_the_caller_and_no_worker_stays():
@@ -110,15 +117,6 @@ def test_killed_worker_fails_pending_and_new_calls_quickly():
         model(torch.zeros(1, HIDDEN))
     assert wait_gone(pids)
     model.close()
-
-
-def test_close_and_with_stop_every_worker():
-    with launch(build_mlp, tp=2, threads_per_rank=1) as model:
-        pids = model.runner.pids
-        assert all(alive(p) for p in pids)
-    assert wait_gone(pids)
-    with pytest.raises(EngineDeadError, match="closed"):
-        model(torch.zeros(1, HIDDEN))
 
 
 @pytest.mark.parametrize("ending", ["return", "sigkill"])

@@ -28,7 +28,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from energon_hf.models.staged import StagedModel
 from energon_hf.parallel import init_parallel, stage_layers, state
 
 from .pipeline import PipelineStage, call_stage
@@ -101,6 +100,14 @@ def _exit_when_driver_dies(lifeline: Connection) -> None:
     os._exit(0)
 
 
+def _is_staged_model(model: nn.Module) -> bool:
+    """A model of energon_hf.models (built from a checkpoint). Looked up, not imported: the workers of a
+    custom model never import that package, and transformers with it (seconds of start-up per rank); a
+    StagedModel instance implies its module is loaded."""
+    staged = sys.modules.get("energon_hf.models.staged")
+    return staged is not None and isinstance(model, staged.StagedModel)
+
+
 class Worker:
     def __init__(self, spec: WorkerSpec):
         self.spec = spec
@@ -118,7 +125,7 @@ class Worker:
         self.build_s = time.perf_counter() - start
         st = state()
         dtype = next((p.dtype for p in self.model.parameters() if not p.is_meta), torch.float32)
-        staged = isinstance(self.model, StagedModel) and st.pp_size > 1  # custom models stage themselves
+        staged = _is_staged_model(self.model) and st.pp_size > 1  # custom models stage themselves
         layers = stage_layers(len(self.model.layer_list), st.pp_size, st.pp_rank) if staged else None
         self.runner = LocalRunner(self.model, self.device, dtype, layers)
         self.stage = PipelineStage(self.runner, self.model.config.hidden_size, dtype, self.device) if layers else None

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
-from transformers import BertConfig
 from transformers.modeling_outputs import (
     BaseModelOutputWithPoolingAndCrossAttentions,
     MaskedLMOutput,
@@ -19,6 +20,9 @@ from energon_hf.nn.norm import LayerNorm
 from energon_hf.parallel import divide
 
 from .staged import StagedModel
+
+if TYPE_CHECKING:
+    from transformers import BertConfig
 
 
 class BertLayer(nn.Module):

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
-from transformers import GPT2Config
 from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions, CausalLMOutputWithCrossAttentions
 
 from energon_hf.engine.batch import PackedBatch
@@ -14,6 +15,9 @@ from energon_hf.nn.norm import LayerNorm
 from energon_hf.parallel import divide
 
 from .staged import StagedModel
+
+if TYPE_CHECKING:
+    from transformers import GPT2Config
 
 
 class GPT2Attention(nn.Module):

@@ -3,10 +3,10 @@ grouped-query attention."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
-from transformers import LlamaConfig
-from transformers.activations import get_activation
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from energon_hf import kernels
@@ -18,6 +18,9 @@ from energon_hf.nn.rotary import RotaryEmbedding, apply_rotary
 from energon_hf.parallel import divide
 
 from .staged import StagedModel
+
+if TYPE_CHECKING:
+    from transformers import LlamaConfig
 
 
 def head_dim(config: LlamaConfig) -> int:
@@ -52,6 +55,8 @@ class LlamaMLP(nn.Module):
     """SwiGLU with gate and up fused into one projection."""
 
     def __init__(self, config: LlamaConfig):
+        from transformers.activations import get_activation  # slow to import (see nn/linear.py): only here
+
         super().__init__()
         size = config.intermediate_size
         self.intermediate = divide(size, "intermediate_size")  # this rank's gate and up halves

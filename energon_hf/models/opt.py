@@ -3,9 +3,10 @@ optional projections between the embedding width and the hidden width."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
-from transformers import OPTConfig
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from energon_hf.engine.batch import PackedBatch
@@ -15,6 +16,9 @@ from energon_hf.nn.norm import LayerNorm
 from energon_hf.parallel import divide
 
 from .staged import StagedModel
+
+if TYPE_CHECKING:
+    from transformers import OPTConfig
 
 POSITION_OFFSET = 2  # OPT's position table starts with two unused rows
 

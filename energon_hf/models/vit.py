@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
-from transformers import ViTConfig
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 
 from energon_hf.engine.batch import PackedBatch
@@ -13,6 +14,9 @@ from energon_hf.nn.norm import LayerNorm
 from energon_hf.parallel import divide
 
 from .staged import StagedModel
+
+if TYPE_CHECKING:
+    from transformers import ViTConfig
 
 
 class ViTLayer(nn.Module):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.activations import get_activation
 
 from energon_hf import kernels
 
@@ -23,7 +22,13 @@ class Linear(nn.Linear):
                  **kwargs):
         super().__init__(in_features, out_features, bias=bias, **kwargs)
         self.gelu = GELU_FORMS.get(activation) if activation else None
-        self.act = get_activation(activation) if activation and self.gelu is None else None
+        self.act = None
+        if activation and self.gelu is None:
+            # imported here: transformers.activations pulls in torch.distributed.tensor (seconds of start-up
+            # in every worker process), and only non-GELU activations need it
+            from transformers.activations import get_activation
+
+            self.act = get_activation(activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gelu is not None:
