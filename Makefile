@@ -40,10 +40,12 @@ test: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest
 
-bench: $(VENV)/.installed-run
-	$(PY) -P bench/bert_packed_vs_hf.py
-	$(PY) -P bench/generate_vs_hf.py
-	$(PY) -P bench/tp_latency.py
+$(VENV)/.installed-bench: setup.cfg pyproject.toml $(VENV)/.installed-run
+	$(PY) -m pip install -e ".[models,bench]"
+	touch $@
+
+bench: $(VENV)/.installed-bench
+	$(PY) -P bench/run.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import os
 import platform
+import socket
+import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import httpx
 import torch
 import transformers
 
@@ -47,3 +51,65 @@ def machine_info(threads: int) -> dict[str, Any]:
         # waits for a descheduled thread and op-heavy code (the packed per-sequence loop) suffers most.
         "loadavg_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
+
+
+def synchronized(call: Callable[[], Any], device: torch.device) -> Callable[[], Any]:
+    """`call`, returning only once a CUDA device has finished it (so that wall-clock timing is honest)."""
+    if device.type != "cuda":
+        return call
+
+    def run() -> Any:
+        out = call()
+        torch.cuda.synchronize(device)
+        return out
+    return run
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default), without numpy."""
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100
+    low = int(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(command: list[str], threads: int, log: Path, timeout_s: float = 300) -> tuple[subprocess.Popen, str]:
+    """Start a server process (`command` + `--port` a free port) and wait until its /health answers 200."""
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           # The server (tp=1: the model runs in its own process) never calls torch.set_num_threads, so
+           # torch takes its intra-op thread count from OpenMP's environment.
+           "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    env.pop("ENERGON_HF_API_KEY", None)  # a key in our environment would make the server demand it
+    # The log goes to a file, not a pipe nobody reads: a full pipe would block the server.
+    with log.open("w") as out:
+        process = subprocess.Popen([*command, "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited ({process.returncode}): {log.read_text()[-3000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    stop_server(process)
+    raise RuntimeError(f"the server did not come up in {timeout_s:.0f} s: {log.read_text()[-3000:]}")
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

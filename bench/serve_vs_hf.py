@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -45,7 +44,7 @@ from energon_hf import defaults
 from energon_hf.loading import resolve_model_path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run with -P: the bench folder itself is not on sys.path
-from common import machine_info  # noqa: E402
+from common import machine_info, percentile, start_server, stop_server  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET = 3.0  # the issue's target: server tokens/s at 64 clients >= 3x transformers' static batches
@@ -88,47 +87,9 @@ def make_quick_model(folder: Path) -> Path:
 
 
 # -- the server -------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(model: str, threads: int, extra: list[str], log: Path,
-                 timeout_s: float = 300) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           # The server (tp=1: the model runs in its own process) never calls torch.set_num_threads, so
-           # torch takes its intra-op thread count from OpenMP's environment.
-           "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    env.pop("ENERGON_HF_API_KEY", None)  # a key in our environment would make the server demand it
-    # The log goes to a file, not a pipe nobody reads: a full pipe would block the server.
-    with log.open("w") as out:
-        process = subprocess.Popen([sys.executable, "-P", "-m", "energon_hf.serve", "--model", model,
-                                    "--served-name", SERVED_NAME, "--port", str(port), "--dtype", "float32", *extra],
-                                   env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the server exited ({process.returncode}): {log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    stop_server(process)
-    raise RuntimeError(f"the server did not come up in {timeout_s:.0f} s: {log.read_text()[-3000:]}")
-
-
-def stop_server(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+def start_energon_server(model: str, threads: int, extra: list[str], log: Path) -> tuple[subprocess.Popen, str]:
+    return start_server([sys.executable, "-P", "-m", "energon_hf.serve", "--model", model, "--served-name",
+                         SERVED_NAME, "--dtype", "float32", *extra], threads, log)
 
 
 def complete(client: httpx.Client, url: str, job: Job) -> dict[str, Any]:
@@ -148,15 +109,6 @@ def batch_size_stats(url: str) -> dict[str, tuple[float, float]]:
     for part, kind, value in re.findall(r'^energon_batch_size_(sum|count)\{kind="(\w+)"\} (\S+)$', text, re.M):
         stats.setdefault(kind, [0.0, 0.0])[0 if part == "sum" else 1] = float(value)
     return {kind: (total, count) for kind, (total, count) in stats.items()}
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default), without numpy."""
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100
-    low = int(pos)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
 
 
 def run_level(url: str, jobs: list[Job], clients: int) -> dict[str, Any]:
@@ -218,7 +170,8 @@ def hf_generate(hf: torch.nn.Module, jobs: list[Job], pad_id: int) -> tuple[torc
     new = max(j.max_tokens for j in jobs)
     # min_new_tokens only says what is meant (exactly `new` tokens); with no EOS it has nothing to suppress.
     with torch.inference_mode():
-        out = hf.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+        out = hf.generate(ids.to(hf.device), attention_mask=mask.to(hf.device), max_new_tokens=new,
+                          min_new_tokens=new, do_sample=False,
                           eos_token_id=None, pad_token_id=pad_id)
     return out[:, width:], new
 
@@ -243,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch threads, for the server and transformers")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="tiny random Llama: a smoke run")
+    parser.add_argument("--gpu", action="store_true", help="CUDA, fp16, on both sides")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     clients = args.clients or ([1, 4] if args.quick else [1, 8, 64])
@@ -269,7 +223,9 @@ def main(argv: list[str] | None = None) -> int:
         jobs = workload(max(counts), tuple(args.prompt_lens), output_lens, ids, args.seed)
 
         # -- the server: each level in turn, nothing else running --
-        process, url = start_server(model, args.threads, args.server_args, Path(tmp) / "server.log")
+        device_args = ["--device", "cuda", "--dtype", "float16"] if args.gpu else []  # the later --dtype wins
+        process, url = start_energon_server(model, args.threads, [*device_args, *args.server_args],
+                                            Path(tmp) / "server.log")
         levels: dict[str, dict[str, Any]] = {}
         try:
             with httpx.Client(timeout=600) as client:
@@ -289,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
             server_log = (Path(tmp) / "server.log").read_text()[-2000:]
 
         # -- transformers: the last level's requests in static batches, after the server is gone --
-        hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        hf = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.float16 if args.gpu else torch.float32).to("cuda" if args.gpu else "cpu").eval()
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         hf_generate(hf, [Job(jobs[0].prompt[:8], 2)], pad_id)  # warm-up, as on the server
         hf_jobs = jobs[:counts[-1]]

@@ -18,13 +18,6 @@ def _run(script: str, out: Path, *args: str) -> dict:
     return json.loads(out.read_text())
 
 
-def test_bert_packed_vs_hf(tmp_path):
-    result = _run("bert_packed_vs_hf.py", tmp_path / "bert.json")
-    assert result["max_abs_diff_ok"] is True
-    assert set(result["real_tokens_per_s"]) == {"hf_sdpa_padded", "energon_packed"}
-    assert result["ratio_energon_over_hf"] > 0
-
-
 def test_generate_vs_hf(tmp_path):
     result = _run("generate_vs_hf.py", tmp_path / "gen.json", "--batches", "1", "3")
     assert set(result["runs"]) == {"1", "3"}
@@ -41,24 +34,62 @@ def test_gpu_kernels_script(tmp_path):
     assert all(figures.get("matched", True) for figures in result["kernels"].values())
 
 
-def test_tp_latency(tmp_path):
-    result = _run("tp_latency.py", tmp_path / "tp.json")
-    assert result["max_abs_diff_tp2_vs_tp1"] < 1e-4 and result["ratio_tp2_over_tp1"] > 0
-    assert [s["tp_rank"] for s in result["rank_stats"]] == [0, 1]
-
-
 def test_tp_load_memory(tmp_path):
     result = _run("tp_load_memory.py", tmp_path / "load.json", "--folder", str(tmp_path / "ckpt"))
     assert set(result["runs"]) == {"transformers", "energon_hf", "energon_hf_presharded"}
     assert len(result["runs"]["energon_hf"]["ranks"]) == 2 and result["worst_rank_peak_rss_over_model"] > 0
 
 
-def test_serve_vs_hf(tmp_path):
-    """The real server as a subprocess at 1 and 4 clients, then transformers' static batch, on a tiny Llama."""
-    result = _run("serve_vs_hf.py", tmp_path / "serve.json")
-    assert set(result["server"]) == {"1", "4"}
-    for clients, level in result["server"].items():
+@pytest.mark.timeout(600)
+def test_suite_quick(tmp_path):
+    """bench/run.py --quick: the four experiments (runtime, dynamic batching through three real servers, tp
+    scaling, the generation server against transformers) on tiny sizes, their JSON, plots and README table."""
+    out = tmp_path / "results"
+    done = subprocess.run([sys.executable, "-P", str(BENCH / "run.py"), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=560)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    suite = json.loads((out / "suite.json").read_text())
+    experiments = suite["experiments"]
+    assert set(experiments) == {"runtime", "dynamic_batching", "tp_scaling", "generation"}
+    assert all(entry["exit"] == 0 for entry in experiments.values())
+
+    runtime = experiments["runtime"]["result"]
+    assert {(r["model"], r["batch"]) for r in runtime["runs"]} == {
+        (m, b) for m in ("gpt2-tiny", "bert-tiny", "minilm") for b in (1, 4)}
+    assert all(r["parity_ok"] and r["ratio"] > 0 and r["useful_flops"] > 0 for r in runtime["runs"])
+    assert runtime["matmul_peak_flops_per_s"] > 0
+
+    batching = experiments["dynamic_batching"]["result"]
+    assert set(batching["servers"]) == {"fifo_padded", "energonai_padded", "energon_packed"}
+    assert batching["same_embeddings"] is True
+    assert all(level["requests"] == 24 and level["batches"] >= 1 for level in batching["servers"].values())
+
+    tp = experiments["tp_scaling"]["result"]
+    assert {(r["tp"], r["batch"]) for r in tp["runs"]} == {(1, 1), (1, 4), (2, 1), (2, 4)}
+    assert all(r["max_abs_diff_vs_tp1"] < 1e-4 for r in tp["runs"])
+    assert [len(r["ranks"]) for r in tp["runs"]] == [1, 1, 2, 2]
+
+    generation = experiments["generation"]["result"]
+    assert set(generation["server"]) == {"1", "4"}
+    for clients, level in generation["server"].items():
         assert level["clients"] == int(clients) and level["exact_lengths"] is True
         assert len(level["latencies_s"]) == level["requests"] and level["tokens_per_s"] > 0
-    assert result["transformers"]["tokens_per_s"] > 0 and result["ratio"] > 0
-    assert result["same_text"] is True and result["same_text_across_concurrency"] is True
+    assert generation["same_text"] is True and generation["same_text_across_concurrency"] is True
+
+    for name in experiments:
+        assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # The README table: generated from this JSON between the markers, the plots published next to it.
+    sys.path.insert(0, str(BENCH))
+    from report import END, START, update_readme
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\n{START}\nold\n{END}\n\nafter\n")
+    update_readme(suite, readme, sorted(out.glob("*.png")))
+    text = readme.read_text()
+    assert "old" not in text and text.endswith("after\n")
+    assert f"| minilm | 4 | {runtime['runs'][-1]['padding_fraction']:.0%} |" in text
+    assert f"**{batching['throughput_ratio_over_fifo']['energon_packed']:.2f}x**" in text
+    assert f"**{generation['ratio']:.2f}x**" in text
+    assert (tmp_path / "bench" / "published" / "cpu-quick" / "runtime.png").is_file()
+    assert json.loads((tmp_path / "bench" / "published" / "cpu-quick" / "suite.json").read_text()) == suite

@@ -10,7 +10,8 @@ arrive while the model is busy go together into the next padding-free batch. Err
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -29,6 +30,8 @@ from .state import Served, ServeSettings
 
 __all__ = ["ServeSettings", "create_app"]
 
+EmbedRunner = Callable[[list[list[int]]], Sequence[Any]]  # token sequences -> one embedding each
+
 
 def _eos_ids(model: EnergonModel, tokenizer) -> list[int]:
     eos = model.generation_config.eos_token_id if model.generation_config is not None else None
@@ -38,7 +41,7 @@ def _eos_ids(model: EnergonModel, tokenizer) -> list[int]:
     return ids
 
 
-def _served(model: EnergonModel, tokenizer, settings: ServeSettings) -> Served:
+def _served(model: EnergonModel, tokenizer, settings: ServeSettings, embed_runner: EmbedRunner | None) -> Served:
     metrics = Metrics()
     task = _task_for(model)
     batcher = encoder = encoder_pipeline = None
@@ -51,7 +54,8 @@ def _served(model: EnergonModel, tokenizer, settings: ServeSettings) -> Served:
     else:
         encoder_pipeline = pipeline(task, model=model, tokenizer=tokenizer)
         if task == "feature-extraction" and model.architecture.name.endswith("Model"):  # a base encoder
-            encoder = DynamicBatcher(embeddings.mean_pooling_runner(model, tokenizer), settings.max_batch_tokens,
+            run_batch = embed_runner or embeddings.mean_pooling_runner(model, tokenizer)
+            encoder = DynamicBatcher(run_batch, settings.max_batch_tokens,
                                      settings.embed_policy, settings.max_wait_ms / 1000)
             encoder.on_batch = lambda sequences: metrics.step("encode", sequences)
             metrics.watch(lambda: encoder.waiting, lambda: encoder.running)
@@ -108,9 +112,12 @@ def base_app(settings: ServeSettings, metrics: Metrics, healthy: Callable[[], bo
     return app
 
 
-def create_app(model: EnergonModel, tokenizer, settings: ServeSettings) -> FastAPI:
-    """The server of an EnergonModel: generation or encoder routes by what the model is."""
-    served = _served(model, tokenizer, settings)
+def create_app(model: EnergonModel, tokenizer, settings: ServeSettings,
+               embed_runner: EmbedRunner | None = None) -> FastAPI:
+    """The server of an EnergonModel: generation or encoder routes by what the model is. `embed_runner`
+    replaces what /v1/embeddings' batches run (token sequences -> one vector each; default: mean pooling over
+    `model`), e.g. another pooling, or the benchmark's padded transformers baseline."""
+    served = _served(model, tokenizer, settings, embed_runner)
     app = base_app(settings, served.metrics, lambda: served.healthy, served.task)
     app.state.served = served
     for module in (generation, embeddings, pipeline_api):
