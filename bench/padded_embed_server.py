@@ -30,12 +30,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch-tokens", type=int, default=4096)
     parser.add_argument("--max-wait-ms", type=float, default=50.0)
     parser.add_argument("--max-queue", type=int, default=1 << 20, help="requests waiting before 429 (default: many)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args(argv)
     transformers.utils.logging.set_verbosity_error()
     tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
+    dtype = getattr(torch, args.dtype)
     padded = transformers.AutoModel.from_pretrained(args.model, attn_implementation="sdpa",
-                                                    dtype=torch.float32).eval()
+                                                    dtype=dtype).to(args.device).eval()
     run_padded = mean_pooling_runner(padded, tokenizer)  # tokenizer.pad: right padding to the batch's longest
 
     def run_batch(sequences: list[list[int]]) -> list[torch.Tensor]:
@@ -43,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_padded(sequences)
 
     # The served EnergonModel answers /v1/pipeline and /v1/models; /v1/embeddings runs `run_batch`.
-    model = EnergonModel.from_pretrained(args.model, dtype="float32")
+    model = EnergonModel.from_pretrained(args.model, dtype=dtype, device=args.device)
     settings = ServeSettings(served_name=args.served_name, max_batch_tokens=args.max_batch_tokens,
                              max_queue=args.max_queue, embed_policy=args.embed_batching, max_wait_ms=args.max_wait_ms)
     app = create_app(model, tokenizer, settings, embed_runner=run_batch)

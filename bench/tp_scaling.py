@@ -5,7 +5,8 @@ process with all of them; tp=2 and tp=4 start that many worker processes (tp=4 o
 gets one thread per rank and is oversubscribed: four processes share two cores, marked so in the
 JSON). Every tp runs the same weights and the same input (sequences of --seqlen tokens); the median of
 --repeats runs gives latency and tokens per second. Memory per rank: the parameter bytes each rank
-holds and its peak RSS (tp=1: this process, which also holds the input and the driver's state).
+holds and its peak RSS (tp=1: this process, which also holds the inputs; the random checkpoint is
+written by a child process).
 Sanity: every tp's last_hidden_state equals tp=1's within 1e-4 (fp32).
 
     .venv/bin/python -P bench/tp_scaling.py            # full: gpt2-medium config, a few minutes
@@ -17,8 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -27,11 +28,14 @@ import torch
 import transformers
 
 from energon_hf import EnergonModel
+from energon_hf.engine.worker import peak_rss_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run with -P: the bench folder is not on sys.path
 from common import machine_info, synchronized, time_calls  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+SAVE_RANDOM = ("import sys, torch, transformers; torch.manual_seed(0); "
+               "transformers.GPT2Model(transformers.GPT2Config.from_json_file(sys.argv[1])).save_pretrained(sys.argv[2])")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,8 +71,10 @@ def main(argv: list[str] | None = None) -> int:
 
     runs, reference = [], {}
     with tempfile.TemporaryDirectory(prefix="tp_bench_") as folder:
-        torch.manual_seed(0)
-        transformers.GPT2Model(config).save_pretrained(folder)
+        # The random checkpoint is made in a child process, so that this one (tp=1's rank) never holds it.
+        config.to_json_file(Path(folder) / "source_config.json")
+        subprocess.run([sys.executable, "-P", "-c", SAVE_RANDOM, str(Path(folder) / "source_config.json"), folder],
+                       check=True, timeout=600)
         for tp in tps:
             per_rank = max(1, args.threads // tp)
             model = EnergonModel.from_pretrained(folder, dtype=dtype, device=device, tp=tp, threads_per_rank=per_rank)
@@ -89,10 +95,9 @@ def main(argv: list[str] | None = None) -> int:
                           f"max|diff| vs tp=1 {run['max_abs_diff_vs_tp1']:.1e}", flush=True)
                 if tp > 1:
                     ranks = model.runner.rank_stats()
-                else:  # in this process: its parameters, and its own peak RSS (Linux: KiB)
+                else:  # in this process: its parameters, and its own peak RSS
                     params = sum(p.numel() * p.element_size() for p in model.model.parameters())
-                    ranks = [{"rank": 0, "param_bytes": params,
-                              "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}]
+                    ranks = [{"rank": 0, "param_bytes": params, "peak_rss_bytes": peak_rss_bytes()}]
                 for run in runs:
                     if run["tp"] == tp:
                         run["ranks"] = [{key: r[key] for key in ("rank", "param_bytes", "peak_rss_bytes")}

@@ -108,7 +108,12 @@ def _no_init_on_meta() -> Iterator[None]:
     """Layers built on the meta device skip their random initialisation: a meta tensor holds no values, so
     nothing changes, but torch runs those initialisers through its Python reference kernels there, whose
     first use imports torch._dynamo (seconds of start-up in every worker process). Tensors elsewhere (other
-    threads included) are initialised as usual."""
+    threads included) are initialised as usual.
+
+    Not transformers' `no_init_weights`: it swaps the initialisers for no-ops in every thread (a model
+    built by another thread meanwhile keeps uninitialised memory), and two overlapping uses restore each
+    other's no-ops, so a server loading two models at once would lose nn.init for good. This one is
+    reference-counted and skips meta tensors only."""
     global _meta_init_users
     with _meta_init_lock:
         if _meta_init_users == 0:

@@ -159,3 +159,15 @@ def _children() -> list[int]:
             if int(fields[1]) == os.getpid() and fields[0] not in ("Z", "X"):
                 found.append(int(entry.name))
     return found
+
+
+def test_peak_rss_is_the_workers_own_not_its_spawners():
+    """A rank's reported peak memory starts afresh in the worker: getrusage's ru_maxrss would carry over the
+    high-water mark of the driver that spawned it (Linux keeps it across exec), e.g. a driver holding a model."""
+    ballast = bytearray(1 << 30)  # 1 GiB, touched so that it is resident in this (spawning) process
+    ballast[::4096] = b"\1" * len(range(0, len(ballast), 4096))
+    code = "from energon_hf.engine.worker import peak_rss_bytes; print(peak_rss_bytes())"
+    child = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=120)
+    assert child.returncode == 0, child.stderr
+    assert 0 < int(child.stdout) < 800 << 20  # torch's import alone; the 1 GiB ballast never counts
+    del ballast

@@ -34,6 +34,20 @@ from .pipeline import PipelineStage, call_stage
 from .runner import LocalRunner
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory. Linux: VmHWM, which starts afresh at exec; getrusage's ru_maxrss
+    would carry over the high-water mark of the process that spawned us (a driver holding a whole model)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
+
+
 @dataclass(frozen=True)
 class WorkerSpec:
     rank: int
@@ -139,11 +153,10 @@ class Worker:
         """What this rank holds: its place, layers, loaded parameter bytes and peak memory."""
         st = state()
         params = sum(p.numel() * p.element_size() for p in self.model.parameters() if not p.is_meta)
-        peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux reports KiB
         layers = self.runner.layers
         return {"rank": st.rank, "tp_rank": st.tp_rank, "pp_rank": st.pp_rank, "pid": os.getpid(),
                 "layers": None if layers is None else [layers.start, layers.stop], "param_bytes": params,
-                "peak_rss_bytes": peak_kib * 1024, "build_s": self.build_s,
+                "peak_rss_bytes": peak_rss_bytes(), "build_s": self.build_s,
                 "process_cpu_s": time.process_time()}
 
     @torch.inference_mode()

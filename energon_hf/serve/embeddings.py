@@ -20,7 +20,7 @@ router = APIRouter()
 def mean_pooling_runner(model, tokenizer):
     """run_batch for the DynamicBatcher: token sequences -> one mean-pooled vector each."""
     def run(sequences: list[list[int]]) -> list[torch.Tensor]:
-        batch = tokenizer.pad({"input_ids": sequences}, return_tensors="pt")
+        batch = tokenizer.pad({"input_ids": sequences}, return_tensors="pt").to(model.device)
         hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         return list((hidden * mask).sum(1) / mask.sum(1))
@@ -38,9 +38,7 @@ async def embeddings(body: EmbeddingRequest, http: HTTPRequest):
     texts = [body.input] if isinstance(body.input, str) else body.input
     if not texts or any(not t.strip() for t in texts):
         raise APIError(400, "input must be non-empty strings", param="input")
-    if len(served.encoder.waiting) >= served.settings.max_queue:
-        raise APIError(429, f"the queue is full ({served.settings.max_queue} requests waiting); retry shortly",
-                       kind="rate_limit_error", headers={"Retry-After": "1"})
+    served.check_queue(len(served.encoder.waiting))
     started = time.perf_counter()
     sequences = served.tokenizer(texts, truncation=True)["input_ids"]
     try:

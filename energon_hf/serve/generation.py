@@ -59,7 +59,7 @@ def _served(http: HTTPRequest) -> Served:
     return http.app.state.served
 
 
-def _params(served: Served, body: _Request, prompt_len: int, default_tokens: int, field_name: str,
+def generation_params(served: Served, body: _Request, prompt_len: int, default_tokens: int, field_name: str,
             logprobs: int | None) -> GenerationParams:
     served.check_model(body.model)
     if served.batcher is None:
@@ -77,15 +77,13 @@ def _params(served: Served, body: _Request, prompt_len: int, default_tokens: int
     if limit is not None and prompt_len + limit > served.context:
         raise APIError(400, f"prompt ({prompt_len} tokens) + {field_name} ({limit}) is over the model's context "
                             f"of {served.context} tokens", param=field_name)
-    if len(served.batcher.waiting) + body.n > served.settings.max_queue:
-        raise APIError(429, f"the queue is full ({served.settings.max_queue} requests waiting); retry shortly",
-                       kind="rate_limit_error", headers={"Retry-After": "1"})
+    served.check_queue(len(served.batcher.waiting), body.n)
     return GenerationParams(max_new_tokens=limit or min(default_tokens, served.context - prompt_len),
                             do_sample=body.temperature > 0, temperature=body.temperature or 1.0, top_k=0,
                             top_p=body.top_p, eos_token_ids=[] if body.ignore_eos else served.eos_ids, seed=body.seed)
 
 
-def _submit(served: Served, body: _Request, prompt: list[int], params: GenerationParams, logprobs: int | None,
+def submit_choices(served: Served, body: _Request, prompt: list[int], params: GenerationParams, logprobs: int | None,
             chat: bool) -> list[Choice]:
     """The n choices of one request; seed s gives choice i the seed s + i, so choices differ when sampling."""
     events: queue.Queue = queue.Queue()
@@ -99,20 +97,20 @@ def _submit(served: Served, body: _Request, prompt: list[int], params: Generatio
             formatter = LogprobFormatter(served.tokenizer, chat) if logprobs is not None else None
             choices.append(Choice(i, request, TextStopper(served.tokenizer, body.stops()), formatter))
     except ValueError as e:
-        _cancel(served, choices)
+        cancel_choices(served, choices)
         raise APIError(400, str(e), param="max_tokens") from e
     except RuntimeError as e:
-        _cancel(served, choices)
+        cancel_choices(served, choices)
         raise APIError(503, str(e), kind="engine_error") from e
     return choices
 
 
-def _cancel(served: Served, choices: list[Choice]) -> None:
+def cancel_choices(served: Served, choices: list[Choice]) -> None:
     for choice in choices:
         served.batcher.cancel(choice.request)
 
 
-def _updates(served: Served, choices: list[Choice]) -> Iterator[Update]:
+def choice_updates(served: Served, choices: list[Choice]) -> Iterator[Update]:
     """Every choice's text, tokens and logprobs as its events arrive, until each has finished."""
     by_id = {c.request.request_id: c for c in choices}
     events = choices[0].request.events
@@ -155,7 +153,7 @@ def _prompt_tokens(served: Served, body: CompletionRequest) -> list[int]:
 async def completions(body: CompletionRequest, http: HTTPRequest):
     served = _served(http)
     prompt = _prompt_tokens(served, body)
-    params = _params(served, body, len(prompt), DEFAULT_COMPLETION_TOKENS, "max_tokens", body.logprobs)
+    params = generation_params(served, body, len(prompt), DEFAULT_COMPLETION_TOKENS, "max_tokens", body.logprobs)
     return await _respond(served, "completions", body, prompt, params, body.logprobs, chat=False)
 
 
@@ -171,7 +169,7 @@ async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest):
     prompt = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                 return_dict=True)["input_ids"])
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    params = _params(served, body, len(prompt), DEFAULT_CHAT_TOKENS,
+    params = generation_params(served, body, len(prompt), DEFAULT_CHAT_TOKENS,
                      "max_completion_tokens" if body.max_completion_tokens else "max_tokens", logprobs)
     return await _respond(served, "chat", body, prompt, params, logprobs, chat=True)
 
@@ -179,7 +177,7 @@ async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest):
 async def _respond(served: Served, endpoint: str, body: _Request, prompt: list[int], params: GenerationParams,
                    logprobs: int | None, chat: bool):
     started = time.perf_counter()
-    choices = _submit(served, body, prompt, params, logprobs, chat)
+    choices = submit_choices(served, body, prompt, params, logprobs, chat)
     head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
             "model": served.settings.served_name}
     if body.stream:
@@ -187,12 +185,12 @@ async def _respond(served: Served, endpoint: str, body: _Request, prompt: list[i
         return StreamingResponse(_stream(served, choices, head, endpoint, chat, len(prompt), include_usage,
                                          started), media_type="text/event-stream")
     try:
-        results = await run_in_threadpool(_collect, served, choices)
+        results = await run_in_threadpool(collect_choices, served, choices)
     except Exception as e:  # noqa: BLE001 - the engine failed this request: 503, the server stays up
         served.metrics.answered(endpoint, 503)
         raise engine_failed(e) from e
     finally:
-        _cancel(served, choices)
+        cancel_choices(served, choices)
     out = []
     for choice, (text, tokens, lps) in zip(choices, results, strict=True):
         entry = {"index": choice.index, "finish_reason": choice.finish,
@@ -209,11 +207,11 @@ def _usage(prompt: int, completion: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _collect(served: Served, choices: list[Choice]) -> list[tuple[str, list[int], list[TokenLogprob]]]:
+def collect_choices(served: Served, choices: list[Choice]) -> list[tuple[str, list[int], list[TokenLogprob]]]:
     texts: list[list[str]] = [[] for _ in choices]
     tokens: list[list[int]] = [[] for _ in choices]
     lps: list[list[TokenLogprob]] = [[] for _ in choices]
-    for update in _updates(served, choices):
+    for update in choice_updates(served, choices):
         texts[update.index].append(update.text)
         tokens[update.index] += update.tokens
         lps[update.index] += update.logprobs
@@ -242,7 +240,7 @@ def _stream(served: Served, choices: list[Choice], head: dict, endpoint: str, ch
             for choice in choices:
                 yield chunk(choice.index, None, None, role=True)
         try:
-            for update in _updates(served, choices):
+            for update in choice_updates(served, choices):
                 generated += len(update.tokens)
                 formatter = choices[update.index].logprobs
                 lps = formatter.format(update.tokens, update.logprobs) if formatter and update.tokens else None
@@ -259,4 +257,4 @@ def _stream(served: Served, choices: list[Choice], head: dict, endpoint: str, ch
         yield "data: [DONE]\n\n"
         served.metrics.answered(endpoint, 200, started, generated)
     finally:  # the client went away, or the stream ended: the sequences leave the batch either way
-        _cancel(served, choices)
+        cancel_choices(served, choices)

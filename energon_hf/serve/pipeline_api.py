@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from energon_hf.pipelines import IMAGE_TASKS
 
 from .errors import APIError, engine_failed
-from .generation import _cancel, _collect, _params, _submit
+from .generation import cancel_choices, collect_choices, generation_params, submit_choices
 from .schemas import CompletionRequest
 from .state import Served
 
@@ -125,15 +125,15 @@ async def _generate(served: Served, body: PipelineRequest) -> list[dict]:
                                     top_p=p.get("top_p", 1.0), seed=p.get("seed"), stop=p.get("stop"))
     except ValueError as e:  # pydantic's checks of the values
         raise APIError(400, f"parameters: {e}", param="parameters") from e
-    params = _params(served, request, len(prompt), default_new, "max_new_tokens", None)
-    choices = _submit(served, request, prompt, params, None, chat=False)
+    params = generation_params(served, request, len(prompt), default_new, "max_new_tokens", None)
+    choices = submit_choices(served, request, prompt, params, None, chat=False)
     try:
-        [(text, tokens, _)] = await run_in_threadpool(_collect, served, choices)
+        [(text, tokens, _)] = await run_in_threadpool(collect_choices, served, choices)
     except Exception as e:  # noqa: BLE001 - the engine failed this request: 503, the server stays up
         served.metrics.answered("pipeline", 503)
         raise engine_failed(e) from e
     finally:
-        _cancel(served, choices)
+        cancel_choices(served, choices)
     served.metrics.answered("pipeline", 200, tokens=len(tokens))
     if chat:
         return [{"generated_text": [*inputs, {"role": "assistant", "content": text}]}]

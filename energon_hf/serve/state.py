@@ -45,6 +45,12 @@ class Served:
             raise APIError(404, f"model {name!r} does not exist; this server serves {self.settings.served_name!r}",
                            param="model", code="model_not_found")
 
+    def check_queue(self, waiting: int, adding: int = 1) -> None:
+        """429 when `adding` more requests would put more than max_queue in the queue of `waiting`."""
+        if waiting + adding > self.settings.max_queue:
+            raise APIError(429, f"the queue is full ({self.settings.max_queue} requests waiting); retry shortly",
+                           kind="rate_limit_error", headers={"Retry-After": "1"})
+
     @property
     def healthy(self) -> bool:
         if getattr(self.model.runner, "broken", False):
