@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import socket
 import subprocess
 import sys
@@ -113,3 +114,14 @@ def stop_server(process: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+def batch_size_stats(url: str) -> dict[str, tuple[float, float]]:
+    """(sum, count) of the server's batch-size histogram per step kind (prefill, decode, encode): the
+    difference across a run gives its mean batch, i.e. how well the clients kept it full. The server
+    observes a decode step after retiring the sequences it finished, so decode slightly undercounts."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    stats: dict[str, list[float]] = {}
+    for part, kind, value in re.findall(r'^energon_batch_size_(sum|count)\{kind="(\w+)"\} (\S+)$', text, re.M):
+        stats.setdefault(kind, [0.0, 0.0])[0 if part == "sum" else 1] = float(value)
+    return {kind: (total, count) for kind, (total, count) in stats.items()}

@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import json
 import random
-import re
 import sys
 import tempfile
 import time
@@ -39,7 +38,7 @@ from energon_hf.loading import resolve_model_path
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))  # run with -P: the bench folder is not on sys.path
-from common import machine_info, percentile, start_server, stop_server  # noqa: E402
+from common import batch_size_stats, machine_info, percentile, start_server, stop_server  # noqa: E402
 
 RESULTS = BENCH / "results"
 TARGET = 0.35  # the target: at least +35% throughput over FIFO with pad-to-longest
@@ -58,12 +57,6 @@ def make_texts(tokenizer, lengths: list[int], rng: random.Random) -> list[str]:
             raise RuntimeError(f"a text of {n - 2} vocabulary words did not tokenize to {n} tokens")
         texts.append(text)
     return texts
-
-
-def encode_batch_stats(url: str) -> tuple[float, float]:
-    text = httpx.get(url + "/metrics", timeout=10).text
-    found = dict(re.findall(r'^energon_batch_size_(sum|count)\{kind="encode"\} (\S+)$', text, re.M))
-    return float(found.get("sum", 0)), float(found.get("count", 0))
 
 
 async def send_stream(url: str, texts: list[str], arrivals: list[float]) -> list[dict[str, Any]]:
@@ -89,9 +82,9 @@ def run_server(name: str, command: list[str], texts: list[str], arrivals: list[f
     process, url = start_server(command, threads, log)
     try:
         asyncio.run(send_stream(url, texts[:4], [0.0] * 4))  # first-call costs out of the timings
-        before = encode_batch_stats(url)
+        before = batch_size_stats(url).get("encode", (0.0, 0.0))
         answers = asyncio.run(send_stream(url, texts, arrivals))
-        after = encode_batch_stats(url)
+        after = batch_size_stats(url)["encode"]
     finally:
         stop_server(process)
     wall = max(a["done_s"] for a in answers)

@@ -1,7 +1,7 @@
 """The benchmark suite: EnergonAI's three experiments and our generation benchmark, each against transformers
 measured side by side, with one JSON and PNG plots per run.
 
-    .venv/bin/python -P bench/run.py                 # full mode on this machine (about 40 minutes on 2 cores)
+    .venv/bin/python -P bench/run.py                 # full mode (about 20 minutes on an idle 2-core machine)
     .venv/bin/python -P bench/run.py --quick         # tiny sizes, under 3 minutes: a smoke run
     .venv/bin/python -P bench/run.py --gpu           # CUDA, fp16 (one card: tp > 1 is skipped)
     .venv/bin/python -P bench/run.py --only runtime tp_scaling

@@ -10,7 +10,8 @@ the same weights and the same padded batch (energon_hf drops the padding itself)
 
 Per run: real tokens per second of each side (median of --repeats), their ratio, and the useful-FLOP
 rate (the matmul FLOPs of the real tokens only, divided by the median time) as a fraction of this
-machine's matmul peak, measured here with torch.mm on the same threads. Sanity: last_hidden_state on
+machine's matmul peak, measured here with torch.mm on the same threads (the fastest of several square
+sizes). Sanity: last_hidden_state on
 real tokens agrees within 1e-4 (fp32; 5e-2 in fp16 on GPU).
 
     .venv/bin/python -P bench/runtime.py            # full: a few minutes on 2 cores
@@ -87,18 +88,21 @@ def useful_flops(config: Any, kind: str, lengths: list[int]) -> float:
     return float(layers * per_layer)
 
 
-def matmul_peak_flops(device: torch.device, dtype: torch.dtype, size: int, repeats: int = 5) -> float:
-    """FLOP/s of the best of `repeats` square matmuls: what this machine's BLAS reaches at these threads."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    mm = synchronized(lambda: torch.mm(a, b), device)
-    mm()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
+def matmul_peak_flops(device: torch.device, dtype: torch.dtype, sizes: tuple[int, ...], repeats: int = 5) -> float:
+    """FLOP/s of the fastest square matmul over `sizes` (best of `repeats` each): what this machine's BLAS
+    reaches at these threads. Several sizes, because the fastest depends on the caches (small matrices that
+    stay in cache can beat large ones)."""
+    best = 0.0
+    for size in sizes:
+        a = torch.randn(size, size, device=device, dtype=dtype)
+        b = torch.randn(size, size, device=device, dtype=dtype)
+        mm = synchronized(lambda a=a, b=b: torch.mm(a, b), device)
         mm()
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
+        for _ in range(repeats):
+            start = time.perf_counter()
+            mm()
+            best = max(best, 2 * size**3 / (time.perf_counter() - start))
+    return best
 
 
 def load_pair(spec: tuple[str, Any], folder: str, dtype: torch.dtype, device: torch.device):
@@ -120,14 +124,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, nargs="+", default=None, help="default 1 8 32 (quick 1 4)")
     parser.add_argument("--padded-len", type=int, default=None, help="P: lengths U[P/16, P - P/16] (default 256)")
     parser.add_argument("--models", nargs="+", default=None, help="a subset of the models by name")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs each (default 3)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs each (default 5; quick 3)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     batches = args.batches or ([1, 4] if args.quick else [1, 8, 32])
     padded = args.padded_len or (32 if args.quick else 256)
-    repeats = args.repeats or 3
+    repeats = args.repeats or (3 if args.quick else 5)
     device = torch.device("cuda" if args.gpu else "cpu")
     dtype = torch.float16 if args.gpu else torch.float32
     tolerance = 5e-2 if args.gpu else 1e-4
@@ -136,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     transformers.utils.logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
     machine = machine_info(args.threads)
-    peak = matmul_peak_flops(device, dtype, 512 if args.quick else (8192 if args.gpu else 2048))
+    sizes = (256, 512) if args.quick else (4096, 8192) if args.gpu else (384, 768, 1024, 1536, 2048)
+    peak = matmul_peak_flops(device, dtype, sizes)
     print(f"matmul peak ({device.type}, {dtype}): {peak / 1e9:.1f} GFLOP/s", flush=True)
 
     runs = []

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -44,7 +43,7 @@ from energon_hf import defaults
 from energon_hf.loading import resolve_model_path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run with -P: the bench folder itself is not on sys.path
-from common import machine_info, percentile, start_server, stop_server  # noqa: E402
+from common import batch_size_stats, machine_info, percentile, start_server, stop_server  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET = 3.0  # the issue's target: server tokens/s at 64 clients >= 3x transformers' static batches
@@ -98,17 +97,6 @@ def complete(client: httpx.Client, url: str, job: Job) -> dict[str, Any]:
         "ignore_eos": True})
     response.raise_for_status()
     return response.json()
-
-
-def batch_size_stats(url: str) -> dict[str, tuple[float, float]]:
-    """(sum, count) of the server's engine batch-size histogram per step kind (prefill, decode): the
-    difference across a level gives its mean running batch, i.e. how well the clients kept it full. The
-    server observes a decode step after retiring the sequences it finished, so this slightly undercounts."""
-    text = httpx.get(url + "/metrics", timeout=10).text
-    stats: dict[str, list[float]] = {}
-    for part, kind, value in re.findall(r'^energon_batch_size_(sum|count)\{kind="(\w+)"\} (\S+)$', text, re.M):
-        stats.setdefault(kind, [0.0, 0.0])[0 if part == "sum" else 1] = float(value)
-    return {kind: (total, count) for kind, (total, count) in stats.items()}
 
 
 def run_level(url: str, jobs: list[Job], clients: int) -> dict[str, Any]:
