@@ -60,7 +60,7 @@ def _served(http: HTTPRequest) -> Served:
 
 
 def generation_params(served: Served, body: _Request, prompt_len: int, default_tokens: int, field_name: str,
-            logprobs: int | None) -> GenerationParams:
+                      logprobs: int | None) -> GenerationParams:
     served.check_model(body.model)
     if served.batcher is None:
         raise APIError(400, f"{served.settings.served_name} is an encoder: use /v1/embeddings", param="model")
@@ -83,8 +83,8 @@ def generation_params(served: Served, body: _Request, prompt_len: int, default_t
                             top_p=body.top_p, eos_token_ids=[] if body.ignore_eos else served.eos_ids, seed=body.seed)
 
 
-def submit_choices(served: Served, body: _Request, prompt: list[int], params: GenerationParams, logprobs: int | None,
-            chat: bool) -> list[Choice]:
+def submit_choices(served: Served, body: _Request, prompt: list[int], params: GenerationParams,
+                   logprobs: int | None, chat: bool) -> list[Choice]:
     """The n choices of one request; seed s gives choice i the seed s + i, so choices differ when sampling."""
     events: queue.Queue = queue.Queue()
     choices: list[Choice] = []
