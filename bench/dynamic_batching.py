@@ -78,7 +78,8 @@ async def send_stream(url: str, texts: list[str], arrivals: list[float]) -> list
 
 
 def run_server(name: str, command: list[str], texts: list[str], arrivals: list[float], threads: int,
-               log: Path) -> dict[str, Any]:
+               log: Path) -> tuple[dict[str, Any], list[list[float]]]:
+    """The stream through one server: its figures, and each request's embedding (for the sanity check)."""
     process, url = start_server(command, threads, log)
     try:
         asyncio.run(send_stream(url, texts[:4], [0.0] * 4))  # first-call costs out of the timings

@@ -15,10 +15,10 @@ Ratio = server tokens/s at the highest level / transformers tokens/s (target >= 
 text for the first --check requests (served in the full batch) equals transformers' greedy text for the
 same prompt alone.
 
-    .venv/bin/python -P bench/serve_vs_hf.py             # full: SmolLM2, 15-25 minutes on 2 cores
+    .venv/bin/python -P bench/serve_vs_hf.py             # full: SmolLM2, about 7 minutes on an idle 2-core machine
     .venv/bin/python -P bench/serve_vs_hf.py --quick     # tiny random Llama, SmolLM2's tokenizer: < 1 min
 
-Needs httpx (the test extra).
+Needs httpx (the test and bench extras).
 """
 
 from __future__ import annotations
