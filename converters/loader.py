@@ -71,7 +71,7 @@ def load_weights(model: nn.Module, specs: dict[str, WeightSpec], reader: Checkpo
                 f"implies {tuple(expected)} (for {name}); does config.json belong to these weights?"
             )
         value = source.full() if shard is None else shard.take(source)
-        set_module_tensor_to_device(model, name, device, value=value.to(dtype))
+        set_module_tensor_to_device(model, name, device, value=value, dtype=dtype)
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
         raise CheckpointError(f"checkpoint in {reader.folder} lacks {len(missing)} weights: {shown}")

@@ -71,4 +71,4 @@ def load_rank(model: nn.Module, folder: Path, manifest: dict, rank: int, dtype: 
             if tuple(tensor.shape) != tuple(params[name].shape):
                 raise CheckpointError(f"{path}: {name} has shape {tuple(tensor.shape)}, the model expects "
                                       f"{tuple(params[name].shape)}")
-            set_module_tensor_to_device(model, name, device, value=tensor.to(dtype))
+            set_module_tensor_to_device(model, name, device, value=tensor, dtype=dtype)

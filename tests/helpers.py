@@ -51,3 +51,13 @@ def assert_forward_matches(ours, hf, ids: torch.Tensor, mask: torch.Tensor, fiel
     assert getattr(got, field).shape == getattr(expected, field).shape
     assert max_diff_on_real(getattr(got, field), getattr(expected, field), mask) <= ATOL
     return got
+
+
+def greedy_agreement(ours, hf, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> float:
+    """Share of new greedy tokens equal, position by position, to transformers' on the same prompts
+    (reduced precision may flip a near-tie, after which a sequence goes its own way)."""
+    kwargs = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        expected = hf.generate(ids, attention_mask=mask, **kwargs)[:, ids.shape[1]:]
+    got = ours.generate(ids, attention_mask=mask, **kwargs)[:, ids.shape[1]:]
+    return (got == expected).float().mean().item()
