@@ -15,6 +15,8 @@ from safetensors import SafetensorError, safe_open
 
 from energon_hf.errors import CheckpointError
 
+from .gguf_blocks import GGUFBlocks
+
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
                        "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
@@ -141,6 +143,7 @@ class CheckpointReader:
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
+        self.blocks = GGUFBlocks.open(self.folder)  # a converted .gguf's 4-bit tensors, kept as they are
         self._handles: dict[Path, SafetensorsFile | BinFile] = {}
         self._where: dict[str, Path] = {}
         for path in find_weight_files(self.folder):

@@ -1,7 +1,9 @@
 """GGUF -> an HF safetensors folder, converted once through transformers' GGUF reader and cached.
 
 The cache folder (default ~/.cache/energon_hf, or $ENERGON_HF_CACHE) holds config.json,
-model.safetensors (dequantized), the tokenizer and the generation config; later loads reuse it.
+model.safetensors (dequantized), the tokenizer, the generation config, and gguf_blocks.json: which
+checkpoint tensors the .gguf holds as 4-bit blocks, which `quantization="int4"` loads as they are
+(`gguf_blocks.py`). Later loads reuse the folder.
 """
 
 from __future__ import annotations
@@ -11,31 +13,48 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from energon_hf.errors import CheckpointError, UnsupportedModelError
 
+from .gguf_blocks import block_map, write_block_map
+
+if TYPE_CHECKING:
+    from gguf import GGUFReader
+
 # GGUF `general.architecture` -> the HF model_type we implement for it.
 GGUF_ARCHITECTURES = {"llama": "llama", "gpt2": "gpt2", "bert": "bert"}
+# Part of the cache key: a folder written by an older layout is converted again (2: gguf_blocks.json).
+CACHE_VERSION = 2
 
 
 def cache_root() -> Path:
     return Path(os.environ.get("ENERGON_HF_CACHE", "~/.cache/energon_hf")).expanduser()
 
 
-def gguf_architecture(path: Path) -> str:
-    """Read `general.architecture` from the GGUF header (no tensor is read)."""
+def open_gguf(path: Path) -> GGUFReader:
+    """The file's header and tensor index (tensors are memory-mapped, read when touched)."""
     from gguf import GGUFReader
 
     try:
-        field = GGUFReader(path).fields["general.architecture"]
+        return GGUFReader(path)
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"cannot read GGUF file {path}: {e}") from e
+
+
+def gguf_architecture(reader: GGUFReader) -> str:
+    """`general.architecture` from the GGUF header."""
+    try:
+        field = reader.fields["general.architecture"]
         return bytes(field.parts[field.data[0]]).decode()
-    except (KeyError, IndexError, ValueError, OSError) as e:
-        raise CheckpointError(f"cannot read the architecture of GGUF file {path}: {e}") from e
+    except (KeyError, IndexError, ValueError) as e:
+        raise CheckpointError(f"cannot read the architecture of GGUF file {reader.data.filename}: {e}") from e
 
 
 def _cache_folder(path: Path) -> Path:
     stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    source = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{CACHE_VERSION}"
+    key = hashlib.sha256(source.encode()).hexdigest()[:16]
     return cache_root() / f"{path.stem}-{key}"
 
 
@@ -45,7 +64,8 @@ def convert_gguf(path: str | os.PathLike) -> Path:
     folder = _cache_folder(path)
     if (folder / "config.json").is_file():
         return folder
-    arch = gguf_architecture(path)
+    reader = open_gguf(path)
+    arch = gguf_architecture(reader)
     if arch not in GGUF_ARCHITECTURES:
         raise UnsupportedModelError(
             f"GGUF architecture {arch!r} in {path.name} is not supported; supported: {', '.join(GGUF_ARCHITECTURES)}"
@@ -67,6 +87,8 @@ def convert_gguf(path: str | os.PathLike) -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".converting-"))
     try:
+        heads = (config.num_attention_heads, getattr(config, "num_key_value_heads", config.num_attention_heads))
+        write_block_map(staging, path, block_map(reader, state, heads))
         save_file(state, staging / "model.safetensors", metadata={"format": "pt"})
         config.save_pretrained(staging)
         model.generation_config.save_pretrained(staging)

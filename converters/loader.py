@@ -10,8 +10,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from energon_hf.errors import CheckpointError
+from energon_hf.nn.formats import FormatPlan, Int4Weight
+from energon_hf.parallel import Shard
 
 from .checkpoint import CheckpointReader
+from .gguf_blocks import GROUP_SIZE
 from .weights import LazyWeight, WeightSpec
 
 # Old BERT checkpoints (TF conversions) name LayerNorm parameters gamma/beta.
@@ -40,9 +43,37 @@ def _find_sources(reader: CheckpointReader, spec: WeightSpec, base_prefix: str) 
     return None
 
 
+def finish_loading(model: nn.Module, name: str, plan: FormatPlan | None) -> None:
+    """Once parameter `name` is loaded: a layer whose weight it is takes the format `plan` asks for
+    (packed, quantized), so a quantized model never holds more than one float matrix at a time."""
+    module_name, _, param = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if plan is not None and param == "weight" and hasattr(module, "finish_loading"):
+        module.finish_loading(plan, module_name)
+
+
+def _as_gguf_blocks(reader: CheckpointReader, names: list[str], spec: WeightSpec, plan: FormatPlan | None,
+                    module: nn.Module, param: str) -> bool:
+    """Whether this weight loads as the .gguf's own 4-bit blocks: int4 asked for in the blocks' groups of 32,
+    a linear layer (heads take int8), rows as stored."""
+    quantization = plan.quantization if plan is not None else None
+    return (quantization is not None and quantization.method == "int4" and quantization.group_size == GROUP_SIZE
+            and reader.blocks is not None and reader.blocks.covers(names) and spec.layout != "transposed"
+            and param == "weight" and hasattr(module, "take_format"))
+
+
+def _int4_from_blocks(reader: CheckpointReader, names: list[str], shard: Shard | None, device: torch.device,
+                      what: str) -> Int4Weight:
+    q4, scale, zero = reader.blocks.read(names)
+    if shard is not None:
+        groups = shard.grouped(GROUP_SIZE, what)
+        q4, scale, zero = shard.take(q4), groups.take(scale), groups.take(zero)
+    return Int4Weight(q4.to(device), scale.to(device), zero.to(device))
+
+
 def load_weights(model: nn.Module, specs: dict[str, WeightSpec], reader: CheckpointReader,
                  dtype: torch.dtype, device: torch.device, base_prefix: str = "",
-                 wanted: Callable[[str], bool] | None = None) -> None:
+                 wanted: Callable[[str], bool] | None = None, plan: FormatPlan | None = None) -> None:
     """Materialize `model`'s parameters (built on the meta device) from the checkpoint.
 
     A tensor-parallel layer's `shard_for(param)` says which part of the full tensor it holds; only that
@@ -60,7 +91,8 @@ def load_weights(model: nn.Module, specs: dict[str, WeightSpec], reader: Checkpo
             continue
         source = LazyWeight(reader, names, spec.layout)
         module_name, _, param_name = name.rpartition(".")
-        shard_for = getattr(model.get_submodule(module_name), "shard_for", None)
+        module = model.get_submodule(module_name)
+        shard_for = getattr(module, "shard_for", None)
         shard = shard_for(param_name) if shard_for else None
         expected = list(params[name].shape)
         if shard is not None:
@@ -70,8 +102,12 @@ def load_weights(model: nn.Module, specs: dict[str, WeightSpec], reader: Checkpo
                 f"checkpoint tensor {', '.join(names)} has shape {tuple(source.shape)} but the config "
                 f"implies {tuple(expected)} (for {name}); does config.json belong to these weights?"
             )
+        if _as_gguf_blocks(reader, names, spec, plan, module, param_name):
+            module.take_format(_int4_from_blocks(reader, names, shard, device, module_name))
+            continue
         value = source.full() if shard is None else shard.take(source)
         set_module_tensor_to_device(model, name, device, value=value, dtype=dtype)
+        finish_loading(model, name, plan)
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
         raise CheckpointError(f"checkpoint in {reader.folder} lacks {len(missing)} weights: {shown}")

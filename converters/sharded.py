@@ -15,6 +15,9 @@ from safetensors import safe_open
 from torch import nn
 
 from energon_hf.errors import CheckpointError
+from energon_hf.nn.formats import FormatPlan
+
+from .loader import finish_loading
 
 MANIFEST = "energon_manifest.json"
 FORMAT = "energon_hf-sharded"
@@ -55,7 +58,7 @@ def save_rank(model: nn.Module, folder: Path, rank: int) -> None:
 
 
 def load_rank(model: nn.Module, folder: Path, manifest: dict, rank: int, dtype: torch.dtype,
-              device: torch.device, wanted=None) -> None:
+              device: torch.device, wanted=None, plan: FormatPlan | None = None) -> None:
     path = folder / manifest["ranks"][str(rank)]
     if not path.is_file():
         raise CheckpointError(f"{path} (rank {rank} of the sharded checkpoint) is missing")
@@ -72,3 +75,4 @@ def load_rank(model: nn.Module, folder: Path, manifest: dict, rank: int, dtype: 
                 raise CheckpointError(f"{path}: {name} has shape {tuple(tensor.shape)}, the model expects "
                                       f"{tuple(params[name].shape)}")
             set_module_tensor_to_device(model, name, device, value=tensor, dtype=dtype)
+            finish_loading(model, name, plan)

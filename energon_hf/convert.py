@@ -48,7 +48,7 @@ def convert(src: str | Path, out: str | Path, tp: int = 1, pp: int = 1, dtype: s
     ranks = [(pp_rank, tp_rank) for pp_rank in range(pp) for tp_rank in range(tp)]
     for pp_rank, tp_rank in tqdm(ranks, desc="Converting ranks", unit="rank", delay=2.0):
         with placed_as(tp, tp_rank, pp, pp_rank) as place:
-            model = load_model(folder, torch_dtype, "cpu")
+            model = load_model(folder, torch_dtype, "cpu", pack=False)
             save_rank(model, out, place.rank)
         del model
     config.dtype = torch_dtype

@@ -19,6 +19,7 @@ from energon_hf.converters.gguf import convert_gguf
 from energon_hf.converters.sharded import load_rank, read_manifest
 from energon_hf.errors import CheckpointError, ModelNotFoundError, UnsupportedModelError
 from energon_hf.models import architecture_for
+from energon_hf.nn.formats import FormatPlan, Quantization
 from energon_hf.parallel import stage_layers, state
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -137,12 +138,14 @@ def empty_model(config: PretrainedConfig) -> nn.Module:
         return architecture_for(config).model_cls(config)
 
 
-def load_model(folder: Path, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
+def load_model(folder: Path, dtype: torch.dtype, device: torch.device | str,
+               quantization: Quantization | None = None, pack: bool = True) -> nn.Module:
     """Build the model of the checkpoint in `folder` and load this rank's share of its weights.
 
     Under tensor parallelism the parallel layers size themselves from `energon_hf.parallel.state()`
     and the loader reads only their shards; under pipeline parallelism only this stage's parameters are
-    loaded (the others stay on the meta device).
+    loaded (the others stay on the meta device). Each layer's weight is then held as `quantization` asks,
+    and packed for the device's fastest product unless `pack` is off (weights that are to be saved).
     """
     config = load_config(folder)
     architecture = architecture_for(config)
@@ -152,10 +155,11 @@ def load_model(folder: Path, dtype: torch.dtype, device: torch.device | str) -> 
     if st.pp_size > 1:
         layers = stage_layers(len(model.layer_list), st.pp_size, st.pp_rank)
         wanted = model.stage_params(layers, st.is_first_stage, st.is_last_stage)
+    plan = FormatPlan(quantization, pack, model.tied_embedding() if st.is_last_stage else None)
     manifest = read_manifest(folder)
     if manifest is not None:  # pre-sharded by energon_hf.convert: this rank's own file
-        load_rank(model, folder, manifest, st.rank, dtype, torch.device(device), wanted)
+        load_rank(model, folder, manifest, st.rank, dtype, torch.device(device), wanted, plan)
     else:
         load_weights(model, architecture.weight_specs(config), CheckpointReader(folder), dtype, torch.device(device),
-                     base_prefix=getattr(architecture.model_cls, "base_prefix", ""), wanted=wanted)
+                     base_prefix=getattr(architecture.model_cls, "base_prefix", ""), wanted=wanted, plan=plan)
     return model.eval().requires_grad_(False)

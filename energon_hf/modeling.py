@@ -28,6 +28,7 @@ from energon_hf.loading import (
     resolve_parallel,
 )
 from energon_hf.models import Architecture, architecture_for
+from energon_hf.nn.formats import Quantization
 
 # Arguments of an HF forward that ask for something this inference engine does not compute.
 _UNSUPPORTED_FORWARD = ("labels", "output_attentions", "output_hidden_states", "inputs_embeds",
@@ -42,7 +43,8 @@ class EnergonModel:
     def __init__(self, model: torch.nn.Module, config: PretrainedConfig, architecture: Architecture,
                  generation_config: GenerationConfig | None, device: torch.device, dtype: torch.dtype,
                  name_or_path: str = "", folder: Path | None = None,
-                 runner: LocalRunner | MultiProcessRunner | None = None, tp: int = 1, pp: int = 1):
+                 runner: LocalRunner | MultiProcessRunner | None = None, tp: int = 1, pp: int = 1,
+                 quantization: Quantization | None = None):
         self.model = model  # the loaded model, or (multi-process) its structure on the meta device
         self.config = config
         self.architecture = architecture
@@ -53,6 +55,7 @@ class EnergonModel:
         self.folder = folder  # the HF folder the weights came from (tokenizer files live there too)
         self.runner = runner or LocalRunner(model, device, dtype)
         self.tp, self.pp = tp, pp
+        self.quantization = quantization
         # One call at a time: a generate owns the KV cache until it returns.
         self._lock = threading.RLock()
 
@@ -60,14 +63,20 @@ class EnergonModel:
     def from_pretrained(cls, path: str | os.PathLike, *, dtype: str | torch.dtype = "auto",
                         device: str | torch.device = "cpu", tp: int | None = None, pp: int | None = None,
                         revision: str | None = None, threads_per_rank: int | None = None,
-                        driver_address: str | None = None) -> EnergonModel:
+                        driver_address: str | None = None,
+                        quantization: str | Quantization | None = None) -> EnergonModel:
         """Load an HF checkpoint, or a folder pre-sharded by `python -m energon_hf.convert` (its tp and pp
         are the default then). tp * pp > 1 starts that many worker processes (this process drives them),
         each loading only its share of the weights; `threads_per_rank` defaults to cores / ranks.
 
+        `quantization="int8"` (per output channel) or `"int4"` (groups of 32 input features) stores the
+        linear layers' weights quantized as they load (weight-only: activations stay in `dtype`); vocabulary
+        heads take int8 either way. None keeps the checkpoint's floats.
+
         `driver_address="host:port"` starts no workers: tp*pp ranks launched by torchrun on any machines
         (`python -m energon_hf.node --driver host:port`) connect there; the checkpoint path must be
         readable on every node."""
+        quantization = Quantization.parse(quantization)
         folder = resolve_model_path(path, revision)
         tp, pp = resolve_parallel(folder, tp, pp)
         config = load_config(folder)
@@ -77,17 +86,17 @@ class EnergonModel:
         runner = None
         if tp * pp > 1 or driver_address is not None:
             model = empty_model(config)
-            runner = MultiProcessRunner(partial(load_model, folder, torch_dtype), tp, pp, device.type,
-                                        threads_per_rank=threads_per_rank, driver_address=driver_address)
+            runner = MultiProcessRunner(partial(load_model, folder, torch_dtype, quantization=quantization), tp, pp,
+                                        device.type, threads_per_rank=threads_per_rank, driver_address=driver_address)
         else:
-            model = load_model(folder, torch_dtype, device)
+            model = load_model(folder, torch_dtype, device, quantization)
         generation_config = None
         if (folder / "generation_config.json").is_file():
             generation_config = GenerationConfig.from_pretrained(folder)
         elif architecture.can_generate:
             generation_config = GenerationConfig.from_model_config(config)
         return cls(model, config, architecture, generation_config, device, torch_dtype, str(path), folder, runner,
-                   tp, pp)
+                   tp, pp, quantization)
 
     @property
     def base_model_prefix(self) -> str:
@@ -254,4 +263,4 @@ class EnergonModel:
 
     def __repr__(self) -> str:
         return (f"EnergonModel({self.architecture.name}, path={self.name_or_path!r}, dtype={self.dtype}, "
-                f"device={self.device}, tp={self.tp}, pp={self.pp})")
+                f"quantization={self.quantization}, device={self.device}, tp={self.tp}, pp={self.pp})")

@@ -164,6 +164,17 @@ class Shard:
         per_rank = math.ceil(full / size)
         return cls(dim, full, ((rank * per_rank, per_rank),))
 
+    def grouped(self, group_size: int, what: str) -> Shard:
+        """The same split of a tensor holding one entry per `group_size` entries along `dim` (int4 scales);
+        `what` names the layer when the split falls inside a group."""
+        if self.dim == 0:
+            return self
+        if self.full % group_size or any(s % group_size or n % group_size for s, n in self.ranges):
+            raise ValueError(f"{what}: this tensor-parallel split of {self.full} input features does not fall on "
+                             f"int4 group boundaries (groups of {group_size}); use quantization='int8' or another tp")
+        return Shard(self.dim, self.full // group_size, tuple((s // group_size, n // group_size)
+                                                              for s, n in self.ranges))
+
     def take(self, tensor) -> torch.Tensor:
         """This shard of `tensor`: a torch.Tensor, or any object with `.shape`, `.dtype` and `.narrow(dim,
         start, length)`; one that also has `.narrow_into(dim, start, length, out)` (the loader's lazy

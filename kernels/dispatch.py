@@ -84,9 +84,11 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal, scale=None) -> tor
     return get_kernel("varlen_attention", q.device)(q, k, v, cu_seqlens, max_seqlen, causal, scale)
 
 
-def paged_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_seqlen_q, scale=None):
+def paged_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_seqlen_q, scale=None,
+                    scratch=None):
+    """`scratch`: a dict living for one model step, where the kernel may keep what every layer shares."""
     return get_kernel("paged_attention", q.device)(
-        q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_seqlen_q, scale
+        q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_seqlen_q, scale, scratch
     )
 
 

@@ -26,6 +26,9 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / rms(x) * weight, computed in float32 and cast back, as HF's LlamaRMSNorm does."""
-    normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
-    return weight * normed.to(x.dtype)
+    """x / rms(x) * weight, computed in float32 and cast back, as HF's LlamaRMSNorm does. torch's fused
+    F.rms_norm gives bit-identical results to HF's five-op formula (checked on float32, bfloat16 and float16
+    inputs) in one op: it runs twice per layer, so the op count matters at decode."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, x.shape[-1:], weight, eps)
+    return weight * F.rms_norm(x.float(), x.shape[-1:], None, eps).to(x.dtype)  # HF rounds before the weight

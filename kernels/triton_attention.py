@@ -123,7 +123,8 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal, scale=None) -> tor
     return _launch(q, k, v, cu_seqlens, None, None, max_seqlen, causal, False, scale)
 
 
-def paged_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_seqlen_q, scale=None):
-    """Same contract as kernels.attention.paged_attention."""
+def paged_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_seqlen_q, scale=None,
+                    scratch=None):
+    """Same contract as kernels.attention.paged_attention (one launch per layer: nothing to share in `scratch`)."""
     check_paged(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q)
     return _launch(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, max_seqlen_q, True, True, scale)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,6 +27,8 @@ class AttentionMetadata:
     block_tables: torch.Tensor | None = None  # [B, max_blocks] int32
     context_lens: torch.Tensor | None = None  # [B] int32, cached tokens after this step
     is_prefill: bool = True
+    # Per-step values that attention kernels compute in the first layer and reuse in the others.
+    scratch: dict = field(default_factory=dict, repr=False)
 
     @property
     def num_seqs(self) -> int:

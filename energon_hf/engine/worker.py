@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from energon_hf.nn.formats import weight_bytes
 from energon_hf.parallel import init_parallel, stage_layers, state
 
 from .pipeline import PipelineStage, call_stage
@@ -152,7 +153,7 @@ class Worker:
     def stats(self) -> dict[str, Any]:
         """What this rank holds: its place, layers, loaded parameter bytes and peak memory."""
         st = state()
-        params = sum(p.numel() * p.element_size() for p in self.model.parameters() if not p.is_meta)
+        params = weight_bytes(self.model)
         layers = self.runner.layers
         return {"rank": st.rank, "tp_rank": st.tp_rank, "pp_rank": st.pp_rank, "pid": os.getpid(),
                 "layers": None if layers is None else [layers.start, layers.stop], "param_bytes": params,

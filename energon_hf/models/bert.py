@@ -15,7 +15,7 @@ from transformers.modeling_outputs import (
 
 from energon_hf.engine.batch import PackedBatch
 from energon_hf.nn import Linear, Linear1D_Col, Linear1D_Row, VocabParallelEmbedding, attend
-from energon_hf.nn.lm_head import rows_for_logits, vocab_logits
+from energon_hf.nn.lm_head import rows_for_logits, untied_head, vocab_logits
 from energon_hf.nn.norm import LayerNorm
 from energon_hf.parallel import divide
 
@@ -102,7 +102,7 @@ class BertForMaskedLM(StagedModel):
         self.transform = Linear(hidden, hidden, activation=config.hidden_act)
         self.transform_norm = LayerNorm(hidden, eps=config.layer_norm_eps)
         # Tied (the default) decoder weights are the word embeddings, read in place.
-        self.decoder = None if config.tie_word_embeddings else VocabParallelEmbedding(config.vocab_size, hidden)
+        self.decoder = untied_head(config)
         self.decoder_bias = nn.Parameter(torch.zeros(config.vocab_size))
 
     def embed(self, batch: PackedBatch) -> torch.Tensor:

@@ -10,7 +10,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttenti
 
 from energon_hf.engine.batch import PackedBatch
 from energon_hf.nn import Linear1D_Col, Linear1D_Row, VocabParallelEmbedding, attend
-from energon_hf.nn.lm_head import rows_for_logits, vocab_logits
+from energon_hf.nn.lm_head import rows_for_logits, untied_head, vocab_logits
 from energon_hf.nn.norm import LayerNorm
 from energon_hf.parallel import divide
 
@@ -95,8 +95,7 @@ class GPT2LMHeadModel(StagedModel):
         super().__init__()
         self.config = config
         self.transformer = GPT2Model(config)
-        self.lm_head = None if config.tie_word_embeddings else VocabParallelEmbedding(config.vocab_size,
-                                                                                          config.hidden_size)
+        self.lm_head = untied_head(config)
 
     def embed(self, batch: PackedBatch) -> torch.Tensor:
         return self.transformer.embed(batch)

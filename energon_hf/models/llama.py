@@ -12,7 +12,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from energon_hf import kernels
 from energon_hf.engine.batch import PackedBatch
 from energon_hf.nn import Linear1D_Col, Linear1D_Row, VocabParallelEmbedding, attend
-from energon_hf.nn.lm_head import rows_for_logits, vocab_logits
+from energon_hf.nn.lm_head import rows_for_logits, untied_head, vocab_logits
 from energon_hf.nn.norm import RMSNorm
 from energon_hf.nn.rotary import RotaryEmbedding, apply_rotary
 from energon_hf.parallel import divide
@@ -39,14 +39,16 @@ class LlamaAttention(nn.Module):
         kv_size = config.num_key_value_heads * self.head_dim
         self.qkv = Linear1D_Col(config.hidden_size, q_size + 2 * kv_size, bias=config.attention_bias,
                                 parts=(q_size, kv_size, kv_size))
-        self.split = (self.num_heads * self.head_dim,) + (self.num_kv_heads * self.head_dim,) * 2
+        self.qk_width = (self.num_heads + self.num_kv_heads) * self.head_dim
         self.o_proj = Linear1D_Row(q_size, config.hidden_size, bias=config.attention_bias)
 
     def forward(self, x: torch.Tensor, batch: PackedBatch, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        q, k, v = self.qkv(x).split(self.split, dim=-1)
-        q = apply_rotary(q.view(-1, self.num_heads, self.head_dim), *cos_sin)
-        k = apply_rotary(k.view(-1, self.num_kv_heads, self.head_dim), *cos_sin)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv(x)
+        tokens = x.shape[0]
+        # q and k sit side by side in qkv: one rotary pass over both heads
+        qk = apply_rotary(qkv[:, : self.qk_width].view(tokens, -1, self.head_dim), *cos_sin)
+        q, k = qk.split((self.num_heads, self.num_kv_heads), dim=1)
+        v = qkv[:, self.qk_width:].view(tokens, self.num_kv_heads, self.head_dim)
         out = attend(q, k, v, batch.attn, self.layer_idx, causal=True, scale=self.head_dim**-0.5)
         return self.o_proj(out.reshape(x.shape[0], -1))
 
@@ -108,8 +110,7 @@ class LlamaForCausalLM(StagedModel):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config)
-        self.lm_head = None if config.tie_word_embeddings else VocabParallelEmbedding(config.vocab_size,
-                                                                                          config.hidden_size)
+        self.lm_head = untied_head(config)
 
     def embed(self, batch: PackedBatch) -> torch.Tensor:
         return self.model.embed_tokens(batch.input_ids)

@@ -11,7 +11,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from energon_hf.engine.batch import PackedBatch
 from energon_hf.nn import Linear, Linear1D_Col, Linear1D_Row, VocabParallelEmbedding, attend
-from energon_hf.nn.lm_head import rows_for_logits, vocab_logits
+from energon_hf.nn.lm_head import rows_for_logits, untied_head, vocab_logits
 from energon_hf.nn.norm import LayerNorm
 from energon_hf.parallel import divide
 
@@ -70,7 +70,7 @@ class OPTForCausalLM(StagedModel):
         self.final_layer_norm = (LayerNorm(hidden, elementwise_affine=config.layer_norm_elementwise_affine)
                                  if final_norm else None)
         self.project_out = Linear(hidden, width, bias=False) if width != hidden else None
-        self.lm_head = None if config.tie_word_embeddings else VocabParallelEmbedding(config.vocab_size, width)
+        self.lm_head = untied_head(config, width)
 
     def embed(self, batch: PackedBatch) -> torch.Tensor:
         x = self.embed_tokens(batch.input_ids)

@@ -17,5 +17,5 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn: AttentionMet
         if not attn.is_prefill:
             keys, values = cache.layer(layer_idx)
             return kernels.paged_attention(q, keys, values, attn.block_tables, attn.context_lens, attn.cu_seqlens,
-                                           attn.max_seqlen, scale)
+                                           attn.max_seqlen, scale, attn.scratch)
     return kernels.varlen_attention(q, k, v, attn.cu_seqlens, attn.max_seqlen, causal, scale)

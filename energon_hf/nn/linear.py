@@ -1,11 +1,15 @@
-"""nn.Linear whose matmul (and optional activation) goes through the kernel dispatch."""
+"""nn.Linear whose matmul (and optional activation) goes through the kernel dispatch, or through the weight
+format it was given once loaded (packed, int8, int4: energon_hf.nn.formats)."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from energon_hf import kernels
+
+from .formats import FormatPlan, LinearWeight, linear_format
 
 # HF activation names that are one of torch's two GELU forms: these fuse with the bias (kernels.linear_gelu).
 GELU_FORMS = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh"}
@@ -30,8 +34,28 @@ class Linear(nn.Linear):
 
             self.act = get_activation(activation)
 
+    format: LinearWeight | None = None  # set once the weight is loaded; the plain parameter is then dropped
+
+    def finish_loading(self, plan: FormatPlan, name: str) -> None:
+        """Hold the loaded weight in the format `plan` asks for."""
+        self.take_format(linear_format(self.weight, plan.quantization, plan.pack, name))
+
+    def take_format(self, weight: LinearWeight | None) -> None:
+        """Compute with `weight` from now on (None: keep the plain parameter)."""
+        if weight is not None:
+            if (weight.out_features, weight.in_features) != (self.out_features, self.in_features):
+                raise ValueError(f"a [{weight.out_features}, {weight.in_features}] weight does not fit this "
+                                 f"[{self.out_features}, {self.in_features}] layer")
+            self.format, self.weight = weight, None
+
+    def project(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x @ W^T (+ bias), without the activation."""
+        return kernels.linear(x, self.weight, bias) if self.format is None else self.format(x, bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gelu is not None:
-            return kernels.linear_gelu(x, self.weight, self.bias, self.gelu)
-        out = kernels.linear(x, self.weight, self.bias)
+            if self.format is None:
+                return kernels.linear_gelu(x, self.weight, self.bias, self.gelu)
+            return F.gelu(self.format(x, self.bias), approximate=self.gelu)
+        out = self.project(x, self.bias)
         return out if self.act is None else self.act(out)

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from energon_hf.engine.batch import PackedBatch
 
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
 from .parallel import VocabParallelEmbedding
+
+
+def untied_head(config: PretrainedConfig, width: int | None = None) -> VocabParallelEmbedding | None:
+    """A model's own LM head, or None when it is tied to the word embeddings (read in place by `vocab_logits`)."""
+    if config.tie_word_embeddings:
+        return None
+    return VocabParallelEmbedding(config.vocab_size, width or config.hidden_size, lookups=False)
 
 
 def rows_for_logits(hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:

@@ -16,6 +16,7 @@ from torch import nn
 from energon_hf import kernels
 from energon_hf.parallel import Shard, state, tp_all_gather, tp_all_reduce
 
+from .formats import DenseWeight, FormatPlan
 from .linear import Linear
 
 
@@ -93,7 +94,7 @@ class Linear1D_Row(ShardedMixin, Linear):  # noqa: N801 (EnergonAI's name)
             return super().forward(x)
         if not self.parallel_input:
             x = x.narrow(-1, st.tp_rank * self.in_features, self.in_features)
-        out = tp_all_reduce(kernels.linear(x, self.weight))
+        out = tp_all_reduce(self.project(x, None))
         return out if self.bias is None else out + self.bias
 
 
@@ -102,11 +103,15 @@ class VocabParallelEmbedding(ShardedMixin, nn.Module):
 
     A lookup embeds the ids in this rank's range, zeros the others, and all-reduces. The same weight
     serves as a vocabulary-parallel LM head (`logits`), which gathers the full vocabulary for the caller.
+    `lookups=False`: an untied LM head, which only ever computes logits.
     """
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, **kwargs):
+    head: DenseWeight | None = None  # the logits product's packed weight, set once the weight is loaded
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, lookups: bool = True, **kwargs):
         super().__init__()
         st = state()
+        self.lookups = lookups
         self.num_embeddings = num_embeddings
         self.rows_per_rank = math.ceil(num_embeddings / st.tp_size)
         self.start = st.tp_rank * self.rows_per_rank
@@ -115,6 +120,17 @@ class VocabParallelEmbedding(ShardedMixin, nn.Module):
 
     def shard_for(self, param: str) -> Shard | None:
         return self._shard
+
+    def finish_loading(self, plan: FormatPlan, name: str) -> None:
+        """A head's product gets its weight packed for the device, in the model's dtype (also when the layers
+        are quantized: see formats.Quantization). A tied head keeps its table for lookups beside the packed
+        copy: the head is the largest product of a small model (SmolLM2's takes 5.2 ms packed against 10.6 ms
+        with F.linear at one token, float32)."""
+        if (self.lookups and name != plan.tied_head) or not plan.pack:
+            return
+        self.head = DenseWeight(self.weight)
+        if not self.lookups:
+            self.weight = None
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if state().tp_size == 1:
@@ -126,5 +142,5 @@ class VocabParallelEmbedding(ShardedMixin, nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, H] @ W^T over the whole vocabulary: [N, num_embeddings]."""
-        local = kernels.linear(hidden, self.weight)
+        local = kernels.linear(hidden, self.weight) if self.head is None else self.head(hidden)
         return tp_all_gather(local, dim=-1)[..., : self.num_embeddings]
