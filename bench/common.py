@@ -125,3 +125,15 @@ def batch_size_stats(url: str) -> dict[str, tuple[float, float]]:
     for part, kind, value in re.findall(r'^energon_batch_size_(sum|count)\{kind="(\w+)"\} (\S+)$', text, re.M):
         stats.setdefault(kind, [0.0, 0.0])[0 if part == "sum" else 1] = float(value)
     return {kind: (total, count) for kind, (total, count) in stats.items()}
+
+
+def read_bandwidth(mib: int = 256, repeats: int = 7) -> float:
+    """Bytes/s this process reads from memory on its torch threads: the best sum over a tensor far larger
+    than the caches (the ceiling for a decode step, which streams every weight once)."""
+    data = torch.ones(mib * 2**20 // 4)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - start)
+    return data.numel() * 4 / best

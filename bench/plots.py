@@ -114,8 +114,47 @@ def plot_generation(result: dict[str, Any], suite: dict[str, Any], path: Path) -
     plt.close(fig)
 
 
+def plot_decode(result: dict[str, Any], suite: dict[str, Any], path: Path) -> None:
+    batches = list(result["runs"])
+    variants = list(result["runs"][batches[0]]["variants"])
+    fig, axes = plt.subplots(1, len(batches), figsize=(3.6 * len(batches), 3.6), squeeze=False)
+    for ax, batch in zip(axes[0], batches, strict=True):
+        run = result["runs"][batch]
+        names = ["transformers float32", *variants]
+        rates = [run["transformers_float32_new_tokens_per_s"], *(run["variants"][v]["new_tokens_per_s"]
+                                                                 for v in variants)]
+        ax.bar(range(len(names)), rates, color=[COLORS["transformers"]] + [COLORS["energon"]] * len(variants))
+        ax.set_xticks(range(len(names)), ["HF fp32", *variants], rotation=45, fontsize=8)
+        ax.set_title(f"batch {batch}")
+    axes[0][0].set_ylabel("new tokens / s")
+    fig.suptitle(_title(suite, "e. generation per precision"))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_quality(result: dict[str, Any], suite: dict[str, Any], path: Path) -> None:
+    names = list(result["variants"])
+    rows = [result["variants"][n] for n in names]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
+    left.bar(range(len(names)), [100 * r["perplexity_vs_float32"] for r in rows], color=COLORS["energon"])
+    left.set_ylabel("perplexity vs float32 (%)")
+    right.bar([x - 0.2 for x in range(len(names))], [100 * r["greedy_agreement"] for r in rows], 0.4,
+              label="free-running")
+    right.bar([x + 0.2 for x in range(len(names))], [100 * r["forced_agreement"] for r in rows], 0.4,
+              label="teacher-forced")
+    right.set_ylabel("greedy tokens equal to float32 (%)")
+    right.legend(fontsize=8)
+    for ax in (left, right):
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=7)
+    fig.suptitle(_title(suite, "f. quality per precision (SmolLM2)"))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 PLOTTERS = {"runtime": plot_runtime, "dynamic_batching": plot_dynamic_batching, "tp_scaling": plot_tp_scaling,
-            "generation": plot_generation}
+            "generation": plot_generation, "decode": plot_decode, "quality": plot_quality}
 
 
 def make_plots(suite: dict[str, Any], folder: Path) -> list[Path]:

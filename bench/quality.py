@@ -6,7 +6,7 @@ teacher-forced (the reference's prefix fed to each variant: the share of positio
 token first). The float32 reference is the GGUF file dequantized (what transformers loads from it).
 
     .venv/bin/python -P bench/quality.py             # every variant, the full text (about 2 min)
-    .venv/bin/python -P bench/quality.py --quick     # fewer tokens and prompts (a smoke run)
+    .venv/bin/python -P bench/quality.py --quick     # 3 variants, fewer tokens and prompts (a smoke run)
 """
 
 from __future__ import annotations
@@ -57,8 +57,10 @@ def float_only_folder(folder: Path, into: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="256 tokens of text, 2 prompts x 16 tokens")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--quick", action="store_true",
+                        help="float32, int8 and GGUF int4 on 128 tokens of text and one prompt x 8 tokens")
+    parser.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS))
+    parser.add_argument("--gpu", action="store_true", help="run the variants on CUDA")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -70,16 +72,17 @@ def main(argv: list[str] | None = None) -> int:
     ids = tokenizer(TEXT.read_text(), return_tensors="pt").input_ids[0]
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                              return_tensors="pt", return_dict=True)["input_ids"][0] for p in PROMPTS]
+    variants = args.variants or (["float32", "int8", "int4 (GGUF Q4_1 blocks)"] if args.quick else list(VARIANTS))
     if args.quick:
-        ids, prompts = ids[:256], prompts[:2]
-    new_tokens = 16 if args.quick else 64
+        ids, prompts = ids[:128], prompts[:1]
+    new_tokens = 8 if args.quick else 64
     results, reference = {}, None
     with tempfile.TemporaryDirectory(prefix="quality_") as scratch:
         float_folder = float_only_folder(folder, Path(scratch))
-        for name in ["float32", *[v for v in args.variants if v != "float32"]]:
+        for name in ["float32", *[v for v in variants if v != "float32"]]:
             kwargs = dict(VARIANTS[name])
             source = float_folder if kwargs.pop("folder", None) else defaults.generation_model()
-            model = EnergonModel.from_pretrained(source, **kwargs)
+            model = EnergonModel.from_pretrained(source, device="cuda" if args.gpu else "cpu", **kwargs)
             ppl = perplexity(model, ids)
             tokens = greedy_tokens(model, prompts, new_tokens)
             reference = reference or {"perplexity": ppl, "tokens": tokens}

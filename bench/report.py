@@ -75,8 +75,47 @@ def _generation(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _decode(result: dict[str, Any]) -> list[str]:
+    batches = list(result["runs"])
+    variants = list(result["runs"][batches[0]]["variants"])
+    settings = result["settings"]
+    lines = [f"**e. Generation per precision**: {Path(result['model']).name}, greedy, {settings['new_tokens']} new "
+             f"tokens per sequence, prompts U[{settings['min_len']}, {settings['max_len']}]; new tokens/s and the "
+             f"ratio to transformers float32 in the same run; at batch 1 the bytes a decode step streams x steps/s "
+             f"against the measured read bandwidth ({result['read_bandwidth_bytes_per_s'] / 1e9:.0f} GB/s)", "",
+             "| dtype / quantization | " + " | ".join(f"batch {b}" for b in batches) + " | batch 1 GB/s | target |",
+             "|---|" + "---|" * (len(batches) + 2)]
+    lines.append("| transformers float32 | " + " | ".join(
+        f"{result['runs'][b]['transformers_float32_new_tokens_per_s']:.1f}" for b in batches) + " | | |")
+    for name in variants:
+        cells = [f"{result['runs'][b]['variants'][name]['new_tokens_per_s']:.1f} "
+                 f"(**{result['runs'][b]['variants'][name]['ratio_vs_transformers_float32']:.2f}x**)" for b in batches]
+        one = result["runs"].get("1", {}).get("variants", {}).get(name, {})
+        rate = f"{one['effective_bytes_per_s'] / 1e9:.1f} ({one['fraction_of_read_bandwidth']:.0%})" if one else ""
+        target = one.get("target_new_tokens_per_s")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {rate} | {f'{target:g} tok/s' if target else ''} |")
+    return lines
+
+
+def _quality(result: dict[str, Any]) -> list[str]:
+    lines = [f"**f. Quality per precision**: SmolLM2 perplexity on {result['text']} ({result['text_tokens']} "
+             f"tokens), and greedy tokens equal to float32's over {result['prompts']} chat prompts x "
+             f"{result['new_tokens']} (free-running, and teacher-forced on float32's tokens)", "",
+             "| variant | perplexity | vs float32 | greedy agreement | teacher-forced | target |",
+             "|---|---|---|---|---|---|"]
+    for name, row in result["variants"].items():
+        target = row.get("target")
+        met = "" if not target else (f"ppl within {target['perplexity_within']:.1%}" +
+                                     (f", agreement >= {target['greedy_agreement_at_least']:.0%}"
+                                      if target["greedy_agreement_at_least"] else "") +
+                                     f": {'met' if row['met'] else 'missed'}")
+        lines.append(f"| {name} | {row['perplexity']:.3f} | {row['perplexity_vs_float32']:+.2%} "
+                     f"| {row['greedy_agreement']:.1%} | {row['forced_agreement']:.1%} | {met} |")
+    return lines
+
+
 SECTIONS = {"runtime": _runtime, "dynamic_batching": _dynamic_batching, "tp_scaling": _tp_scaling,
-            "generation": _generation}
+            "generation": _generation, "decode": _decode, "quality": _quality}
 
 
 def results_markdown(suite: dict[str, Any], plots: list[str]) -> str:

@@ -1,5 +1,6 @@
-"""The benchmark suite: EnergonAI's three experiments and our generation benchmark, each against transformers
-measured side by side, with one JSON and PNG plots per run.
+"""The benchmark suite: EnergonAI's three experiments, our generation benchmarks (the server, and one stream per
+precision) and the quality of each precision, each against transformers measured side by side, with one JSON
+and PNG plots per run.
 
     .venv/bin/python -P bench/run.py                 # full mode (about 20 minutes on an idle 2-core machine)
     .venv/bin/python -P bench/run.py --quick         # tiny sizes, under 3 minutes: a smoke run
@@ -37,6 +38,9 @@ EXPERIMENTS: dict[str, tuple[str, list[str], list[str]]] = {
     "tp_scaling": ("tp_scaling.py", [], []),
     # d: the server at 1, 8 and 64 clients against transformers' static batch of 64.
     "generation": ("serve_vs_hf.py", [], ["--repeats", "1", "--warmup", "0"]),
+    # e, f: one stream and small batches per precision (float32 ... int4), and what each costs in quality.
+    "decode": ("generate_vs_hf.py", [], ["--repeats", "1", "--warmup", "0"]),
+    "quality": ("quality.py", [], []),
 }
 
 

@@ -129,15 +129,16 @@ def _pipeline_class(task: str) -> type[Pipeline]:
 def pipeline(task: str | None = None, model: str | os.PathLike | EnergonModel | None = None, tokenizer: Any = None,
              tp: int | None = None, pp: int | None = None, dtype: str | torch.dtype = "auto",
              device: str | torch.device = "cpu", batch_size: int | None = None, image_processor: Any = None,
-             **kwargs: Any) -> Pipeline:
+             quantization: str | None = None, **kwargs: Any) -> Pipeline:
     """transformers.pipeline's signature for the tasks in TASKS; `model` is a path, a hub id, a .gguf file
-    or an EnergonModel; `tp` / `pp` start the multi-process engine. Other keyword arguments go to the
-    transformers pipeline class (for example generation parameters, `top_k`, `aggregation_strategy`)."""
+    or an EnergonModel; `tp` / `pp` start the multi-process engine; `quantization` ("int8", "int4") as in
+    EnergonModel.from_pretrained. Other keyword arguments go to the transformers pipeline class (for example
+    generation parameters, `top_k`, `aggregation_strategy`)."""
     if model is None:
         raise ValueError("pipeline() needs model=: a checkpoint path, a hub id, a .gguf file or an EnergonModel")
     task = None if task is None else _canonical(task)  # an unknown task fails before anything loads
     energon = model if isinstance(model, EnergonModel) else EnergonModel.from_pretrained(
-        model, dtype=dtype, device=device, tp=tp, pp=pp)
+        model, dtype=dtype, device=device, tp=tp, pp=pp, quantization=quantization)
     task = task or _task_for(energon)
     folder = Path(energon.folder) if energon.folder else None
     if task in TEXT_TASKS:

@@ -18,13 +18,6 @@ def _run(script: str, out: Path, *args: str) -> dict:
     return json.loads(out.read_text())
 
 
-def test_generate_vs_hf(tmp_path):
-    result = _run("generate_vs_hf.py", tmp_path / "gen.json", "--batches", "1", "3")
-    assert set(result["runs"]) == {"1", "3"}
-    for run in result["runs"].values():
-        assert run["same_tokens"] is True and run["ratio"] > 0
-
-
 def test_gpu_kernels_script(tmp_path):
     """The GPU check runs end to end on tiny sizes through the Triton interpreter: every kernel matched."""
     pytest.importorskip("triton")
@@ -42,15 +35,16 @@ def test_tp_load_memory(tmp_path):
 
 @pytest.mark.timeout(600)
 def test_suite_quick(tmp_path):
-    """bench/run.py --quick: the four experiments (runtime, dynamic batching through three real servers, tp
-    scaling, the generation server against transformers) on tiny sizes, their JSON, plots and README table."""
+    """bench/run.py --quick: the six experiments (runtime, dynamic batching through three real servers, tp
+    scaling, the generation server against transformers, generation per precision, quality per precision) on
+    tiny sizes, their JSON, plots and README table."""
     out = tmp_path / "results"
     done = subprocess.run([sys.executable, "-P", str(BENCH / "run.py"), "--quick", "--out", str(out)],
                           capture_output=True, text=True, timeout=560)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     suite = json.loads((out / "suite.json").read_text())
     experiments = suite["experiments"]
-    assert set(experiments) == {"runtime", "dynamic_batching", "tp_scaling", "generation"}
+    assert set(experiments) == {"runtime", "dynamic_batching", "tp_scaling", "generation", "decode", "quality"}
     assert all(entry["exit"] == 0 for entry in experiments.values())
 
     runtime = experiments["runtime"]["result"]
@@ -76,6 +70,22 @@ def test_suite_quick(tmp_path):
         assert len(level["latencies_s"]) == level["requests"] and level["tokens_per_s"] > 0
     assert generation["same_text"] is True and generation["same_text_across_concurrency"] is True
 
+    decode = experiments["decode"]["result"]
+    assert set(decode["runs"]) == {"1", "3"} and decode["read_bandwidth_bytes_per_s"] > 0
+    sizes = decode["streamed_bytes_per_step"]
+    assert sizes["int4"] < sizes["int8"] < sizes["bfloat16"] < sizes["float32"]
+    for run in decode["runs"].values():
+        assert run["float32_same_tokens_as_transformers"] is True
+        assert set(run["variants"]) == {"float32", "bfloat16", "float16", "int8", "int4"}
+        assert all(v["new_tokens_per_s"] > 0 and 0 <= v["agreement_with_float32"] <= 1
+                   for v in run["variants"].values())
+    assert all(v["fraction_of_read_bandwidth"] > 0 for v in decode["runs"]["1"]["variants"].values())
+
+    quality = experiments["quality"]["result"]
+    assert set(quality["variants"]) == {"float32", "int8", "int4 (GGUF Q4_1 blocks)"}
+    assert quality["variants"]["float32"]["greedy_agreement"] == quality["variants"]["float32"]["forced_agreement"] == 1
+    assert all(abs(v["perplexity_vs_float32"]) < 0.05 for v in quality["variants"].values())
+
     for name in experiments:
         assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -91,5 +101,7 @@ def test_suite_quick(tmp_path):
     assert f"| minilm | 4 | {runtime['runs'][-1]['padding_fraction']:.0%} |" in text
     assert f"**{batching['throughput_ratio_over_fifo']['energon_packed']:.2f}x**" in text
     assert f"**{generation['ratio']:.2f}x**" in text
+    assert f"**{decode['runs']['1']['variants']['int4']['ratio_vs_transformers_float32']:.2f}x**" in text
+    assert f"| int8 | {quality['variants']['int8']['perplexity']:.3f} |" in text
     assert (tmp_path / "bench" / "published" / "cpu-quick" / "runtime.png").is_file()
     assert json.loads((tmp_path / "bench" / "published" / "cpu-quick" / "suite.json").read_text()) == suite

@@ -104,9 +104,17 @@ def test_a_checkpoint_config_maps_energonai_keys_and_flags_win(tmp_path):
     config = str(tmp_path / "gpt_config.py")
     setup = resolve(parse_args(["--config", config]))
     assert setup == {"model": "path/to/checkpoint", "tp": 2, "pp": 2, "dtype": "float16", "device": "cpu",
-                     "host": "0.0.0.0", "port": 8123, "factory": None, "task": "gpt"}
-    flags = resolve(parse_args(["--config", config, "--tp", "1", "--port", "9000", "--dtype", "float32"]))
-    assert (flags["tp"], flags["port"], flags["dtype"], flags["pp"]) == (1, 9000, "float32", 2)
+                     "host": "0.0.0.0", "port": 8123, "factory": None, "task": "gpt", "quantization": None}
+    flags = resolve(parse_args(["--config", config, "--tp", "1", "--port", "9000", "--dtype", "float32",
+                                "--quantization", "int8"]))
+    assert (flags["tp"], flags["port"], flags["dtype"], flags["pp"], flags["quantization"]) == \
+        (1, 9000, "float32", 2, "int8")
+
+
+def test_the_embedded_model_computes_on_its_4_bit_weights_unless_told_otherwise():
+    assert resolve(parse_args([]))["quantization"] == "int4"
+    assert resolve(parse_args(["--quantization", "none"]))["quantization"] == "none"
+    assert resolve(parse_args(["--model", "some/checkpoint"]))["quantization"] is None
 
 
 def test_bad_config_files_are_clear_errors(tmp_path):
