@@ -43,15 +43,16 @@ _IMPLEMENTATIONS: dict[str, dict[str, Callable]] = {
 }
 
 
-def forced_backend() -> str | None:
-    choice = os.environ.get("ENERGON_HF_KERNELS", "").strip().lower()
+def forced_backend(setting: str | None = None) -> str | None:
+    """The backend ENERGON_HF_KERNELS forces (`setting`: its value, when the caller already read it)."""
+    choice = (os.environ.get("ENERGON_HF_KERNELS", "") if setting is None else setting).strip().lower()
     if choice and choice not in BACKENDS:
         raise ValueError(f"ENERGON_HF_KERNELS={choice!r} is not one of {BACKENDS}")
     return choice or None
 
 
-def backend_for(device: torch.device) -> str:
-    forced = forced_backend()
+def backend_for(device: torch.device, setting: str | None = None) -> str:
+    forced = forced_backend(setting)
     if forced:
         return forced
     return "triton" if device.type == "cuda" else "torch"
@@ -63,10 +64,16 @@ def triton_installed() -> bool:
 
 
 def get_kernel(op: str, device: torch.device) -> Callable:
+    return _kernel(op, device.type, os.environ.get("ENERGON_HF_KERNELS", ""))
+
+
+@cache
+def _kernel(op: str, device_type: str, setting: str) -> Callable:
+    """Memoized per (op, device type, ENERGON_HF_KERNELS): a decode step calls the dispatch about 120 times."""
     impls = _IMPLEMENTATIONS[op]
-    backend = backend_for(device)
+    backend = backend_for(torch.device(device_type), setting)
     if backend == "triton" and not triton_installed():
-        if forced_backend() == "triton":
+        if forced_backend(setting) == "triton":
             raise NotImplementedError("ENERGON_HF_KERNELS=triton but the triton package is not installed")
         backend = "torch"
     return impls[backend]

@@ -15,6 +15,7 @@ from test_parity_llama import LLAMA_TINY
 from test_server import AUTH, start_server
 
 from energon_hf import EnergonModel, pipeline
+from energon_hf.convert import convert
 from energon_hf.converters.gguf_blocks import BLOCKS_FILE, GGUFBlocks, decode_q4
 from energon_hf.evaluate import agreement, forced_agreement, greedy_tokens, perplexity
 from energon_hf.kernels import quantized as q
@@ -125,6 +126,14 @@ def test_tiny_llama_int4_at_tp2_and_pp2_equals_tp1(llama_q):
             assert relative_error(logits_on_real(ours, ids, mask), expected) < 0.01  # bf16 sums in another order
             tokens = ours.generate(ids, attention_mask=mask, **kwargs)[:, -8:].tolist()
             assert agreement(tokens, expected_tokens) >= 0.75  # the decode path on quantized ranks
+
+
+def test_a_pre_sharded_folder_quantizes_as_it_loads(llama_q, tmp_path):
+    ids, mask = padded_batch(MIXED_LENGTHS[:3], 128, "left")
+    direct = EnergonModel.from_pretrained(llama_q, quantization="int4")
+    sharded = EnergonModel.from_pretrained(convert(llama_q, tmp_path / "sharded"), quantization="int4")
+    assert isinstance(sharded.model.model.layers[1].mlp.down_proj.format, Int4Weight)
+    assert torch.equal(logits_on_real(sharded, ids, mask), logits_on_real(direct, ids, mask))
 
 
 def test_int4_split_inside_a_group_and_int8_at_tp2(tmp_path_factory):

@@ -69,7 +69,9 @@ def test_a_full_queue_answers_429_with_retry_after(chat_llama):
         url = server.url + "/v1/completions"
         waiting: list[httpx.Response] = []
         with httpx.stream("POST", url, json=completion([5] * 10, 500, stream=True), timeout=120) as first:
-            next(line for line in first.iter_lines() if line.startswith("data: "))  # it is running
+            # Keep the line iterator: a closed one closes the response, and the server would cancel the stream.
+            lines = first.iter_lines()
+            next(line for line in lines if line.startswith("data: "))  # it is running
             thread = threading.Thread(target=lambda: waiting.append(httpx.post(url, json=completion([6] * 500, 1),
                                                                                timeout=120)))
             thread.start()
