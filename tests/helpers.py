@@ -2,6 +2,8 @@
 
 import torch
 
+from energon_hf.evaluate import agreement
+
 ATOL = 1e-4
 MIXED_LENGTHS = [1, 64, 7, 33, 2, 50, 16, 5]
 
@@ -60,4 +62,4 @@ def greedy_agreement(ours, hf, ids: torch.Tensor, mask: torch.Tensor, max_new_to
     with torch.no_grad():
         expected = hf.generate(ids, attention_mask=mask, **kwargs)[:, ids.shape[1]:]
     got = ours.generate(ids, attention_mask=mask, **kwargs)[:, ids.shape[1]:]
-    return (got == expected).float().mean().item()
+    return agreement(got.tolist(), expected.tolist())

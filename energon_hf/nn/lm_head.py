@@ -8,10 +8,10 @@ import torch
 
 from energon_hf.engine.batch import PackedBatch
 
+from .parallel import VocabParallelEmbedding
+
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
-
-from .parallel import VocabParallelEmbedding
 
 
 def untied_head(config: PretrainedConfig, width: int | None = None) -> VocabParallelEmbedding | None:
