@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from energon_hf.kernels.quantized import dequantize_int4
+
 if TYPE_CHECKING:
     from gguf import GGUFReader
 
@@ -51,11 +53,6 @@ def unpermute_rows(t: torch.Tensor, heads: int | None) -> torch.Tensor:
     return t.reshape(heads, t.shape[0] // heads // 2, 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
 
 
-def _dequantized(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    w = (q.float() - 8).reshape(q.shape[0], -1, GROUP_SIZE) * scale[..., None] + zero[..., None]
-    return w.reshape(q.shape)
-
-
 def _layer_index(name: str) -> int | None:
     """The layer number in a tensor name (HF's `layers.7.`, GGUF's `blk.7.`), None outside the layers."""
     match = re.search(r"\.(\d+)\.", name)
@@ -74,7 +71,7 @@ def block_map(reader: GGUFReader, state: dict[str, torch.Tensor], head_counts: t
         kind = tensor.tensor_type.name
         if kind not in _BLOCK_BYTES:
             continue
-        weights = _dequantized(*decode_q4(tensor.data, kind))
+        weights = dequantize_int4(*decode_q4(tensor.data, kind))
         match = next(((name, heads) for name in by_key.get((tuple(weights.shape), _layer_index(tensor.name)), [])
                       if name not in found for heads in (None, *head_counts)
                       if _equal(unpermute_rows(weights, heads), state[name])), None)

@@ -55,7 +55,7 @@ def finish_loading(model: nn.Module, name: str, plan: FormatPlan | None) -> None
 def _as_gguf_blocks(reader: CheckpointReader, names: list[str], spec: WeightSpec, plan: FormatPlan | None,
                     module: nn.Module, param: str) -> bool:
     """Whether this weight loads as the .gguf's own 4-bit blocks: int4 asked for in the blocks' groups of 32,
-    a linear layer (heads take int8), rows as stored."""
+    a linear layer (heads stay float), rows as stored."""
     quantization = plan.quantization if plan is not None else None
     return (quantization is not None and quantization.method == "int4" and quantization.group_size == GROUP_SIZE
             and reader.blocks is not None and reader.blocks.covers(names) and spec.layout != "transposed"

@@ -71,7 +71,7 @@ class EnergonModel:
 
         `quantization="int8"` (per output channel) or `"int4"` (groups of 32 input features) stores the
         linear layers' weights quantized as they load (weight-only: activations stay in `dtype`); vocabulary
-        heads take int8 either way. None keeps the checkpoint's floats.
+        heads and embeddings stay in `dtype`. None keeps the checkpoint's floats.
 
         `driver_address="host:port"` starts no workers: tp*pp ranks launched by torchrun on any machines
         (`python -m energon_hf.node --driver host:port`) connect there; the checkpoint path must be
