@@ -101,13 +101,18 @@ def test_a_factory_error_reaches_the_caller_and_no_worker_stays():
     assert wait_gone(list(set(_children()) - before))
 
 
-def test_killed_worker_fails_pending_and_new_calls_quickly():
+def test_killed_worker_fails_pending_and_new_calls_quickly(tmp_path):
     model = launch(build_mlp, tp=2, threads_per_rank=1)
     pids = model.runner.pids
     errors: list[BaseException] = []
-    pending = threading.Thread(target=lambda: _record(errors, model, torch.zeros(1, HIDDEN), mode="sleep"))
+    marker = str(tmp_path / "sleeping")
+    pending = threading.Thread(target=lambda: _record(errors, model, torch.zeros(1, HIDDEN), mode="sleep",
+                                                      marker=marker))
     pending.start()
-    time.sleep(1.0)  # the call is now blocked inside the workers
+    deadline = time.monotonic() + 30
+    while not all(os.path.exists(f"{marker}.{pid}") for pid in pids):  # the call is blocked inside the workers
+        assert time.monotonic() < deadline and pending.is_alive()
+        time.sleep(0.01)
     start = time.monotonic()
     os.kill(pids[1], signal.SIGKILL)
     pending.join(15)

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import weakref
@@ -21,7 +23,6 @@ from multiprocessing.connection import Connection, Listener, wait
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from energon_hf.errors import EngineDeadError
@@ -153,10 +154,12 @@ class MultiProcessRunner:
         self.kv_cache = None  # lives on the workers; kept for LocalRunner's interface
         if local:
             threads = threads_per_rank or max(1, (os.cpu_count() or 1) // self.world_size)
-            # The driver hosts the rendezvous store on a free port: engines side by side never collide.
-            self._store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+            # The rendezvous is a file in a folder only this user can read: no port (a TCPStore listens on
+            # every interface, unauthenticated), and engines side by side never collide.
+            folder = tempfile.mkdtemp(prefix="energon-rendezvous-")
+            weakref.finalize(self, shutil.rmtree, folder, True)
             for rank in range(self.world_size):
-                spec = WorkerSpec(rank, tp, pp, "127.0.0.1", self._store.port, device, threads, build,
+                spec = WorkerSpec(rank, tp, pp, os.path.join(folder, "store"), device, threads, build,
                                   collective_timeout_s)
                 process, conn, lifeline = _start_worker(spec)
                 self._processes.append(process)
@@ -164,13 +167,12 @@ class MultiProcessRunner:
                 lifelines.append(lifeline)
             self._pids = [p.pid for p in self._processes]
         else:  # torchrun started the ranks and does their rendezvous (MASTER_ADDR / MASTER_PORT)
-            self._store = None
             conns, remote_lifelines, self._pids = _accept_workers(driver_address, engine_key(authkey),
                                                                   self.world_size, connect_timeout_s)
             self._conns.extend(conns)
             lifelines.extend(remote_lifelines)
             for rank, conn in enumerate(conns):
-                _send_spec(conn, WorkerSpec(rank, tp, pp, None, 0, device, threads_per_rank or 0, build,
+                _send_spec(conn, WorkerSpec(rank, tp, pp, None, device, threads_per_rank or 0, build,
                                             collective_timeout_s), same_machine=False)
         try:
             with self._lock:
@@ -181,7 +183,20 @@ class MultiProcessRunner:
 
     @property
     def broken(self) -> str | None:
-        """Why the engine cannot run steps any more (a worker died, or it was closed), or None."""
+        """Why the engine cannot run steps any more (a worker died, or it was closed), or None. Looks at the
+        lifelines, so a worker that dies while the engine is idle is seen at once (a health check), not only
+        by the next step."""
+        if self._dead is None and self._lifelines:
+            ended = wait(self._lifelines, timeout=0)  # never written: readable means end of file
+            if ended and self._lock.acquire(blocking=False):  # else the step in flight sees it
+                try:
+                    self._died(self._lifelines.index(ended[0]))
+                except EngineDeadError:
+                    pass
+                finally:
+                    self._lock.release()
+            elif ended:
+                return f"worker rank {self._lifelines.index(ended[0])} died"
         return self._dead
 
     @property
@@ -267,4 +282,3 @@ class MultiProcessRunner:
             if self._dead is None:
                 self._dead = "the engine was closed"
             self._finalizer()
-        self._store = None

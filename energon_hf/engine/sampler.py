@@ -12,6 +12,10 @@ from transformers.generation.logits_process import (
 
 from .params import GenerationParams
 
+# The smallest temperature a division by keeps finite: float32 logits of about 10 over 1e-37 overflow to inf
+# and the probabilities to nan. Below it sampling is the argmax anyway (a logit gap of 0.01 is e^100 apart).
+MIN_TEMPERATURE = 1e-4
+
 
 class Sampler:
     """Repetition penalty, EOS suppression before min_new_tokens, then (when sampling) temperature,
@@ -31,7 +35,7 @@ class Sampler:
         self.warpers = LogitsProcessorList()
         if params.do_sample:
             if params.temperature != 1.0:
-                self.warpers.append(TemperatureLogitsWarper(params.temperature))
+                self.warpers.append(TemperatureLogitsWarper(max(params.temperature, MIN_TEMPERATURE)))
             if params.top_k:
                 self.warpers.append(TopKLogitsWarper(top_k=params.top_k))
             if params.top_p < 1.0:

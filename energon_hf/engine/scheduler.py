@@ -243,8 +243,15 @@ class ContinuousBatcher:
         for row, request in enumerate(requests):
             if request.finish_reason is not None:  # cancelled while the step ran
                 continue
-            token = int(request.sampler(logits[row:row + 1], torch.zeros(1, dtype=torch.long),
-                                        len(request.tokens))[0])
+            try:
+                token = int(request.sampler(logits[row:row + 1], torch.zeros(1, dtype=torch.long),
+                                            len(request.tokens))[0])
+            except RuntimeError as e:  # this request's sampling parameters: the others go on
+                with self._wake:
+                    if request in self.running:
+                        self.running.remove(request)
+                    self._finish(request, "error", e)
+                continue
             if request.logprobs is not None:
                 k = request.logprobs
                 top = list(zip(top_ids[row, :k].tolist(), top_values[row, :k].tolist(), strict=True))

@@ -14,6 +14,7 @@ import os
 import pickle
 import resource
 import runpy
+import socket
 import sys
 import threading
 import time
@@ -54,8 +55,7 @@ class WorkerSpec:
     rank: int
     tp: int
     pp: int
-    store_host: str | None  # None: rendezvous through torchrun's environment (MASTER_ADDR, MASTER_PORT)
-    store_port: int
+    store_path: str | None  # a FileStore in the driver's private folder; None: torchrun's MASTER_ADDR/PORT
     device: str  # "cpu", or "cuda" (each rank takes cuda:<local rank>)
     threads: int  # 0: this node's cores / its ranks (LOCAL_WORLD_SIZE)
     build: Callable[[torch.device], nn.Module]  # picklable: a module-level function or functools.partial
@@ -123,6 +123,15 @@ def _is_staged_model(model: nn.Module) -> bool:
     return staged is not None and isinstance(model, staged.StagedModel)
 
 
+def _listen_on_loopback() -> None:
+    """Gloo and NCCL open their ranks' connections on the interface that the hostname resolves to, which on
+    many machines is reachable from the network; ranks on one machine need only the loopback interface."""
+    loopback = next((name for _, name in socket.if_nameindex() if name.startswith("lo")), None)
+    if loopback is not None:
+        for variable in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+            os.environ.setdefault(variable, loopback)
+
+
 class Worker:
     def __init__(self, spec: WorkerSpec):
         self.spec = spec
@@ -131,8 +140,9 @@ class Worker:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         store = None
-        if spec.store_host is not None:
-            store = dist.TCPStore(spec.store_host, spec.store_port, is_master=False, timeout=timedelta(seconds=60))
+        if spec.store_path is not None:  # one machine: nothing of the engine listens beyond loopback
+            store = dist.FileStore(spec.store_path, spec.tp * spec.pp)
+            _listen_on_loopback()
         init_parallel(spec.tp, spec.pp, spec.rank, store, spec.backend,
                       timeout=timedelta(seconds=spec.collective_timeout_s))
         start = time.perf_counter()
