@@ -78,19 +78,30 @@ def minilm_path() -> Path:
 
 
 
-@pytest.fixture(scope="session")
-def chat_llama(tmp_path_factory, smollm2_gguf) -> Path:
+def make_chat_llama(folder: Path, gguf: Path, context: int) -> Path:
     """A tiny random Llama with SmolLM2's real tokenizer and chat template (vocabulary 49152)."""
     from energon_hf.loading import resolve_model_path
 
-    source = resolve_model_path(smollm2_gguf)
+    source = resolve_model_path(gguf)
     config = transformers.LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
-                                      bos_token_id=1, eos_token_id=2, pad_token_id=2, max_position_embeddings=2048)
+                                      bos_token_id=1, eos_token_id=2, pad_token_id=2, max_position_embeddings=context)
     torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("chat-llama")
     transformers.LlamaForCausalLM(config).save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
         if (source / name).is_file():
             (folder / name).write_bytes((source / name).read_bytes())
     return folder
+
+
+@pytest.fixture(scope="session")
+def chat_llama(tmp_path_factory, smollm2_gguf) -> Path:
+    """A tiny random Llama with SmolLM2's real tokenizer and chat template, context 2048."""
+    return make_chat_llama(tmp_path_factory.mktemp("chat-llama"), smollm2_gguf, 2048)
+
+
+@pytest.fixture(scope="session")
+def chat_llama_short(tmp_path_factory, smollm2_gguf) -> Path:
+    """The same with a context of 256 tokens: a fuzzer's longest generation takes about a second, and its
+    prompts (a few short messages of odd characters) stay within the context."""
+    return make_chat_llama(tmp_path_factory.mktemp("chat-llama-short"), smollm2_gguf, 256)

@@ -75,7 +75,7 @@ def test_custom_model_class_from_parallel_layers_serves_its_forward(tmp_path):
         w = mlp_config.weights()
         expected = torch.nn.functional.gelu(x @ w["fc1.weight"].T + w["fc1.bias"]) @ w["fc2.weight"].T + w["fc2.bias"]
         assert (torch.tensor(body.json()) - expected).abs().max() < 1e-5
-        serving = next(line for line in process.stdout if line.startswith("serving"))  # printed before /health
+        serving = next(line for line in process.output if line.startswith("serving"))  # printed before listening
         assert "tp=2, pp=1" in serving  # tp_init_size = 2
         models = httpx.get(url + "/v1/models", headers=AUTH).json()["data"][0]
         assert models["id"] == "build_mlp" and models["task"] == "mlp"

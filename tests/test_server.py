@@ -4,7 +4,7 @@ disconnects, API key, metrics, embeddings, and 4xx errors that name the field.""
 
 import json
 import os
-import socket
+import queue
 import subprocess
 import sys
 import threading
@@ -22,32 +22,34 @@ KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(*args: str, key: str | None = KEY, timeout: float = 120):
-    """python -m energon_hf.serve ARGS on a free port, once /health answers: (process, url)."""
-    port = free_port()
+    """python -m energon_hf.serve ARGS on a port it picks itself (--port 0: no two tests can race for one),
+    once it prints where it listens: (process, url). A thread keeps reading its output (a full pipe would
+    block the server); `process.output` holds the lines."""
     env = {k: v for k, v in os.environ.items() if k != "ENERGON_HF_API_KEY"}
     if key is not None:
         env["ENERGON_HF_API_KEY"] = key
-    process = subprocess.Popen([sys.executable, "-P", "-m", "energon_hf.serve", *args, "--port", str(port)],
+    process = subprocess.Popen([sys.executable, "-P", "-m", "energon_hf.serve", *args, "--port", "0"],
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited: {process.stdout.read()[-3000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    process.kill()
-    raise RuntimeError("server did not come up")
+    process.output = []
+    listening = queue.Queue()
+
+    def read() -> None:
+        for line in process.stdout:
+            process.output.append(line)
+            if line.startswith("listening on "):
+                listening.put(line.split()[-1])
+        listening.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        url = listening.get(timeout=timeout)
+    except queue.Empty:
+        url = None
+    if url is None:
+        process.kill()
+        raise RuntimeError(f"the server did not come up: {''.join(process.output)[-3000:]}")
+    return process, url
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +203,7 @@ def test_malformed_json_auth_and_size_limit(server):
     assert response.status_code == 400 and "JSON" in response.json()["error"]["message"]
     assert httpx.post(server + "/v1/completions", json={"model": "tiny", "prompt": "hi"}).status_code == 401
     assert httpx.get(server + "/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
-    huge = {"model": "tiny", "prompt": "x" * (2 << 20)}
+    huge = {"model": "tiny", "prompt": "x" * (9 << 20)}  # over the default --max-body-bytes (8 MiB)
     assert httpx.post(server + "/v1/completions", json=huge, headers=AUTH).status_code == 413
     assert complete(server, prompt=[5], max_tokens=1).status_code == 200  # still serving
 
@@ -285,3 +287,49 @@ def test_pipeline_route_text_generation_equals_transformers(server, chat_llama):
     assert chat == hf(messages, max_new_tokens=8, do_sample=False)
     wrong = httpx.post(server + "/v1/pipeline", headers=AUTH, json={"inputs": text, "parameters": {"beams": 2}})
     assert wrong.status_code == 400 and "beams" in wrong.json()["error"]["message"]
+
+
+def chat(url: str, **body) -> httpx.Response:
+    return httpx.post(url + "/v1/chat/completions", headers=AUTH, timeout=120,
+                      json={"model": "tiny", "temperature": 0, "messages": [{"role": "user", "content": "Hi there"}],
+                            **body})
+
+
+def test_top_p_include_usage_max_completion_tokens_chat_stop_and_n(server):
+    prompt = [5, 17, 99, 1000, 3]
+    greedy_text = complete(server, prompt=prompt, max_tokens=8, ignore_eos=True).json()["choices"][0]["text"]
+    # top_p that keeps only the most likely token samples the greedy text; plain sampling does not
+    nucleus = complete(server, prompt=prompt, max_tokens=8, ignore_eos=True, temperature=1.0, top_p=1e-6, seed=3)
+    sampled = complete(server, prompt=prompt, max_tokens=8, ignore_eos=True, temperature=1.0, seed=3)
+    assert nucleus.json()["choices"][0]["text"] == greedy_text != sampled.json()["choices"][0]["text"]
+    # stream_options.include_usage: a last chunk with no choices and the usage
+    events = []
+    with httpx.stream("POST", server + "/v1/completions", headers=AUTH, timeout=120,
+                      json={"model": "tiny", "prompt": prompt, "max_tokens": 8, "ignore_eos": True, "temperature": 0,
+                            "stream": True, "stream_options": {"include_usage": True}}) as response:
+        events = [line for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    last = json.loads(events[-2][6:])
+    assert last["choices"] == [] and last["usage"] == {"prompt_tokens": 5, "completion_tokens": 8, "total_tokens": 13}
+    # max_completion_tokens wins over max_tokens
+    body = chat(server, max_completion_tokens=3, max_tokens=6, ignore_eos=True).json()
+    assert body["usage"]["completion_tokens"] == 3 and body["choices"][0]["finish_reason"] == "length"
+    # chat n and stop
+    whole = chat(server, max_tokens=12, ignore_eos=True, n=2).json()["choices"]
+    assert [c["index"] for c in whole] == [0, 1] and whole[0]["message"] == whole[1]["message"]
+    text = whole[0]["message"]["content"]
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    cut = chat(server, max_tokens=12, ignore_eos=True, stop=stop).json()["choices"][0]
+    assert cut["message"]["content"] == text[:text.index(stop)] and cut["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize("route,body,field", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21},
+     "top_logprobs"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 21}, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "n": 17}, "n"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 17}, "n"),
+])
+def test_over_20_top_logprobs_or_16_choices_is_a_400(server, route, body, field):
+    response = httpx.post(server + route, headers=AUTH, json={"model": "tiny", **body})
+    assert response.status_code == 400 and response.json()["error"]["param"] == field, response.text

@@ -16,7 +16,6 @@ import torch
 import transformers
 import uvicorn
 from PIL import Image
-from test_server import free_port
 
 from energon_hf import EnergonModel
 from energon_hf.engine.dynamic_batcher import DynamicBatcher, EncodeRequest, pick_priority
@@ -30,9 +29,8 @@ class ThreadedServer:
     def __init__(self, model: EnergonModel, tokenizer, settings: ServeSettings):
         self.app = create_app(model, tokenizer, settings)
         self.served = self.app.state.served
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="warning"))
+        # port 0: the server takes a free port itself (no two tests can race for one); `url` is set on entry
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> "ThreadedServer":
@@ -41,6 +39,8 @@ class ThreadedServer:
         while not self.server.started:
             assert time.monotonic() < deadline and self.thread.is_alive(), "the server did not start"
             time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
         return self
 
     def __exit__(self, *exc) -> None:
@@ -166,17 +166,28 @@ def test_pipeline_route_feature_extraction_equals_transformers(minilm_server, mi
     assert httpx.post(minilm_server.url + "/v1/pipeline", json={"inputs": [1, 2]}).status_code == 400
 
 
-def test_pipeline_route_images_come_as_base64_never_as_paths_or_urls(tmp_path):
-    config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=2,
-                                    num_attention_heads=4, intermediate_size=96,
-                                    id2label={0: "cat", 1: "dog", 2: "bird"}, label2id={"cat": 0, "dog": 1, "bird": 2})
+def tiny_vit(folder, arch: str, **config) -> None:
+    """A tiny random ViT of class `arch` (32 x 32 images) with its image processor, saved to `folder`."""
     torch.manual_seed(0)
-    transformers.ViTForImageClassification(config).save_pretrained(tmp_path)
-    transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path)
-    picture = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 30, 3), dtype=np.uint8))
+    model_config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=2,
+                                          num_attention_heads=4, intermediate_size=96, **config)
+    getattr(transformers, arch)(model_config).save_pretrained(folder)
+    transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+
+
+def random_picture(height: int, width: int, seed: int) -> tuple[Image.Image, bytes]:
+    """A random RGB picture and its PNG bytes."""
+    picture = Image.fromarray(np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8))
     png = io.BytesIO()
     picture.save(png, format="PNG")
-    encoded = base64.b64encode(png.getvalue()).decode()
+    return picture, png.getvalue()
+
+
+def test_pipeline_route_images_come_as_base64_never_as_paths_or_urls(tmp_path):
+    tiny_vit(tmp_path, "ViTForImageClassification", id2label={0: "cat", 1: "dog", 2: "bird"},
+             label2id={"cat": 0, "dog": 1, "bird": 2})
+    picture, png = random_picture(40, 30, seed=0)
+    encoded = base64.b64encode(png).decode()
     with ThreadedServer(EnergonModel.from_pretrained(tmp_path), None, ServeSettings("vit")) as server:
         url = server.url + "/v1/pipeline"
         ours = httpx.post(url, json={"inputs": [encoded, "data:image/png;base64," + encoded],
@@ -252,3 +263,65 @@ def test_priority_policy_runs_a_request_that_waited_past_max_wait_first():
     assert pick_priority([long, *short], now, 4096, max_wait_s=1.0) == short  # the bigger group
     long.arrived = now - 1.0  # waited max_wait: its group goes first, however small
     assert pick_priority([long, *short], now, 4096, max_wait_s=1.0) == [long]
+
+
+def tiny_bert_head(folder, minilm_path, arch: str):
+    """A tiny random BERT of class `arch` with MiniLM's tokenizer (vocabulary 30522) and three labels."""
+    config = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=128,
+                                     id2label={0: "O", 1: "B-X", 2: "I-X"}, label2id={"O": 0, "B-X": 1, "I-X": 2})
+    torch.manual_seed(0)
+    getattr(transformers, arch)(config).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        (folder / name).write_bytes((minilm_path / name).read_bytes())
+    return folder
+
+
+def close_results(ours, theirs) -> None:
+    """Pipeline outputs equal in structure, labels and tokens, and in scores within 1e-4."""
+    if isinstance(theirs, dict):
+        assert set(ours) == set(theirs)
+        for key in theirs:
+            close_results(ours[key], theirs[key])
+    elif isinstance(theirs, list | tuple):
+        assert len(ours) == len(theirs)
+        for a, b in zip(ours, theirs, strict=True):
+            close_results(a, b)
+    elif isinstance(theirs, float | np.floating):
+        assert abs(ours - float(theirs)) < 1e-4
+    elif isinstance(theirs, np.ndarray | torch.Tensor):
+        close_results(ours, np.asarray(theirs).tolist())
+    else:
+        assert ours == (theirs.item() if hasattr(theirs, "item") else theirs)
+
+
+@pytest.mark.parametrize("arch,task,inputs,parameters", [
+    ("BertForMaskedLM", "fill-mask", ["Paris is the [MASK] of France.", "A [MASK] day."], {"top_k": 3}),
+    ("BertForSequenceClassification", "text-classification", ["I loved it.", "Dreadful."],
+     {"top_k": 2, "function_to_apply": "softmax"}),
+    ("BertForTokenClassification", "token-classification", ["Alice met Bob in Paris."],
+     {"aggregation_strategy": "simple"}),
+], ids=["fill-mask", "text-classification", "token-classification"])
+def test_pipeline_route_text_tasks_equal_transformers(tmp_path, minilm_path, arch, task, inputs, parameters):
+    folder = tiny_bert_head(tmp_path, minilm_path, arch)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    with ThreadedServer(EnergonModel.from_pretrained(folder), tokenizer, ServeSettings("bert")) as server:
+        assert httpx.get(server.url + "/v1/models").json()["data"][0]["task"] == task
+        response = httpx.post(server.url + "/v1/pipeline", json={"inputs": inputs, "parameters": parameters},
+                              timeout=60)
+        assert response.status_code == 200, response.text
+        theirs = transformers.pipeline(task, model=str(folder))(inputs, **parameters)
+        close_results(response.json(), theirs)
+        wrong = httpx.post(server.url + "/v1/pipeline", json={"inputs": inputs, "parameters": {"top_k": "3"}})
+        assert wrong.status_code == 400 and wrong.json()["error"]["param"] == "parameters"
+
+
+def test_pipeline_route_image_feature_extraction_equals_transformers(tmp_path):
+    tiny_vit(tmp_path, "ViTModel")
+    picture, png = random_picture(30, 40, seed=1)
+    with ThreadedServer(EnergonModel.from_pretrained(tmp_path), None, ServeSettings("vit")) as server:
+        response = httpx.post(server.url + "/v1/pipeline", timeout=60, json={
+            "inputs": base64.b64encode(png).decode(), "parameters": {"pool": True}})
+        assert response.status_code == 200, response.text
+        theirs = transformers.pipeline("image-feature-extraction", model=str(tmp_path))(picture, pool=True)
+        close_results(response.json(), theirs)

@@ -13,10 +13,11 @@ import hmac
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import FastAPI
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from energon_hf.engine.dynamic_batcher import DynamicBatcher
 from energon_hf.engine.scheduler import ContinuousBatcher
@@ -24,11 +25,18 @@ from energon_hf.modeling import EnergonModel
 from energon_hf.pipelines import _task_for, pipeline
 
 from . import embeddings, generation, pipeline_api
-from .errors import APIError
+from .errors import APIError, ErrorResponse, install_error_handlers
 from .metrics import Metrics
+from .openapi import install_served_schema
 from .state import Served, ServeSettings
 
 __all__ = ["ServeSettings", "create_app"]
+
+# Answers every route may give besides its own (the served OpenAPI schema lists them, with the error body).
+ERROR_RESPONSES = {status: {"model": ErrorResponse, "description": what} for status, what in (
+    (400, "invalid request"), (401, "invalid or missing API key"), (404, "unknown model or route"),
+    (413, "request body over --max-body-bytes"), (429, "queue full"), (500, "internal error"),
+    (503, "engine failed or shutting down"))}
 
 EmbedRunner = Callable[[list[list[int]]], Sequence[Any]]  # token sequences -> one embedding each
 
@@ -51,6 +59,7 @@ def _served(model: EnergonModel, tokenizer, settings: ServeSettings, embed_runne
                                     max_batch_tokens=settings.max_batch_tokens, device=model.device)
         batcher.on_step = metrics.step
         metrics.watch(lambda: batcher.waiting, lambda: batcher.running)
+        metrics.watch_cache(batcher.allocator)
     else:
         encoder_pipeline = pipeline(task, model=model, tokenizer=tokenizer)
         if task == "feature-extraction" and model.architecture.name.endswith("Model"):  # a base encoder
@@ -64,37 +73,45 @@ def _served(model: EnergonModel, tokenizer, settings: ServeSettings, embed_runne
                   encoder_pipeline)
 
 
+def bearer_token(authorization: str) -> str | None:
+    """The token of an `Authorization: Bearer TOKEN` header (the scheme is case-insensitive, as every HTTP
+    auth scheme), or None for any other header."""
+    scheme, _, token = authorization.strip().partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+PUBLIC = {"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}  # open even with a key (as vLLM)
+
+
+class APIKeyGuard:
+    """`Authorization: Bearer KEY` (compared in constant time) on every route but the PUBLIC ones. Plain ASGI, not
+    FastAPI's http middleware, which would stand between a streamed response and the client's disconnect."""
+
+    def __init__(self, app: ASGIApp, api_key: str):
+        self.app, self.api_key = app, api_key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in PUBLIC:
+            given = bearer_token(Headers(scope=scope).get("authorization", "")) or ""
+            if not hmac.compare_digest(given.encode(), self.api_key):
+                response = APIError(401, "invalid or missing API key (Authorization: Bearer ...)",
+                                    kind="authentication_error", code="invalid_api_key").response()
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def base_app(settings: ServeSettings, metrics: Metrics, healthy: Callable[[], bool], task: str) -> FastAPI:
-    """What every server has: the API key and body size guard, JSON errors, /health, /v1/models, /metrics."""
-    app = FastAPI(title="energon_hf", version="0.1")
+    """What every server has: the API key, the body size limit (FastAPI's, enforced while reading), errors in
+    OpenAI's shape, /health, /v1/models, /metrics."""
+    app = FastAPI(title="energon_hf", version="0.1", max_body_size=settings.max_body_bytes,
+                  responses=ERROR_RESPONSES)
+    install_error_handlers(app, settings.max_body_bytes)
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        """API key (constant-time) on every route but /health, and the body size limit."""
-        if settings.api_key and request.url.path != "/health":
-            given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-            if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
-                return APIError(401, "invalid or missing API key (Authorization: Bearer ...)",
-                                kind="authentication_error", code="invalid_api_key").response()
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
-            return APIError(413, f"request body of {length} bytes is over the limit of "
-                                 f"{settings.max_body_bytes}").response()
-        return await call_next(request)
+    if settings.api_key:
+        app.add_middleware(APIKeyGuard, api_key=settings.api_key)
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError):
-        first = exc.errors()[0]
-        if first.get("type") == "json_invalid":
-            return APIError(400, f"the body is not valid JSON: {first.get('msg')}").response()
-        field = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
-        return APIError(400, f"{field or 'body'}: {first.get('msg')}", param=field).response()
-
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, exc: APIError):
-        return exc.response()
-
-    @app.get("/health")
+    @app.get("/health", responses={503: {"model": ErrorResponse, "description": "the engine is down"}})
     def health():
         if not healthy():
             return APIError(503, "the engine is down", kind="engine_error").response()
@@ -105,7 +122,8 @@ def base_app(settings: ServeSettings, metrics: Metrics, healthy: Callable[[], bo
         return {"object": "list", "data": [{"id": settings.served_name, "object": "model", "created": 0,
                                             "owned_by": "energon_hf", "task": task}]}
 
-    @app.get("/metrics")
+    @app.get("/metrics", responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                                          "description": "Prometheus text format"}})
     def prometheus():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -120,6 +138,7 @@ def create_app(model: EnergonModel, tokenizer, settings: ServeSettings,
     served = _served(model, tokenizer, settings, embed_runner)
     app = base_app(settings, served.metrics, lambda: served.healthy, served.task)
     app.state.served = served
+    install_served_schema(app, served)
     for module in (generation, embeddings, pipeline_api):
         app.include_router(module.router)
     return app

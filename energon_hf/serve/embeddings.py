@@ -1,14 +1,20 @@
 """/v1/embeddings: sentence embeddings (sentence-transformers' mean pooling) through the dynamic batcher, so
-texts of concurrent requests run together in one padding-free batch."""
+texts of concurrent requests run together in one padding-free batch.
+
+A request is bounded before its work (--max-inputs texts, --max-request-tokens tokens) and its tokenizing
+and answer's JSON run in the request pool: a large request never stalls the event loop or /health."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import time
 
 import torch
 from fastapi import APIRouter
 from fastapi import Request as HTTPRequest
+from fastapi.responses import Response
 
 from .errors import APIError, engine_failed
 from .schemas import EmbeddingRequest
@@ -27,6 +33,22 @@ def mean_pooling_runner(model, tokenizer):
     return run
 
 
+def encode_vector(vector: torch.Tensor, encoding_format: str) -> list[float] | str:
+    """A vector as OpenAI returns it: a list of floats, or base64 of its little-endian float32 bytes."""
+    if encoding_format == "base64":
+        return base64.b64encode(vector.float().numpy().astype("<f4").tobytes()).decode()
+    return vector.float().tolist()
+
+
+def answer_json(served: Served, vectors: list[torch.Tensor], body: EmbeddingRequest, tokens: int) -> bytes:
+    if body.normalize:
+        vectors = list(torch.nn.functional.normalize(torch.stack(vectors).float(), dim=-1))
+    data = [{"object": "embedding", "index": i, "embedding": encode_vector(v, body.encoding_format)}
+            for i, v in enumerate(vectors)]
+    return json.dumps({"object": "list", "model": served.settings.served_name, "data": data,
+                       "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}).encode()
+
+
 @router.post("/v1/embeddings")
 async def embeddings(body: EmbeddingRequest, http: HTTPRequest):
     served: Served = http.app.state.served
@@ -36,20 +58,19 @@ async def embeddings(body: EmbeddingRequest, http: HTTPRequest):
         raise APIError(400, f"{served.settings.served_name} {what}: embeddings need an encoder base model",
                        param="model")
     texts = [body.input] if isinstance(body.input, str) else body.input
+    served.check_inputs(len(texts))
     if not texts or any(not t.strip() for t in texts):
         raise APIError(400, "input must be non-empty strings", param="input")
     served.check_queue(len(served.encoder.waiting))
     started = time.perf_counter()
-    sequences = served.tokenizer(texts, truncation=True)["input_ids"]
+    sequences = (await served.offload(served.tokenizer, texts, truncation=True))["input_ids"]
+    tokens = sum(len(s) for s in sequences)
+    served.check_inputs(len(texts), tokens)
     try:
         vectors = await asyncio.wrap_future(served.encoder.submit(sequences))
     except Exception as e:  # noqa: BLE001 - the engine failed this batch: 503, the server stays up
         served.metrics.answered("embeddings", 503)
         raise engine_failed(e) from e
-    if body.normalize:
-        vectors = [torch.nn.functional.normalize(v, dim=-1) for v in vectors]
-    tokens = sum(len(s) for s in sequences)
+    content = await served.offload(answer_json, served, vectors, body, tokens)
     served.metrics.answered("embeddings", 200, started)
-    return {"object": "list", "model": served.settings.served_name,
-            "data": [{"object": "embedding", "index": i, "embedding": v.tolist()} for i, v in enumerate(vectors)],
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+    return Response(content, media_type="application/json")

@@ -2,22 +2,25 @@
 
 Each of a request's n choices is one batcher request; they share an event queue, so one loop turns their
 tokens into text (stop strings cut it), logprobs and finish reasons, whether the answer streams as
-server-sent events or comes back whole.
+server-sent events or comes back whole. The batcher's thread hands events to the event loop, so a request
+holds no thread while it waits, and a client that goes away (streamed or not) cancels its sequences at once:
+they leave the batch at the next engine step.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-import queue
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from fastapi import APIRouter
 from fastapi import Request as HTTPRequest
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from energon_hf.engine.params import GenerationParams
@@ -32,6 +35,27 @@ DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
 DEFAULT_CHAT_TOKENS = 512
 
 router = APIRouter()
+
+
+class Cancelled(RuntimeError):
+    """A request ended before its answer: its client went away, or the server is shutting down."""
+
+
+class LoopEvents:
+    """A request's events, put by the batcher's thread and awaited on the event loop."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue = asyncio.Queue()
+
+    def put(self, item: Any) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:  # the loop is closed: nobody waits for these events any more
+            pass
+
+    async def get(self) -> Any:
+        return await self._queue.get()
 
 
 @dataclass
@@ -59,26 +83,27 @@ def _served(http: HTTPRequest) -> Served:
     return http.app.state.served
 
 
-def generation_params(served: Served, body: _Request, prompt_len: int, default_tokens: int, field_name: str,
-                      logprobs: int | None) -> GenerationParams:
+def generation_params(served: Served, body: _Request, prompt_len: int, default_tokens: int) -> GenerationParams:
+    """The batcher's parameters of a request. The token limit may be at most the context less one (what the
+    served schema states); a prompt plus the limit beyond the context generates up to the context's end,
+    finishing with "length" (the schema cannot state a bound on a sum, so a schema-valid request is served)."""
     served.check_model(body.model)
     if served.batcher is None:
         raise APIError(400, f"{served.settings.served_name} is an encoder: use /v1/embeddings", param="model")
     if body.n > served.settings.max_n:
         raise APIError(400, f"n is {body.n}; this server returns at most {served.settings.max_n} choices", param="n")
-    if logprobs is not None and logprobs > 20:
-        raise APIError(400, f"at most 20 top logprobs per token, got {logprobs}", param="logprobs")
     if prompt_len == 0:
         raise APIError(400, "the prompt is empty", param="prompt")
     if prompt_len >= served.context:
         raise APIError(400, f"the prompt has {prompt_len} tokens; the model's context is {served.context}",
                        param="prompt")
+    for name in ("max_tokens", "max_completion_tokens"):
+        given = getattr(body, name, None)
+        if given is not None and given >= served.context:
+            raise APIError(400, f"{name} is {given}; the model's context is {served.context} tokens", param=name)
     limit = getattr(body, "max_completion_tokens", None) or body.max_tokens
-    if limit is not None and prompt_len + limit > served.context:
-        raise APIError(400, f"prompt ({prompt_len} tokens) + {field_name} ({limit}) is over the model's context "
-                            f"of {served.context} tokens", param=field_name)
     served.check_queue(len(served.batcher.waiting), body.n)
-    return GenerationParams(max_new_tokens=limit or min(default_tokens, served.context - prompt_len),
+    return GenerationParams(max_new_tokens=min(limit or default_tokens, served.context - prompt_len),
                             do_sample=body.temperature > 0, temperature=body.temperature or 1.0, top_k=0,
                             top_p=body.top_p, eos_token_ids=[] if body.ignore_eos else served.eos_ids, seed=body.seed)
 
@@ -86,13 +111,13 @@ def generation_params(served: Served, body: _Request, prompt_len: int, default_t
 def submit_choices(served: Served, body: _Request, prompt: list[int], params: GenerationParams,
                    logprobs: int | None, chat: bool) -> list[Choice]:
     """The n choices of one request; seed s gives choice i the seed s + i, so choices differ when sampling."""
-    events: queue.Queue = queue.Queue()
+    events = LoopEvents()
     choices: list[Choice] = []
     try:
         for i in range(body.n):
             generator = None
             if params.seed is not None:
-                generator = torch.Generator(served.model.device).manual_seed(params.seed + i)
+                generator = torch.Generator(served.model.device).manual_seed((params.seed + i) % (1 << 64))
             request = served.batcher.submit(prompt, params, generator, logprobs=logprobs, events=events)
             formatter = LogprobFormatter(served.tokenizer, chat) if logprobs is not None else None
             choices.append(Choice(i, request, TextStopper(served.tokenizer, body.stops()), formatter))
@@ -110,13 +135,29 @@ def cancel_choices(served: Served, choices: list[Choice]) -> None:
         served.batcher.cancel(choice.request)
 
 
-def choice_updates(served: Served, choices: list[Choice]) -> Iterator[Update]:
+@asynccontextmanager
+async def cancelled_on_disconnect(served: Served, http: HTTPRequest, choices: list[Choice]):
+    """Cancel the choices as soon as the client disconnects (its body is read: the next message that
+    receive() gives is the disconnect)."""
+    async def watch() -> None:
+        while (await http.receive())["type"] != "http.disconnect":
+            pass
+        cancel_choices(served, choices)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        yield
+    finally:
+        watcher.cancel()
+
+
+async def choice_updates(served: Served, choices: list[Choice]) -> AsyncIterator[Update]:
     """Every choice's text, tokens and logprobs as its events arrive, until each has finished."""
     by_id = {c.request.request_id: c for c in choices}
     events = choices[0].request.events
     unfinished = len(choices)
     while unfinished:
-        request, item = events.get()
+        request, item = await events.get()
         choice = by_id[request.request_id]
         if choice.finish is not None:  # cut by a stop string already; its cancel's DONE
             continue
@@ -124,7 +165,7 @@ def choice_updates(served: Served, choices: list[Choice]) -> Iterator[Update]:
             if request.error is not None:
                 raise request.error
             if request.finish_reason == "cancelled":
-                raise RuntimeError("the request was cancelled: the server is shutting down")
+                raise Cancelled("the request was cancelled: the client went away or the server is shutting down")
             text, _ = choice.stopper.push(request.tokens, final=True)
             choice.finish = "stop" if request.finish_reason == "stop" else "length"
         else:
@@ -140,42 +181,49 @@ def choice_updates(served: Served, choices: list[Choice]) -> Iterator[Update]:
         yield update
 
 
-def _prompt_tokens(served: Served, body: CompletionRequest) -> list[int]:
+async def _prompt_tokens(served: Served, body: CompletionRequest) -> list[int]:
     if isinstance(body.prompt, str):
-        return served.tokenizer(body.prompt, add_special_tokens=True)["input_ids"] if body.prompt else []
+        if not body.prompt:
+            return []
+        if served.tokenizer is None:
+            raise APIError(400, f"{served.settings.served_name} has no tokenizer: send the prompt as token ids",
+                           param="prompt")
+        return (await served.offload(served.tokenizer, body.prompt, add_special_tokens=True))["input_ids"]
     vocab = served.model.config.vocab_size
     if any(t < 0 or t >= vocab for t in body.prompt):
         raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
     return list(body.prompt)
 
 
-@router.post("/v1/completions")
+# A stream answers server-sent events: the schema says so, next to the JSON of a whole answer.
+STREAMED = {200: {"content": {"application/json": {}, "text/event-stream": {}},
+                  "description": "the completion, or with stream: true its server-sent events"}}
+
+
+@router.post("/v1/completions", responses=STREAMED)
 async def completions(body: CompletionRequest, http: HTTPRequest):
     served = _served(http)
-    prompt = _prompt_tokens(served, body)
-    params = generation_params(served, body, len(prompt), DEFAULT_COMPLETION_TOKENS, "max_tokens", body.logprobs)
-    return await _respond(served, "completions", body, prompt, params, body.logprobs, chat=False)
+    prompt = await _prompt_tokens(served, body)
+    params = generation_params(served, body, len(prompt), DEFAULT_COMPLETION_TOKENS)
+    return await _respond(served, http, "completions", body, prompt, params, body.logprobs, chat=False)
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", responses=STREAMED)
 async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest):
     served = _served(http)
     tokenizer = served.tokenizer
     if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
         raise APIError(400, f"{served.settings.served_name} has no chat template: use /v1/completions")
-    if body.top_logprobs is not None and not body.logprobs:
-        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     messages = [m.model_dump() for m in body.messages]
-    prompt = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                return_dict=True)["input_ids"])
+    prompt = list((await served.offload(tokenizer.apply_chat_template, messages, add_generation_prompt=True,
+                                        tokenize=True, return_dict=True))["input_ids"])
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    params = generation_params(served, body, len(prompt), DEFAULT_CHAT_TOKENS,
-                     "max_completion_tokens" if body.max_completion_tokens else "max_tokens", logprobs)
-    return await _respond(served, "chat", body, prompt, params, logprobs, chat=True)
+    params = generation_params(served, body, len(prompt), DEFAULT_CHAT_TOKENS)
+    return await _respond(served, http, "chat", body, prompt, params, logprobs, chat=True)
 
 
-async def _respond(served: Served, endpoint: str, body: _Request, prompt: list[int], params: GenerationParams,
-                   logprobs: int | None, chat: bool):
+async def _respond(served: Served, http: HTTPRequest, endpoint: str, body: _Request, prompt: list[int],
+                   params: GenerationParams, logprobs: int | None, chat: bool):
     started = time.perf_counter()
     choices = submit_choices(served, body, prompt, params, logprobs, chat)
     head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
@@ -184,13 +232,7 @@ async def _respond(served: Served, endpoint: str, body: _Request, prompt: list[i
         include_usage = bool((body.stream_options or {}).get("include_usage"))
         return StreamingResponse(_stream(served, choices, head, endpoint, chat, len(prompt), include_usage,
                                          started), media_type="text/event-stream")
-    try:
-        results = await run_in_threadpool(collect_choices, served, choices)
-    except Exception as e:  # noqa: BLE001 - the engine failed this request: 503, the server stays up
-        served.metrics.answered(endpoint, 503)
-        raise engine_failed(e) from e
-    finally:
-        cancel_choices(served, choices)
+    results = await collect_choices(served, http, choices, endpoint)
     out = []
     for choice, (text, tokens, lps) in zip(choices, results, strict=True):
         entry = {"index": choice.index, "finish_reason": choice.finish,
@@ -207,19 +249,34 @@ def _usage(prompt: int, completion: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def collect_choices(served: Served, choices: list[Choice]) -> list[tuple[str, list[int], list[TokenLogprob]]]:
+async def collect_choices(served: Served, http: HTTPRequest, choices: list[Choice],
+                          endpoint: str) -> list[tuple[str, list[int], list[TokenLogprob]]]:
+    """Each choice's whole text, tokens and logprobs; the choices are cancelled when the client goes away,
+    and an engine failure or a shutdown is a 503 (the server stays up)."""
     texts: list[list[str]] = [[] for _ in choices]
     tokens: list[list[int]] = [[] for _ in choices]
     lps: list[list[TokenLogprob]] = [[] for _ in choices]
-    for update in choice_updates(served, choices):
-        texts[update.index].append(update.text)
-        tokens[update.index] += update.tokens
-        lps[update.index] += update.logprobs
+    try:
+        async with cancelled_on_disconnect(served, http, choices):
+            async for update in choice_updates(served, choices):
+                texts[update.index].append(update.text)
+                tokens[update.index] += update.tokens
+                lps[update.index] += update.logprobs
+    except Cancelled as e:
+        served.metrics.answered(endpoint, 503)
+        raise APIError(503, str(e), kind="engine_error") from e
+    except Exception as e:  # noqa: BLE001 - the engine failed this request
+        served.metrics.answered(endpoint, 503)
+        raise engine_failed(e) from e
+    finally:
+        cancel_choices(served, choices)
     return [("".join(t), k, lp) for t, k, lp in zip(texts, tokens, lps, strict=True)]
 
 
-def _stream(served: Served, choices: list[Choice], head: dict, endpoint: str, chat: bool, prompt_len: int,
-            include_usage: bool, started: float) -> Iterator[str]:
+async def _stream(served: Served, choices: list[Choice], head: dict, endpoint: str, chat: bool, prompt_len: int,
+                  include_usage: bool, started: float) -> AsyncIterator[str]:
+    """Server-sent events; when the client goes away the response is cancelled and `finally` frees the
+    sequences at once."""
     kind = "chat.completion.chunk" if chat else "text_completion"
 
     def event(payload: dict) -> str:
@@ -240,7 +297,7 @@ def _stream(served: Served, choices: list[Choice], head: dict, endpoint: str, ch
             for choice in choices:
                 yield chunk(choice.index, None, None, role=True)
         try:
-            for update in choice_updates(served, choices):
+            async for update in choice_updates(served, choices):
                 generated += len(update.tokens)
                 formatter = choices[update.index].logprobs
                 lps = formatter.format(update.tokens, update.logprobs) if formatter and update.tokens else None
@@ -249,7 +306,8 @@ def _stream(served: Served, choices: list[Choice], head: dict, endpoint: str, ch
                 if update.finish:
                     yield chunk(update.index, None, update.finish)
         except Exception as e:  # noqa: BLE001 - headers are sent: the error goes in the stream
-            yield event({"error": {"message": f"the engine failed: {e}", "type": "engine_error"}})
+            message = str(e) if isinstance(e, Cancelled) else f"the engine failed: {e}"
+            yield event({"error": {"message": message, "type": "engine_error"}})
             served.metrics.answered(endpoint, 503)
             return
         if include_usage:

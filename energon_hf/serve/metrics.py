@@ -19,11 +19,20 @@ class Metrics:
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)
         self.queue = Gauge("energon_queue_length", "Requests waiting for admission", registry=self.registry)
         self.running = Gauge("energon_running_sequences", "Sequences in the running batch", registry=self.registry)
+        self.kv_used = Gauge("energon_kv_cache_blocks_used", "KV cache blocks held by sequences",
+                             registry=self.registry)
+        self.kv_total = Gauge("energon_kv_cache_blocks_total", "KV cache blocks in all", registry=self.registry)
 
     def watch(self, waiting, running) -> None:
         """Read the queue and running lengths from the batcher at each scrape."""
         self.queue.set_function(lambda: len(waiting()))
         self.running.set_function(lambda: len(running()))
+
+    def watch_cache(self, allocator) -> None:
+        """Read the KV cache's block usage at each scrape (a cancelled sequence's blocks are freed by the
+        next engine step: watch them go)."""
+        self.kv_used.set_function(lambda: allocator.num_blocks_total - allocator.num_free)
+        self.kv_total.set_function(lambda: allocator.num_blocks_total)
 
     def step(self, kind: str, sequences: int) -> None:
         self.batch_size.labels(kind).observe(sequences)
