@@ -217,8 +217,8 @@ def test_server_dtype_and_quantization_flags(chat_llama):
         served = httpx.post(url + "/v1/completions", json=body, headers=AUTH, timeout=120).json()
     finally:
         process.terminate()
-        output = process.communicate(timeout=30)[0]
-    assert "bfloat16, quantization=int8" in output
+        process.wait(30)
+    assert "bfloat16, quantization=int8" in "".join(process.output)
     top = served["choices"][0]["logprobs"]["top_logprobs"][0]
 
     def logprobs(**kwargs) -> torch.Tensor:

@@ -9,11 +9,18 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from energon_hf.pipelines import IMAGE_TASKS
+
 from .pipeline_api import PARAMETERS
 from .schemas import ChatMessage
 from .state import Served
 
 TEXT = {"type": "string", "pattern": r"\S"}
+
+
+def token_limit(context: int) -> dict[str, Any]:
+    """A max_tokens-like field: optional, below the model's context."""
+    return {"anyOf": [{"type": "integer", "minimum": 1, "maximum": context - 1}, {"type": "null"}]}
 
 
 def install_served_schema(app: FastAPI, served: Served) -> None:
@@ -44,11 +51,10 @@ def _state_the_model(schema: dict[str, Any], served: Served) -> None:
     for name in ("CompletionRequest", "ChatCompletionRequest", "EmbeddingRequest"):
         if name in models:
             models[name]["properties"]["model"] = {"type": "string", "enum": [settings.served_name]}
-    limit = {"anyOf": [{"type": "integer", "minimum": 1, "maximum": context - 1}, {"type": "null"}]}
     for name, fields in (("CompletionRequest", ("max_tokens",)),
                          ("ChatCompletionRequest", ("max_tokens", "max_completion_tokens"))):
         for field in fields:
-            models[name]["properties"][field] = limit
+            models[name]["properties"][field] = token_limit(context)
     token_ids = {"type": "array", "minItems": 1, "maxItems": context - 1,
                  "items": {"type": "integer", "minimum": 0, "maximum": served.model.config.vocab_size - 1}}
     models["CompletionRequest"]["properties"]["prompt"] = {"anyOf": [{"type": "string", "minLength": 1}, token_ids]}
@@ -71,7 +77,7 @@ def _pipeline_fields(served: Served) -> dict[str, Any]:
         inputs = {"anyOf": [{"type": "string", "minLength": 1}, {"type": "array", "items": message, "minItems": 1}]}
     else:
         one = TEXT
-        if task in ("image-classification", "image-feature-extraction"):
+        if task in IMAGE_TASKS:
             one = {"type": "string", "contentEncoding": "base64", "contentMediaType": "image/*"}
         elif task == "fill-mask":
             one = {"type": "string", "pattern": re.escape(served.tokenizer.mask_token)}
@@ -80,7 +86,6 @@ def _pipeline_fields(served: Served) -> dict[str, Any]:
     parameters = PARAMETERS[task].model_json_schema()
     parameters.pop("title", None)
     if task == "text-generation":
-        parameters["properties"]["max_new_tokens"] = {
-            "anyOf": [{"type": "integer", "minimum": 1, "maximum": context - 1}, {"type": "null"}]}
+        parameters["properties"]["max_new_tokens"] = token_limit(context)
     return {"inputs": inputs, "parameters": parameters}
 

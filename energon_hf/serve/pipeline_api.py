@@ -94,6 +94,7 @@ PARAMETERS: dict[str, type[Parameters]] = {
 
 
 def task_parameters(task: str, given: dict[str, Any]) -> Parameters:
+    """The client's parameters checked against the task's model: an unknown name or a wrong type is a 400."""
     accepted = PARAMETERS[task].model_fields
     unknown = sorted(set(given) - set(accepted))
     if unknown:
