@@ -74,8 +74,8 @@ def nbytes(*tensors: torch.Tensor) -> int:
 
 def run_checks(s: Sizes, measure: Callable) -> dict[str, dict]:
     from energon_hf import kernels  # after ENERGON_HF_KERNELS / TRITON_INTERPRET are set
-    from energon_hf.engine.kv_cache import BlockAllocator, KVCache
     from energon_hf.kernels import attention, elementwise, padding
+    from energon_hf.kv_cache import BlockAllocator, KVCache
 
     gen = torch.Generator().manual_seed(0)
     rand = lambda *shape: torch.randn(*shape, generator=gen).to(s.device, s.dtype)  # noqa: E731

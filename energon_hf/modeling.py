@@ -13,7 +13,7 @@ from transformers import GenerationConfig, PretrainedConfig
 from transformers.utils import ModelOutput
 
 from energon_hf import kernels
-from energon_hf.engine.batch import AttentionMetadata, PackedBatch
+from energon_hf.batch import AttentionMetadata, PackedBatch
 from energon_hf.engine.generation import generate_tokens
 from energon_hf.engine.multiprocess import MultiProcessRunner
 from energon_hf.engine.params import GenerationParams

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from energon_hf import kernels
-from energon_hf.engine.kv_cache import BlockAllocator, KVCache, slot_mapping
 from energon_hf.kernels import dispatch
+from energon_hf.kv_cache import BlockAllocator, KVCache, slot_mapping
 
 
 def _mask(lengths, seqlen, side, dtype=torch.long):

@@ -30,3 +30,28 @@ def test_no_bare_kernels_module(tmp_path):
 def test_public_api():
     assert callable(energon_hf.EnergonModel.from_pretrained)
     assert energon_hf.__version__
+
+
+def _imported_modules(path: Path, package: str) -> set[str]:
+    """Every module a file imports, with relative imports resolved against its package."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+            module = ".".join([*base, node.module] if node.module else base)
+            found.add(module)
+            found.update(f"{module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def test_models_and_layers_never_import_the_engine():
+    """The layers depend on the shared types below the engine (energon_hf.batch, .kv_cache), not upward."""
+    for folder in ("nn", "models"):
+        for path in (REPO / "energon_hf" / folder).glob("*.py"):
+            upward = {m for m in _imported_modules(path, f"energon_hf.{folder}")
+                      if m == "energon_hf.engine" or m.startswith("energon_hf.engine.")}
+            assert not upward, f"{path.relative_to(REPO)} imports {sorted(upward)}"

@@ -13,7 +13,7 @@ from test_parity_opt import OPT_TINY
 from test_parity_vit import VIT_TINY
 
 from energon_hf import EnergonModel
-from energon_hf.engine.batch import AttentionMetadata, PackedBatch
+from energon_hf.batch import AttentionMetadata, PackedBatch
 from energon_hf.engine.pipeline import split_batch
 from energon_hf.parallel import stage_layers
 

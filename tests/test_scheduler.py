@@ -10,8 +10,8 @@ import transformers
 from test_parity_llama import LLAMA_TINY
 
 from energon_hf import EnergonModel
+from energon_hf.engine.batcher import ContinuousBatcher
 from energon_hf.engine.params import GenerationParams
-from energon_hf.engine.scheduler import ContinuousBatcher
 
 
 @pytest.fixture(scope="module")

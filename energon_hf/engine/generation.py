@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import torch
 
-from .batch import decode_batch, prefill_batch
-from .kv_cache import BlockAllocator
+from energon_hf.batch import decode_batch, prefill_batch
+from energon_hf.kv_cache import BLOCK_SIZE, BlockAllocator
+
 from .params import GenerationParams
 from .runner import LocalRunner
 from .sampler import Sampler
-
-BLOCK_SIZE = 16
 
 
 @torch.inference_mode()

@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from energon_hf.batch import PackedBatch
 from energon_hf.errors import EngineDeadError
 
-from .batch import PackedBatch
 from .worker import EVERY_RANK_ANSWERS, WorkerSpec, receive, send
 
 STOP_GRACE_S = 5.0

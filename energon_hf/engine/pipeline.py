@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from energon_hf.batch import AttentionMetadata, PackedBatch
 from energon_hf.parallel import state
 
-from .batch import AttentionMetadata, PackedBatch
 from .runner import LocalRunner
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .batch import PackedBatch
-from .kv_cache import KVCache
+from energon_hf.batch import PackedBatch
+from energon_hf.kv_cache import KVCache
 
 
 class LocalRunner:

@@ -1,279 +1,172 @@
-"""Continuous batching: requests join and leave the running batch at every step (iteration-level scheduling,
-as in Orca and vLLM).
+"""The scheduler of continuous batching: pure bookkeeping over sequences and KV cache blocks (no threads, no
+tensors, no sampling), as nano-vllm's. `schedule()` says what the next engine step runs, `postprocess()`
+takes the tokens the step produced and retires what finished.
 
-Each iteration admits waiting requests as one packed prefill step, under a token budget and the free KV
-cache blocks, then runs one decode step for every running sequence. A sequence that finishes (EOS, its
-token limit, or a cancel) frees its blocks at once. When the cache cannot hold the next token of every
-running sequence, the most recently admitted one is preempted: its blocks are freed and it goes back to
-the front of the queue, to be prefilled again later with what it generated so far (recompute).
-
-One background thread drives the loop and sleeps on a condition when there is nothing to do.
+A step is a prefill or a decode:
+- prefill: waiting sequences admitted in arrival order while their tokens fit `max_batch_tokens` (the
+  first one always) and the free blocks hold their context plus one token, keeping one block of headroom
+  per running sequence; a sequence runs its whole context (prompt and anything generated before a
+  preemption, which is recomputed);
+- decode: one token for every running sequence. When the cache cannot hold the next token of each, the
+  newest running sequence is preempted: its blocks are freed and it goes back to the front of the queue.
+Prefill comes first whenever a waiting sequence can be admitted, so new requests join at the next step.
 """
 
 from __future__ import annotations
 
-import itertools
-import queue
-import threading
 from collections import deque
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-import torch
-
-from .batch import decode_batch, prefill_batch
-from .kv_cache import BlockAllocator
-from .params import GenerationParams
-from .sampler import Sampler
-
-DONE = object()  # the last event of a request
+from energon_hf.kv_cache import BlockAllocator
 
 
-@dataclass
-class TokenLogprob:
-    """The log-probability of a generated token under the model's distribution (before sampling
-    parameters), and the `top` most likely tokens with theirs."""
+@dataclass(eq=False)
+class Sequence:
+    """What the scheduler knows of a request: its tokens, its limits, and why it finished."""
 
-    logprob: float
-    top: list[tuple[int, float]]
-
-
-@dataclass
-class Request:
-    """One generation request; iterate `stream()` for its tokens as they come, or call `result()`.
-
-    Events go to `events` as (request, token) and (request, DONE); several requests may share one queue
-    (n choices of one prompt) and a reader tells them apart by the request."""
-
-    request_id: int
+    seq_id: int
     prompt: list[int]
-    params: GenerationParams
-    sampler: Sampler
-    logprobs: int | None = None  # None: none; k: the chosen token's and the k most likely tokens'
+    max_new_tokens: int
+    eos_token_ids: frozenset[int] = frozenset()
     tokens: list[int] = field(default_factory=list)
-    token_logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" (EOS), "length", "cancelled" or "error"
-    error: BaseException | None = None
-    events: queue.Queue = field(default_factory=queue.Queue, repr=False)
-    _done: threading.Event = field(default_factory=threading.Event, repr=False)
 
     @property
     def context(self) -> list[int]:
         return self.prompt + self.tokens
 
     @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def stream(self, timeout: float | None = None) -> Iterator[int]:
-        """Tokens as they come (only for a request with its own event queue)."""
-        while True:
-            _, item = self.events.get(timeout=timeout)
-            if item is DONE:
-                if self.error is not None:
-                    raise self.error
-                return
-            yield item
-
-    def result(self, timeout: float | None = None) -> list[int]:
-        if not self._done.wait(timeout):
-            raise TimeoutError(f"request {self.request_id} did not finish within {timeout} s")
-        if self.error is not None:
-            raise self.error
-        return list(self.tokens)
+    def finished(self) -> bool:
+        return self.finish_reason is not None
 
 
-class ContinuousBatcher:
-    """Serves generation requests on a runner (LocalRunner or the multi-process engine), sharing its KV cache.
+@dataclass
+class Step:
+    """The work of one engine step: `sequences` run as a prefill (their whole contexts) or a decode (their
+    last tokens); `retired` left since the last step without running (cancelled)."""
 
-    `max_batch_tokens` bounds the tokens of one prefill step; `max_running` the sequences decoding together.
-    """
+    kind: str  # "prefill" or "decode"
+    sequences: list[Sequence]
+    retired: list[Sequence] = field(default_factory=list)
 
-    def __init__(self, runner, vocab_size: int, num_blocks: int, block_size: int = 16,
-                 max_batch_tokens: int = 4096, max_running: int = 256, device: torch.device | str = "cpu"):
-        self.runner, self.vocab_size, self.device = runner, vocab_size, torch.device(device)
-        self.block_size, self.max_batch_tokens, self.max_running = block_size, max_batch_tokens, max_running
-        runner.ensure_cache(num_blocks, block_size)
+
+class Scheduler:
+    def __init__(self, num_blocks: int, block_size: int, max_batch_tokens: int = 4096, max_running: int = 256):
         self.allocator = BlockAllocator(num_blocks, block_size)
-        self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []
-        self._ids = itertools.count()
-        self._wake = threading.Condition()
-        self._stopped = False
-        self.steps = 0
+        self.max_batch_tokens, self.max_running = max_batch_tokens, max_running
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
         self.preemptions = 0
-        self.on_step: Callable[[str, int], None] | None = None  # (kind, sequences): for metrics
-        self._thread = threading.Thread(target=self._loop, name="energon-batcher", daemon=True)
-        self._thread.start()
-
-    # -- requests ----------------------------------------------------------------------------------
-    def submit(self, prompt: list[int], params: GenerationParams, generator: torch.Generator | None = None,
-               logprobs: int | None = None, events: queue.Queue | None = None) -> Request:
-        """Queue a request. `logprobs=k` records each token's log-probability and the k most likely
-        alternatives; `events` is a queue shared with other requests (default: its own)."""
-        if not prompt:
-            raise ValueError("the prompt is empty")
-        needed = self.allocator.blocks_for(len(prompt) + params.max_new_tokens)
-        if needed > self.allocator.num_blocks_total:
-            raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) needs "
-                             f"{needed} KV cache blocks; the cache holds {self.allocator.num_blocks_total}")
-        sampler = Sampler(params, self.vocab_size, self.device, generator)
-        sampler.observe_prompts([torch.tensor(prompt)])
-        request = Request(next(self._ids), list(prompt), params, sampler, logprobs)
-        if events is not None:
-            request.events = events
-        with self._wake:
-            if self._stopped:
-                raise RuntimeError("the batcher is stopped")
-            self.waiting.append(request)
-            self._wake.notify()
-        return request
-
-    def cancel(self, request: Request) -> None:
-        """Stop a request (a client that went away): it leaves the batch at the next step."""
-        with self._wake:
-            if request.finish_reason is None:
-                request.finish_reason = "cancelled"
-            self._wake.notify()
-
-    def close(self) -> None:
-        with self._wake:
-            self._stopped = True
-            self._wake.notify()
-        self._thread.join(30)
-
-    # -- the loop ----------------------------------------------------------------------------------
-    def _loop(self) -> None:
-        while True:
-            with self._wake:
-                while not self._stopped and not self.waiting and not self.running:
-                    self._wake.wait()
-                if self._stopped:
-                    break
-                self._drop_cancelled()
-                admitted = self._admit()
-            try:
-                if admitted:
-                    self._prefill(admitted)
-                    self._observe("prefill", len(admitted))
-                if self.running:
-                    self._decode()
-                    self._observe("decode", len(self.running))
-                self.steps += 1
-            except Exception as e:  # noqa: BLE001 - the engine failed: every request in flight gets the error
-                with self._wake:  # admitted ones are in neither list while their prefill runs
-                    for request in [*admitted, *self.running, *self.waiting]:
-                        self._finish(request, "error", e)
-                    self.running, self.waiting = [], deque()
-        with self._wake:
-            for request in [*self.running, *self.waiting]:
-                self._finish(request, "cancelled")
 
     @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
+    def block_size(self) -> int:
+        return self.allocator.block_size
 
-    def _observe(self, kind: str, sequences: int) -> None:
-        if self.on_step is not None:
-            self.on_step(kind, sequences)
+    def check_fits(self, prompt_len: int, max_new_tokens: int) -> None:
+        """ValueError when one sequence could never fit the whole cache."""
+        needed = self.allocator.blocks_for(prompt_len + max_new_tokens)
+        if needed > self.allocator.num_blocks_total:
+            raise ValueError(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) needs {needed} KV "
+                             f"cache blocks; the cache holds {self.allocator.num_blocks_total}")
 
-    def _drop_cancelled(self) -> None:
-        for request in [r for r in self.running if r.finish_reason == "cancelled"]:
-            self.running.remove(request)
-            self._finish(request, "cancelled")
-        for request in [r for r in self.waiting if r.finish_reason == "cancelled"]:
-            self.waiting.remove(request)
-            self._finish(request, "cancelled")
+    def add(self, sequence: Sequence) -> None:
+        if not sequence.prompt:
+            raise ValueError("the prompt is empty")
+        self.check_fits(len(sequence.prompt), sequence.max_new_tokens)
+        self.waiting.append(sequence)
 
-    def _admit(self) -> list[Request]:
-        """Waiting requests that fit this step's token budget and the free blocks (the decode of every
-        running sequence keeps one block of headroom each)."""
+    def cancel(self, sequence: Sequence) -> None:
+        """Mark a sequence cancelled; the next schedule() frees it (a step in flight may still produce for it,
+        and postprocess() ignores that token)."""
+        if sequence.finish_reason is None:
+            sequence.finish_reason = "cancelled"
+
+    @property
+    def idle(self) -> bool:
+        return not self.waiting and not self.running
+
+    def schedule(self) -> Step | None:
+        """The next step, or None when there is nothing to run (every sequence left is retired)."""
+        retired = self._drop_cancelled()
+        admitted = self._admit()
+        if admitted:
+            self.running.extend(admitted)
+            return Step("prefill", admitted, retired)
+        self._make_room()
+        if not self.running:
+            return Step("decode", [], retired) if retired else None
+        for sequence in self.running:  # the last token is not cached yet: it is this step's input
+            self.allocator.reserve(sequence.seq_id, len(sequence.context))
+        return Step("decode", list(self.running), retired)
+
+    def postprocess(self, step: Step, tokens: list[int | None]) -> list[Sequence]:
+        """Append each sequence's new token (None: it produced none, e.g. its sampling failed and it was
+        finished with an error) and retire the ones that finished. Returns every sequence that left."""
+        left = []
+        for sequence, token in zip(step.sequences, tokens, strict=True):
+            if sequence.finished or token is None:  # cancelled while the step ran, or failed
+                if sequence in self.running:
+                    self._retire(sequence, sequence.finish_reason or "error")
+                    left.append(sequence)
+                continue
+            sequence.tokens.append(token)
+            if token in sequence.eos_token_ids:
+                self._retire(sequence, "stop")
+                left.append(sequence)
+            elif len(sequence.tokens) >= sequence.max_new_tokens:
+                self._retire(sequence, "length")
+                left.append(sequence)
+        return left
+
+    def abort(self, reason: str) -> list[Sequence]:
+        """Finish every sequence (the engine failed, or it is stopping); returns them."""
+        everyone = [*self.running, *self.waiting]
+        for sequence in everyone:
+            self.allocator.release(sequence.seq_id)
+            sequence.finish_reason = reason if sequence.finish_reason in (None, "cancelled") else sequence.finish_reason
+        self.running, self.waiting = [], deque()
+        return everyone
+
+    def block_tables(self, sequences: list[Sequence]) -> list[list[int]]:
+        return [self.allocator.tables[s.seq_id] for s in sequences]
+
+    # -- internals -------------------------------------------------------------------------------
+    def _retire(self, sequence: Sequence, reason: str) -> None:
+        self.running.remove(sequence)
+        self.allocator.release(sequence.seq_id)
+        sequence.finish_reason = reason if sequence.finish_reason in (None, "cancelled") else sequence.finish_reason
+
+    def _drop_cancelled(self) -> list[Sequence]:
+        dropped = [s for s in [*self.running, *self.waiting] if s.finish_reason == "cancelled"]
+        for sequence in dropped:
+            self.allocator.release(sequence.seq_id)
+        self.running = [s for s in self.running if s.finish_reason != "cancelled"]
+        self.waiting = deque(s for s in self.waiting if s.finish_reason != "cancelled")
+        return dropped
+
+    def _admit(self) -> list[Sequence]:
         admitted, tokens = [], 0
         headroom = len(self.running)
         while self.waiting and len(self.running) + len(admitted) < self.max_running:
-            request = self.waiting[0]
-            length = len(request.context)
+            sequence = self.waiting[0]
+            length = len(sequence.context)
             if admitted and tokens + length > self.max_batch_tokens:
                 break
             if self.allocator.blocks_for(length + 1) + headroom > self.allocator.num_free:
                 break
-            self.allocator.reserve(request.request_id, length + 1)
+            self.allocator.reserve(sequence.seq_id, length + 1)
             admitted.append(self.waiting.popleft())
             tokens += length
         return admitted
 
-    def _prefill(self, requests: list[Request]) -> None:
-        contexts = [torch.tensor(r.context, dtype=torch.long) for r in requests]
-        tables = self.allocator.block_table_tensor([r.request_id for r in requests], "cpu")
-        logits = self.runner.run(prefill_batch(contexts, tables, self.block_size), use_cache=True)["logits"]
-        self.running.extend(requests)
-        self._sample(requests, logits)
-
-    def _decode(self) -> None:
-        self._make_room()
-        if not self.running:
-            return
-        requests = list(self.running)
-        context = torch.tensor([len(r.context) for r in requests])  # the last token is not cached yet
-        for request, n in zip(requests, context.tolist(), strict=True):
-            self.allocator.reserve(request.request_id, n)
-        tables = self.allocator.block_table_tensor([r.request_id for r in requests], "cpu")
-        last = torch.tensor([r.tokens[-1] for r in requests])
-        logits = self.runner.run(decode_batch(last, context, tables, self.block_size), use_cache=True)["logits"]
-        self._sample(requests, logits)
-
     def _make_room(self) -> None:
         """Preempt the newest running sequences until every one can cache its next token."""
         def missing() -> int:
-            return sum(max(0, self.allocator.blocks_for(len(r.context)) - len(self.allocator.tables[r.request_id]))
-                       for r in self.running)
+            return sum(max(0, self.allocator.blocks_for(len(s.context)) - len(self.allocator.tables[s.seq_id]))
+                       for s in self.running)
 
-        with self._wake:
-            while self.running and missing() > self.allocator.num_free:
-                victim = self.running.pop()
-                self.allocator.release(victim.request_id)
-                self.preemptions += 1
-                self.waiting.appendleft(victim)
-
-    def _sample(self, requests: list[Request], logits: torch.Tensor) -> None:
-        wanted = [r.logprobs for r in requests if r.logprobs is not None]
-        if wanted:  # one log_softmax and top-k for the whole step
-            logp = torch.log_softmax(logits.float(), dim=-1)
-            top_values, top_ids = logp.topk(max(wanted), dim=-1)
-        for row, request in enumerate(requests):
-            if request.finish_reason is not None:  # cancelled while the step ran
-                continue
-            try:
-                token = int(request.sampler(logits[row:row + 1], torch.zeros(1, dtype=torch.long),
-                                            len(request.tokens))[0])
-            except RuntimeError as e:  # this request's sampling parameters: the others go on
-                with self._wake:
-                    if request in self.running:
-                        self.running.remove(request)
-                    self._finish(request, "error", e)
-                continue
-            if request.logprobs is not None:
-                k = request.logprobs
-                top = list(zip(top_ids[row, :k].tolist(), top_values[row, :k].tolist(), strict=True))
-                request.token_logprobs.append(TokenLogprob(float(logp[row, token]), top))
-            request.tokens.append(token)
-            request.events.put((request, token))
-            if token in request.params.eos_token_ids:
-                self._retire(request, "stop")
-            elif len(request.tokens) >= request.params.max_new_tokens:
-                self._retire(request, "length")
-
-    def _retire(self, request: Request, reason: str) -> None:
-        with self._wake:
-            if request in self.running:
-                self.running.remove(request)
-            self._finish(request, reason)
-
-    def _finish(self, request: Request, reason: str, error: BaseException | None = None) -> None:
-        self.allocator.release(request.request_id)
-        if request._done.is_set():
-            return
-        request.finish_reason = reason if request.finish_reason in (None, "cancelled") else request.finish_reason
-        request.error = error
-        request._done.set()
-        request.events.put((request, DONE))
+        while self.running and missing() > self.allocator.num_free:
+            victim = self.running.pop()
+            self.allocator.release(victim.seq_id)
+            self.preemptions += 1
+            self.waiting.appendleft(victim)

@@ -13,7 +13,7 @@ from transformers.modeling_outputs import (
     TokenClassifierOutput,
 )
 
-from energon_hf.engine.batch import PackedBatch
+from energon_hf.batch import PackedBatch
 from energon_hf.nn import Linear, Linear1D_Col, Linear1D_Row, VocabParallelEmbedding, attend
 from energon_hf.nn.lm_head import rows_for_logits, untied_head, vocab_logits
 from energon_hf.nn.norm import LayerNorm

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from energon_hf.engine.batch import PackedBatch
+from energon_hf.batch import PackedBatch
 
 
 class StagedModel(nn.Module):

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 
-from energon_hf.engine.batch import PackedBatch
+from energon_hf.batch import PackedBatch
 from energon_hf.nn import Linear, Linear1D_Col, Linear1D_Row, attend
 from energon_hf.nn.norm import LayerNorm
 from energon_hf.parallel import divide

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from energon_hf import kernels
-from energon_hf.engine.batch import AttentionMetadata
+from energon_hf.batch import AttentionMetadata
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn: AttentionMetadata, layer_idx: int,

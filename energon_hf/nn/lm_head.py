@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from energon_hf.engine.batch import PackedBatch
+from energon_hf.batch import PackedBatch
 
 from .parallel import VocabParallelEmbedding
 

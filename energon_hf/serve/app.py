@@ -1,10 +1,10 @@
 """The HTTP app: OpenAI-compatible completions, chat completions and embeddings, the HF Inference API's
 /v1/pipeline, health and Prometheus metrics, on one EnergonModel.
 
-Generation runs on the continuous batcher (engine/scheduler.py): every request joins the running batch at
-the next step. Encoder embeddings run on the dynamic batcher (engine/dynamic_batcher.py): requests that
-arrive while the model is busy go together into the next padding-free batch. Errors are OpenAI-style JSON:
-{"error": {"message", "type", "param", "code"}}.
+Generation runs on the continuous batcher (engine/batcher.py; its pure Scheduler in engine/scheduler.py):
+every request joins the running batch at the next step. Encoder embeddings run on the dynamic batcher
+(engine/dynamic_batcher.py): requests that arrive while the model is busy go together into the next
+padding-free batch. Errors are OpenAI-style JSON: {"error": {"message", "type", "param", "code"}}.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from energon_hf.engine.batcher import ContinuousBatcher
 from energon_hf.engine.dynamic_batcher import DynamicBatcher
-from energon_hf.engine.scheduler import ContinuousBatcher
+from energon_hf.kv_cache import BLOCK_SIZE
 from energon_hf.modeling import EnergonModel
 from energon_hf.pipelines import _task_for, pipeline
 
@@ -55,7 +56,7 @@ def _served(model: EnergonModel, tokenizer, settings: ServeSettings, embed_runne
     batcher = encoder = encoder_pipeline = None
     if model.can_generate():
         batcher = ContinuousBatcher(model.runner, model.config.vocab_size,
-                                    num_blocks=max(1, settings.kv_cache_tokens // 16), block_size=16,
+                                    num_blocks=max(1, settings.kv_cache_tokens // BLOCK_SIZE),
                                     max_batch_tokens=settings.max_batch_tokens, device=model.device)
         batcher.on_step = metrics.step
         metrics.watch(lambda: batcher.waiting, lambda: batcher.running)

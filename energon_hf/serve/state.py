@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from energon_hf.engine.batcher import ContinuousBatcher
 from energon_hf.engine.dynamic_batcher import DynamicBatcher
-from energon_hf.engine.scheduler import ContinuousBatcher
 from energon_hf.modeling import EnergonModel
 
 from .errors import APIError

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from energon_hf.engine.scheduler import TokenLogprob
+from energon_hf.engine.batcher import TokenLogprob
 
 
 class TextStopper:

@@ -11,6 +11,8 @@ from collections import deque
 
 import torch
 
+BLOCK_SIZE = 16  # tokens per cache block, for every entry point (the server, generate, the benchmarks)
+
 
 class KVCache:
     """Per-layer K and V blocks: [num_layers, num_blocks, block_size, kv_heads, head_dim].

@@ -1,0 +1,111 @@
+"""The pure Scheduler, driven with fake token outputs and no model: admission under the token budget and
+the free blocks, retirement on EOS and length, preemption with recompute, cancellation, refusal."""
+
+import pytest
+
+from energon_hf.engine.scheduler import Scheduler, Sequence
+
+EOS = 2
+
+
+def seq(seq_id: int, length: int, new: int = 8) -> Sequence:
+    return Sequence(seq_id, [5] * length, new, frozenset({EOS}))
+
+
+def run(scheduler: Scheduler, token=7):
+    """One step with every sequence producing `token` (or token(sequence))."""
+    step = scheduler.schedule()
+    tokens = [token(s) if callable(token) else token for s in step.sequences]
+    return step, scheduler.postprocess(step, tokens)
+
+
+def test_prefill_admits_in_order_under_the_token_budget_and_always_the_first():
+    scheduler = Scheduler(num_blocks=64, block_size=4, max_batch_tokens=25)
+    for i, length in enumerate((30, 10, 10, 10)):
+        scheduler.add(seq(i, length))
+    kinds = []
+    for _ in range(3):
+        step, _ = run(scheduler)
+        kinds.append((step.kind, [s.seq_id for s in step.sequences]))
+    # the first is over the budget but runs alone; then two of 10 fit 25, then the last one
+    assert kinds == [("prefill", [0]), ("prefill", [1, 2]), ("prefill", [3])]
+    step, _ = run(scheduler)
+    assert step.kind == "decode" and [s.seq_id for s in step.sequences] == [0, 1, 2, 3]
+    assert all(len(s.tokens) == 2 for s in step.sequences)
+
+
+def test_sequences_retire_on_eos_and_on_length_and_free_their_blocks():
+    scheduler = Scheduler(num_blocks=16, block_size=4)
+    a, b = seq(0, 5, new=3), seq(1, 6, new=10)
+    scheduler.add(a)
+    scheduler.add(b)
+    run(scheduler)  # prefill: one token each
+    _, left = run(scheduler, token=lambda s: EOS if s is b else 7)
+    assert left == [b] and b.finish_reason == "stop" and b.tokens == [7, EOS]
+    _, left = run(scheduler)
+    assert left == [a] and a.finish_reason == "length" and len(a.tokens) == 3
+    assert scheduler.idle and scheduler.schedule() is None
+    assert scheduler.allocator.num_free == 16 and not scheduler.allocator.tables
+
+
+def test_a_full_cache_preempts_the_newest_and_recomputes_its_whole_context():
+    # 6 blocks of 4 tokens: two sequences of 8 tokens take 3 blocks each once they reach 9 tokens
+    scheduler = Scheduler(num_blocks=6, block_size=4)
+    first, second = seq(0, 7, new=8), seq(1, 7, new=8)
+    scheduler.add(first)
+    scheduler.add(second)
+    step, _ = run(scheduler)
+    assert step.kind == "prefill" and len(step.sequences) == 2
+    steps = []
+    while second.finish_reason is None or first.finish_reason is None:
+        step, _ = run(scheduler)
+        steps.append((step.kind, [s.seq_id for s in step.sequences], len(step.sequences[0].context)))
+    assert scheduler.preemptions >= 1
+    readmitted = next(s for s in steps if s[0] == "prefill")
+    assert readmitted[1] == [1] and readmitted[2] > 7  # its prompt and the tokens it had made, recomputed
+    assert len(first.tokens) == len(second.tokens) == 8
+    assert scheduler.allocator.num_free == 6
+
+
+def test_cancelled_sequences_leave_at_the_next_step_and_a_token_made_meanwhile_is_dropped():
+    scheduler = Scheduler(num_blocks=16, block_size=4)
+    running, waiting = seq(0, 5), seq(1, 5)
+    scheduler.add(running)
+    run(scheduler)
+    scheduler.add(waiting)
+    scheduler.cancel(waiting)
+    step = scheduler.schedule()
+    assert step.retired == [waiting] and waiting.finish_reason == "cancelled"
+    scheduler.cancel(running)  # while the step runs
+    left = scheduler.postprocess(step, [7])
+    assert left == [running] and running.tokens == [7] and running.finish_reason == "cancelled"
+    assert scheduler.idle and scheduler.allocator.num_free == 16
+
+
+def test_a_failed_token_ends_only_its_sequence():
+    scheduler = Scheduler(num_blocks=16, block_size=4)
+    a, b = seq(0, 4), seq(1, 4)
+    scheduler.add(a)
+    scheduler.add(b)
+    step = scheduler.schedule()
+    b.finish_reason = "error"  # its sampling failed
+    left = scheduler.postprocess(step, [7, None])
+    assert left == [b] and b.finish_reason == "error" and scheduler.running == [a]
+
+
+def test_refusals_name_the_problem():
+    scheduler = Scheduler(num_blocks=4, block_size=4)
+    with pytest.raises(ValueError, match="empty"):
+        scheduler.add(Sequence(0, [], 4))
+    with pytest.raises(ValueError, match="needs 5 KV cache blocks; the cache holds 4"):
+        scheduler.add(seq(1, 10, new=10))
+
+
+def test_abort_finishes_everyone_and_frees_the_cache():
+    scheduler = Scheduler(num_blocks=16, block_size=4)
+    a, b = seq(0, 4), seq(1, 4)
+    scheduler.add(a)
+    run(scheduler)
+    scheduler.add(b)
+    assert set(scheduler.abort("error")) == {a, b}
+    assert a.finish_reason == b.finish_reason == "error" and scheduler.allocator.num_free == 16
