@@ -109,3 +109,13 @@ def test_abort_finishes_everyone_and_frees_the_cache():
     scheduler.add(b)
     assert set(scheduler.abort("error")) == {a, b}
     assert a.finish_reason == b.finish_reason == "error" and scheduler.allocator.num_free == 16
+
+
+def test_a_decode_can_be_asked_for_while_sequences_wait():
+    scheduler = Scheduler(num_blocks=16, block_size=4)
+    running, waiting = seq(0, 4), seq(1, 4)
+    scheduler.add(running)
+    run(scheduler)
+    scheduler.add(waiting)
+    step = scheduler.schedule(prefill=False)
+    assert step.kind == "decode" and step.sequences == [running] and list(scheduler.waiting) == [waiting]

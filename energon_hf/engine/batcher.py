@@ -158,13 +158,17 @@ class ContinuousBatcher:
                     self._wake.wait()
                 if self._stopped:
                     break
-                step = self.scheduler.schedule()
-            if step is None:
-                continue
-            for request in step.retired:
-                self._finish(request)
-            if step.sequences:
-                self._run(step)
+            for prefill in (True, False):  # new arrivals join, then every running sequence moves a token
+                with self._wake:
+                    step = self.scheduler.schedule(prefill)
+                if step is None:
+                    break
+                for request in step.retired:
+                    self._finish(request)
+                if step.sequences:
+                    self._run(step)
+                if step.kind == "decode":
+                    break
         with self._wake:
             left = self.scheduler.abort("cancelled")
         for request in left:
