@@ -161,5 +161,5 @@ def load_model(folder: Path, dtype: torch.dtype, device: torch.device | str,
         load_rank(model, folder, manifest, st.rank, dtype, torch.device(device), wanted, plan)
     else:
         load_weights(model, architecture.weight_specs(config), CheckpointReader(folder), dtype, torch.device(device),
-                     base_prefix=getattr(architecture.model_cls, "base_prefix", ""), wanted=wanted, plan=plan)
+                     base_prefix=architecture.model_cls.base_prefix, wanted=wanted, plan=plan)
     return model.eval().requires_grad_(False)

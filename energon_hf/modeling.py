@@ -101,7 +101,7 @@ class EnergonModel:
     @property
     def base_model_prefix(self) -> str:
         """As on an HF PreTrainedModel ("bert", "transformer", "model"...); pipelines name errors with it."""
-        return getattr(self.model, "base_prefix", "").rstrip(".")
+        return self.architecture.model_cls.base_prefix.rstrip(".")
 
     def can_generate(self) -> bool:
         return self.architecture.can_generate
@@ -118,7 +118,7 @@ class EnergonModel:
     @property
     def position_limit(self) -> int | None:
         """Learned position embeddings end at max_position_embeddings; rotary positions do not."""
-        learned = getattr(self.architecture.model_cls, "learned_positions", False)
+        learned = self.architecture.model_cls.learned_positions
         return self.config.max_position_embeddings if learned else None
 
     # -- input checks ---------------------------------------------------------------------------
@@ -154,7 +154,7 @@ class EnergonModel:
                           f"(the vocabulary size of this {self.config.model_type} model)")
         if position_ids is not None:
             positions = self._as_batch(position_ids, "position_ids").expand(batch, seqlen).flatten()[indices]
-        elif getattr(self.model, "positions_count_real_tokens", False):  # OPT: each sequence's own index
+        elif self.architecture.model_cls.positions_count_real_tokens:  # OPT: each sequence's own index
             positions = kernels.positions_from_cu_seqlens(cu_seqlens, packed_ids.shape[0])
         else:  # HF's forward convention: a token's position is its column in the (padded) input
             positions = indices % seqlen
@@ -204,7 +204,7 @@ class EnergonModel:
         kwargs.pop("use_cache", None)
         if kwargs:
             raise TypeError(f"forward() got unexpected arguments: {sorted(kwargs)}")
-        if getattr(self.model, "main_input", "input_ids") == "pixel_values":
+        if self.architecture.model_cls.main_input == "pixel_values":
             packed, indices, (batch, seqlen) = self._pack_images(pixel_values)
         elif pixel_values is not None:
             raise ValueError(f"{self.architecture.name} takes input_ids, not pixel_values")

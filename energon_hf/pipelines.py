@@ -41,7 +41,7 @@ def _task_for(model: EnergonModel) -> str:
     for suffix, task in _TASK_BY_SUFFIX.items():
         if name.endswith(suffix):
             return task
-    return "image-feature-extraction" if getattr(model.model, "main_input", "") == "pixel_values" \
+    return "image-feature-extraction" if model.architecture.model_cls.main_input == "pixel_values" \
         else "feature-extraction"
 
 

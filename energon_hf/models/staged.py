@@ -16,8 +16,13 @@ from energon_hf.batch import PackedBatch
 
 
 class StagedModel(nn.Module):
+    # The model contract: what an architecture may declare, with the defaults every other one gets.
     layers_path: str = "layers"  # the nn.ModuleList of transformer layers
     head_modules: tuple[str, ...] = ()  # modules that `finish` uses; all others but the layers are `embed`'s
+    base_prefix: str = ""  # the checkpoint's prefix of the base model's weights ("bert.", "model.")
+    main_input: str = "input_ids"  # "pixel_values" for image models
+    learned_positions: bool = False  # position ids end at max_position_embeddings (rotary ones do not)
+    positions_count_real_tokens: bool = False  # forward numbers positions by the mask's cumsum (OPT), not columns
 
     def embed(self, batch: PackedBatch) -> torch.Tensor:
         raise NotImplementedError
