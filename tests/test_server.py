@@ -333,3 +333,27 @@ def test_top_p_include_usage_max_completion_tokens_chat_stop_and_n(server):
 def test_over_20_top_logprobs_or_16_choices_is_a_400(server, route, body, field):
     response = httpx.post(server + route, headers=AUTH, json={"model": "tiny", **body})
     assert response.status_code == 400 and response.json()["error"]["param"] == field, response.text
+
+
+def scrape(url: str) -> dict[str, float]:
+    """/metrics as {sample name with labels: value}."""
+    text = httpx.get(url + "/metrics", headers=AUTH).text
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line and not line.startswith("#")}
+
+
+def test_metrics_have_vllms_latencies_and_token_counts(server):
+    before = scrape(server)
+    body = complete(server, prompt=[5, 17, 99], max_tokens=5, ignore_eos=True, n=2).json()
+    after = scrape(server)
+
+    def delta(name: str) -> float:
+        return after[name] - before.get(name, 0.0)
+
+    assert body["usage"]["completion_tokens"] == 10
+    assert delta("energon_prompt_tokens_total") == 3
+    assert delta("energon_generated_tokens_total") == 10
+    assert delta("energon_time_to_first_token_seconds_count") == 2  # one first token per choice
+    assert delta("energon_inter_token_latency_seconds_count") == 8  # and four gaps each
+    assert delta("energon_time_to_first_token_seconds_sum") > 0
+    assert "energon_preemptions_total" in after and after["energon_kv_cache_blocks_used"] == 0

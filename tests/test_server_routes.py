@@ -83,6 +83,21 @@ def test_a_full_queue_answers_429_with_retry_after(chat_llama):
         assert waiting[0].status_code == 200 and waiting[0].json()["usage"]["completion_tokens"] == 1
 
 
+def test_a_full_cache_preempts_and_the_metrics_count_it(chat_llama):
+    """A cache of 4 blocks of 16 tokens: two choices of one request (admitted together) that grow to 3 blocks
+    each cannot both stay; the newest is preempted and recomputed, both answers are whole and equal (greedy),
+    and /metrics counts the preemption."""
+    model = EnergonModel.from_pretrained(chat_llama)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(chat_llama)
+    with ThreadedServer(model, tokenizer, ServeSettings("tiny", kv_cache_tokens=64)) as server:
+        answer = httpx.post(server.url + "/v1/completions", json=completion([5] * 10, 30, n=2), timeout=120).json()
+        assert answer["usage"]["completion_tokens"] == 60
+        assert answer["choices"][0]["text"] == answer["choices"][1]["text"]
+        preemptions = server.served.batcher.preemptions
+        assert preemptions >= 1
+        assert f"energon_preemptions_total {float(preemptions)}" in httpx.get(server.url + "/metrics").text
+
+
 def test_a_killed_worker_fails_requests_with_503_and_the_server_turns_unhealthy(chat_llama):
     """Documented behaviour: requests in flight and later ones get 503 engine_error (a stream gets an error
     event), /health answers 503 so an orchestrator restarts the server; HTTP itself stays up."""

@@ -61,6 +61,7 @@ def _served(model: EnergonModel, tokenizer, settings: ServeSettings, embed_runne
         batcher.on_step = metrics.step
         metrics.watch(lambda: batcher.waiting, lambda: batcher.running)
         metrics.watch_cache(batcher.allocator)
+        metrics.watch_preemptions(lambda: batcher.preemptions)
     else:
         encoder_pipeline = pipeline(task, model=model, tokenizer=tokenizer)
         if task == "feature-extraction" and model.architecture.name.endswith("Model"):  # a base encoder

@@ -66,6 +66,7 @@ class Choice:
     logprobs: LogprobFormatter | None
     finish: str | None = None
     seen: int = 0  # tokens already handed out
+    last_token_at: float | None = None  # perf_counter of its last token (latency metrics); None: none yet
 
 
 @dataclass
@@ -112,6 +113,7 @@ def submit_choices(served: Served, body: _Request, prompt: list[int], params: Ge
                    logprobs: int | None, chat: bool) -> list[Choice]:
     """The n choices of one request; seed s gives choice i the seed s + i, so choices differ when sampling."""
     events = LoopEvents()
+    served.metrics.prompt_tokens.inc(len(prompt))
     choices: list[Choice] = []
     try:
         for i in range(body.n):
@@ -151,8 +153,9 @@ async def cancelled_on_disconnect(served: Served, http: HTTPRequest, choices: li
         watcher.cancel()
 
 
-async def choice_updates(served: Served, choices: list[Choice]) -> AsyncIterator[Update]:
-    """Every choice's text, tokens and logprobs as its events arrive, until each has finished."""
+async def choice_updates(served: Served, choices: list[Choice], started: float) -> AsyncIterator[Update]:
+    """Every choice's text, tokens and logprobs as its events arrive, until each has finished; each token's
+    time goes to the latency metrics (`started`: the request's arrival)."""
     by_id = {c.request.request_id: c for c in choices}
     events = choices[0].request.events
     unfinished = len(choices)
@@ -161,6 +164,11 @@ async def choice_updates(served: Served, choices: list[Choice]) -> AsyncIterator
         choice = by_id[request.request_id]
         if choice.finish is not None:  # cut by a stop string already; its cancel's DONE
             continue
+        if item is not DONE:
+            now = time.perf_counter()
+            histogram = served.metrics.inter_token if choice.last_token_at else served.metrics.first_token
+            histogram.observe(now - (choice.last_token_at or started))
+            choice.last_token_at = now
         if item is DONE:
             if request.error is not None:
                 raise request.error
@@ -232,7 +240,7 @@ async def _respond(served: Served, http: HTTPRequest, endpoint: str, body: _Requ
         include_usage = bool((body.stream_options or {}).get("include_usage"))
         return StreamingResponse(_stream(served, choices, head, endpoint, chat, len(prompt), include_usage,
                                          started), media_type="text/event-stream")
-    results = await collect_choices(served, http, choices, endpoint)
+    results = await collect_choices(served, http, choices, endpoint, started)
     out = []
     for choice, (text, tokens, lps) in zip(choices, results, strict=True):
         entry = {"index": choice.index, "finish_reason": choice.finish,
@@ -249,8 +257,8 @@ def _usage(prompt: int, completion: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-async def collect_choices(served: Served, http: HTTPRequest, choices: list[Choice],
-                          endpoint: str) -> list[tuple[str, list[int], list[TokenLogprob]]]:
+async def collect_choices(served: Served, http: HTTPRequest, choices: list[Choice], endpoint: str,
+                          started: float) -> list[tuple[str, list[int], list[TokenLogprob]]]:
     """Each choice's whole text, tokens and logprobs; the choices are cancelled when the client goes away,
     and an engine failure or a shutdown is a 503 (the server stays up)."""
     texts: list[list[str]] = [[] for _ in choices]
@@ -258,7 +266,7 @@ async def collect_choices(served: Served, http: HTTPRequest, choices: list[Choic
     lps: list[list[TokenLogprob]] = [[] for _ in choices]
     try:
         async with cancelled_on_disconnect(served, http, choices):
-            async for update in choice_updates(served, choices):
+            async for update in choice_updates(served, choices, started):
                 texts[update.index].append(update.text)
                 tokens[update.index] += update.tokens
                 lps[update.index] += update.logprobs
@@ -297,7 +305,7 @@ async def _stream(served: Served, choices: list[Choice], head: dict, endpoint: s
             for choice in choices:
                 yield chunk(choice.index, None, None, role=True)
         try:
-            async for update in choice_updates(served, choices):
+            async for update in choice_updates(served, choices, started):
                 generated += len(update.tokens)
                 formatter = choices[update.index].logprobs
                 lps = formatter.format(update.tokens, update.logprobs) if formatter and update.tokens else None

@@ -1,10 +1,27 @@
-"""Prometheus metrics of one server (its own registry, so several apps in one process do not collide)."""
+"""Prometheus metrics of one server (its own registry, so several apps in one process do not collide). The
+generation ones mean what vLLM's do: time to first token, inter-token latency, prompt and generated tokens,
+KV cache usage, preemptions."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+class _CounterOf(Collector):
+    """A counter whose value another object keeps (the scheduler's preemptions), read at each scrape."""
+
+    def __init__(self, name: str, documentation: str, read: Callable[[], int]):
+        self.name, self.documentation, self.read = name, documentation, read
+
+    def collect(self):
+        yield CounterMetricFamily(self.name, self.documentation, value=self.read())
 
 
 class Metrics:
@@ -15,6 +32,12 @@ class Metrics:
         self.latency = Histogram("energon_request_latency_seconds", "Time to the full response", ["endpoint"],
                                  registry=self.registry)
         self.tokens = Counter("energon_generated_tokens", "Tokens generated", registry=self.registry)
+        self.prompt_tokens = Counter("energon_prompt_tokens", "Prompt tokens of generation requests",
+                                     registry=self.registry)
+        self.first_token = Histogram("energon_time_to_first_token_seconds", "From a request's arrival to its "
+                                     "first generated token", buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.inter_token = Histogram("energon_inter_token_latency_seconds", "Between consecutive tokens of one "
+                                     "sequence", buckets=LATENCY_BUCKETS, registry=self.registry)
         self.batch_size = Histogram("energon_batch_size", "Sequences in one engine step", ["kind"],
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)
         self.queue = Gauge("energon_queue_length", "Requests waiting for admission", registry=self.registry)
@@ -27,6 +50,10 @@ class Metrics:
         """Read the queue and running lengths from the batcher at each scrape."""
         self.queue.set_function(lambda: len(waiting()))
         self.running.set_function(lambda: len(running()))
+
+    def watch_preemptions(self, read: Callable[[], int]) -> None:
+        self.registry.register(_CounterOf("energon_preemptions", "Sequences preempted (their blocks freed, "
+                                          "recomputed later) because the KV cache was full", read))
 
     def watch_cache(self, allocator) -> None:
         """Read the KV cache's block usage at each scrape (a cancelled sequence's blocks are freed by the

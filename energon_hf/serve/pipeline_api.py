@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import time
 from typing import Any, Literal
 
 from fastapi import APIRouter
@@ -187,6 +188,7 @@ def _decode_images(inputs: Any, settings: ServeSettings) -> Any:
 async def _generate(served: Served, body: PipelineRequest, p: GenerationParameters, http: HTTPRequest) -> list[dict]:
     """text-generation as transformers' pipeline answers it: [{"generated_text": ...}] per input; chat
     messages in, the conversation with the reply appended out."""
+    started = time.perf_counter()
     inputs = body.inputs
     chat = isinstance(inputs, list) and inputs and all(isinstance(m, dict) for m in inputs)
     if chat:
@@ -216,7 +218,7 @@ async def _generate(served: Served, body: PipelineRequest, p: GenerationParamete
                                 stop=p.stop)
     params = generation_params(served, request, len(prompt), default_new)
     choices = submit_choices(served, request, prompt, params, None, chat=False)
-    [(text, tokens, _)] = await collect_choices(served, http, choices, "pipeline")
+    [(text, tokens, _)] = await collect_choices(served, http, choices, "pipeline", started)
     served.metrics.answered("pipeline", 200, tokens=len(tokens))
     if chat:
         return [{"generated_text": [*inputs, {"role": "assistant", "content": text}]}]
