@@ -44,7 +44,6 @@ class Request(Sequence):
     Events go to `events` as (request, token) and (request, DONE); several requests may share one queue
     (n choices of one prompt) and a reader tells them apart by the request."""
 
-    params: GenerationParams | None = None
     sampler: Sampler | None = None
     logprobs: int | None = None  # None: none; k: the chosen token's and the k most likely tokens'
     token_logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -128,7 +127,7 @@ class ContinuousBatcher:
         sampler = Sampler(params, self.vocab_size, self.device, generator)
         sampler.observe_prompts([torch.tensor(prompt)])
         request = Request(next(self._ids), list(prompt), params.max_new_tokens, frozenset(params.eos_token_ids),
-                          params=params, sampler=sampler, logprobs=logprobs)
+                          sampler=sampler, logprobs=logprobs)
         if events is not None:
             request.events = events
         with self._wake:

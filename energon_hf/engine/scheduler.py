@@ -131,9 +131,6 @@ class Scheduler:
         self.running, self.waiting = [], deque()
         return everyone
 
-    def block_tables(self, sequences: list[Sequence]) -> list[list[int]]:
-        return [self.allocator.tables[s.seq_id] for s in sequences]
-
     # -- internals -------------------------------------------------------------------------------
     def _retire(self, sequence: Sequence, reason: str) -> None:
         self.running.remove(sequence)
