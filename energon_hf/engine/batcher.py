@@ -121,19 +121,16 @@ class ContinuousBatcher:
                logprobs: int | None = None, events: queue.Queue | None = None) -> Request:
         """Queue a request. `logprobs=k` records each token's log-probability and the k most likely
         alternatives; `events` is a queue shared with other requests (default: its own)."""
-        if not prompt:
-            raise ValueError("the prompt is empty")
-        self.scheduler.check_fits(len(prompt), params.max_new_tokens)
-        sampler = Sampler(params, self.vocab_size, self.device, generator)
-        sampler.observe_prompts([torch.tensor(prompt)])
         request = Request(next(self._ids), list(prompt), params.max_new_tokens, frozenset(params.eos_token_ids),
-                          sampler=sampler, logprobs=logprobs)
+                          logprobs=logprobs)
         if events is not None:
             request.events = events
         with self._wake:
             if self._stopped:
                 raise RuntimeError("the batcher is stopped")
-            self.scheduler.add(request)
+            self.scheduler.add(request)  # refuses an empty prompt or one the cache could never hold
+            request.sampler = Sampler(params, self.vocab_size, self.device, generator)  # before the loop sees it
+            request.sampler.observe_prompts([torch.tensor(prompt)])
             self._wake.notify()
         return request
 

@@ -65,17 +65,15 @@ class Scheduler:
     def block_size(self) -> int:
         return self.allocator.block_size
 
-    def check_fits(self, prompt_len: int, max_new_tokens: int) -> None:
-        """ValueError when one sequence could never fit the whole cache."""
-        needed = self.allocator.blocks_for(prompt_len + max_new_tokens)
-        if needed > self.allocator.num_blocks_total:
-            raise ValueError(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) needs {needed} KV "
-                             f"cache blocks; the cache holds {self.allocator.num_blocks_total}")
-
     def add(self, sequence: Sequence) -> None:
+        """Queue a sequence; ValueError for an empty prompt or one the whole cache could never hold."""
         if not sequence.prompt:
             raise ValueError("the prompt is empty")
-        self.check_fits(len(sequence.prompt), sequence.max_new_tokens)
+        prompt_len, new = len(sequence.prompt), sequence.max_new_tokens
+        needed = self.allocator.blocks_for(prompt_len + new)
+        if needed > self.allocator.num_blocks_total:
+            raise ValueError(f"prompt ({prompt_len} tokens) + max_new_tokens ({new}) needs {needed} KV "
+                             f"cache blocks; the cache holds {self.allocator.num_blocks_total}")
         self.waiting.append(sequence)
 
     def cancel(self, sequence: Sequence) -> None:
@@ -126,16 +124,20 @@ class Scheduler:
         """Finish every sequence (the engine failed, or it is stopping); returns them."""
         everyone = [*self.running, *self.waiting]
         for sequence in everyone:
-            self.allocator.release(sequence.seq_id)
-            sequence.finish_reason = reason if sequence.finish_reason in (None, "cancelled") else sequence.finish_reason
+            self._finish(sequence, reason)
         self.running, self.waiting = [], deque()
         return everyone
 
     # -- internals -------------------------------------------------------------------------------
     def _retire(self, sequence: Sequence, reason: str) -> None:
         self.running.remove(sequence)
+        self._finish(sequence, reason)
+
+    def _finish(self, sequence: Sequence, reason: str) -> None:
+        """Free its blocks and set why it finished (a reason already set stands, but for a cancel)."""
         self.allocator.release(sequence.seq_id)
-        sequence.finish_reason = reason if sequence.finish_reason in (None, "cancelled") else sequence.finish_reason
+        if sequence.finish_reason in (None, "cancelled"):
+            sequence.finish_reason = reason
 
     def _drop_cancelled(self) -> list[Sequence]:
         dropped = [s for s in [*self.running, *self.waiting] if s.finish_reason == "cancelled"]

@@ -91,8 +91,6 @@ def generation_params(served: Served, body: _Request, prompt_len: int, default_t
     served.check_model(body.model)
     if served.batcher is None:
         raise APIError(400, f"{served.settings.served_name} is an encoder: use /v1/embeddings", param="model")
-    if body.n > served.settings.max_n:
-        raise APIError(400, f"n is {body.n}; this server returns at most {served.settings.max_n} choices", param="n")
     if prompt_len == 0:
         raise APIError(400, "the prompt is empty", param="prompt")
     if prompt_len >= served.context:
@@ -189,6 +187,14 @@ async def choice_updates(served: Served, choices: list[Choice], started: float) 
         yield update
 
 
+async def chat_prompt(served: Served, messages: list[dict]) -> list[int]:
+    """The token ids of a conversation through the tokenizer's chat template, ready for the reply (in the
+    request pool: a template over long messages is CPU work)."""
+    encoded = await served.offload(served.tokenizer.apply_chat_template, messages, add_generation_prompt=True,
+                                   tokenize=True, return_dict=True)
+    return list(encoded["input_ids"])
+
+
 async def _prompt_tokens(served: Served, body: CompletionRequest) -> list[int]:
     if isinstance(body.prompt, str):
         if not body.prompt:
@@ -223,8 +229,7 @@ async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest):
     if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
         raise APIError(400, f"{served.settings.served_name} has no chat template: use /v1/completions")
     messages = [m.model_dump() for m in body.messages]
-    prompt = list((await served.offload(tokenizer.apply_chat_template, messages, add_generation_prompt=True,
-                                        tokenize=True, return_dict=True))["input_ids"])
+    prompt = await chat_prompt(served, messages)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = generation_params(served, body, len(prompt), DEFAULT_CHAT_TOKENS)
     return await _respond(served, http, "chat", body, prompt, params, logprobs, chat=True)

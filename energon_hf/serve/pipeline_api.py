@@ -24,7 +24,7 @@ from pydantic import ConfigDict, Field
 from energon_hf.pipelines import IMAGE_TASKS
 
 from .errors import APIError, engine_failed
-from .generation import collect_choices, generation_params, submit_choices
+from .generation import chat_prompt, collect_choices, generation_params, submit_choices
 from .schemas import SEED_RANGE, Body, Bool, ChatMessage, CompletionRequest, Number, integer
 from .state import Served, ServeSettings
 
@@ -197,9 +197,7 @@ async def _generate(served: Served, body: PipelineRequest, p: GenerationParamete
         except ValueError as e:
             raise APIError(400, f"inputs: not a list of chat messages: {e}", param="inputs") from e
         try:
-            prompt = list((await served.offload(served.tokenizer.apply_chat_template, messages,
-                                                add_generation_prompt=True, tokenize=True,
-                                                return_dict=True))["input_ids"])
+            prompt = await chat_prompt(served, messages)
         except Exception as e:  # noqa: BLE001 - a malformed conversation
             raise APIError(400, f"inputs: not a list of chat messages: {e}", param="inputs") from e
     elif isinstance(inputs, str):

@@ -27,7 +27,6 @@ class ServeSettings:
     max_queue: int = 256          # requests waiting for admission before new ones get 429
     max_batch_tokens: int = 4096  # prompt tokens of one prefill step; real tokens of one encoder batch
     kv_cache_tokens: int = 16384
-    max_n: int = 16               # choices of one request
     embed_policy: str = "packed"  # encoder batches: "packed" (FIFO under the token budget) or "priority"
     max_wait_ms: float = 50.0     # "priority": the longest a request waits before its batch must run
     # Limits on one request; each is checked before the work it bounds, and a request over one gets a 4xx
