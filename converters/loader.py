@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import sys
 from collections.abc import Callable
 
 import torch
@@ -17,6 +20,7 @@ from .checkpoint import CheckpointReader
 from .gguf_blocks import GROUP_SIZE
 from .weights import LazyWeight, WeightSpec
 
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform.startswith("linux") else None
 # Old BERT checkpoints (TF conversions) name LayerNorm parameters gamma/beta.
 _LEGACY_SUFFIXES = {".weight": ".gamma", ".bias": ".beta"}
 
@@ -45,11 +49,28 @@ def _find_sources(reader: CheckpointReader, spec: WeightSpec, base_prefix: str) 
 
 def finish_loading(model: nn.Module, name: str, plan: FormatPlan | None) -> None:
     """Once parameter `name` is loaded: a layer whose weight it is takes the format `plan` asks for
-    (packed, quantized), so a quantized model never holds more than one float matrix at a time."""
+    (packed, quantized), so a quantized model never holds more than one float matrix at a time.
+
+    Without autograd: a packed or quantized copy made from a parameter that requires grad keeps that
+    parameter alive through its grad_fn (a gpt2-medium-sized model, 1.42 GB in fp32, sat at 3.0 GB RSS once
+    packed). The float weight it replaced is then handed back to the system (`release_freed_memory`)."""
     module_name, _, param = name.rpartition(".")
     module = model.get_submodule(module_name)
     if plan is not None and param == "weight" and hasattr(module, "finish_loading"):
-        module.finish_loading(plan, module_name)
+        with torch.no_grad():
+            module.finish_loading(plan, module_name)
+        release_freed_memory()
+
+
+def release_freed_memory() -> None:
+    """Return the heap's free memory to the system (glibc's malloc_trim; a no-op elsewhere).
+
+    Loading frees one float matrix per layer once its packed or quantized form exists; glibc keeps those
+    freed blocks, and copies of other sizes do not fit their holes, so the heap grows by about the model's
+    size: a gpt2-medium-sized model (1.42 GB fp32) peaked at 2.65 GB packed against 1.65 GB unpacked, and at
+    1.9 GB with a trim after each layer (measured with VmHWM)."""
+    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
 
 
 def _as_gguf_blocks(reader: CheckpointReader, names: list[str], spec: WeightSpec, plan: FormatPlan | None,
