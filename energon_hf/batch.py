@@ -74,11 +74,27 @@ def decode_batch(tokens: torch.Tensor, context_lens: torch.Tensor, block_tables:
                  block_size: int) -> PackedBatch:
     """One new token per sequence, attending to its cache: `context_lens` counts each sequence's cached
     tokens after this step (the new one included), so the new token sits at position context_len - 1."""
-    positions = context_lens.long() - 1
+    ones = torch.ones(len(tokens), dtype=torch.long)
+    return cached_batch(tokens, ones, context_lens.long() - 1, block_tables, block_size)
+
+
+def cached_batch(tokens: torch.Tensor, lengths: torch.Tensor, starts: torch.Tensor, block_tables: torch.Tensor,
+                 block_size: int, logits_rows: torch.Tensor | None = None) -> PackedBatch:
+    """Sequence i's next `lengths[i]` tokens (packed in `tokens`), at positions `starts[i]` on, attending to its
+    cache: what earlier steps cached and its own new tokens, causally. Decodes (one token) and prompt chunks
+    (several, on top of the chunks before them) run together in one step. Only the last token of each
+    sequence in `logits_rows` (None: every sequence) reaches the LM head: a chunk that does not end its
+    prompt has nothing to sample."""
+    cu_seqlens = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    torch.cumsum(lengths, 0, out=cu_seqlens[1:])
+    total = int(cu_seqlens[-1])
+    rows = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+    positions = starts.long()[rows] + torch.arange(total) - cu_seqlens[:-1].long()[rows]
+    context_lens = (starts + lengths).to(torch.int32)
     width = -(-int(context_lens.max()) // block_size)
     attn = AttentionMetadata(
-        torch.arange(len(tokens) + 1, dtype=torch.int32), 1,
-        slot_mapping=slot_mapping(block_tables, torch.arange(len(tokens)), positions, block_size),
-        block_tables=block_tables[:, :width], context_lens=context_lens.to(torch.int32), is_prefill=False,
+        cu_seqlens, int(lengths.max()), slot_mapping=slot_mapping(block_tables, rows, positions, block_size),
+        block_tables=block_tables[:, :width], context_lens=context_lens, is_prefill=False,
     )
-    return PackedBatch(tokens, positions, attn)
+    last_rows = None if logits_rows is None else cu_seqlens[1:].long()[logits_rows] - 1
+    return PackedBatch(tokens, positions, attn, logits_indices=last_rows)

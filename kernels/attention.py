@@ -94,26 +94,12 @@ def paged_attention(
     plan = None if scratch is None else scratch.get("paged_attention")
     if plan is None:
         check_paged(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q)
-        plan = _PagedPlan(block_tables, context_lens, cu_seqlens_q, max_seqlen_q, k_cache.shape[1], q.device)
+        block_size = k_cache.shape[1]
+        plan = _DecodePlan(block_tables, context_lens, block_size) if max_seqlen_q == 1 else \
+            _MixedPlan(block_tables, context_lens, cu_seqlens_q, block_size)
         if scratch is not None:
             scratch["paged_attention"] = plan
-    keys, values = (plan.gather(cache).view(plan.batch, plan.max_ctx, *cache.shape[2:])[:, : plan.keys]
-                    .transpose(1, 2) for cache in (k_cache, v_cache))
-    if plan.decode:
-        # One query per sequence: the query heads that share a key/value head attend as that head's "rows"
-        # (q [B, kv heads, group, D]), so no K/V is expanded: bfloat16 at 32 sequences took 0.31 ms per layer
-        # this way against 1.74 ms with enable_gqa (float32: the same 0.36 ms).
-        kv_heads = k_cache.shape[2]
-        grouped = q.view(plan.batch, kv_heads, q.shape[1] // kv_heads, q.shape[2])
-        out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=plan.mask, scale=scale)
-        return out.view(q.shape)
-    gqa = q.shape[1] != k_cache.shape[2]
-    # General case (several new tokens per sequence on top of a cached context): pad the queries.
-    padded_q = q.new_zeros(plan.batch, max_seqlen_q, *q.shape[1:])
-    padded_q[plan.token_seq, plan.token_idx] = q
-    out = F.scaled_dot_product_attention(padded_q.transpose(1, 2), keys, values, attn_mask=plan.mask, scale=scale,
-                                         enable_gqa=gqa)
-    return out.transpose(1, 2)[plan.token_seq, plan.token_idx]
+    return plan.attend(q, k_cache, v_cache, scale)
 
 
 def _first_of_consecutive(blocks: torch.Tensor) -> int | None:
@@ -124,34 +110,78 @@ def _first_of_consecutive(blocks: torch.Tensor) -> int | None:
     return first if torch.equal(blocks, ids) else None
 
 
-class _PagedPlan:
-    """The per-step part of paged attention: which cache blocks to gather and which keys each query sees."""
+class _DecodePlan:
+    """The per-step part of attention for sequences with one new token each: which cache blocks to gather
+    and which slots each sequence sees."""
 
-    def __init__(self, block_tables: torch.Tensor, context_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                 max_seqlen_q: int, block_size: int, device: torch.device):
+    def __init__(self, block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int):
         self.batch = block_tables.shape[0]
         self.max_ctx = block_tables.shape[1] * block_size
         # index_select on the flat block list: ~6x faster than advanced indexing with the 2-D table.
         self.blocks = block_tables.flatten()
         self.first_block = _first_of_consecutive(self.blocks) if self.batch == 1 else None
-        q_lens = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()
         ctx = context_lens.long()
         self.keys = int(ctx.max())  # gathered slots past the longest context are never looked at
-        key_pos = torch.arange(self.keys, device=device)
-        self.decode = max_seqlen_q == 1 and int(q_lens.min()) == 1
-        if self.decode:
-            # Only slots past a shorter context are hidden; with one sequence (or equal contexts) none are,
-            # and SDPA runs without a mask (faster).
-            equal = int(ctx.min()) == self.keys
-            self.mask = None if equal else (key_pos[None, :] < ctx[:, None])[:, None, None, :]
-            return
-        self.token_seq = torch.repeat_interleave(torch.arange(self.batch, device=device), q_lens)
-        self.token_idx = torch.arange(int(cu_seqlens_q[-1]), device=device) - cu_seqlens_q[:-1].long()[self.token_seq]
-        query_pos = (ctx - q_lens)[:, None] + torch.arange(max_seqlen_q, device=device)[None, :]
-        self.mask = (key_pos[None, None, :] <= query_pos[:, :, None])[:, None]
+        # Only slots past a shorter context are hidden; with one sequence (or equal contexts) none are, and SDPA
+        # runs without a mask (faster).
+        equal = int(ctx.min()) == self.keys
+        key_pos = torch.arange(self.keys, device=ctx.device)
+        self.mask = None if equal else (key_pos[None, :] < ctx[:, None])[:, None, None, :]
 
-    def gather(self, cache: torch.Tensor) -> torch.Tensor:
-        """This step's blocks of one layer's cache, in block-table order: [batch * blocks, ...]."""
+    def keys_values(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This step's keys and values [batch, kv heads, keys, D], in block-table order."""
+        return tuple(self._gather(cache).view(self.batch, self.max_ctx, *cache.shape[2:])[:, : self.keys]
+                     .transpose(1, 2) for cache in (k_cache, v_cache))
+
+    def _gather(self, cache: torch.Tensor) -> torch.Tensor:
         if self.first_block is not None:
             return cache.narrow(0, self.first_block, len(self.blocks))
         return cache.index_select(0, self.blocks)
+
+    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               scale: float | None) -> torch.Tensor:
+        # The query heads that share a key/value head attend as that head's "rows" (q [B, kv heads, group, D]),
+        # so no K/V is expanded: bfloat16 at 32 sequences took 0.31 ms per layer this way against 1.74 ms with
+        # enable_gqa (float32: the same 0.36 ms).
+        keys, values = self.keys_values(k_cache, v_cache)
+        kv_heads = k_cache.shape[2]
+        grouped = q.view(self.batch, kv_heads, q.shape[1] // kv_heads, q.shape[2])
+        return F.scaled_dot_product_attention(grouped, keys, values, attn_mask=self.mask, scale=scale).view(q.shape)
+
+
+class _MixedPlan:
+    """A step where some sequences bring several new tokens (prompt chunks, on top of what their earlier chunks
+    cached) beside sequences with one (decodes): the one-token sequences attend together as in a decode, each
+    chunk on its own with the causal mask aligned to its last key, so no query is padded to the longest chunk
+    (a padded batch of one 256-token chunk and 63 decodes would attend 64 x 256 query rows)."""
+
+    def __init__(self, block_tables: torch.Tensor, context_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                 block_size: int):
+        bounds = cu_seqlens_q.tolist()
+        single = [i for i in range(len(bounds) - 1) if bounds[i + 1] - bounds[i] == 1]
+        self.single_rows = torch.tensor([bounds[i] for i in single], dtype=torch.long, device=block_tables.device)
+        self.singles = _DecodePlan(block_tables[single], context_lens[single], block_size) if single else None
+        self.chunks = []  # (first row, end row, its keys' plan, mask or None for a chunk that is its whole context)
+        for i in range(len(bounds) - 1):
+            start, end = bounds[i], bounds[i + 1]
+            if end - start < 2:
+                continue
+            ctx = int(context_lens[i])
+            query_pos = torch.arange(ctx - (end - start), ctx, device=block_tables.device)
+            mask = None if ctx == end - start else \
+                torch.arange(ctx, device=block_tables.device)[None, :] <= query_pos[:, None]
+            self.chunks.append((start, end, _DecodePlan(block_tables[i:i + 1], context_lens[i:i + 1], block_size),
+                                mask))
+
+    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               scale: float | None) -> torch.Tensor:
+        out = torch.empty_like(q)
+        if self.singles is not None:
+            out[self.single_rows] = self.singles.attend(q[self.single_rows], k_cache, v_cache, scale)
+        gqa = q.shape[1] != k_cache.shape[2]
+        for start, end, plan, mask in self.chunks:
+            keys, values = plan.keys_values(k_cache, v_cache)
+            chunk = F.scaled_dot_product_attention(q[start:end].transpose(0, 1)[None], keys, values, attn_mask=mask,
+                                                   is_causal=mask is None, scale=scale, enable_gqa=gqa)
+            out[start:end] = chunk[0].transpose(0, 1)
+        return out

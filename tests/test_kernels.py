@@ -94,9 +94,10 @@ def test_varlen_attention(lengths, causal, heads, kv_heads, attention_backend):
         assert (out[start:end].double() - ref).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("new_tokens", [[1, 1, 1], [3, 1, 5]])
+@pytest.mark.parametrize("new_tokens", [[1, 1, 1], [3, 1, 5], [6, 1, 4]], ids=["decode", "chunks", "first-chunk"])
 @pytest.mark.parametrize("context", [[6, 1, 11], [40, 5, 21]], ids=["short", "long"])
 def test_paged_attention_reads_the_cache_through_block_tables(new_tokens, context, attention_backend):
+    """Decodes, prompt chunks on top of cached context, and a first chunk (its whole context) in one step."""
     heads, kv_heads, dim, block_size = 6, 2, 8, 4  # tokens in the cache after this step, the new ones included
     cache = KVCache(1, 32, block_size, kv_heads, dim, torch.float32, "cpu")
     allocator = BlockAllocator(32, block_size)

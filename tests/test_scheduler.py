@@ -1,17 +1,21 @@
 """Continuous batching on a real model: requests of mixed lengths arriving together give the tokens each
-would get alone; a full cache preempts and recomputes without changing results; a cancelled request
-leaves the batch and frees its blocks."""
+would get alone, also when prompts go in chunks beside decodes (with transformers' logits) and on tp=2 and
+pp=2 engines; a full cache preempts and recomputes without changing results; a cancelled request leaves the
+batch and frees its blocks."""
 
 import threading
 
 import pytest
 import torch
 import transformers
+from helpers import ATOL
 from test_parity_llama import LLAMA_TINY
 
 from energon_hf import EnergonModel
+from energon_hf.batch import cached_batch
 from energon_hf.engine.batcher import ContinuousBatcher
 from energon_hf.engine.params import GenerationParams
+from energon_hf.kv_cache import BlockAllocator
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +41,22 @@ def _params(new: int) -> GenerationParams:
     return GenerationParams(max_new_tokens=new, eos_token_ids=[])
 
 
-@pytest.mark.parametrize("num_blocks", [256, 16], ids=["roomy", "preempting"])
-def test_concurrent_requests_match_their_solo_results(llama, num_blocks):
+@pytest.mark.parametrize("num_blocks,max_batch_tokens", [(256, 64), (16, 64), (256, 8)],
+                         ids=["roomy", "preempting", "chunked"])
+def test_concurrent_requests_match_their_solo_results(llama, num_blocks, max_batch_tokens):
     prompts = _prompts(12)
     new_tokens = [4 + (i * 7) % 20 for i in range(12)]
     expected = [_alone(llama, p, n) for p, n in zip(prompts, new_tokens, strict=True)]
-    batcher = ContinuousBatcher(llama.runner, 128, num_blocks=num_blocks, block_size=4, max_batch_tokens=64)
+    batcher = ContinuousBatcher(llama.runner, 128, num_blocks=num_blocks, block_size=4,
+                                max_batch_tokens=max_batch_tokens)
+    steps, schedule = [], batcher.scheduler.schedule
+
+    def recorded():  # the steps the batcher runs, seen as they are scheduled
+        step = schedule()
+        steps.append(step)
+        return step
+
+    batcher.scheduler.schedule = recorded
     try:
         requests = [None] * 12
         def submit(i):  # from several threads at once, like server handlers
@@ -58,8 +72,40 @@ def test_concurrent_requests_match_their_solo_results(llama, num_blocks):
         assert list(requests[0].stream(timeout=1)) == expected[0]  # the stream saw the same tokens
         assert batcher.allocator.num_free == num_blocks  # every block came back
         assert (batcher.preemptions > 0) == (num_blocks == 16)
+        ran = [step for step in steps if step is not None and step.sequences]
+        assert all(sum(n for n in step.lengths if n > 1) <= max_batch_tokens for step in ran)
+        if max_batch_tokens == 8:  # most prompts go in chunks
+            assert any(not all(step.samples) for step in ran)
     finally:
         batcher.close()
+
+
+def test_prompt_chunks_beside_a_decode_give_transformers_logits(llama):
+    """One step runs a whole prompt and the first chunk of another; the next runs the first's decode token
+    beside the rest of the second: each sampled row equals transformers' logits for the same context."""
+    hf = transformers.LlamaForCausalLM.from_pretrained(llama.folder).eval()
+    short, long = _prompts(1, seed=3)[0][:12], torch.randint(3, 128, (30,)).tolist()
+    allocator = BlockAllocator(64, 4)
+    allocator.reserve(0, len(short) + 1)
+    allocator.reserve(1, len(long) + 1)
+    tables = allocator.block_table_tensor([0, 1], "cpu")
+    llama.runner.ensure_cache(64, 4)
+
+    def step(tokens, lengths, starts, rows):
+        batch = cached_batch(torch.tensor(tokens), torch.tensor(lengths), torch.tensor(starts), tables, 4,
+                             torch.tensor(rows))
+        return llama.runner.run(batch, use_cache=True)["logits"]
+
+    def reference(ids):
+        with torch.no_grad():
+            return hf(torch.tensor([ids])).logits[0, -1]
+
+    first = step(short + long[:10], [len(short), 10], [0, 0], [0])  # the long prompt's chunk samples nothing
+    assert first.shape[0] == 1 and (first[0] - reference(short)).abs().max() <= ATOL
+    token = int(first[0].argmax())
+    second = step([token] + long[10:], [1, 20], [len(short), 10], [0, 1])
+    assert (second[0] - reference(short + [token])).abs().max() <= ATOL
+    assert (second[1] - reference(long)).abs().max() <= ATOL
 
 
 def test_cancel_frees_the_request(llama):
@@ -89,11 +135,12 @@ def test_request_larger_than_the_cache_is_refused(llama):
         batcher.close()
 
 
-def test_on_a_tensor_parallel_engine(llama):
+@pytest.mark.parametrize("parallel", [dict(tp=2), dict(pp=2)], ids=["tp2", "pp2"])
+def test_on_a_parallel_engine_with_prompt_chunks(llama, parallel):
     prompts = _prompts(5, seed=1)
     expected = [_alone(llama, p, 6) for p in prompts]
-    with EnergonModel.from_pretrained(llama.folder, tp=2, threads_per_rank=1) as engine:
-        batcher = ContinuousBatcher(engine.runner, 128, num_blocks=64, block_size=4)
+    with EnergonModel.from_pretrained(llama.folder, threads_per_rank=1, **parallel) as engine:
+        batcher = ContinuousBatcher(engine.runner, 128, num_blocks=64, block_size=4, max_batch_tokens=16)
         try:
             requests = [batcher.submit(p, _params(6)) for p in prompts]
             assert [r.result(timeout=120) for r in requests] == expected

@@ -19,19 +19,30 @@ def run(scheduler: Scheduler, token=7):
     return step, scheduler.postprocess(step, tokens)
 
 
-def test_prefill_admits_in_order_under_the_token_budget_and_always_the_first():
+def test_each_step_mixes_decodes_with_prompt_chunks_under_the_token_budget():
     scheduler = Scheduler(num_blocks=64, block_size=4, max_batch_tokens=25)
     for i, length in enumerate((30, 10, 10, 10)):
         scheduler.add(seq(i, length))
-    kinds = []
-    for _ in range(3):
+    steps = []
+    for _ in range(4):
         step, _ = run(scheduler)
-        kinds.append((step.kind, [s.seq_id for s in step.sequences]))
-    # the first is over the budget but runs alone; then two of 10 fit 25, then the last one
-    assert kinds == [("prefill", [0]), ("prefill", [1, 2]), ("prefill", [3])]
+        steps.append((step.kind, [s.seq_id for s in step.sequences], step.lengths, step.samples))
+    assert steps == [
+        ("mixed", [0], [25], [False]),  # the first 25 tokens of 30: nothing to sample yet
+        ("mixed", [0, 1, 2], [5, 10, 10], [True] * 3),  # the rest of the first prompt, then two whole prompts
+        ("mixed", [0, 1, 2, 3], [1, 1, 1, 10], [True] * 4),  # three decodes beside the last prompt
+        ("decode", [0, 1, 2, 3], [1] * 4, [True] * 4),
+    ]
+    assert [len(s.tokens) for s in scheduler.running] == [3, 3, 3, 2]
+    assert all(s.num_cached == len(s.context) - 1 for s in scheduler.running)
+
+
+def test_whole_prompts_within_the_budget_are_a_prefill_step():
+    scheduler = Scheduler(num_blocks=64, block_size=4, max_batch_tokens=25)
+    scheduler.add(seq(0, 10))
+    scheduler.add(seq(1, 12))
     step, _ = run(scheduler)
-    assert step.kind == "decode" and [s.seq_id for s in step.sequences] == [0, 1, 2, 3]
-    assert all(len(s.tokens) == 2 for s in step.sequences)
+    assert step.kind == "prefill" and step.lengths == [10, 12] and step.starts == [0, 0]
 
 
 def test_sequences_retire_on_eos_and_on_length_and_free_their_blocks():
@@ -111,11 +122,16 @@ def test_abort_finishes_everyone_and_frees_the_cache():
     assert a.finish_reason == b.finish_reason == "error" and scheduler.allocator.num_free == 16
 
 
-def test_a_decode_can_be_asked_for_while_sequences_wait():
-    scheduler = Scheduler(num_blocks=16, block_size=4)
-    running, waiting = seq(0, 4), seq(1, 4)
+def test_a_long_prompt_arriving_never_stalls_the_running_decodes():
+    scheduler = Scheduler(num_blocks=32, block_size=4, max_batch_tokens=8)
+    running, long = seq(0, 4, new=10), seq(1, 20)
     scheduler.add(running)
     run(scheduler)
-    scheduler.add(waiting)
-    step = scheduler.schedule(prefill=False)
-    assert step.kind == "decode" and step.sequences == [running] and list(scheduler.waiting) == [waiting]
+    scheduler.add(long)
+    chunks = []
+    while not long.tokens:
+        before = len(running.tokens)
+        step, _ = run(scheduler)
+        assert len(running.tokens) == before + 1  # a token every step
+        chunks.append(step.lengths[step.sequences.index(long)])
+    assert chunks == [7, 7, 6] and long.num_cached == 20

@@ -19,6 +19,7 @@ import transformers
 from energon_hf import EnergonModel
 
 KEY = "test-key"
+MAX_BATCH_TOKENS = 24  # the generation server's step budget: the tests' longer prompts go in chunks
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
@@ -54,7 +55,8 @@ def start_server(*args: str, key: str | None = KEY, timeout: float = 120):
 
 @pytest.fixture(scope="module")
 def server(chat_llama):
-    process, url = start_server("--model", str(chat_llama), "--served-name", "tiny", "--kv-cache-tokens", "4096")
+    process, url = start_server("--model", str(chat_llama), "--served-name", "tiny", "--kv-cache-tokens", "4096",
+                                "--max-batch-tokens", str(MAX_BATCH_TOKENS))
     yield url
     process.terminate()
     process.wait(30)
@@ -340,6 +342,17 @@ def scrape(url: str) -> dict[str, float]:
     text = httpx.get(url + "/metrics", headers=AUTH).text
     return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
             if line and not line.startswith("#")}
+
+
+def test_a_long_prompt_goes_in_chunks_of_max_batch_tokens(server, local, chat_llama):
+    tokenizer = transformers.AutoTokenizer.from_pretrained(chat_llama)
+    prompt = list(range(5, 65))  # 60 tokens: chunks of 24, 24 and 12, the last one sampling
+    before = scrape(server)
+    body = complete(server, prompt=prompt, max_tokens=4).json()
+    after = scrape(server)
+    assert body["choices"][0]["text"] == tokenizer.decode(greedy(local, prompt, 4), skip_special_tokens=True)
+    mixed = 'energon_batch_size_count{kind="mixed"}'
+    assert after[mixed] - before.get(mixed, 0.0) >= 3
 
 
 def test_metrics_have_vllms_latencies_and_token_counts(server):

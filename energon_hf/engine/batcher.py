@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from energon_hf.batch import decode_batch, prefill_batch
+from energon_hf.batch import PackedBatch, cached_batch, prefill_batch
 from energon_hf.kv_cache import BLOCK_SIZE
 
 from .params import GenerationParams
@@ -80,7 +80,8 @@ class Request(Sequence):
 class ContinuousBatcher:
     """Serves generation requests on a runner, sharing its KV cache.
 
-    `max_batch_tokens` bounds the tokens of one prefill step; `max_running` the sequences decoding together.
+    `max_batch_tokens` bounds the tokens of one step (decodes and prompt chunks); `max_running` the sequences
+    running together.
     """
 
     def __init__(self, runner, vocab_size: int, num_blocks: int, block_size: int = BLOCK_SIZE,
@@ -154,17 +155,14 @@ class ContinuousBatcher:
                     self._wake.wait()
                 if self._stopped:
                     break
-            for prefill in (True, False):  # new arrivals join, then every running sequence moves a token
-                with self._wake:
-                    step = self.scheduler.schedule(prefill)
-                if step is None:
-                    break
-                for request in step.retired:
-                    self._finish(request)
-                if step.sequences:
-                    self._run(step)
-                if step.kind == "decode":
-                    break
+            with self._wake:
+                step = self.scheduler.schedule()
+            if step is None:
+                continue
+            for request in step.retired:
+                self._finish(request)
+            if step.sequences:
+                self._run(step)
         with self._wake:
             left = self.scheduler.abort("cancelled")
         for request in left:
@@ -174,7 +172,10 @@ class ContinuousBatcher:
         """One model call for the step, the requests' tokens, and the Scheduler's bookkeeping."""
         try:
             logits = self.runner.run(self._batch(step), use_cache=True)["logits"]
-            tokens = self._sample(step.sequences, logits)
+            tokens: list[int | None] = [None] * len(step.sequences)  # a chunk that does not end its prompt: none
+            rows = [i for i, samples in enumerate(step.samples) if samples]
+            for i, token in zip(rows, self._sample([step.sequences[i] for i in rows], logits), strict=True):
+                tokens[i] = token
         except Exception as e:  # noqa: BLE001 - the engine failed: every request in flight gets the error
             with self._wake:
                 failed = self.scheduler.abort("error")
@@ -193,15 +194,19 @@ class ContinuousBatcher:
         if self.on_step is not None:
             self.on_step(step.kind, len(step.sequences))
 
-    def _batch(self, step: Step):
+    def _batch(self, step: Step) -> PackedBatch:
+        """The step's tokens: whole prompts attend within themselves (prefill_batch); decodes and prompt
+        chunks attend through the cache (cached_batch), with logits only where a token is sampled."""
         tables = self.scheduler.allocator.block_table_tensor([r.seq_id for r in step.sequences], "cpu")
         block_size = self.scheduler.block_size
         if step.kind == "prefill":
             contexts = [torch.tensor(r.context, dtype=torch.long) for r in step.sequences]
             return prefill_batch(contexts, tables, block_size)
-        context = torch.tensor([len(r.context) for r in step.sequences])  # the last token is not cached yet
-        last = torch.tensor([r.tokens[-1] for r in step.sequences])
-        return decode_batch(last, context, tables, block_size)
+        tokens = torch.tensor([token for r, start, n in zip(step.sequences, step.starts, step.lengths, strict=True)
+                               for token in r.context[start:start + n]])
+        rows = None if step.kind == "decode" else \
+            torch.tensor([i for i, samples in enumerate(step.samples) if samples], dtype=torch.long)
+        return cached_batch(tokens, torch.tensor(step.lengths), torch.tensor(step.starts), tables, block_size, rows)
 
     def _sample(self, requests: list[Request], logits: torch.Tensor) -> list[int | None]:
         """Each request's next token (None for one that finished while the step ran, or whose sampling

@@ -2,17 +2,15 @@
 tensors, no sampling), as nano-vllm's. `schedule()` says what the next engine step runs, `postprocess()`
 takes the tokens the step produced and retires what finished.
 
-A step is a prefill or a decode:
-- prefill: waiting sequences admitted in arrival order while their tokens fit `max_batch_tokens` (the
-  first one always) and the free blocks hold their context plus one token, keeping one block of headroom
-  per running sequence; a sequence runs its whole context (prompt and anything generated before a
-  preemption, which is recomputed);
-- decode: one token for every running sequence. When the cache cannot hold the next token of each, the
-  newest running sequence is preempted: its blocks are freed and it goes back to the front of the queue.
-Prefill comes first whenever a waiting sequence can be admitted, so new requests join at the next step;
-the caller runs a decode after each prefill (`schedule(prefill=False)`), or a steady trickle of arrivals
-would starve the running sequences (bench/serve_vs_hf.py, SmolLM2 at 64 clients: 75 tokens/s with prefill
-steps only while anything can be admitted, 102 with a decode after each prefill, two runs on this machine).
+Every step mixes, under a budget of `max_batch_tokens` tokens (chunked prefill, as vLLM and Sarathi-Serve):
+- a decode token for every running sequence whose context is cached but for its last token. When the cache
+  cannot hold the next token of each, the newest running sequence is preempted: its blocks are freed and it
+  goes back to the front of the queue, to recompute its whole context (prompt and tokens made so far);
+- then the next chunk of each running sequence still prefilling, as far as the budget goes;
+- then waiting sequences, admitted in arrival order while the budget lasts and the free blocks hold their
+  context plus one token (keeping one block of headroom per running sequence), each with a first chunk.
+A sequence samples a token in the step whose chunk ends its context. So a long prompt never stalls the
+running decodes for more than one budget's worth of tokens, and new requests join at the next step.
 """
 
 from __future__ import annotations
@@ -33,10 +31,16 @@ class Sequence:
     eos_token_ids: frozenset[int] = frozenset()
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" (EOS), "length", "cancelled" or "error"
+    num_cached: int = 0  # context tokens whose keys and values the cache holds
 
     @property
     def context(self) -> list[int]:
         return self.prompt + self.tokens
+
+    @property
+    def uncached(self) -> int:
+        """Context tokens still to run: 1 for a decoding sequence (its last token), more while prefilling."""
+        return len(self.prompt) + len(self.tokens) - self.num_cached
 
     @property
     def finished(self) -> bool:
@@ -45,12 +49,33 @@ class Sequence:
 
 @dataclass
 class Step:
-    """The work of one engine step: `sequences` run as a prefill (their whole contexts) or a decode (their
-    last tokens); `retired` left since the last step without running (cancelled)."""
+    """The work of one engine step: each of `sequences` runs its next `lengths[i]` uncached context tokens,
+    from `starts[i]` on, and samples a token if `samples[i]` (its chunk ends its context); `retired` left
+    since the last step without running (cancelled).
 
-    kind: str  # "prefill" or "decode"
-    sequences: list[Sequence]
+    `kind` says which batch serves it best: "prefill" (whole contexts from scratch: attention within the new
+    tokens), "decode" (one token each) or "mixed" (attention through the cache)."""
+
+    sequences: list[Sequence] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)
+    starts: list[int] = field(default_factory=list)
+    samples: list[bool] = field(default_factory=list)
     retired: list[Sequence] = field(default_factory=list)
+
+    def add(self, sequence: Sequence, length: int) -> int:
+        """Run `length` of the sequence's uncached tokens in this step; returns `length`."""
+        self.sequences.append(sequence)
+        self.lengths.append(length)
+        self.starts.append(sequence.num_cached)
+        self.samples.append(length == sequence.uncached)
+        return length
+
+    @property
+    def kind(self) -> str:
+        if all(start == 0 and sample for start, sample in zip(self.starts, self.samples, strict=True)):
+            return "prefill"
+        return "decode" if all(n == 1 and sample for n, sample in zip(self.lengths, self.samples, strict=True)) \
+            else "mixed"
 
 
 class Scheduler:
@@ -86,30 +111,38 @@ class Scheduler:
     def idle(self) -> bool:
         return not self.waiting and not self.running
 
-    def schedule(self, prefill: bool = True) -> Step | None:
-        """The next step, or None when there is nothing to run (every sequence left is retired).
-        `prefill=False`: a decode step even when waiting sequences could be admitted."""
-        retired = self._drop_cancelled()
-        admitted = self._admit() if prefill else []
-        if admitted:
-            self.running.extend(admitted)
-            return Step("prefill", admitted, retired)
+    def schedule(self) -> Step | None:
+        """The next step, or None when there is nothing to run (every sequence left is retired)."""
+        step = Step(retired=self._drop_cancelled())
         self._make_room()
-        if not self.running:
-            return Step("decode", [], retired) if retired else None
-        for sequence in self.running:  # the last token is not cached yet: it is this step's input
+        budget = self.max_batch_tokens
+        decoding = [s for s in self.running if s.uncached == 1]
+        for sequence in decoding:  # the last token is not cached yet: it is this step's input
             self.allocator.reserve(sequence.seq_id, len(sequence.context))
-        return Step("decode", list(self.running), retired)
+            step.add(sequence, 1)
+        budget -= len(decoding)
+        for sequence in [s for s in self.running if s.uncached > 1]:  # prompts part-way through, oldest first
+            if budget <= 0:
+                break
+            budget -= step.add(sequence, min(sequence.uncached, budget))
+        while budget > 0 and self._admit():
+            budget -= step.add(self.running[-1], min(self.running[-1].uncached, budget))
+        return step if step.sequences or step.retired else None
 
     def postprocess(self, step: Step, tokens: list[int | None]) -> list[Sequence]:
-        """Append each sequence's new token (None: it produced none, e.g. its sampling failed and it was
-        finished with an error) and retire the ones that finished. Returns every sequence that left."""
+        """Count each sequence's chunk as cached, append the token of each that sampled one (None: it produced
+        none, e.g. its sampling failed and it was finished with an error) and retire the ones that finished.
+        Returns every sequence that left."""
         left = []
-        for sequence, token in zip(step.sequences, tokens, strict=True):
-            if sequence.finished or token is None:  # cancelled while the step ran, or failed
+        for sequence, length, samples, token in zip(step.sequences, step.lengths, step.samples, tokens,
+                                                    strict=True):
+            if sequence.finished or (samples and token is None):  # cancelled while the step ran, or failed
                 if sequence in self.running:
                     self._retire(sequence, sequence.finish_reason or "error")
                     left.append(sequence)
+                continue
+            sequence.num_cached += length
+            if not samples:
                 continue
             sequence.tokens.append(token)
             if token in sequence.eos_token_ids:
@@ -147,20 +180,18 @@ class Scheduler:
         self.waiting = deque(s for s in self.waiting if s.finish_reason != "cancelled")
         return dropped
 
-    def _admit(self) -> list[Sequence]:
-        admitted, tokens = [], 0
-        headroom = len(self.running)
-        while self.waiting and len(self.running) + len(admitted) < self.max_running:
-            sequence = self.waiting[0]
-            length = len(sequence.context)
-            if admitted and tokens + length > self.max_batch_tokens:
-                break
-            if self.allocator.blocks_for(length + 1) + headroom > self.allocator.num_free:
-                break
-            self.allocator.reserve(sequence.seq_id, length + 1)
-            admitted.append(self.waiting.popleft())
-            tokens += length
-        return admitted
+    def _admit(self) -> bool:
+        """Move the first waiting sequence to the running ones if the free blocks hold its context plus one
+        token, with one block of headroom per running sequence."""
+        if not self.waiting or len(self.running) >= self.max_running:
+            return False
+        sequence = self.waiting[0]
+        blocks = self.allocator.blocks_for(len(sequence.context) + 1)
+        if blocks + len(self.running) > self.allocator.num_free:
+            return False
+        self.allocator.reserve(sequence.seq_id, len(sequence.context) + 1)
+        self.running.append(self.waiting.popleft())
+        return True
 
     def _make_room(self) -> None:
         """Preempt the newest running sequences until every one can cache its next token."""
@@ -171,5 +202,6 @@ class Scheduler:
         while self.running and missing() > self.allocator.num_free:
             victim = self.running.pop()
             self.allocator.release(victim.seq_id)
+            victim.num_cached = 0
             self.preemptions += 1
             self.waiting.appendleft(victim)

@@ -54,8 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=None,
                         help="port to listen on (default 8020; 0: a free one, printed as 'listening on URL')")
     parser.add_argument("--max-batch-tokens", type=int, default=4096,
-                        help="most prompt tokens admitted into one prefill step, and most real tokens of one "
-                             "encoder batch (default 4096)")
+                        help="most tokens of one generation step (decodes plus prompt chunks), and most real "
+                             "tokens of one encoder batch (default 4096)")
     parser.add_argument("--max-queue", type=int, default=256,
                         help="requests allowed to wait for admission before new ones get 429 (default 256)")
     parser.add_argument("--kv-cache-tokens", type=int, default=16384,

@@ -25,7 +25,7 @@ class ServeSettings:
     served_name: str
     api_key: str | None = None
     max_queue: int = 256          # requests waiting for admission before new ones get 429
-    max_batch_tokens: int = 4096  # prompt tokens of one prefill step; real tokens of one encoder batch
+    max_batch_tokens: int = 4096  # tokens of one generation step (decodes, prompt chunks); of one encoder batch
     kv_cache_tokens: int = 16384
     embed_policy: str = "packed"  # encoder batches: "packed" (FIFO under the token budget) or "priority"
     max_wait_ms: float = 50.0     # "priority": the longest a request waits before its batch must run
