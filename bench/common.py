@@ -127,6 +127,30 @@ def batch_size_stats(url: str) -> dict[str, tuple[float, float]]:
     return {kind: (total, count) for kind, (total, count) in stats.items()}
 
 
+def first_token_histogram(url: str) -> dict[float, float]:
+    """The server's time-to-first-token histogram: cumulative count per upper bound (inf: all requests)."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    return {float(le): float(value) for le, value in
+            re.findall(r'^energon_time_to_first_token_seconds_bucket\{le="([^"]+)"\} (\S+)$', text, re.M)}
+
+
+def histogram_quantile(q: float, before: dict[float, float], after: dict[float, float]) -> float | None:
+    """The q-quantile of what a cumulative histogram saw between two scrapes, interpolated linearly inside its
+    bucket (Prometheus' histogram_quantile); None if it saw nothing."""
+    bounds = sorted(after)
+    counts = [after[b] - before.get(b, 0.0) for b in bounds]
+    if not counts or counts[-1] <= 0:
+        return None
+    rank, lower, below = q * counts[-1], 0.0, 0.0
+    for bound, count in zip(bounds, counts, strict=True):
+        if count >= rank:
+            if bound == float("inf"):
+                return lower
+            return lower + (bound - lower) * (rank - below) / max(count - below, 1e-12)
+        lower, below = bound, count
+    return lower
+
+
 def read_bandwidth(mib: int = 256, repeats: int = 7) -> float:
     """Bytes/s this process reads from memory on its torch threads: the best sum over a tensor far larger
     than the caches (the ceiling for a decode step, which streams every weight once)."""

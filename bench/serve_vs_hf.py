@@ -5,7 +5,8 @@ U[8, 128], greedy, exactly max_tokens each (`ignore_eos` on the server, EOS disa
 
 Server side: `python -m energon_hf.serve` runs as a subprocess with --threads torch threads; for each
 concurrency level (1, 8, 64) that many client threads (httpx) send their share of the requests back to
-back. Per level: requests/s, p50/p99 latency, generated tokens/s (sum of completion_tokens / wall time).
+back. Per level: requests/s, p50/p99 latency, p50/p99 time to first token (the server's histogram),
+generated tokens/s (sum of completion_tokens / wall time).
 
 transformers side, after the server is stopped (the two never share the cores): the requests of the
 highest level through `AutoModelForCausalLM.generate` in static left-padded batches of --hf-batch; each
@@ -43,7 +44,15 @@ from energon_hf import defaults
 from energon_hf.loading import resolve_model_path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run with -P: the bench folder itself is not on sys.path
-from common import batch_size_stats, machine_info, percentile, start_server, stop_server  # noqa: E402
+from common import (  # noqa: E402
+    batch_size_stats,
+    first_token_histogram,
+    histogram_quantile,
+    machine_info,
+    percentile,
+    start_server,
+    stop_server,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET = 3.0  # the issue's target: server tokens/s at 64 clients >= 3x transformers' static batches
@@ -119,7 +128,7 @@ def run_level(url: str, jobs: list[Job], clients: int) -> dict[str, Any]:
             except BaseException as e:  # noqa: BLE001 - reported after the join
                 errors.append(e)
 
-    before = batch_size_stats(url)
+    before, first_before = batch_size_stats(url), first_token_histogram(url)
     threads = [threading.Thread(target=client_thread, args=(i,)) for i in range(clients)]
     for thread in threads:
         thread.start()
@@ -130,7 +139,7 @@ def run_level(url: str, jobs: list[Job], clients: int) -> dict[str, Any]:
     wall = time.perf_counter() - start
     if errors:
         raise RuntimeError(f"{len(errors)} client(s) failed at {clients} clients: {errors[0]!r}") from errors[0]
-    after = batch_size_stats(url)
+    after, first_after = batch_size_stats(url), first_token_histogram(url)
     done = [r for r in results if r is not None]
     latencies = [r["latency_s"] for r in done]
     generated = sum(r["completion_tokens"] for r in done)
@@ -139,6 +148,9 @@ def run_level(url: str, jobs: list[Job], clients: int) -> dict[str, Any]:
     steps = {kind: int(after[kind][1] - before.get(kind, (0, 0))[1]) for kind in after}
     return {"clients": clients, "requests": len(jobs), "wall_s": wall, "requests_per_s": len(jobs) / wall,
             "latency_p50_s": percentile(latencies, 50), "latency_p99_s": percentile(latencies, 99),
+            # time to first token, from the server's histogram (bucketed, interpolated within a bucket)
+            "ttft_p50_s": histogram_quantile(0.5, first_before, first_after),
+            "ttft_p99_s": histogram_quantile(0.99, first_before, first_after),
             "generated_tokens": generated, "tokens_per_s": generated / wall,
             "exact_lengths": all(r["completion_tokens"] == j.max_tokens for r, j in zip(done, jobs, strict=True)),
             "engine_steps": steps, "mean_batch_per_step": mean_batch,
@@ -226,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
                 levels[str(n_clients)] = level
                 print(f"server, {n_clients:>3} clients: {count} requests in {level['wall_s']:.1f} s, "
                       f"{level['tokens_per_s']:.1f} tok/s, p50 {level['latency_p50_s']:.2f} s, "
-                      f"p99 {level['latency_p99_s']:.2f} s, mean decode batch "
+                      f"p99 {level['latency_p99_s']:.2f} s, time to first token p50 {level['ttft_p50_s']:.2f} s "
+                      f"(p99 {level['ttft_p99_s']:.2f} s), mean decode batch "
                       f"{level['mean_batch_per_step'].get('decode', 0):.1f}", flush=True)
         finally:
             stop_server(process)

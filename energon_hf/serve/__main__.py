@@ -50,6 +50,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "or int4 (groups of 32; a GGUF file's Q4_0/Q4_1 tensors load as they are); default: "
                              f"{DEFAULT_MODEL_QUANTIZATION} for the embedded SmolLM2, none for --model")
     parser.add_argument("--device", default=None, help="cpu (default) or cuda")
+    parser.add_argument("--driver-address", default=None, metavar="HOST:PORT",
+                        help="serve ranks started by torchrun on other machines (python -m energon_hf.node "
+                             "--driver HOST:PORT, the same $ENERGON_HF_ENGINE_KEY everywhere): listen here "
+                             "until all tp x pp have connected, instead of starting them on this machine")
     parser.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None,
                         help="port to listen on (default 8020; 0: a free one, printed as 'listening on URL')")
@@ -180,6 +184,9 @@ def _build(setup: dict, args: argparse.Namespace, settings):
         from .custom import create_custom_app
 
         factory = setup["factory"]
+        if args.driver_address:
+            raise ValueError("--driver-address serves a checkpoint (--model); a config file's model_class runs "
+                             "on this machine only")
         name = args.served_name or getattr(getattr(factory, "func", factory), "__name__", "custom")
         model = launch(factory, tp=setup["tp"] or 1, pp=setup["pp"] or 1, device=setup["device"])
         app = create_custom_app(model, settings(name), setup["task"] or "custom")
@@ -193,7 +200,8 @@ def _build(setup: dict, args: argparse.Namespace, settings):
 
     source = setup["model"] or defaults.generation_model()
     model = EnergonModel.from_pretrained(source, dtype=setup["dtype"], device=setup["device"], tp=setup["tp"],
-                                         pp=setup["pp"], quantization=setup["quantization"])
+                                         pp=setup["pp"], quantization=setup["quantization"],
+                                         driver_address=args.driver_address)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model.folder)
     except (OSError, ValueError):  # an image model: its pipeline loads the image processor
