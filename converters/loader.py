@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import sys
 from collections.abc import Callable
 
@@ -20,7 +19,7 @@ from .checkpoint import CheckpointReader
 from .gguf_blocks import GROUP_SIZE
 from .weights import LazyWeight, WeightSpec
 
-_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform.startswith("linux") else None
+_LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None  # the process's own symbols: libc's
 # Old BERT checkpoints (TF conversions) name LayerNorm parameters gamma/beta.
 _LEGACY_SUFFIXES = {".weight": ".gamma", ".bias": ".beta"}
 

@@ -173,7 +173,7 @@ class ContinuousBatcher:
         try:
             logits = self.runner.run(self._batch(step), use_cache=True)["logits"]
             tokens: list[int | None] = [None] * len(step.sequences)  # a chunk that does not end its prompt: none
-            rows = [i for i, samples in enumerate(step.samples) if samples]
+            rows = step.sampled_rows
             for i, token in zip(rows, self._sample([step.sequences[i] for i in rows], logits), strict=True):
                 tokens[i] = token
         except Exception as e:  # noqa: BLE001 - the engine failed: every request in flight gets the error
@@ -204,8 +204,7 @@ class ContinuousBatcher:
             return prefill_batch(contexts, tables, block_size)
         tokens = torch.tensor([token for r, start, n in zip(step.sequences, step.starts, step.lengths, strict=True)
                                for token in r.context[start:start + n]])
-        rows = None if step.kind == "decode" else \
-            torch.tensor([i for i, samples in enumerate(step.samples) if samples], dtype=torch.long)
+        rows = None if step.kind == "decode" else torch.tensor(step.sampled_rows, dtype=torch.long)
         return cached_batch(tokens, torch.tensor(step.lengths), torch.tensor(step.starts), tables, block_size, rows)
 
     def _sample(self, requests: list[Request], logits: torch.Tensor) -> list[int | None]:

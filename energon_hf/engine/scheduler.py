@@ -71,6 +71,11 @@ class Step:
         return length
 
     @property
+    def sampled_rows(self) -> list[int]:
+        """The indices of the sequences that sample a token in this step."""
+        return [i for i, samples in enumerate(self.samples) if samples]
+
+    @property
     def kind(self) -> str:
         if all(start == 0 and sample for start, sample in zip(self.starts, self.samples, strict=True)):
             return "prefill"
@@ -125,8 +130,8 @@ class Scheduler:
             if budget <= 0:
                 break
             budget -= step.add(sequence, min(sequence.uncached, budget))
-        while budget > 0 and self._admit():
-            budget -= step.add(self.running[-1], min(self.running[-1].uncached, budget))
+        while budget > 0 and (sequence := self._admit()) is not None:
+            budget -= step.add(sequence, min(sequence.uncached, budget))
         return step if step.sequences or step.retired else None
 
     def postprocess(self, step: Step, tokens: list[int | None]) -> list[Sequence]:
@@ -180,18 +185,18 @@ class Scheduler:
         self.waiting = deque(s for s in self.waiting if s.finish_reason != "cancelled")
         return dropped
 
-    def _admit(self) -> bool:
-        """Move the first waiting sequence to the running ones if the free blocks hold its context plus one
-        token, with one block of headroom per running sequence."""
+    def _admit(self) -> Sequence | None:
+        """The first waiting sequence, moved to the running ones, if the free blocks hold its context plus one
+        token with one block of headroom per running sequence; else None."""
         if not self.waiting or len(self.running) >= self.max_running:
-            return False
+            return None
         sequence = self.waiting[0]
         blocks = self.allocator.blocks_for(len(sequence.context) + 1)
         if blocks + len(self.running) > self.allocator.num_free:
-            return False
+            return None
         self.allocator.reserve(sequence.seq_id, len(sequence.context) + 1)
         self.running.append(self.waiting.popleft())
-        return True
+        return sequence
 
     def _make_room(self) -> None:
         """Preempt the newest running sequences until every one can cache its next token."""
