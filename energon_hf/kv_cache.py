@@ -7,6 +7,7 @@ slot mapping) lives with whoever schedules sequences. Only integer tables cross 
 from __future__ import annotations
 
 import math
+import os
 from collections import deque
 
 import torch
@@ -83,3 +84,32 @@ def slot_mapping(block_tables: torch.Tensor, rows: torch.Tensor, positions: torc
     """Flat cache slot of token `positions[i]` of the sequence whose block table is row `rows[i]`."""
     blocks = block_tables[rows, positions // block_size].long()
     return blocks * block_size + positions % block_size
+
+
+def bytes_per_token(layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Cache bytes one token takes: its key and value in every layer."""
+    return 2 * layers * kv_heads * head_dim * dtype.itemsize
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes the device has free now: CUDA's free memory; on a CPU, Linux's MemAvailable (what can be allocated
+    without swapping, reclaimable page cache included), else the free physical pages."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def tokens_for_memory(free_bytes: float, per_token: int, fraction: float, most: int) -> int:
+    """The cache tokens that `fraction` of `free_bytes` holds, in whole blocks: at least one block, at most
+    `most` (tokens that could ever be in use)."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"the KV cache memory fraction must be in (0, 1], got {fraction}")
+    blocks = int(fraction * free_bytes // (per_token * BLOCK_SIZE))
+    return BLOCK_SIZE * max(1, min(blocks, -(-most // BLOCK_SIZE)))

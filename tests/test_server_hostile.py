@@ -27,6 +27,7 @@ from test_server import start_server
 from test_server_routes import ThreadedServer, hf_sentence_embeddings, random_picture, tiny_vit, wait_for
 
 from energon_hf import EnergonModel
+from energon_hf.kv_cache import available_memory
 from energon_hf.serve import ServeSettings
 
 KEY = "hostile-key"
@@ -413,8 +414,13 @@ def schemathesis(url: str, *headers: str, cwd) -> subprocess.CompletedProcess:
 
 def test_schemathesis_with_all_checks_finds_nothing_on_a_generation_server(chat_llama_short, tmp_path):
     process, url = start_server("--model", str(chat_llama_short), "--served-name", "tiny", "--api-key", KEY,
-                                "--kv-cache-tokens", "1024", key=None)
+                                "--kv-cache-memory-fraction", "0.0001", key=None)
     try:
+        # the cache took its share of the memory left: 0.01 % of it, at 2 x 2 layers x 2 heads x 16 x 4 bytes
+        line = next(line for line in process.output if line.startswith("serving "))
+        tokens = int(re.search(r"KV cache of (\d+) tokens", line).group(1))
+        expected = 0.0001 * available_memory(torch.device("cpu")) / 512
+        assert abs(tokens - expected) <= 0.2 * expected + 16, line
         schema = httpx.get(url + "/openapi.json").json()  # public, as the docs
         assert schema["components"]["schemas"]["CompletionRequest"]["properties"]["model"]["enum"] == ["tiny"]
         assert "/v1/embeddings" not in schema["paths"]  # a generation server: the route only says what to use

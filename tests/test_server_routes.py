@@ -19,7 +19,9 @@ from PIL import Image
 
 from energon_hf import EnergonModel
 from energon_hf.engine.dynamic_batcher import DynamicBatcher, EncodeRequest, pick_priority
+from energon_hf.kv_cache import BLOCK_SIZE, available_memory, bytes_per_token
 from energon_hf.serve import ServeSettings, create_app
+from energon_hf.serve.app import MAX_RUNNING, kv_cache_tokens
 from energon_hf.serve.embeddings import mean_pooling_runner
 
 
@@ -81,6 +83,21 @@ def test_a_full_queue_answers_429_with_retry_after(chat_llama):
         assert refused.headers["retry-after"] == "1" and refused.json()["error"]["type"] == "rate_limit_error"
         thread.join(60)  # the stream was closed: its sequence left and the waiting request ran
         assert waiting[0].status_code == 200 and waiting[0].json()["usage"]["completion_tokens"] == 1
+
+
+def test_the_kv_cache_is_sized_from_the_memory_left(chat_llama):
+    """Without kv_cache_tokens: its memory fraction of what the device has free, in whole blocks, at most what
+    the running sequences could ever use (MAX_RUNNING x the context)."""
+    model = EnergonModel.from_pretrained(chat_llama)
+    per_token = bytes_per_token(*model.model.kv_cache_layout(), model.dtype)
+    expected = 0.001 * available_memory(model.device) / per_token
+    tokens = kv_cache_tokens(model, ServeSettings("tiny", kv_cache_memory_fraction=0.001))
+    assert tokens % BLOCK_SIZE == 0 and abs(tokens - expected) <= 0.1 * expected + BLOCK_SIZE
+    whole = kv_cache_tokens(model, ServeSettings("tiny", kv_cache_memory_fraction=1.0))
+    assert whole == MAX_RUNNING * model.config.max_position_embeddings < available_memory(model.device) / per_token
+    assert kv_cache_tokens(model, ServeSettings("tiny", kv_cache_tokens=512)) == 512  # given: as given
+    with pytest.raises(ValueError, match="memory fraction must be in"):
+        kv_cache_tokens(model, ServeSettings("tiny", kv_cache_memory_fraction=1.5))
 
 
 def test_a_full_cache_preempts_and_the_metrics_count_it(chat_llama):

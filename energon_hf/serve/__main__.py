@@ -62,8 +62,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "tokens of one encoder batch (default 4096)")
     parser.add_argument("--max-queue", type=int, default=256,
                         help="requests allowed to wait for admission before new ones get 429 (default 256)")
-    parser.add_argument("--kv-cache-tokens", type=int, default=16384,
-                        help="tokens the KV cache holds across all running sequences (default 16384)")
+    parser.add_argument("--kv-cache-tokens", type=int, default=None,
+                        help="tokens the KV cache holds across all running sequences (default: sized by "
+                             "--kv-cache-memory-fraction)")
+    parser.add_argument("--kv-cache-memory-fraction", type=float, default=0.1,
+                        help="without --kv-cache-tokens: the share of the memory left after loading the model "
+                             "(RAM on a CPU, each card's free memory on CUDA) that the KV cache takes, as vLLM's "
+                             "--gpu-memory-utilization (default 0.1)")
     parser.add_argument("--embed-batching", choices=("packed", "priority"), default="packed",
                         help="how /v1/embeddings batches concurrent requests: packed (the oldest first under "
                              "--max-batch-tokens real tokens; padding-free) or priority (EnergonAI's: length "
@@ -123,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     def settings(name: str) -> ServeSettings:
         return ServeSettings(served_name=name, api_key=args.api_key, max_queue=args.max_queue,
                              max_batch_tokens=args.max_batch_tokens, kv_cache_tokens=args.kv_cache_tokens,
+                             kv_cache_memory_fraction=args.kv_cache_memory_fraction,
                              embed_policy=args.embed_batching, max_wait_ms=args.max_wait_ms,
                              max_body_bytes=args.max_body_bytes, max_inputs=args.max_inputs,
                              max_request_tokens=args.max_request_tokens, max_image_pixels=args.max_image_pixels,
@@ -212,6 +218,9 @@ def _build(setup: dict, args: argparse.Namespace, settings):
     description = (f"{model.architecture.name}, {str(model.dtype).removeprefix('torch.')}, quantization="
                    f"{model.quantization or 'none'}, tp={model.tp}, pp={model.pp}")
     served = app.state.served
+    if served.batcher is not None:
+        allocator = served.batcher.allocator
+        description += f", KV cache of {allocator.num_blocks_total * allocator.block_size} tokens"
     return app, name, description, served.close, served.stop_batchers
 
 

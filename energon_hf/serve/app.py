@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from energon_hf.engine.batcher import ContinuousBatcher
 from energon_hf.engine.dynamic_batcher import DynamicBatcher
-from energon_hf.kv_cache import BLOCK_SIZE
+from energon_hf.kv_cache import BLOCK_SIZE, available_memory, bytes_per_token, tokens_for_memory
 from energon_hf.modeling import EnergonModel
 from energon_hf.pipelines import _task_for, pipeline
 
@@ -39,6 +39,7 @@ ERROR_RESPONSES = {status: {"model": ErrorResponse, "description": what} for sta
     (413, "request body over --max-body-bytes"), (429, "queue full"), (500, "internal error"),
     (503, "engine failed or shutting down"))}
 
+MAX_RUNNING = 256  # sequences one generation step runs at most (the batcher's default)
 EmbedRunner = Callable[[list[list[int]]], Sequence[Any]]  # token sequences -> one embedding each
 
 
@@ -50,14 +51,30 @@ def _eos_ids(model: EnergonModel, tokenizer) -> list[int]:
     return ids
 
 
+def kv_cache_tokens(model: EnergonModel, settings: ServeSettings) -> int:
+    """`settings.kv_cache_tokens`, else what its memory fraction of the device's free memory holds (as vLLM's
+    --gpu-memory-utilization; the server loads the model first, so the weights are already taken), at most
+    what MAX_RUNNING sequences of the model's whole context could use. Local CPU ranks share one host's
+    memory, so the whole model's cache counts against it; each CUDA rank has a card of its own and holds
+    1 / (tp x pp) of it. Remote ranks (--driver-address) are assumed to have the driver's free memory."""
+    if settings.kv_cache_tokens is not None:
+        return settings.kv_cache_tokens
+    layers, kv_heads, head_dim = model.model.kv_cache_layout()  # the whole model's (a driver's model is unsplit)
+    per_token = bytes_per_token(layers, kv_heads, head_dim, model.dtype)
+    free = available_memory(model.device) * (model.tp * model.pp if model.device.type == "cuda" else 1)
+    context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 20)
+    return tokens_for_memory(free, per_token, settings.kv_cache_memory_fraction, MAX_RUNNING * context)
+
+
 def _served(model: EnergonModel, tokenizer, settings: ServeSettings, embed_runner: EmbedRunner | None) -> Served:
     metrics = Metrics()
     task = _task_for(model)
     batcher = encoder = encoder_pipeline = None
     if model.can_generate():
         batcher = ContinuousBatcher(model.runner, model.config.vocab_size,
-                                    num_blocks=max(1, settings.kv_cache_tokens // BLOCK_SIZE),
-                                    max_batch_tokens=settings.max_batch_tokens, device=model.device)
+                                    num_blocks=max(1, kv_cache_tokens(model, settings) // BLOCK_SIZE),
+                                    max_batch_tokens=settings.max_batch_tokens, max_running=MAX_RUNNING,
+                                    device=model.device)
         batcher.on_step = metrics.step
         metrics.watch(lambda: batcher.waiting, lambda: batcher.running)
         metrics.watch_cache(batcher.allocator)

@@ -26,7 +26,8 @@ class ServeSettings:
     api_key: str | None = None
     max_queue: int = 256          # requests waiting for admission before new ones get 429
     max_batch_tokens: int = 4096  # tokens of one generation step (decodes, prompt chunks); of one encoder batch
-    kv_cache_tokens: int = 16384
+    kv_cache_tokens: int | None = None  # None: sized from the memory left after loading
+    kv_cache_memory_fraction: float = 0.1  # the share of that memory the KV cache takes
     embed_policy: str = "packed"  # encoder batches: "packed" (FIFO under the token budget) or "priority"
     max_wait_ms: float = 50.0     # "priority": the longest a request waits before its batch must run
     # Limits on one request; each is checked before the work it bounds, and a request over one gets a 4xx
