@@ -62,8 +62,12 @@ def kv_cache_tokens(model: EnergonModel, settings: ServeSettings) -> int:
     layers, kv_heads, head_dim = model.model.kv_cache_layout()  # the whole model's (a driver's model is unsplit)
     per_token = bytes_per_token(layers, kv_heads, head_dim, model.dtype)
     free = available_memory(model.device) * (model.tp * model.pp if model.device.type == "cuda" else 1)
-    context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 20)
-    return tokens_for_memory(free, per_token, settings.kv_cache_memory_fraction, MAX_RUNNING * context)
+    return tokens_for_memory(free, per_token, settings.kv_cache_memory_fraction, MAX_RUNNING * context_of(model))
+
+
+def context_of(model: EnergonModel) -> int:
+    """The most tokens one sequence may hold (prompt and output): the model's max_position_embeddings."""
+    return int(getattr(model.config, "max_position_embeddings", 0) or 1 << 20)
 
 
 def _served(model: EnergonModel, tokenizer, settings: ServeSettings, embed_runner: EmbedRunner | None) -> Served:
@@ -87,9 +91,8 @@ def _served(model: EnergonModel, tokenizer, settings: ServeSettings, embed_runne
                                      settings.embed_policy, settings.max_wait_ms / 1000)
             encoder.on_batch = lambda sequences: metrics.step("encode", sequences)
             metrics.watch(lambda: encoder.waiting, lambda: encoder.running)
-    context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 20)
-    return Served(model, tokenizer, settings, metrics, batcher, encoder, _eos_ids(model, tokenizer), context, task,
-                  encoder_pipeline)
+    return Served(model, tokenizer, settings, metrics, batcher, encoder, _eos_ids(model, tokenizer),
+                  context_of(model), task, encoder_pipeline)
 
 
 def bearer_token(authorization: str) -> str | None:
