@@ -107,6 +107,60 @@ def test_sampling_is_seeded_and_follows_warpers(lm):
     assert not torch.equal(a, greedy)
 
 
+WARPERS = [dict(temperature=1.5, top_p=0.9), dict(top_k=20, temperature=0.7), dict(repetition_penalty=1.3, top_p=0.8)]
+
+
+@pytest.mark.parametrize("warpers", WARPERS, ids=["temperature-top_p", "top_k", "penalty-top_p"])
+def test_seeded_sampling_equals_transformers_manual_seed_then_generate(lm, warpers):
+    """generate(do_sample=True, seed=s) draws what torch.manual_seed(s) + transformers' generate draws on the
+    same (unpadded) batch: the same processed distributions and the same random stream."""
+    ours, hf = lm
+    ids = torch.randint(3, VOCAB, (3, 7), generator=torch.Generator().manual_seed(1))
+    kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=True, max_new_tokens=12, eos_token_id=None,
+                  pad_token_id=0, **warpers)
+    torch.manual_seed(11)
+    with torch.no_grad():
+        expected = hf.generate(ids, **kwargs)
+    assert torch.equal(ours.generate(ids, seed=11, **kwargs), expected)
+
+
+@pytest.mark.parametrize("warpers", WARPERS, ids=["temperature-top_p", "top_k", "penalty-top_p"])
+def test_processed_distributions_equal_transformers_processors_with_padded_prompts(warpers):
+    """The scores a sampler draws from equal transformers' logits processors on the same logits, row by row,
+    for prompts of several lengths (transformers sees each prompt unpadded: it would penalize pad ids)."""
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    from energon_hf.engine.params import GenerationParams
+    from energon_hf.engine.sampler import Sampler
+
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=gen) for n in (2, 9, 5)]
+    logits = torch.randn(3, VOCAB, generator=gen) * 3
+    params = GenerationParams(max_new_tokens=4, do_sample=True, top_k=warpers.get("top_k", 0),
+                              **{k: v for k, v in warpers.items() if k != "top_k"})
+    sampler = Sampler(params, VOCAB, torch.device("cpu"))
+    sampler.observe_prompts(prompts)
+    got = sampler.process(logits, torch.arange(3), step=0)
+    processors = LogitsProcessorList()
+    if params.repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
+    if params.temperature != 1.0:
+        processors.append(TemperatureLogitsWarper(params.temperature))
+    if params.top_k:
+        processors.append(TopKLogitsWarper(params.top_k))
+    if params.top_p < 1.0:
+        processors.append(TopPLogitsWarper(params.top_p))
+    for row, prompt in enumerate(prompts):
+        expected = processors(prompt[None], logits[row:row + 1].clone())
+        assert torch.equal(torch.softmax(got[row], -1), torch.softmax(expected[0], -1))
+
+
 def test_pytorch_bin_checkpoint_and_unprefixed_names(tiny, tmp_path):
     """pytorch_model.bin read with weights_only, keys without the `transformer.` prefix (original GPT-2)."""
     hf = tiny.hf("GPT2LMHeadModel")

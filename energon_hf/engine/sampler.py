@@ -49,8 +49,9 @@ class Sampler:
         for row, ids in enumerate(prompt_ids):
             self.seen[row, ids.to(self.device)] = True
 
-    def __call__(self, logits: torch.Tensor, rows: torch.Tensor, step: int) -> torch.Tensor:
-        """logits [n, V] for the sequences at `rows` of the batch -> next tokens [n]."""
+    def process(self, logits: torch.Tensor, rows: torch.Tensor, step: int) -> torch.Tensor:
+        """The scores tokens are drawn from (softmax, when sampling) or picked from (argmax): logits [n, V] of
+        the sequences at `rows` of the batch after the repetition penalty, EOS suppression and the warpers."""
         scores = logits.float()
         if self.seen is not None:
             seen = self.seen[rows]
@@ -58,10 +59,13 @@ class Sampler:
             scores = torch.where(seen, torch.where(scores < 0, scores * penalty, scores / penalty), scores)
         if step < self.params.min_new_tokens and self.eos.numel():
             scores[:, self.eos] = -float("inf")
+        return self.warpers(None, scores) if self.params.do_sample else scores
+
+    def __call__(self, logits: torch.Tensor, rows: torch.Tensor, step: int) -> torch.Tensor:
+        """logits [n, V] for the sequences at `rows` of the batch -> next tokens [n]."""
+        scores = self.process(logits, rows, step)
         if self.params.do_sample:
-            scores = self.warpers(None, scores)
-            probs = torch.softmax(scores, dim=-1)
-            tokens = torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
+            tokens = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=self.generator).squeeze(1)
         else:
             tokens = scores.argmax(dim=-1)
         if self.seen is not None:
