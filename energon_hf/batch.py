@@ -70,14 +70,6 @@ def prefill_batch(prompts: list[torch.Tensor], block_tables: torch.Tensor, block
     return PackedBatch(torch.cat(prompts), positions, attn, logits_indices=cu_seqlens[1:].long() - 1)
 
 
-def decode_batch(tokens: torch.Tensor, context_lens: torch.Tensor, block_tables: torch.Tensor,
-                 block_size: int) -> PackedBatch:
-    """One new token per sequence, attending to its cache: `context_lens` counts each sequence's cached
-    tokens after this step (the new one included), so the new token sits at position context_len - 1."""
-    ones = torch.ones(len(tokens), dtype=torch.long)
-    return cached_batch(tokens, ones, context_lens.long() - 1, block_tables, block_size)
-
-
 def cached_batch(tokens: torch.Tensor, lengths: torch.Tensor, starts: torch.Tensor, block_tables: torch.Tensor,
                  block_size: int, logits_rows: torch.Tensor | None = None) -> PackedBatch:
     """Sequence i's next `lengths[i]` tokens (packed in `tokens`), at positions `starts[i]` on, attending to its

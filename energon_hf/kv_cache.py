@@ -33,6 +33,16 @@ class KVCache:
     def num_blocks(self) -> int:
         return self.k.shape[1]
 
+    def grown(self, num_blocks: int) -> KVCache:
+        """A cache of `num_blocks` blocks holding this one's blocks at the same ids (a growing batcher keeps
+        the sequences it is running)."""
+        layers, _, block_size, kv_heads, head_dim = self.k.shape
+        bigger = KVCache(layers, num_blocks, block_size, kv_heads, head_dim, self.k.dtype, self.k.device,
+                         self.first_layer)
+        bigger.k[:, :self.num_blocks] = self.k
+        bigger.v[:, :self.num_blocks] = self.v
+        return bigger
+
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V blocks [num_blocks, block_size, kv_heads, head_dim] of model layer `layer`."""
         return self.k[layer - self.first_layer], self.v[layer - self.first_layer]
@@ -56,6 +66,11 @@ class BlockAllocator:
     @property
     def num_free(self) -> int:
         return len(self._free)
+
+    def grow(self, num_blocks: int) -> None:
+        """Hand out block ids up to `num_blocks` (the storage must grow to match before a step uses them)."""
+        self._free.extend(range(self.num_blocks_total, num_blocks))
+        self.num_blocks_total = max(self.num_blocks_total, num_blocks)
 
     def blocks_for(self, num_tokens: int) -> int:
         return math.ceil(num_tokens / self.block_size)

@@ -14,11 +14,11 @@ from transformers.utils import ModelOutput
 
 from energon_hf import kernels
 from energon_hf.batch import AttentionMetadata, PackedBatch
-from energon_hf.engine.generation import generate_tokens
+from energon_hf.engine.batcher import ContinuousBatcher
 from energon_hf.engine.multiprocess import MultiProcessRunner
 from energon_hf.engine.params import GenerationParams
 from energon_hf.engine.runner import LocalRunner
-from energon_hf.engine.sampler import Sampler
+from energon_hf.kv_cache import BLOCK_SIZE
 from energon_hf.loading import (
     empty_model,
     load_config,
@@ -56,8 +56,8 @@ class EnergonModel:
         self.runner = runner or LocalRunner(model, device, dtype)
         self.tp, self.pp = tp, pp
         self.quantization = quantization
-        # One call at a time: a generate owns the KV cache until it returns.
-        self._lock = threading.RLock()
+        self._batcher: ContinuousBatcher | None = None
+        self._batcher_lock = threading.Lock()
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype: str | torch.dtype = "auto",
@@ -191,11 +191,7 @@ class EnergonModel:
     def __call__(self, *args, **kwargs) -> ModelOutput:
         return self.forward(*args, **kwargs)
 
-    def forward(self, *args, **kwargs) -> ModelOutput | tuple:
-        with self._lock:
-            return self._forward(*args, **kwargs)
-
-    def _forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 return_dict: bool = True, pixel_values=None, **kwargs) -> ModelOutput | tuple:
         for name in _UNSUPPORTED_FORWARD:
             value = kwargs.pop(name, None)
@@ -216,14 +212,11 @@ class EnergonModel:
         result = self.model.hf_output(**outputs)
         return result if return_dict else result.to_tuple()
 
-    def generate(self, *args, **kwargs) -> torch.Tensor:
-        with self._lock:
-            return self._generate(*args, **kwargs)
-
-    def _generate(self, input_ids=None, attention_mask=None, generator: torch.Generator | None = None,
+    def generate(self, input_ids=None, attention_mask=None, generator: torch.Generator | None = None,
                   **kwargs) -> torch.Tensor:
         """HF generate semantics: returns [B, S + new] = the input as given, then the new tokens;
-        a sequence that finished early is filled with pad_token_id."""
+        a sequence that finished early is filled with pad_token_id. The prompts run on the model's batcher as
+        one group, batched with whatever else runs there (other generate calls, a server's requests)."""
         if not self.architecture.can_generate:
             raise ValueError(f"{self.architecture.name} has no language-model head and cannot generate")
         ids = self._as_batch(input_ids)
@@ -242,17 +235,43 @@ class EnergonModel:
                              f"the model's max_position_embeddings ({self.position_limit})")
         if generator is None and params.seed is not None:
             generator = torch.Generator(self.device).manual_seed(params.seed)
-        sampler = Sampler(params, self.config.vocab_size, self.device, generator)
-        new_tokens = generate_tokens(self.runner, prompts, params, sampler)
+        batcher = self.batcher
+        new_tokens = batcher.wait(batcher.submit_group([p.tolist() for p in prompts], params, generator))
         width = max(len(t) for t in new_tokens)
         tail = torch.full((len(prompts), width), params.pad_token_id, dtype=torch.long)
         for row, tokens in enumerate(new_tokens):
             tail[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
         return torch.cat([ids.cpu(), tail], dim=1).to(ids.device)
 
+    # -- the batcher --------------------------------------------------------------------------------
+    @property
+    def batcher(self) -> ContinuousBatcher:
+        """The continuous batcher every generation of this model runs on, owner of its KV cache. Made on first
+        use, or after the last one stopped, with a cache that grows to what its requests could hold, and steps
+        run by the threads that wait on them (`start_batcher` makes a server's: a fixed cache, its own thread)."""
+        with self._batcher_lock:
+            if self._batcher is None or not self._batcher.alive:
+                self._batcher = ContinuousBatcher(self.runner, self.config.vocab_size, device=self.device,
+                                                  grow=True, background=False)
+            return self._batcher
+
+    def start_batcher(self, num_blocks: int, *, block_size: int = BLOCK_SIZE, max_batch_tokens: int = 4096,
+                      max_running: int = 256) -> ContinuousBatcher:
+        """Replace the batcher with one whose KV cache is fixed at `num_blocks` blocks (a server sizes it from
+        the memory left), under these step limits. The old one stops: its requests end cancelled."""
+        with self._batcher_lock:
+            if self._batcher is not None:
+                self._batcher.close()
+            self._batcher = ContinuousBatcher(self.runner, self.config.vocab_size, num_blocks, block_size,
+                                              max_batch_tokens, max_running, self.device)
+            return self._batcher
+
     # -- lifetime ---------------------------------------------------------------------------------
     def close(self) -> None:
-        """Free the KV cache and stop the worker processes, if any."""
+        """Stop the batcher, free the KV cache and stop the worker processes, if any."""
+        with self._batcher_lock:
+            if self._batcher is not None:
+                self._batcher.close()
         self.runner.close()
 
     def __enter__(self) -> EnergonModel:

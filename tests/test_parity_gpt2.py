@@ -146,7 +146,7 @@ def test_processed_distributions_equal_transformers_processors_with_padded_promp
                               **{k: v for k, v in warpers.items() if k != "top_k"})
     sampler = Sampler(params, VOCAB, torch.device("cpu"))
     sampler.observe_prompts(prompts)
-    got = sampler.process(logits, torch.arange(3), step=0)
+    got = sampler.process(logits, torch.arange(3), generated=0)
     processors = LogitsProcessorList()
     if params.repetition_penalty != 1.0:
         processors.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))

@@ -13,7 +13,6 @@ from test_parity_llama import LLAMA_TINY
 
 from energon_hf import EnergonModel
 from energon_hf.batch import cached_batch
-from energon_hf.engine.batcher import ContinuousBatcher
 from energon_hf.engine.params import GenerationParams
 from energon_hf.kv_cache import BlockAllocator
 
@@ -47,8 +46,7 @@ def test_concurrent_requests_match_their_solo_results(llama, num_blocks, max_bat
     prompts = _prompts(12)
     new_tokens = [4 + (i * 7) % 20 for i in range(12)]
     expected = [_alone(llama, p, n) for p, n in zip(prompts, new_tokens, strict=True)]
-    batcher = ContinuousBatcher(llama.runner, 128, num_blocks=num_blocks, block_size=4,
-                                max_batch_tokens=max_batch_tokens)
+    batcher = llama.start_batcher(num_blocks, block_size=4, max_batch_tokens=max_batch_tokens)
     steps, schedule = [], batcher.scheduler.schedule
 
     def recorded():  # the steps the batcher runs, seen as they are scheduled
@@ -89,7 +87,7 @@ def test_prompt_chunks_beside_a_decode_give_transformers_logits(llama):
     allocator.reserve(0, len(short) + 1)
     allocator.reserve(1, len(long) + 1)
     tables = allocator.block_table_tensor([0, 1], "cpu")
-    llama.runner.ensure_cache(64, 4)
+    llama.start_batcher(64, block_size=4).close()  # the model's batcher owns the cache: a stopped one leaves it
 
     def step(tokens, lengths, starts, rows):
         batch = cached_batch(torch.tensor(tokens), torch.tensor(lengths), torch.tensor(starts), tables, 4,
@@ -109,7 +107,7 @@ def test_prompt_chunks_beside_a_decode_give_transformers_logits(llama):
 
 
 def test_cancel_frees_the_request(llama):
-    batcher = ContinuousBatcher(llama.runner, 128, num_blocks=128, block_size=4)
+    batcher = llama.start_batcher(128, block_size=4)
     try:
         long = batcher.submit(_prompts(1)[0], _params(400))
         stream = long.stream(timeout=30)
@@ -125,7 +123,7 @@ def test_cancel_frees_the_request(llama):
 
 
 def test_request_larger_than_the_cache_is_refused(llama):
-    batcher = ContinuousBatcher(llama.runner, 128, num_blocks=4, block_size=4)
+    batcher = llama.start_batcher(4, block_size=4)
     try:
         with pytest.raises(ValueError, match="KV cache blocks"):
             batcher.submit(list(range(3, 20)), _params(8))
@@ -140,9 +138,38 @@ def test_on_a_parallel_engine_with_prompt_chunks(llama, parallel):
     prompts = _prompts(5, seed=1)
     expected = [_alone(llama, p, 6) for p in prompts]
     with EnergonModel.from_pretrained(llama.folder, threads_per_rank=1, **parallel) as engine:
-        batcher = ContinuousBatcher(engine.runner, 128, num_blocks=64, block_size=4, max_batch_tokens=16)
+        batcher = engine.start_batcher(64, block_size=4, max_batch_tokens=16)
         try:
             requests = [batcher.submit(p, _params(6)) for p in prompts]
             assert [r.result(timeout=120) for r in requests] == expected
         finally:
             batcher.close()
+
+
+def test_concurrent_generate_calls_batch_together_and_keep_their_seeded_results(llama):
+    """Three generate calls from three threads share the model's batcher: some steps run rows of several
+    calls, the cache grows under running sequences (each later call adds to what the first asked), and every
+    call, greedy or seeded sampling, returns what it returns alone."""
+    calls = [(torch.tensor(_prompts(3, seed=4)[0][:9]).repeat(3, 1), dict(do_sample=True, seed=5, top_k=20)),
+             (torch.tensor([_prompts(1, seed=5)[0][:7]]), dict(do_sample=False)),
+             (torch.tensor([[5, 9, 11, 3], [7, 7, 8, 30]]), dict(do_sample=True, seed=9, temperature=0.7))]
+    run = lambda ids, kw: llama.generate(ids, max_new_tokens=40, eos_token_id=None, **kw)  # noqa: E731
+    alone = [run(ids, kw) for ids, kw in calls]
+    batcher = llama.batcher
+    widest, barrier, results = [], threading.Barrier(len(calls)), [None] * len(calls)
+    batcher.on_step = lambda kind, sequences: widest.append(sequences)
+
+    def call(i):
+        barrier.wait()
+        results[i] = run(*calls[i])
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(calls))]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    finally:
+        batcher.on_step = None
+    assert all(torch.equal(got, want) for got, want in zip(results, alone, strict=True))
+    assert max(widest) > 3  # rows of different calls ran in one step
+    assert batcher.preemptions == 0 and batcher.allocator.num_free == batcher.allocator.num_blocks_total

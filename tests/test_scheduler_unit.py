@@ -135,3 +135,22 @@ def test_a_long_prompt_arriving_never_stalls_the_running_decodes():
         assert len(running.tokens) == before + 1  # a token every step
         chunks.append(step.lengths[step.sequences.index(long)])
     assert chunks == [7, 7, 6] and long.num_cached == 20
+
+
+def test_a_group_is_queued_whole_or_not_at_all_and_blocks_wanted_fit_it_without_preemption():
+    scheduler = Scheduler(num_blocks=8, block_size=4)
+    with pytest.raises(ValueError, match="empty"):
+        scheduler.add(seq(0, 3), Sequence(1, [], 4))
+    assert not scheduler.waiting  # the good one was not queued either
+    group = [seq(i, length, new=6) for i, length in enumerate((3, 11, 6))]
+    wanted = scheduler.blocks_wanted(*group)
+    assert wanted == (3 + 1) + (5 + 1) + (3 + 1)  # ceil((prompt + 6) / 4) + 1 headroom each
+    scheduler.allocator.grow(wanted)
+    assert scheduler.allocator.num_free == wanted
+    scheduler.add(*group)
+    steps = 0
+    while not scheduler.idle:
+        run(scheduler)
+        steps += 1
+    assert scheduler.preemptions == 0 and steps == 6  # all admitted at once, in step to the end
+    assert scheduler.allocator.num_free == wanted

@@ -2,10 +2,13 @@
 as in Orca and vLLM).
 
 One background thread runs the loop: the Scheduler (engine/scheduler.py) picks each step's work, one model
-call runs it on the runner (LocalRunner or the multi-process engine) and its KV cache, each request's own
-sampler turns its logits row into a token, and the Scheduler takes the tokens back and retires what
+call runs it on the runner (LocalRunner or the multi-process engine) and its KV cache, each sampler turns its
+requests' logits rows into tokens in one draw, and the Scheduler takes the tokens back and retires what
 finished. Requests hear of their tokens through their event queues. The thread sleeps on a condition when
 there is nothing to do.
+
+Every generation runs here: the server's requests, and `EnergonModel.generate` (so the pipelines too), whose
+prompts are one group of requests sharing a sampler. Concurrent calls batch together.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ class Request(Sequence):
     (n choices of one prompt) and a reader tells them apart by the request."""
 
     sampler: Sampler | None = None
+    row: int = 0  # this request's row among its sampler's
     logprobs: int | None = None  # None: none; k: the chosen token's and the k most likely tokens'
     token_logprobs: list[TokenLogprob] = field(default_factory=list)
     error: BaseException | None = None
@@ -78,24 +82,37 @@ class Request(Sequence):
 
 
 class ContinuousBatcher:
-    """Serves generation requests on a runner, sharing its KV cache.
+    """Serves generation requests on a runner, owning its KV cache.
 
     `max_batch_tokens` bounds the tokens of one step (decodes and prompt chunks); `max_running` the sequences
-    running together.
+    running together. The cache holds `num_blocks`; with `grow` it grows when requests arrive to what every
+    live request could hold at its longest (generate's way: it never preempts), else it is fixed (the
+    server's, sized from memory) and requests beyond it wait or are preempted.
+
+    With `background` a thread of its own runs the steps (a server). Without, the callers of `wait` run them,
+    one step at a time whoever's requests are in it, until their own requests finish (generate, as vLLM's
+    offline engine). This keeps a lone generate on its caller's thread: each thread that runs torch's
+    parallel ops keeps its own OpenMP pool, and with a second pool alive on this 2-core machine libgomp stops
+    spinning its workers, so every parallel op waits for a wake-up (SmolLM2 int4 decode step: 22 ms on the
+    thread that loaded the model, 37 ms on another thread).
     """
 
-    def __init__(self, runner, vocab_size: int, num_blocks: int, block_size: int = BLOCK_SIZE,
-                 max_batch_tokens: int = 4096, max_running: int = 256, device: torch.device | str = "cpu"):
-        self.runner, self.vocab_size, self.device = runner, vocab_size, torch.device(device)
-        runner.ensure_cache(num_blocks, block_size)
+    def __init__(self, runner, vocab_size: int, num_blocks: int = 0, block_size: int = BLOCK_SIZE,
+                 max_batch_tokens: int = 4096, max_running: int = 256, device: torch.device | str = "cpu",
+                 grow: bool = False, background: bool = True):
+        self.runner, self.vocab_size, self.device, self.grow = runner, vocab_size, torch.device(device), grow
         self.scheduler = Scheduler(num_blocks, block_size, max_batch_tokens, max_running)
+        self._cache_blocks = 0  # blocks the runner's cache holds (allocated by the thread that runs steps)
         self._ids = itertools.count()
         self._wake = threading.Condition()
+        self._stepping = threading.Lock()  # one step at a time
         self._stopped = False
         self.steps = 0
         self.on_step: Callable[[str, int], None] | None = None  # (kind, sequences): for metrics
-        self._thread = threading.Thread(target=self._loop, name="energon-batcher", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+        if background:
+            self._thread = threading.Thread(target=self._loop, name="energon-batcher", daemon=True)
+            self._thread.start()
 
     @property
     def waiting(self):
@@ -115,25 +132,56 @@ class ContinuousBatcher:
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        return self._thread.is_alive() if self._thread is not None else not self._stopped
 
     # -- requests ----------------------------------------------------------------------------------
     def submit(self, prompt: list[int], params: GenerationParams, generator: torch.Generator | None = None,
                logprobs: int | None = None, events: queue.Queue | None = None) -> Request:
         """Queue a request. `logprobs=k` records each token's log-probability and the k most likely
         alternatives; `events` is a queue shared with other requests (default: its own)."""
-        request = Request(next(self._ids), list(prompt), params.max_new_tokens, frozenset(params.eos_token_ids),
-                          logprobs=logprobs)
-        if events is not None:
-            request.events = events
+        return self.submit_group([prompt], params, generator, logprobs, events)[0]
+
+    def submit_group(self, prompts: list[list[int]], params: GenerationParams,
+                     generator: torch.Generator | None = None, logprobs: int | None = None,
+                     events: queue.Queue | None = None) -> list[Request]:
+        """Queue prompts that sample together, as the rows of one HF generate call: each step, one sampler
+        draws the tokens of the group's rows in that step in one call, in row order. A seeded group whose
+        rows stay in step (prompts admitted in one step, no preemption) thus equals transformers'
+        torch.manual_seed + generate on the same batch. All are queued, or none (ValueError)."""
+        eos = frozenset(params.eos_token_ids)
+        requests = [Request(next(self._ids), list(p), params.max_new_tokens, eos, row=row, logprobs=logprobs)
+                    for row, p in enumerate(prompts)]
+        for request in requests:
+            if events is not None:
+                request.events = events
         with self._wake:
             if self._stopped:
                 raise RuntimeError("the batcher is stopped")
-            self.scheduler.add(request)  # refuses an empty prompt or one the cache could never hold
-            request.sampler = Sampler(params, self.vocab_size, self.device, generator)  # before the loop sees it
-            request.sampler.observe_prompts([torch.tensor(prompt)])
+            if self.grow:
+                self.scheduler.allocator.grow(self.scheduler.blocks_wanted(*requests))
+            self.scheduler.add(*requests)  # refuses an empty prompt or one the cache could never hold
+            sampler = Sampler(params, self.vocab_size, self.device, generator)  # before the loop sees them
+            sampler.observe_prompts([torch.tensor(p, dtype=torch.long) for p in prompts])
+            for request in requests:
+                request.sampler = sampler
             self._wake.notify()
-        return request
+        return requests
+
+    def wait(self, requests: list[Request]) -> list[list[int]]:
+        """The tokens of each request, once all finished (running the steps, without a background thread);
+        the first error raised. Interrupted (or the loop gone), it cancels the requests, so nothing keeps
+        running for a caller that left."""
+        try:
+            for request in requests:
+                while not request.done:
+                    ran = self.step() if self._thread is None else request._done.wait(1.0) or self.alive
+                    if not (ran or request.done):
+                        raise RuntimeError("the batcher stopped before the requests finished")
+            return [request.result() for request in requests]
+        finally:
+            for request in requests:
+                if not request.done:
+                    self.cancel(request)
 
     def cancel(self, request: Request) -> None:
         """Stop a request (a client that went away): it leaves the batch at the next step."""
@@ -142,46 +190,66 @@ class ContinuousBatcher:
             self._wake.notify()
 
     def close(self) -> None:
+        """Stop: the requests left end cancelled (after the step in flight, if any)."""
         with self._wake:
             self._stopped = True
             self._wake.notify()
-        self._thread.join(30)
+        if self._thread is not None:
+            self._thread.join(30)
+        with self._stepping, self._wake:
+            left = self.scheduler.abort("cancelled")
+        for request in left:
+            self._finish(request)
 
-    # -- the loop ----------------------------------------------------------------------------------
+    # -- the steps ---------------------------------------------------------------------------------
+    def step(self) -> bool:
+        """Schedule and run one step; False when stopped or there was nothing to run."""
+        with self._stepping:
+            with self._wake:
+                if self._stopped:
+                    return False
+                step = self.scheduler.schedule()
+            if step is None:
+                return False
+            for request in step.retired:
+                self._finish(request)
+            if step.sequences:
+                self._run(step)
+            return True
+
     def _loop(self) -> None:
+        """The background thread: the cache is allocated here (by the thread that uses it), then steps run
+        while there is work, and it sleeps while there is none."""
+        try:
+            self._fit_cache()
+        except Exception as e:  # noqa: BLE001 - the cache cannot be had: every request gets the error
+            self._fail(e)
         while True:
             with self._wake:
                 while not self._stopped and self.scheduler.idle:
                     self._wake.wait()
                 if self._stopped:
-                    break
-            with self._wake:
-                step = self.scheduler.schedule()
-            if step is None:
-                continue
-            for request in step.retired:
-                self._finish(request)
-            if step.sequences:
-                self._run(step)
-        with self._wake:
-            left = self.scheduler.abort("cancelled")
-        for request in left:
-            self._finish(request)
+                    return
+            self.step()
+
+    def _fit_cache(self) -> None:
+        """Grow the runner's cache to the blocks the scheduler hands out (before a step may use them)."""
+        blocks = self.scheduler.allocator.num_blocks_total
+        if blocks > self._cache_blocks:
+            self.runner.ensure_cache(blocks, self.scheduler.block_size)
+            self._cache_blocks = blocks
 
     def _run(self, step: Step) -> None:
         """One model call for the step, the requests' tokens, and the Scheduler's bookkeeping."""
         try:
+            self._fit_cache()
             logits = self.runner.run(self._batch(step), use_cache=True)["logits"]
             tokens: list[int | None] = [None] * len(step.sequences)  # a chunk that does not end its prompt: none
             rows = step.sampled_rows
             for i, token in zip(rows, self._sample([step.sequences[i] for i in rows], logits), strict=True):
                 tokens[i] = token
         except Exception as e:  # noqa: BLE001 - the engine failed: every request in flight gets the error
-            with self._wake:
-                failed = self.scheduler.abort("error")
-            for request in failed:
-                request.error = request.error or e
-                self._finish(request)
+            self._fail(e)
             return
         with self._wake:
             left = self.scheduler.postprocess(step, tokens)
@@ -193,6 +261,13 @@ class ContinuousBatcher:
         self.steps += 1
         if self.on_step is not None:
             self.on_step(step.kind, len(step.sequences))
+
+    def _fail(self, error: BaseException) -> None:
+        with self._wake:
+            failed = self.scheduler.abort("error")
+        for request in failed:
+            request.error = request.error or error
+            self._finish(request)
 
     def _batch(self, step: Step) -> PackedBatch:
         """The step's tokens: whole prompts attend within themselves (prefill_batch); decodes and prompt
@@ -209,29 +284,41 @@ class ContinuousBatcher:
 
     def _sample(self, requests: list[Request], logits: torch.Tensor) -> list[int | None]:
         """Each request's next token (None for one that finished while the step ran, or whose sampling
-        failed: that request alone ends with the error)."""
-        wanted = [r.logprobs for r in requests if r.logprobs is not None]
-        if wanted:  # one log_softmax and top-k for the whole step
-            logp = torch.log_softmax(logits.float(), dim=-1)
-            top_values, top_ids = logp.topk(max(wanted), dim=-1)
-        tokens: list[int | None] = []
-        for row, request in enumerate(requests):
-            if request.finished:  # cancelled while the step ran
-                tokens.append(None)
-                continue
+        failed: that request's group alone ends with the error). Each sampler draws for its rows at once."""
+        tokens: list[int | None] = [None] * len(requests)
+        groups: dict[Sampler, list[int]] = {}
+        for i, request in enumerate(requests):
+            if not request.finished:  # else cancelled while the step ran
+                groups.setdefault(request.sampler, []).append(i)
+        for sampler, members in groups.items():
+            members.sort(key=lambda i: requests[i].row)
+            rows = torch.tensor([requests[i].row for i in members])
+            generated = torch.tensor([len(requests[i].tokens) for i in members])
             try:
-                token = int(request.sampler(logits[row:row + 1], torch.zeros(1, dtype=torch.long),
-                                            len(request.tokens))[0])
-            except RuntimeError as e:  # this request's sampling parameters: the others go on
-                request.finish_reason, request.error = "error", e
-                tokens.append(None)
+                picked = sampler(logits[members], rows.to(logits.device), generated.to(logits.device)).tolist()
+            except RuntimeError as e:  # these sampling parameters: the other groups go on
+                for i in members:
+                    requests[i].finish_reason, requests[i].error = "error", e
                 continue
-            if request.logprobs is not None:
+            for i, token in zip(members, picked, strict=True):
+                tokens[i] = token
+        self._record_logprobs(requests, logits, tokens)
+        return tokens
+
+    @staticmethod
+    def _record_logprobs(requests: list[Request], logits: torch.Tensor, tokens: list[int | None]) -> None:
+        """The sampled tokens' log-probabilities and top alternatives, for the requests that asked: one
+        log_softmax and top-k for the whole step."""
+        wanted = [r.logprobs for r, t in zip(requests, tokens, strict=True) if r.logprobs is not None and t is not None]
+        if not wanted:
+            return
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        top_values, top_ids = logp.topk(max(wanted), dim=-1)
+        for row, (request, token) in enumerate(zip(requests, tokens, strict=True)):
+            if request.logprobs is not None and token is not None:
                 k = request.logprobs
                 top = list(zip(top_ids[row, :k].tolist(), top_values[row, :k].tolist(), strict=True))
                 request.token_logprobs.append(TokenLogprob(float(logp[row, token]), top))
-            tokens.append(token)
-        return tokens
 
     @staticmethod
     def _finish(request: Request) -> None:

@@ -49,21 +49,23 @@ class Sampler:
         for row, ids in enumerate(prompt_ids):
             self.seen[row, ids.to(self.device)] = True
 
-    def process(self, logits: torch.Tensor, rows: torch.Tensor, step: int) -> torch.Tensor:
+    def process(self, logits: torch.Tensor, rows: torch.Tensor, generated: torch.Tensor | int) -> torch.Tensor:
         """The scores tokens are drawn from (softmax, when sampling) or picked from (argmax): logits [n, V] of
-        the sequences at `rows` of the batch after the repetition penalty, EOS suppression and the warpers."""
+        the sequences at `rows` of the batch, which have `generated` tokens so far (one count, or one per row),
+        after the repetition penalty, EOS suppression and the warpers."""
         scores = logits.float()
         if self.seen is not None:
             seen = self.seen[rows]
             penalty = self.params.repetition_penalty
             scores = torch.where(seen, torch.where(scores < 0, scores * penalty, scores / penalty), scores)
-        if step < self.params.min_new_tokens and self.eos.numel():
-            scores[:, self.eos] = -float("inf")
+        if self.params.min_new_tokens and self.eos.numel():
+            early = torch.as_tensor(generated).expand(scores.shape[0]) < self.params.min_new_tokens
+            scores[early.nonzero(), self.eos] = -float("inf")
         return self.warpers(None, scores) if self.params.do_sample else scores
 
-    def __call__(self, logits: torch.Tensor, rows: torch.Tensor, step: int) -> torch.Tensor:
+    def __call__(self, logits: torch.Tensor, rows: torch.Tensor, generated: torch.Tensor | int) -> torch.Tensor:
         """logits [n, V] for the sequences at `rows` of the batch -> next tokens [n]."""
-        scores = self.process(logits, rows, step)
+        scores = self.process(logits, rows, generated)
         if self.params.do_sample:
             tokens = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=self.generator).squeeze(1)
         else:

@@ -95,16 +95,24 @@ class Scheduler:
     def block_size(self) -> int:
         return self.allocator.block_size
 
-    def add(self, sequence: Sequence) -> None:
-        """Queue a sequence; ValueError for an empty prompt or one the whole cache could never hold."""
-        if not sequence.prompt:
-            raise ValueError("the prompt is empty")
-        prompt_len, new = len(sequence.prompt), sequence.max_new_tokens
-        needed = self.allocator.blocks_for(prompt_len + new)
-        if needed > self.allocator.num_blocks_total:
-            raise ValueError(f"prompt ({prompt_len} tokens) + max_new_tokens ({new}) needs {needed} KV "
-                             f"cache blocks; the cache holds {self.allocator.num_blocks_total}")
-        self.waiting.append(sequence)
+    def add(self, *sequences: Sequence) -> None:
+        """Queue sequences, all or none: ValueError for an empty prompt or one the whole cache could never
+        hold."""
+        for sequence in sequences:
+            if not sequence.prompt:
+                raise ValueError("the prompt is empty")
+            prompt_len, new = len(sequence.prompt), sequence.max_new_tokens
+            needed = self.allocator.blocks_for(prompt_len + new)
+            if needed > self.allocator.num_blocks_total:
+                raise ValueError(f"prompt ({prompt_len} tokens) + max_new_tokens ({new}) needs {needed} KV "
+                                 f"cache blocks; the cache holds {self.allocator.num_blocks_total}")
+        self.waiting.extend(sequences)
+
+    def blocks_wanted(self, *new: Sequence) -> int:
+        """The blocks that every live sequence, and `new` ones, could hold at their longest, with one block of
+        headroom each (what admitting them all at once asks): a cache this size never preempts them."""
+        live = [*self.running, *self.waiting, *new]
+        return sum(self.allocator.blocks_for(len(s.prompt) + s.max_new_tokens) + 1 for s in live)
 
     def cancel(self, sequence: Sequence) -> None:
         """Mark a sequence cancelled; the next schedule() frees it (a step in flight may still produce for it,

@@ -19,7 +19,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from energon_hf.engine.batcher import ContinuousBatcher
 from energon_hf.engine.dynamic_batcher import DynamicBatcher
 from energon_hf.kv_cache import BLOCK_SIZE, available_memory, bytes_per_token, tokens_for_memory
 from energon_hf.modeling import EnergonModel
@@ -75,10 +74,8 @@ def _served(model: EnergonModel, tokenizer, settings: ServeSettings, embed_runne
     task = _task_for(model)
     batcher = encoder = encoder_pipeline = None
     if model.can_generate():
-        batcher = ContinuousBatcher(model.runner, model.config.vocab_size,
-                                    num_blocks=max(1, kv_cache_tokens(model, settings) // BLOCK_SIZE),
-                                    max_batch_tokens=settings.max_batch_tokens, max_running=MAX_RUNNING,
-                                    device=model.device)
+        batcher = model.start_batcher(max(1, kv_cache_tokens(model, settings) // BLOCK_SIZE),
+                                      max_batch_tokens=settings.max_batch_tokens, max_running=MAX_RUNNING)
         batcher.on_step = metrics.step
         metrics.watch(lambda: batcher.waiting, lambda: batcher.running)
         metrics.watch_cache(batcher.allocator)
