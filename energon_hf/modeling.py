@@ -23,6 +23,7 @@ from energon_hf.loading import (
     empty_model,
     load_config,
     load_model,
+    on_passing_thread,
     resolve_dtype,
     resolve_model_path,
     resolve_parallel,
@@ -89,7 +90,7 @@ class EnergonModel:
             runner = MultiProcessRunner(partial(load_model, folder, torch_dtype, quantization=quantization), tp, pp,
                                         device.type, threads_per_rank=threads_per_rank, driver_address=driver_address)
         else:
-            model = load_model(folder, torch_dtype, device, quantization)
+            model = on_passing_thread(load_model, folder, torch_dtype, device, quantization)
         generation_config = None
         if (folder / "generation_config.json").is_file():
             generation_config = GenerationConfig.from_pretrained(folder)

@@ -58,3 +58,35 @@ def test_a_packed_load_peaks_near_the_checkpoints_size(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     size = (tmp_path / "model.safetensors").stat().st_size
     assert int(done.stdout.split()[-1]) / size < PEAK_OVER_SIZE
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in Linux's /proc")
+def test_loading_leaves_no_openmp_pool_on_the_callers_thread(tmp_path):
+    """The thread that calls from_pretrained gets its OpenMP workers only when it first runs the model itself:
+    a pool left by loading would be a second one beside a server batcher's, which makes libgomp stop
+    spinning its workers (a decode step 60 % slower; see energon_hf.loading.on_passing_thread)."""
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA_Q)).save_pretrained(tmp_path)
+    code = textwrap.dedent(f"""
+        import os, time, torch
+        torch.set_num_threads(2)
+        from energon_hf import EnergonModel
+
+        def settled_threads():  # the passing thread's workers exit after it
+            counts = [len(os.listdir('/proc/self/task'))]
+            for _ in range(40):
+                time.sleep(0.05)
+                counts.append(len(os.listdir('/proc/self/task')))
+                if len(counts) >= 3 and counts[-1] == counts[-2] == counts[-3]:
+                    break
+            return counts[-1]
+
+        model = EnergonModel.from_pretrained({str(tmp_path)!r}, quantization="int4")
+        loaded = settled_threads()
+        torch.randn(512, 512).exp()  # a parallel op on this thread: its own pool starts now
+        print(loaded, settled_threads())
+    """)
+    done = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    loaded, after_own_work = map(int, done.stdout.split()[-2:])
+    assert after_own_work == loaded + 1  # one worker joins this thread's first team: none was left by loading
