@@ -124,10 +124,8 @@ def test_seeded_sampling_equals_transformers_manual_seed_then_generate(lm, warpe
     assert torch.equal(ours.generate(ids, seed=11, **kwargs), expected)
 
 
-@pytest.mark.parametrize("warpers", WARPERS, ids=["temperature-top_p", "top_k", "penalty-top_p"])
-def test_processed_distributions_equal_transformers_processors_with_padded_prompts(warpers):
-    """The scores a sampler draws from equal transformers' logits processors on the same logits, row by row,
-    for prompts of several lengths (transformers sees each prompt unpadded: it would penalize pad ids)."""
+def _hf_processors(params):
+    """transformers' processors for our parameters, in generate's order."""
     from transformers.generation.logits_process import (
         LogitsProcessorList,
         RepetitionPenaltyLogitsProcessor,
@@ -136,29 +134,114 @@ def test_processed_distributions_equal_transformers_processors_with_padded_promp
         TopPLogitsWarper,
     )
 
+    processors = LogitsProcessorList()
+    if params.repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
+    if params.do_sample and params.temperature != 1.0:
+        processors.append(TemperatureLogitsWarper(params.temperature))
+    if params.do_sample and params.top_k:
+        processors.append(TopKLogitsWarper(params.top_k))
+    if params.do_sample and params.top_p < 1.0:
+        processors.append(TopPLogitsWarper(params.top_p))
+    return processors
+
+
+def _sampling_params(warpers: dict, do_sample: bool = True):
     from energon_hf.engine.params import GenerationParams
+
+    return GenerationParams(max_new_tokens=4, do_sample=do_sample, top_k=warpers.get("top_k", 0),
+                            **{k: v for k, v in warpers.items() if k != "top_k"})
+
+
+@pytest.mark.parametrize("warpers", WARPERS, ids=["temperature-top_p", "top_k", "penalty-top_p"])
+def test_processed_distributions_equal_transformers_processors_with_padded_prompts(warpers):
+    """The scores a sampler draws from equal transformers' logits processors on the same logits, row by row,
+    for prompts of several lengths (transformers sees each prompt unpadded: it would penalize pad ids)."""
     from energon_hf.engine.sampler import Sampler
 
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, VOCAB, (n,), generator=gen) for n in (2, 9, 5)]
     logits = torch.randn(3, VOCAB, generator=gen) * 3
-    params = GenerationParams(max_new_tokens=4, do_sample=True, top_k=warpers.get("top_k", 0),
-                              **{k: v for k, v in warpers.items() if k != "top_k"})
+    params = _sampling_params(warpers)
     sampler = Sampler(params, VOCAB, torch.device("cpu"))
     sampler.observe_prompts(prompts)
     got = sampler.process(logits, torch.arange(3), generated=0)
-    processors = LogitsProcessorList()
-    if params.repetition_penalty != 1.0:
-        processors.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
-    if params.temperature != 1.0:
-        processors.append(TemperatureLogitsWarper(params.temperature))
-    if params.top_k:
-        processors.append(TopKLogitsWarper(params.top_k))
-    if params.top_p < 1.0:
-        processors.append(TopPLogitsWarper(params.top_p))
     for row, prompt in enumerate(prompts):
-        expected = processors(prompt[None], logits[row:row + 1].clone())
+        expected = _hf_processors(params)(prompt[None], logits[row:row + 1].clone())
         assert torch.equal(torch.softmax(got[row], -1), torch.softmax(expected[0], -1))
+
+
+def test_one_step_of_rows_with_different_parameters_equals_transformers_row_by_row():
+    """A server step holds rows of many requests: processed in one batch, each row under its own parameters
+    (every WARPERS setting, and greedy with a penalty) equals transformers' processors with those parameters;
+    each generator's rows draw together, as transformers' batch would with that generator."""
+    from energon_hf.engine.sampler import Draw, Sampler, process, sample
+
+    gen = torch.Generator().manual_seed(5)
+    settings = [(w, True) for w in WARPERS] + [(dict(repetition_penalty=1.5), False)]
+    groups = []
+    for seed, (warpers, do_sample) in enumerate(settings):
+        prompts = [torch.randint(3, VOCAB, (n,), generator=gen) for n in (3, 7)]
+        sampler = Sampler(_sampling_params(warpers, do_sample), VOCAB, torch.device("cpu"),
+                          torch.Generator().manual_seed(seed))
+        sampler.observe_prompts(prompts)
+        groups.append((sampler, prompts))
+    draws = [Draw(sampler, row, 0) for row in (0, 1) for sampler, _ in groups]  # the groups' rows interleaved
+    logits = torch.randn(len(draws), VOCAB, generator=gen) * 3
+    got = process(logits, draws)
+    for i, draw in enumerate(draws):
+        prompt = dict(groups)[draw.sampler][draw.row]
+        expected = _hf_processors(draw.params)(prompt[None], logits[i:i + 1].clone())[0]
+        assert torch.equal(torch.softmax(got[i], -1), torch.softmax(expected, -1))
+
+    tokens = sample(logits, draws)
+    for seed, (sampler, prompts) in enumerate(groups):
+        rows = [i for i, d in enumerate(draws) if d.sampler is sampler]
+        scores = torch.cat([_hf_processors(sampler.params)(prompts[draws[i].row][None], logits[i:i + 1].clone())
+                            for i in rows])
+        if sampler.params.do_sample:
+            expected = torch.multinomial(torch.softmax(scores, -1), 1,
+                                         generator=torch.Generator().manual_seed(seed)).squeeze(1)
+        else:
+            expected = scores.argmax(-1)
+        assert torch.equal(tokens[rows], expected)
+        assert all(sampler.seen[draws[i].row, tokens[i]] for i in rows if sampler.seen is not None)
+
+
+def test_unseeded_cheap_draws_follow_the_processed_distribution():
+    """A server request without a seed draws by inverse CDF (hf_draws=False): over 20,000 draws the token
+    frequencies match the processed probabilities (transformers' top-k and temperature), and a token top-k
+    removed is never drawn."""
+    from energon_hf.engine.sampler import Draw, Sampler, process, sample
+
+    sampler = Sampler(_sampling_params(dict(top_k=3, temperature=0.8)), 8, torch.device("cpu"), hf_draws=False)
+    logits = torch.tensor([[1.0, 2.5, 0.2, 2.0, -1.0, 2.2, 0.0, 1.9]]).expand(20_000, 8)
+    draws = [Draw(sampler, 0, 0)] * logits.shape[0]
+    probs = torch.softmax(process(logits[:1], draws[:1])[0], -1)
+    torch.manual_seed(0)
+    counts = torch.bincount(sample(logits, draws), minlength=8) / logits.shape[0]
+    assert set(counts.nonzero().flatten().tolist()) == {1, 3, 5}  # the top 3
+    assert (counts - probs).abs().max() < 0.015
+
+
+def test_top_p_among_candidates_keeps_the_tokens_transformers_keeps():
+    """Unseeded server rows find the nucleus among their 256 most likely tokens when those hold top_p of the
+    mass, and sort the vocabulary when they do not (a flat row): both keep transformers' tokens."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    from energon_hf.engine import sampler as sampling
+
+    gen = torch.Generator().manual_seed(7)
+    logits = torch.randn(4, 2000, generator=gen)
+    logits[:3, torch.randint(0, 2000, (40,), generator=gen)] += 6  # a peaked row's nucleus: among 40 tokens
+    cheap = sampling.Sampler(_sampling_params(dict(top_p=0.85)), 2000, torch.device("cpu"), hf_draws=False)
+    draws = [sampling.Draw(cheap, 0, 0)] * 4
+    covered = sampling._top_p_among_candidates(logits.clone(), list(range(4)), [0.85] * 4)
+    assert covered == [0, 1, 2]  # the flat row needs the sort
+    got = sampling.process(logits, draws)
+    expected = TopPLogitsWarper(0.85)(None, logits.clone())
+    assert torch.equal(got.isfinite(), expected.isfinite())
+    assert torch.equal(torch.softmax(got, -1), torch.softmax(expected, -1))
 
 
 def test_pytorch_bin_checkpoint_and_unprefixed_names(tiny, tmp_path):

@@ -1,11 +1,12 @@
 """Continuous batching: requests join and leave the running batch at every step (iteration-level scheduling,
 as in Orca and vLLM).
 
-One background thread runs the loop: the Scheduler (engine/scheduler.py) picks each step's work, one model
-call runs it on the runner (LocalRunner or the multi-process engine) and its KV cache, each sampler turns its
-requests' logits rows into tokens in one draw, and the Scheduler takes the tokens back and retires what
-finished. Requests hear of their tokens through their event queues. The thread sleeps on a condition when
-there is nothing to do.
+Each step: the Scheduler (engine/scheduler.py) picks its work, one model call runs it on the runner
+(LocalRunner or the multi-process engine) and its KV cache, one batched pass turns the step's logits rows into
+tokens (engine/sampler.py: each row under its own request's parameters), and the Scheduler takes the tokens
+back and retires what finished. Requests hear of their tokens through their event queues. A server's batcher
+runs the steps on a thread of its own, which sleeps while there is nothing to do; generate's are run by the
+callers waiting on them.
 
 Every generation runs here: the server's requests, and `EnergonModel.generate` (so the pipelines too), whose
 prompts are one group of requests sharing a sampler. Concurrent calls batch together.
@@ -25,7 +26,7 @@ from energon_hf.batch import PackedBatch, cached_batch, prefill_batch
 from energon_hf.kv_cache import BLOCK_SIZE
 
 from .params import GenerationParams
-from .sampler import Sampler
+from .sampler import Draw, Sampler, sample
 from .scheduler import Scheduler, Sequence, Step
 
 DONE = object()  # the last event of a request
@@ -136,14 +137,15 @@ class ContinuousBatcher:
 
     # -- requests ----------------------------------------------------------------------------------
     def submit(self, prompt: list[int], params: GenerationParams, generator: torch.Generator | None = None,
-               logprobs: int | None = None, events: queue.Queue | None = None) -> Request:
+               logprobs: int | None = None, events: queue.Queue | None = None, hf_draws: bool = True) -> Request:
         """Queue a request. `logprobs=k` records each token's log-probability and the k most likely
-        alternatives; `events` is a queue shared with other requests (default: its own)."""
-        return self.submit_group([prompt], params, generator, logprobs, events)[0]
+        alternatives; `events` is a queue shared with other requests (default: its own); `hf_draws=False` lets
+        an unseeded request draw the cheap way (see Sampler)."""
+        return self.submit_group([prompt], params, generator, logprobs, events, hf_draws)[0]
 
     def submit_group(self, prompts: list[list[int]], params: GenerationParams,
                      generator: torch.Generator | None = None, logprobs: int | None = None,
-                     events: queue.Queue | None = None) -> list[Request]:
+                     events: queue.Queue | None = None, hf_draws: bool = True) -> list[Request]:
         """Queue prompts that sample together, as the rows of one HF generate call: each step, one sampler
         draws the tokens of the group's rows in that step in one call, in row order. A seeded group whose
         rows stay in step (prompts admitted in one step, no preemption) thus equals transformers'
@@ -160,7 +162,7 @@ class ContinuousBatcher:
             if self.grow:
                 self.scheduler.allocator.grow(self.scheduler.blocks_wanted(*requests))
             self.scheduler.add(*requests)  # refuses an empty prompt or one the cache could never hold
-            sampler = Sampler(params, self.vocab_size, self.device, generator)  # before the loop sees them
+            sampler = Sampler(params, self.vocab_size, self.device, generator, hf_draws)  # before the loop sees them
             sampler.observe_prompts([torch.tensor(p, dtype=torch.long) for p in prompts])
             for request in requests:
                 request.sampler = sampler
@@ -284,26 +286,40 @@ class ContinuousBatcher:
 
     def _sample(self, requests: list[Request], logits: torch.Tensor) -> list[int | None]:
         """Each request's next token (None for one that finished while the step ran, or whose sampling
-        failed: that request's group alone ends with the error). Each sampler draws for its rows at once."""
-        tokens: list[int | None] = [None] * len(requests)
-        groups: dict[Sampler, list[int]] = {}
-        for i, request in enumerate(requests):
-            if not request.finished:  # else cancelled while the step ran
-                groups.setdefault(request.sampler, []).append(i)
-        for sampler, members in groups.items():
-            members.sort(key=lambda i: requests[i].row)
-            rows = torch.tensor([requests[i].row for i in members])
-            generated = torch.tensor([len(requests[i].tokens) for i in members])
+        failed): one batched pass for the whole step; if that fails, group by group, so a group's bad
+        parameters end that group alone, with the error."""
+        live = sorted((i for i, r in enumerate(requests) if not r.finished), key=lambda i: requests[i].row)
+        tokens: list[int | None] = [None] * len(requests)  # None: cancelled while the step ran
+        try:
+            groups = [live] if live else []
+            picked = self._draw(requests, logits, live)
+        except RuntimeError:
+            groups = list(self._by_sampler(requests, live).values())
+            picked = None
+        for members in groups:
             try:
-                picked = sampler(logits[members], rows.to(logits.device), generated.to(logits.device)).tolist()
+                chosen = picked if picked is not None else self._draw(requests, logits, members)
             except RuntimeError as e:  # these sampling parameters: the other groups go on
                 for i in members:
                     requests[i].finish_reason, requests[i].error = "error", e
                 continue
-            for i, token in zip(members, picked, strict=True):
+            for i, token in zip(members, chosen, strict=True):
                 tokens[i] = token
         self._record_logprobs(requests, logits, tokens)
         return tokens
+
+    @staticmethod
+    def _draw(requests: list[Request], logits: torch.Tensor, members: list[int]) -> list[int]:
+        """The tokens of the requests at `members` (rows of the same sampler in row order)."""
+        draws = [Draw(requests[i].sampler, requests[i].row, len(requests[i].tokens)) for i in members]
+        return sample(logits[members], draws).tolist()
+
+    @staticmethod
+    def _by_sampler(requests: list[Request], members: list[int]) -> dict[Sampler, list[int]]:
+        groups: dict[Sampler, list[int]] = {}
+        for i in members:
+            groups.setdefault(requests[i].sampler, []).append(i)
+        return groups
 
     @staticmethod
     def _record_logprobs(requests: list[Request], logits: torch.Tensor, tokens: list[int | None]) -> None:

@@ -118,7 +118,8 @@ def submit_choices(served: Served, body: _Request, prompt: list[int], params: Ge
             generator = None
             if params.seed is not None:
                 generator = torch.Generator(served.model.device).manual_seed((params.seed + i) % (1 << 64))
-            request = served.batcher.submit(prompt, params, generator, logprobs=logprobs, events=events)
+            request = served.batcher.submit(prompt, params, generator, logprobs=logprobs, events=events,
+                                            hf_draws=False)  # a seed still draws as transformers does
             formatter = LogprobFormatter(served.tokenizer, chat) if logprobs is not None else None
             choices.append(Choice(i, request, TextStopper(served.tokenizer, body.stops()), formatter))
     except ValueError as e:
