@@ -105,3 +105,12 @@ def test_suite_quick(tmp_path):
     assert f"| int8 | {quality['variants']['int8']['perplexity']:.3f} |" in text
     assert (tmp_path / "bench" / "published" / "cpu-quick" / "runtime.png").is_file()
     assert json.loads((tmp_path / "bench" / "published" / "cpu-quick" / "suite.json").read_text()) == suite
+
+
+def test_serve_stall(tmp_path):
+    """Two budgets on a tiny model: the stream and the long prompt both complete, and their figures are read."""
+    result = _run("serve_stall.py", tmp_path / "stall.json")
+    assert [run["budget"] for run in result["runs"]] == [16, 256]
+    for run in result["runs"]:
+        assert 1 < run["stream_chunks"] <= result["stream_tokens"]
+        assert 0 < run["median_gap_s"] <= run["longest_gap_s"] and run["long_prompt_latency_s"] > 0

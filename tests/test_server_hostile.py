@@ -419,6 +419,7 @@ def test_schemathesis_with_all_checks_finds_nothing_on_a_generation_server(chat_
         # the cache took its share of the memory left: 0.01 % of it, at 2 x 2 layers x 2 heads x 16 x 4 bytes
         line = next(line for line in process.output if line.startswith("serving "))
         tokens = int(re.search(r"KV cache of (\d+) tokens", line).group(1))
+        assert "steps of at most 512 tokens" in line  # the generation default of --max-batch-tokens
         expected = 0.0001 * available_memory(torch.device("cpu")) / 512
         assert abs(tokens - expected) <= 0.2 * expected + 16, line
         schema = httpx.get(url + "/openapi.json").json()  # public, as the docs

@@ -23,6 +23,7 @@ from energon_hf.kv_cache import BLOCK_SIZE, available_memory, bytes_per_token
 from energon_hf.serve import ServeSettings, create_app
 from energon_hf.serve.app import MAX_RUNNING, kv_cache_tokens
 from energon_hf.serve.embeddings import mean_pooling_runner
+from energon_hf.serve.state import ENCODER_BATCH_TOKENS, GENERATION_STEP_TOKENS
 
 
 class ThreadedServer:
@@ -98,6 +99,25 @@ def test_the_kv_cache_is_sized_from_the_memory_left(chat_llama):
     assert kv_cache_tokens(model, ServeSettings("tiny", kv_cache_tokens=512)) == 512  # given: as given
     with pytest.raises(ValueError, match="memory fraction must be in"):
         kv_cache_tokens(model, ServeSettings("tiny", kv_cache_memory_fraction=1.5))
+
+
+def test_the_step_budget_defaults_to_what_is_served(chat_llama, minilm_path):
+    """Without max_batch_tokens, a generation step holds GENERATION_STEP_TOKENS (a 700-token prompt runs as a
+    512-token chunk, then the rest) and an encoder batch ENCODER_BATCH_TOKENS."""
+    model = EnergonModel.from_pretrained(chat_llama)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(chat_llama)
+    with ThreadedServer(model, tokenizer, ServeSettings("tiny", kv_cache_tokens=2048)) as server:
+        steps, count = [], server.served.batcher.on_step
+        server.served.batcher.on_step = lambda kind, sequences: (steps.append(kind), count(kind, sequences))
+        response = httpx.post(server.url + "/v1/completions", json=completion(list(range(100, 800)), 2), timeout=60)
+        assert response.status_code == 200, response.text
+    assert GENERATION_STEP_TOKENS == 512 and steps == ["mixed", "mixed", "decode"]
+    encoder = create_app(EnergonModel.from_pretrained(minilm_path), transformers.AutoTokenizer.from_pretrained(
+        minilm_path), ServeSettings("minilm")).state.served
+    try:
+        assert encoder.encoder.max_batch_tokens == ENCODER_BATCH_TOKENS == 4096
+    finally:
+        encoder.close()
 
 
 def test_a_full_cache_preempts_and_the_metrics_count_it(chat_llama):

@@ -57,9 +57,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None,
                         help="port to listen on (default 8020; 0: a free one, printed as 'listening on URL')")
-    parser.add_argument("--max-batch-tokens", type=int, default=4096,
-                        help="most tokens of one generation step (decodes plus prompt chunks), and most real "
-                             "tokens of one encoder batch (default 4096)")
+    parser.add_argument("--max-batch-tokens", type=int, default=None,
+                        help="most tokens of one generation step (decodes plus prompt chunks; default 512: a long "
+                             "prompt stalls running streams for at most one such step), or most real tokens of "
+                             "one encoder batch (default 4096)")
     parser.add_argument("--max-queue", type=int, default=256,
                         help="requests allowed to wait for admission before new ones get 429 (default 256)")
     parser.add_argument("--kv-cache-tokens", type=int, default=None,
@@ -220,7 +221,8 @@ def _build(setup: dict, args: argparse.Namespace, settings):
     served = app.state.served
     if served.batcher is not None:
         allocator = served.batcher.allocator
-        description += f", KV cache of {allocator.num_blocks_total * allocator.block_size} tokens"
+        description += (f", KV cache of {allocator.num_blocks_total * allocator.block_size} tokens, steps of at most "
+                        f"{served.batcher.scheduler.max_batch_tokens} tokens")
     return app, name, description, served.close, served.stop_batchers
 
 

@@ -20,12 +20,21 @@ from .metrics import Metrics
 T = TypeVar("T")
 
 
+# A generation step's default budget. A 2,000-token prompt arriving beside a running stream (SmolLM2 float32,
+# bench/serve_stall.py, two runs) stalls the stream for at most 0.64 s at 256, 1.09 s at 512, 2.40 s at 1024 and
+# 3.6-4.2 s at 4096, and is answered in 3.6-4.3 s at each; a burst of 64 requests runs equally fast at all four
+# (bench/serve_vs_hf.py). Below 512 the running decodes would leave little of a step to admit new prompts.
+GENERATION_STEP_TOKENS = 512
+ENCODER_BATCH_TOKENS = 4096  # an encoder batch is all prompt: larger batches, fewer calls
+
+
 @dataclass
 class ServeSettings:
     served_name: str
     api_key: str | None = None
     max_queue: int = 256          # requests waiting for admission before new ones get 429
-    max_batch_tokens: int = 4096  # tokens of one generation step (decodes, prompt chunks); of one encoder batch
+    max_batch_tokens: int | None = None  # tokens of one generation step (decodes, prompt chunks), or of one
+    # encoder batch; None: GENERATION_STEP_TOKENS or ENCODER_BATCH_TOKENS
     kv_cache_tokens: int | None = None  # None: sized from the memory left after loading
     kv_cache_memory_fraction: float = 0.1  # the share of that memory the KV cache takes
     embed_policy: str = "packed"  # encoder batches: "packed" (FIFO under the token budget) or "priority"
