@@ -86,6 +86,8 @@ class BlockAllocator:
 
     def release(self, seq_id: int) -> None:
         self._free.extend(self.tables.pop(seq_id, []))
+        if not self.tables:  # all free: hand blocks out in order again, so a lone sequence's are consecutive
+            self._free = deque(range(self.num_blocks_total))
 
     def block_table_tensor(self, seq_ids: list[int], device: torch.device | str) -> torch.Tensor:
         width = max(len(self.tables[s]) for s in seq_ids)

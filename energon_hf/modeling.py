@@ -31,6 +31,8 @@ from energon_hf.loading import (
 from energon_hf.models import Architecture, architecture_for
 from energon_hf.nn.formats import Quantization
 
+UNLIMITED = 1 << 62  # a step budget or running limit that never binds
+
 # Arguments of an HF forward that ask for something this inference engine does not compute.
 _UNSUPPORTED_FORWARD = ("labels", "output_attentions", "output_hidden_states", "inputs_embeds",
                         "past_key_values", "cache", "encoder_hidden_states", "interpolate_pos_encoding",
@@ -252,8 +254,11 @@ class EnergonModel:
         run by the threads that wait on them (`start_batcher` makes a server's: a fixed cache, its own thread)."""
         with self._batcher_lock:
             if self._batcher is None or not self._batcher.alive:
-                self._batcher = ContinuousBatcher(self.runner, self.config.vocab_size, device=self.device,
-                                                  grow=True, background=False)
+                # No step budget or running limit: a call's prompts are admitted, and prefilled whole, in one
+                # step, as the loop this replaced did, so its rows sample together (seeded parity) from the start.
+                self._batcher = ContinuousBatcher(self.runner, self.config.vocab_size, max_batch_tokens=UNLIMITED,
+                                                  max_running=UNLIMITED, device=self.device, grow=True,
+                                                  background=False)
             return self._batcher
 
     def start_batcher(self, num_blocks: int, *, block_size: int = BLOCK_SIZE, max_batch_tokens: int = 4096,

@@ -103,8 +103,8 @@ def paged_attention(
 
 
 def _first_of_consecutive(blocks: torch.Tensor) -> int | None:
-    """The first block when `blocks` are consecutive (one sequence, as a lone generate allocates them): its
-    cache is then a view, not a gathered copy."""
+    """The first block when `blocks` are consecutive (one sequence, as a lone generate gets them: the allocator
+    hands blocks out in order whenever all are free): its cache is then a view, not a gathered copy."""
     first = int(blocks[0])
     ids = torch.arange(first, first + len(blocks), dtype=blocks.dtype, device=blocks.device)
     return first if torch.equal(blocks, ids) else None

@@ -66,7 +66,7 @@ def test_gpt2_padded_vocabulary_concurrency_and_bad_input(tiny):
         expected = assert_greedy_matches(ours, hf, ids, mask, max_new_tokens=12)
         with pytest.raises(ValueError, match="outside"):  # checked in the driver: the workers never see it
             ours(input_ids=[[5, 127]])
-        # Callers on several threads share the engine safely (generate owns the KV cache until it returns).
+        # Callers on several threads share the engine safely (their generate calls batch together).
         results = [None] * 3
         threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, ours.generate(
             ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)))

@@ -124,6 +124,34 @@ def test_seeded_sampling_equals_transformers_manual_seed_then_generate(lm, warpe
     assert torch.equal(ours.generate(ids, seed=11, **kwargs), expected)
 
 
+def test_seeded_sampling_of_a_batch_beyond_a_step_budget_equals_transformers(lm):
+    """40 prompts of 110 tokens (4,400 tokens, more than a server step holds): generate admits and prefills a
+    call's prompts together, so its rows draw together from the first token, as transformers' batch does."""
+    ours, hf = lm
+    ids = torch.randint(3, VOCAB, (40, 110), generator=torch.Generator().manual_seed(2))
+    kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=True, max_new_tokens=8, eos_token_id=None,
+                  pad_token_id=0, top_k=20)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        expected = hf.generate(ids, **kwargs)
+    assert torch.equal(ours.generate(ids, seed=5, **kwargs), expected)
+
+
+def test_a_bad_row_fails_the_batched_draw_before_any_generator_moves():
+    """One generator's rows with NaN logits fail the step's batched draw before any other generator has drawn
+    (the batcher then retries group by group), so a seeded request's stream never depends on another's error."""
+    from energon_hf.engine.sampler import Draw, Sampler, sample
+
+    good, bad = (Sampler(_sampling_params({}), VOCAB, torch.device("cpu"), torch.Generator().manual_seed(s))
+                 for s in (1, 2))
+    logits = torch.randn(2, VOCAB)
+    logits[1] = float("nan")
+    state = good.generator.get_state()
+    with pytest.raises(RuntimeError, match="nan"):
+        sample(logits, [Draw(good, 0, 0), Draw(bad, 0, 0)])
+    assert torch.equal(good.generator.get_state(), state)
+
+
 def _hf_processors(params):
     """transformers' processors for our parameters, in generate's order."""
     from transformers.generation.logits_process import (

@@ -173,3 +173,25 @@ def test_concurrent_generate_calls_batch_together_and_keep_their_seeded_results(
     assert all(torch.equal(got, want) for got, want in zip(results, alone, strict=True))
     assert max(widest) > 3  # rows of different calls ran in one step
     assert batcher.preemptions == 0 and batcher.allocator.num_free == batcher.allocator.num_blocks_total
+
+
+def test_a_generate_cut_short_by_closing_the_batcher_raises(llama):
+    """Closing the model's batcher (a server replacing it, or model.close) while a generate runs makes that
+    generate raise instead of returning short rows; the next generate gets a new batcher."""
+    errors, started = [], threading.Event()
+    batcher = llama.batcher
+    batcher.on_step = lambda kind, sequences: started.set()
+
+    def long_generate():
+        try:
+            llama.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=200, do_sample=False, eos_token_id=None)
+        except RuntimeError as e:
+            errors.append(e)
+    thread = threading.Thread(target=long_generate)
+    thread.start()
+    assert started.wait(30)
+    batcher.close()
+    thread.join(30)
+    assert len(errors) == 1 and "before the requests finished" in str(errors[0])
+    assert batcher.allocator.num_free == batcher.allocator.num_blocks_total
+    assert llama.batcher is not batcher and _alone(llama, [5, 6, 7], 3) == _alone(llama, [5, 6, 7], 3)

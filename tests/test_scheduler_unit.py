@@ -4,6 +4,7 @@ the free blocks, retirement on EOS and length, preemption with recompute, cancel
 import pytest
 
 from energon_hf.engine.scheduler import Scheduler, Sequence
+from energon_hf.kv_cache import BlockAllocator
 
 EOS = 2
 
@@ -154,3 +155,15 @@ def test_a_group_is_queued_whole_or_not_at_all_and_blocks_wanted_fit_it_without_
         steps += 1
     assert scheduler.preemptions == 0 and steps == 6  # all admitted at once, in step to the end
     assert scheduler.allocator.num_free == wanted
+
+
+def test_blocks_are_handed_out_in_order_again_once_all_are_free():
+    """A lone sequence after others left gets consecutive blocks (its attention reads the cache as a view)."""
+    allocator = BlockAllocator(16, 4)
+    allocator.reserve(0, 12)
+    allocator.reserve(1, 8)
+    allocator.release(0)
+    assert allocator.reserve(2, 8) == [5, 6]  # while blocks are in use, freed ones go last
+    allocator.release(1)
+    allocator.release(2)
+    assert allocator.reserve(3, 20) == [0, 1, 2, 3, 4]

@@ -95,7 +95,7 @@ class ContinuousBatcher:
     offline engine). This keeps a lone generate on its caller's thread: each thread that runs torch's
     parallel ops keeps its own OpenMP pool, and with a second pool alive on this 2-core machine libgomp stops
     spinning its workers, so every parallel op waits for a wake-up (SmolLM2 int4 decode step: 22 ms on the
-    thread that loaded the model, 37 ms on another thread).
+    thread whose pool is the only one, 37 ms on a second thread).
     """
 
     def __init__(self, runner, vocab_size: int, num_blocks: int = 0, block_size: int = BLOCK_SIZE,
@@ -156,34 +156,42 @@ class ContinuousBatcher:
         for request in requests:
             if events is not None:
                 request.events = events
+        sampler = Sampler(params, self.vocab_size, self.device, generator, hf_draws)
+        sampler.observe_prompts([torch.tensor(p, dtype=torch.long) for p in prompts])
+        for request in requests:
+            request.sampler = sampler
         with self._wake:
             if self._stopped:
                 raise RuntimeError("the batcher is stopped")
             if self.grow:
                 self.scheduler.allocator.grow(self.scheduler.blocks_wanted(*requests))
             self.scheduler.add(*requests)  # refuses an empty prompt or one the cache could never hold
-            sampler = Sampler(params, self.vocab_size, self.device, generator, hf_draws)  # before the loop sees them
-            sampler.observe_prompts([torch.tensor(p, dtype=torch.long) for p in prompts])
-            for request in requests:
-                request.sampler = sampler
             self._wake.notify()
         return requests
 
     def wait(self, requests: list[Request]) -> list[list[int]]:
         """The tokens of each request, once all finished (running the steps, without a background thread);
-        the first error raised. Interrupted (or the loop gone), it cancels the requests, so nothing keeps
-        running for a caller that left."""
+        the first error raised, and an error for a request the batcher's closing cut short. Interrupted (or the
+        loop gone), it cancels the requests and frees their blocks, so nothing keeps running for a caller that
+        left."""
         try:
             for request in requests:
                 while not request.done:
                     ran = self.step() if self._thread is None else request._done.wait(1.0) or self.alive
                     if not (ran or request.done):
                         raise RuntimeError("the batcher stopped before the requests finished")
+                if request.finish_reason == "cancelled" and request.error is None:
+                    raise RuntimeError("the batcher was closed before the requests finished")
             return [request.result() for request in requests]
         finally:
-            for request in requests:
-                if not request.done:
-                    self.cancel(request)
+            left = [request for request in requests if not request.done]
+            for request in left:
+                self.cancel(request)
+            if left and self._thread is None:  # no loop of ours will come by to free them
+                with self._stepping, self._wake:
+                    dropped = self.scheduler.drop_cancelled()
+                for request in dropped:
+                    self._finish(request)
 
     def cancel(self, request: Request) -> None:
         """Stop a request (a client that went away): it leaves the batch at the next step."""
@@ -192,12 +200,17 @@ class ContinuousBatcher:
             self._wake.notify()
 
     def close(self) -> None:
-        """Stop: the requests left end cancelled (after the step in flight, if any)."""
+        """Stop: the requests left end cancelled, after the step in flight, if any (a background loop ends
+        them as it exits; its thread is waited for 30 s)."""
         with self._wake:
             self._stopped = True
             self._wake.notify()
         if self._thread is not None:
             self._thread.join(30)
+        else:
+            self._cancel_left()
+
+    def _cancel_left(self) -> None:
         with self._stepping, self._wake:
             left = self.scheduler.abort("cancelled")
         for request in left:
@@ -231,8 +244,9 @@ class ContinuousBatcher:
                 while not self._stopped and self.scheduler.idle:
                     self._wake.wait()
                 if self._stopped:
-                    return
+                    break
             self.step()
+        self._cancel_left()
 
     def _fit_cache(self) -> None:
         """Grow the runner's cache to the blocks the scheduler hands out (before a step may use them)."""
@@ -310,9 +324,10 @@ class ContinuousBatcher:
 
     @staticmethod
     def _draw(requests: list[Request], logits: torch.Tensor, members: list[int]) -> list[int]:
-        """The tokens of the requests at `members` (rows of the same sampler in row order)."""
+        """The tokens of the requests at `members` (each sampler's rows in row order)."""
         draws = [Draw(requests[i].sampler, requests[i].row, len(requests[i].tokens)) for i in members]
-        return sample(logits[members], draws).tolist()
+        every_row = members == list(range(logits.shape[0]))
+        return sample(logits if every_row else logits[members], draws).tolist()
 
     @staticmethod
     def _by_sampler(requests: list[Request], members: list[int]) -> dict[Sampler, list[int]]:

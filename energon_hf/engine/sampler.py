@@ -5,7 +5,8 @@ rows has seen (for the repetition penalty). A step's rows may come from many sam
 concurrent generate calls); `sample` processes them all with one pass of tensor ops, each row under its own
 parameters, and draws once per generator. The processing is HF's, op for op: repetition penalty, EOS held back
 before min_new_tokens, then when sampling temperature, top-k and top-p as TemperatureLogitsWarper,
-TopKLogitsWarper and TopPLogitsWarper compute them, then softmax and a multinomial draw (or argmax).
+TopKLogitsWarper and TopPLogitsWarper compute them, then softmax and a multinomial draw (an inverse-CDF draw for
+rows that need not reproduce transformers' random stream), or argmax.
 """
 
 from __future__ import annotations
@@ -119,10 +120,15 @@ def sample(logits: torch.Tensor, draws: list[Draw]) -> torch.Tensor:
             tokens = draw(scores)
         elif rows:
             tokens[rows] = draw(scores[rows])
+    # Every generator's probabilities checked before any draws: a bad row fails the pass before a generator
+    # moves, so the caller can retry the other groups with their generators untouched.
+    probs = {id(rows): torch.softmax(scores[rows], dim=-1) for rows in by_generator.values()}
+    for p in probs.values():
+        if not (torch.isfinite(p).all() and (p >= 0).all() and (p.sum(-1) > 0).all()):
+            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
     for rows in by_generator.values():
-        probs = torch.softmax(scores[rows], dim=-1)
         generator = draws[rows[0]].sampler.generator
-        tokens[rows] = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        tokens[rows] = torch.multinomial(probs[id(rows)], 1, generator=generator).squeeze(1)
     for i, draw in enumerate(draws):
         if draw.sampler.seen is not None:
             draw.sampler.seen[draw.row, tokens[i]] = True
@@ -137,8 +143,10 @@ def _inverse_cdf(scores: torch.Tensor) -> torch.Tensor:
     """One token per row of scores [m, V]: the first whose cumulative probability exceeds a uniform draw from
     torch's global generator (scaled to the row's total), so a token of probability 0 is never picked."""
     cdf = torch.softmax(scores, dim=-1).cumsum(dim=-1)
-    threshold = torch.rand(scores.shape[0], 1, device=scores.device) * cdf[:, -1:]
-    return torch.searchsorted(cdf, threshold, right=True).clamp(max=scores.shape[1] - 1).squeeze(1)
+    total = cdf[:, -1:]
+    threshold = torch.minimum(torch.rand(scores.shape[0], 1, device=scores.device) * total,
+                              torch.nextafter(total, torch.zeros_like(total)))  # strictly below the total
+    return torch.searchsorted(cdf, threshold, right=True).squeeze(1)
 
 
 def _penalize_repetition(scores: torch.Tensor, draws: list[Draw], rows: list[int]) -> None:

@@ -126,7 +126,7 @@ class Scheduler:
 
     def schedule(self) -> Step | None:
         """The next step, or None when there is nothing to run (every sequence left is retired)."""
-        step = Step(retired=self._drop_cancelled())
+        step = Step(retired=self.drop_cancelled())
         self._make_room()
         budget = self.max_batch_tokens
         decoding = [s for s in self.running if s.uncached == 1]
@@ -185,7 +185,8 @@ class Scheduler:
         if sequence.finish_reason in (None, "cancelled"):
             sequence.finish_reason = reason
 
-    def _drop_cancelled(self) -> list[Sequence]:
+    def drop_cancelled(self) -> list[Sequence]:
+        """Free the cancelled sequences' blocks and forget them (schedule() does it first); returns them."""
         dropped = [s for s in [*self.running, *self.waiting] if s.finish_reason == "cancelled"]
         for sequence in dropped:
             self.allocator.release(sequence.seq_id)

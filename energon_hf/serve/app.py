@@ -75,7 +75,8 @@ def _served(model: EnergonModel, tokenizer, settings: ServeSettings, embed_runne
     batcher = encoder = encoder_pipeline = None
     if model.can_generate():
         batcher = model.start_batcher(max(1, kv_cache_tokens(model, settings) // BLOCK_SIZE),
-                                      max_batch_tokens=settings.max_batch_tokens or GENERATION_STEP_TOKENS,
+                                      max_batch_tokens=GENERATION_STEP_TOKENS if settings.max_batch_tokens is None
+                                      else settings.max_batch_tokens,
                                       max_running=MAX_RUNNING)
         batcher.on_step = metrics.step
         metrics.watch(lambda: batcher.waiting, lambda: batcher.running)
@@ -85,7 +86,8 @@ def _served(model: EnergonModel, tokenizer, settings: ServeSettings, embed_runne
         encoder_pipeline = pipeline(task, model=model, tokenizer=tokenizer)
         if task == "feature-extraction" and model.architecture.name.endswith("Model"):  # a base encoder
             run_batch = embed_runner or embeddings.mean_pooling_runner(model, tokenizer)
-            encoder = DynamicBatcher(run_batch, settings.max_batch_tokens or ENCODER_BATCH_TOKENS,
+            batch_tokens = ENCODER_BATCH_TOKENS if settings.max_batch_tokens is None else settings.max_batch_tokens
+            encoder = DynamicBatcher(run_batch, batch_tokens,
                                      settings.embed_policy, settings.max_wait_ms / 1000)
             encoder.on_batch = lambda sequences: metrics.step("encode", sequences)
             metrics.watch(lambda: encoder.waiting, lambda: encoder.running)
