@@ -158,7 +158,7 @@ def test_linear_matches_f_linear(rows, bias):
 def test_decodes_grouped_by_context_length_equal_the_formula(group_cost, monkeypatch):
     """Decodes of very different context lengths attend in groups of similar length, each gathering only up to
     its own longest context; every sequence still gets its own attention."""
-    from kernels import attention
+    from energon_hf.kernels import attention
 
     monkeypatch.setattr(attention, "DECODE_GROUP_COST", group_cost)
     heads, kv_heads, dim, block_size = 6, 2, 8, 4
