@@ -13,7 +13,9 @@ from test_parity_llama import LLAMA_TINY
 
 from energon_hf import EnergonModel
 from energon_hf.batch import cached_batch
+from energon_hf.engine.batcher import ContinuousBatcher
 from energon_hf.engine.params import GenerationParams
+from energon_hf.engine.sampler import Draw, Sampler, sample
 from energon_hf.kv_cache import BlockAllocator
 
 
@@ -195,3 +197,18 @@ def test_a_generate_cut_short_by_closing_the_batcher_raises(llama):
     assert len(errors) == 1 and "before the requests finished" in str(errors[0])
     assert batcher.allocator.num_free == batcher.allocator.num_blocks_total
     assert llama.batcher is not batcher and _alone(llama, [5, 6, 7], 3) == _alone(llama, [5, 6, 7], 3)
+
+
+def test_a_request_whose_sampling_fails_ends_alone(llama):
+    """A step's batched draw fails on one request's row (NaN logits): the batcher draws group by group, that
+    request ends with the error and the other gets the token its own seeded generator draws. (A batcher that
+    runs no steps: nothing but this call draws.)"""
+    batcher = ContinuousBatcher(llama.runner, 128, num_blocks=64, block_size=4, background=False)
+    params = GenerationParams(max_new_tokens=4, eos_token_ids=[], do_sample=True, top_k=0)
+    good, bad = (batcher.submit_group([[5, 6, 7]], params, torch.Generator().manual_seed(s))[0] for s in (1, 2))
+    logits = torch.randn(2, 128, generator=torch.Generator().manual_seed(0))
+    logits[1] = float("nan")
+    alone = Sampler(params, 128, torch.device("cpu"), torch.Generator().manual_seed(1))
+    expected = int(sample(logits[:1], [Draw(alone, 0, 0)])[0])
+    assert batcher._sample([good, bad], logits) == [expected, None]
+    assert bad.finish_reason == "error" and "nan" in str(bad.error) and good.error is None

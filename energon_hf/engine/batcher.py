@@ -305,20 +305,17 @@ class ContinuousBatcher:
         live = sorted((i for i, r in enumerate(requests) if not r.finished), key=lambda i: requests[i].row)
         tokens: list[int | None] = [None] * len(requests)  # None: cancelled while the step ran
         try:
-            groups = [live] if live else []
-            picked = self._draw(requests, logits, live)
+            drawn = dict(zip(live, self._draw(requests, logits, live), strict=True)) if live else {}
         except RuntimeError:
-            groups = list(self._by_sampler(requests, live).values())
-            picked = None
-        for members in groups:
-            try:
-                chosen = picked if picked is not None else self._draw(requests, logits, members)
-            except RuntimeError as e:  # these sampling parameters: the other groups go on
-                for i in members:
-                    requests[i].finish_reason, requests[i].error = "error", e
-                continue
-            for i, token in zip(members, chosen, strict=True):
-                tokens[i] = token
+            drawn = {}
+            for members in self._by_sampler(requests, live).values():
+                try:
+                    drawn.update(zip(members, self._draw(requests, logits, members), strict=True))
+                except RuntimeError as e:  # these sampling parameters: the other groups go on
+                    for i in members:
+                        requests[i].finish_reason, requests[i].error = "error", e
+        for i, token in drawn.items():
+            tokens[i] = token
         self._record_logprobs(requests, logits, tokens)
         return tokens
 

@@ -160,7 +160,7 @@ def _penalize_repetition(scores: torch.Tensor, draws: list[Draw], rows: list[int
 def _warp(scores: torch.Tensor, draws: list[Draw]) -> torch.Tensor:
     """Temperature, top-k and top-p with per-row values, computed as HF's warpers do for one value: the same
     float32 operands (a Python float against a float32 tensor is a float32 operand), the same comparisons."""
-    device = scores.device
+    device, given = scores.device, scores
     temperature = torch.tensor([[d.sampler.temperature] for d in draws], dtype=torch.float32, device=device)
     if (temperature != 1.0).any():
         scores = scores / temperature
@@ -173,7 +173,8 @@ def _warp(scores: torch.Tensor, draws: list[Draw]) -> torch.Tensor:
     nucleus = [i for i, d in enumerate(draws) if d.params.top_p < 1.0]
     if not nucleus:
         return scores
-    scores = scores.clone()
+    if scores is given:  # top-p changes rows in place; temperature and top-k already made a new tensor
+        scores = scores.clone()
     cheap = [i for i in nucleus if not draws[i].sampler.hf_draws]
     covered = _top_p_among_candidates(scores, cheap, [draws[i].params.top_p for i in cheap]) if cheap else []
     rest = [i for i in nucleus if i not in covered]
