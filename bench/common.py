@@ -41,6 +41,7 @@ def machine_info(threads: int) -> dict[str, Any]:
         "platform": platform.platform(),
         "machine": platform.machine(),
         "processor": platform.processor() or None,
+        "cpu_model": cpu_model(),  # sessions land on different hosts (AMD EPYC, Intel Xeon): ratios are per host
         "python": sys.version.split()[0],
         "cpu_count": os.cpu_count(),
         "torch_threads": threads,
@@ -52,6 +53,19 @@ def machine_info(threads: int) -> dict[str, Any]:
         # waits for a descheduled thread and op-heavy code (the packed per-sequence loop) suffers most.
         "loadavg_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
+
+
+def cpu_model() -> str | None:
+    """The CPU's model name and its AVX-512/AMX features, as Linux reports them."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    name = re.search(r"^model name\s*:\s*(.+)$", info, re.M)
+    flags = re.search(r"^flags\s*:\s*(.+)$", info, re.M)
+    wanted = ("avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "amx_bf16", "amx_int8")
+    features = [f for f in wanted if flags and f in flags.group(1).split()]
+    return f"{name.group(1).strip() if name else 'unknown'} ({' '.join(features) or 'no AVX-512'})"
 
 
 def synchronized(call: Callable[[], Any], device: torch.device) -> Callable[[], Any]:

@@ -67,7 +67,7 @@ def streamed_bytes(model: EnergonModel) -> int:
         elif isinstance(module, VocabParallelEmbedding) and module.weight is not None and module.lookups \
                 and (module.head is not None or name != tied):  # a table beside its packed head, or no head
             lookups += module.weight.numel() * module.weight.element_size()
-    return weight_bytes(net) - lookups
+    return weight_bytes(net, streamed=True) - lookups
 
 
 def checkpoint(quick: bool, model: str | None, folder: str) -> str | Path:

@@ -12,6 +12,8 @@ from collections import deque
 
 import torch
 
+from energon_hf import kernels
+
 BLOCK_SIZE = 16  # tokens per cache block, for every entry point (the server, generate, the benchmarks)
 
 
@@ -28,6 +30,7 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.block_size = block_size
         self.first_layer = first_layer
+        kernels.prepare(self.k.device)  # the attention that will read this cache, built before the first step
 
     @property
     def num_blocks(self) -> int:

@@ -16,7 +16,7 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
-from . import attention, elementwise, linear, padding
+from . import attention, compiled, elementwise, linear, padding
 
 BACKENDS = ("torch", "triton")
 
@@ -77,6 +77,13 @@ def _kernel(op: str, device_type: str, setting: str) -> Callable:
             raise NotImplementedError("ENERGON_HF_KERNELS=triton but the triton package is not installed")
         backend = "torch"
     return impls[backend]
+
+
+def prepare(device: torch.device) -> None:
+    """Build what the device's kernels compile before a step needs it: the CPU's compiled ops take seconds to
+    build once per machine, which belongs in loading, not in a first decode."""
+    if device.type == "cpu" and backend_for(device) == "torch":
+        compiled.available()
 
 
 def remove_padding(hidden: torch.Tensor, attention_mask: torch.Tensor):

@@ -1,6 +1,6 @@
 """Weight-only quantized products: int8 per output channel, int4 in groups along the input (torch implementation).
 
-Activations stay floating point. On CPU the products run in torch's own kernels, which want bfloat16
+Activations stay floating point. On CPU the products of few rows run in torch's own kernels, which want bfloat16
 activations: measured on this project's 2-core AVX-512 machine over SmolLM2-135M's 211 weight matrices
 (cold, one token), int4 takes 4.5 ms and int8 9.6 ms against fp32 F.linear's 45 ms. With float32 or float16
 activations the same kernels are 6-20x slower, so the product casts to bfloat16 and back. Every other device
@@ -15,9 +15,18 @@ Formats (the portable form, from which each device packs its own):
 
 from __future__ import annotations
 
+import threading
+
 import torch
+import torch.nn.functional as F
 
 CPU_COMPUTE_DTYPE = torch.bfloat16
+# From this many rows on (prompts, batched decodes), an int4 product on CPU expands the weight to bfloat16 (the
+# compiled dequantize_int4_into, into a reused buffer) and runs the dense GEMM: torch's int4 kernel costs about a
+# GEMV per row. SmolLM2's four matrices of a layer, 2-core Xeon with AMX: the int4 kernel 0.14 / 0.70 / 1.05 /
+# 1.42 / 2.78 / 22.2 ms at 1 / 16 / 24 / 32 / 64 / 512 rows, expanded + dense 0.74 / 0.81 / 0.87 / 0.93 / 1.26 /
+# 3.5 ms (the expansion alone about 0.28 ms).
+DENSE_ROWS = 24
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 kernels take
 _INT4_CPU_ROWS = 16  # torch's CPU int4 packing needs out_features divisible by this
 
@@ -64,6 +73,33 @@ def pack_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
     scales_and_zeros = torch.stack([scale.t(), zero.t()], dim=-1).to(CPU_COMPUTE_DTYPE).contiguous()
     return packed, scales_and_zeros
+
+
+def pack_nibbles(q: torch.Tensor, group_size: int) -> torch.Tensor:
+    """q [out, in] in 0..15 as [out, in / 2] bytes, group by group: byte i of a group holds the group's element i in
+    its low half and element i + group_size / 2 in its high half (dequantize_int4_into's layout)."""
+    groups = q.to(torch.uint8).reshape(q.shape[0], -1, 2, group_size // 2)
+    return (groups[:, :, 0] | (groups[:, :, 1] << 4)).reshape(q.shape[0], -1).contiguous()
+
+
+_scratch = threading.local()
+
+
+def _expanded_weight_buffer(out_features: int, in_features: int) -> torch.Tensor:
+    """A bfloat16 [out, in] buffer that every layer's expanded weight reuses, one per thread: a fresh one per
+    product would page-fault its megabytes in on every call, and layers on one thread run one after another."""
+    buffer = getattr(_scratch, "bfloat16", None)
+    if buffer is None or buffer.numel() < out_features * in_features:
+        buffer = _scratch.bfloat16 = torch.empty(out_features * in_features, dtype=torch.bfloat16)
+    return buffer[: out_features * in_features].view(out_features, in_features)
+
+
+def int4_dense_matmul(x: torch.Tensor, nibbles: torch.Tensor, scales_and_zeros: torch.Tensor,
+                      group_size: int) -> torch.Tensor:
+    """x [..., in] @ W^T with W expanded to bfloat16 from its nibbles and pack_int4's table (CPU), in x's dtype."""
+    weight = _expanded_weight_buffer(nibbles.shape[0], nibbles.shape[1] * 2)
+    torch.ops.energon_hf.dequantize_int4_into(nibbles, scales_and_zeros, group_size, weight)
+    return _cpu_product(F.linear, x, weight)
 
 
 def _cpu_product(op, x: torch.Tensor, *weight) -> torch.Tensor:

@@ -114,3 +114,15 @@ def test_serve_stall(tmp_path):
     for run in result["runs"]:
         assert 1 < run["stream_chunks"] <= result["stream_tokens"]
         assert 0 < run["median_gap_s"] <= run["longest_gap_s"] and run["long_prompt_latency_s"] > 0
+
+
+def test_cpu_attention(tmp_path):
+    """The in-place decode kernel, the gathering torch path and transformers' padded layout agree (the script
+    exits 1 otherwise) and are timed; without a compiler the script has nothing to compare."""
+    from energon_hf.kernels import compiled
+
+    if not compiled.available():
+        pytest.skip("no C++ compiler: the compiled CPU ops cannot build here")
+    result = _run("cpu_attention.py", tmp_path / "attention.json")
+    assert [row["batch"] for row in result["rows"]] == [2, 5]
+    assert all(row["in place ms"] > 0 and row["keys"] > 0 for row in result["rows"])

@@ -1,12 +1,13 @@
 """Kernels against naive formulas: padding removal/rebuild, varlen and paged attention, dispatch."""
 
 import math
+import shutil
 
 import pytest
 import torch
 
 from energon_hf import kernels
-from energon_hf.kernels import dispatch
+from energon_hf.kernels import compiled, dispatch
 from energon_hf.kv_cache import BlockAllocator, KVCache, slot_mapping
 
 
@@ -70,12 +71,16 @@ def _naive_attention(q, k, v, causal, scale):
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v.double())
 
 
-@pytest.fixture(params=["torch", "triton"])
+@pytest.fixture(params=["torch", "torch-gathered", "triton"])
 def attention_backend(request, monkeypatch):
-    """Both attention implementations against the same naive formula (Triton through its interpreter on CPU)."""
+    """Every attention implementation against the same naive formula: torch with the compiled CPU decode kernel,
+    torch alone (decodes gather their blocks), Triton through its interpreter on CPU."""
     if request.param == "triton":
         pytest.importorskip("triton")
-    monkeypatch.setenv("ENERGON_HF_KERNELS", request.param)
+    if request.param == "torch":
+        assert compiled.available() or shutil.which("c++") is None, "a compiler is here: the CPU ops must build"
+    monkeypatch.setenv("ENERGON_HF_CPU_EXTENSION", "0" if request.param == "torch-gathered" else "1")
+    monkeypatch.setenv("ENERGON_HF_KERNELS", request.param.split("-")[0])
     return request.param
 
 
@@ -161,6 +166,7 @@ def test_decodes_grouped_by_context_length_equal_the_formula(group_cost, monkeyp
     from energon_hf.kernels import attention
 
     monkeypatch.setattr(attention, "DECODE_GROUP_COST", group_cost)
+    monkeypatch.setenv("ENERGON_HF_CPU_EXTENSION", "0")  # the gathering path (the compiled kernel gathers nothing)
     heads, kv_heads, dim, block_size = 6, 2, 8, 4
     context = [3, 700, 9, 660, 1, 300, 8, 710, 12]
     groups = attention.length_groups(context, block_size, group_cost)
@@ -183,3 +189,57 @@ def test_decodes_grouped_by_context_length_equal_the_formula(group_cost, monkeyp
     for seq in range(len(context)):
         ref = _naive_attention(q[seq:seq + 1], keys[seq], values[seq], True, 0.3)
         assert (out[seq:seq + 1].double() - ref).abs().max() < 1e-5
+
+
+def _scattered_cache(context, kv_heads, dim, block_size, dtype):
+    """A cache holding random keys and values for sequences of `context` tokens, their blocks out of order."""
+    blocks = sum(-(-n // block_size) for n in context)
+    cache = KVCache(1, blocks, block_size, kv_heads, dim, dtype, "cpu")
+    allocator = BlockAllocator(blocks, block_size)
+    for seq in reversed(range(len(context))):
+        allocator.reserve(seq, context[seq])
+    tables = allocator.block_table_tensor(list(range(len(context))), "cpu")
+    keys = [torch.randn(n, kv_heads, dim).to(dtype) for n in context]
+    values = [torch.randn(n, kv_heads, dim).to(dtype) for n in context]
+    for seq, n in enumerate(context):
+        cache.write(0, keys[seq], values[seq], slot_mapping(tables, torch.full((n,), seq), torch.arange(n), block_size))
+    return cache, tables, keys, values
+
+
+@pytest.mark.skipif(not compiled.available(), reason="no C++ compiler: the compiled CPU ops cannot build here")
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 3e-3)])
+def test_in_place_decode_kernel_in_every_dtype(dtype, tolerance):
+    """The compiled kernel reads each sequence's blocks where they lie, for a head size and block size that are
+    not powers of two, and accumulates in float32 whatever the cache holds."""
+    heads, kv_heads, dim, block_size = 6, 2, 12, 5
+    context = [1, 37, 5, 64, 12]
+    cache, tables, keys, values = _scattered_cache(context, kv_heads, dim, block_size, dtype)
+    q = torch.randn(len(context), heads, dim).to(dtype)
+    out = torch.ops.energon_hf.paged_decode(q, cache.k[0], cache.v[0], tables, torch.tensor(context), 0.3)
+    assert out.dtype == dtype and out.shape == q.shape
+    for seq in range(len(context)):
+        ref = _naive_attention(q[seq:seq + 1].float(), keys[seq].float(), values[seq].float(), True, 0.3)
+        assert (out[seq:seq + 1].double() - ref).abs().max() < tolerance
+
+
+@pytest.mark.skipif(not compiled.available(), reason="no C++ compiler: the compiled CPU ops cannot build here")
+def test_in_place_decode_kernel_refuses_tables_outside_the_cache():
+    cache, tables, _, _ = _scattered_cache([3, 9], 1, 4, 4, torch.float32)
+    q = torch.randn(2, 2, 4)
+    bad = tables.clone()
+    bad[1, 2] = cache.num_blocks
+    with pytest.raises(RuntimeError, match="not in the cache"):
+        torch.ops.energon_hf.paged_decode(q, cache.k[0], cache.v[0], bad, torch.tensor([3, 9]), 1.0)
+    with pytest.raises(RuntimeError, match="does not fit its block table"):
+        torch.ops.energon_hf.paged_decode(q, cache.k[0], cache.v[0], tables, torch.tensor([3, 13]), 1.0)
+
+
+def test_cpu_extension_setting_picks_the_decode_path(monkeypatch):
+    """ENERGON_HF_CPU_EXTENSION=0 keeps the torch-only gathering path; by default decodes are read in place."""
+    from energon_hf.kernels import attention
+
+    tables, lens = torch.tensor([[0, 1], [2, 3]]), torch.tensor([20, 31])
+    monkeypatch.setenv("ENERGON_HF_CPU_EXTENSION", "0")
+    assert not isinstance(attention.decode_plan(tables, lens, 16), attention._InPlaceDecodePlan)
+    monkeypatch.setenv("ENERGON_HF_CPU_EXTENSION", "1")
+    assert isinstance(attention.decode_plan(tables, lens, 16), attention._InPlaceDecodePlan) == compiled.available()

@@ -18,6 +18,7 @@ from energon_hf import EnergonModel, pipeline
 from energon_hf.convert import convert
 from energon_hf.converters.gguf_blocks import BLOCKS_FILE, GGUFBlocks, decode_q4
 from energon_hf.evaluate import agreement, forced_agreement, greedy_tokens, perplexity
+from energon_hf.kernels import compiled
 from energon_hf.kernels import quantized as q
 from energon_hf.nn.formats import DenseWeight, Int4Weight, Int8Weight, Quantization
 
@@ -49,6 +50,30 @@ def test_formats_compute_their_own_dequantized_weights(rows, cols):
         assert got.dtype == x.dtype and got.shape == expected.shape
         assert relative_error(got, expected) < 0.01  # bfloat16 activations inside the CPU kernels
     assert relative_error(DenseWeight(weight)(x), x @ weight.t()) < 1e-6  # packed float: exact up to rounding
+
+
+@pytest.mark.skipif(not compiled.available(), reason="no C++ compiler: the compiled CPU ops cannot build here")
+@pytest.mark.parametrize("rows", [1, q.DENSE_ROWS - 1, q.DENSE_ROWS, 100])
+def test_int4_products_of_many_rows_expand_the_weight(rows):
+    """From DENSE_ROWS rows on, an int4 product expands its weight to bfloat16 (the compiled op, from the nibbles
+    and the kernel's own scale table) and runs the dense GEMM; below, torch's int4 kernel. Both compute the same
+    quantized weights."""
+    torch.manual_seed(0)
+    weight, x = torch.randn(64, 96), torch.randn(rows, 96)
+    q4, scale, zero = q.quantize_int4(weight, 32)
+    fmt = Int4Weight(q4, scale, zero)
+    assert fmt.nibbles is not None and fmt.nbytes == fmt.packed.numel() + fmt.nibbles.numel() + 64 * 3 * 2 * 2
+    expanded = torch.empty(64, 96, dtype=torch.bfloat16)
+    torch.ops.energon_hf.dequantize_int4_into(fmt.nibbles, fmt.scales_and_zeros, 32, expanded)
+    table = fmt.scales_and_zeros.float()  # [groups, out, 2]: the weights as the int4 kernel holds them
+    exact = q.dequantize_int4(q4, table[..., 0].t(), table[..., 1].t())
+    assert torch.allclose(expanded.float(), exact, rtol=2**-8, atol=1e-6)  # one bfloat16 rounding
+    got = fmt(x)
+    assert got.dtype == torch.float32 and relative_error(got, x @ exact.t()) < 0.01
+    assert relative_error(q.int4_dense_matmul(x, fmt.nibbles, fmt.scales_and_zeros, 32),
+                          q.int4_matmul(x, fmt.packed, fmt.scales_and_zeros, 32)) < 0.01
+    with pytest.raises(RuntimeError, match="do not split into groups"):
+        torch.ops.energon_hf.dequantize_int4_into(fmt.nibbles, fmt.scales_and_zeros, 64 * 3, expanded)
 
 
 def test_quantization_names_and_group_errors():

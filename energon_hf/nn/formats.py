@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from energon_hf import kernels
+from energon_hf.kernels import compiled
 from energon_hf.kernels import quantized as q
 
 METHODS = ("int8", "int4")
@@ -71,6 +72,11 @@ class DenseWeight:
     def nbytes(self) -> int:
         return self.out_features * self.in_features * self.dtype.itemsize
 
+    @property
+    def streamed_nbytes(self) -> int:
+        """Bytes a product of a few rows reads (a decode step's)."""
+        return self.nbytes
+
 
 def _onednn_packed(weight: torch.Tensor) -> torch.Tensor | None:
     if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16) \
@@ -106,6 +112,10 @@ class Int8Weight:
     def nbytes(self) -> int:
         return self.q.numel() + self.scale.numel() * (4 + (2 if self.kernel_scale is not None else 0))
 
+    @property
+    def streamed_nbytes(self) -> int:
+        return self.nbytes
+
 
 class Int4Weight:
     """w = (q - 8) * scale + zero, one scale and zero per `group_size` input features of a row."""
@@ -113,9 +123,12 @@ class Int4Weight:
     def __init__(self, q4: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
         self.out_features, self.in_features = q4.shape
         self.group_size = self.in_features // scale.shape[1]
+        self.nibbles = None  # for products of many rows (q.DENSE_ROWS), where the compiled ops built
         if q.int4_kernel_fits(self.out_features, self.in_features, self.group_size, q4.device):
             self.packed, self.scales_and_zeros = q.pack_int4(q4, scale, zero)
             self.parts = None
+            if compiled.available():
+                self.nibbles = q.pack_nibbles(q4, self.group_size)
         else:  # other devices and shapes: dequantized on the fly
             self.packed = self.scales_and_zeros = None
             self.parts = (q4, scale.float(), zero.float())
@@ -127,12 +140,20 @@ class Int4Weight:
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.parts is not None:
             out = F.linear(x, q.dequantize_int4(*self.parts, x.dtype))
+        elif self.nibbles is not None and x.numel() >= q.DENSE_ROWS * self.in_features:
+            out = q.int4_dense_matmul(x, self.nibbles, self.scales_and_zeros, self.group_size)
         else:
             out = q.int4_matmul(x, self.packed, self.scales_and_zeros, self.group_size)
         return out if bias is None else out + bias
 
     @property
     def nbytes(self) -> int:
+        nibbles = 0 if self.nibbles is None else self.nibbles.numel()
+        return self.streamed_nbytes + nibbles
+
+    @property
+    def streamed_nbytes(self) -> int:
+        """A product of few rows reads the kernel's packed form only (the nibbles serve products of many rows)."""
         if self.parts is not None:
             return sum(t.numel() * t.element_size() for t in self.parts)
         return self.packed.numel() + self.scales_and_zeros.numel() * 2
@@ -164,8 +185,9 @@ class FormatPlan:
     tied_head: str | None = None  # the embedding that is also the vocabulary head, on the rank that runs it
 
 
-def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the weights this rank holds: loaded parameters and the layers' weight formats."""
+def weight_bytes(model: torch.nn.Module, streamed: bool = False) -> int:
+    """Bytes of the weights this rank holds: loaded parameters and the layers' weight formats (`streamed`: only
+    the forms that a product of few rows reads)."""
     params = sum(p.numel() * p.element_size() for p in model.parameters() if not p.is_meta)
     formats = (getattr(m, attr, None) for m in model.modules() for attr in ("format", "head"))
-    return params + sum(f.nbytes for f in formats if f is not None)
+    return params + sum(f.streamed_nbytes if streamed else f.nbytes for f in formats if f is not None)
