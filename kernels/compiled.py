@@ -1,8 +1,8 @@
 """CPU ops of our own in C++ (`csrc/`), compiled for this machine on first use and cached.
 
-torch's cpp_extension builds them with the system's C++ compiler (about 10 s once per machine on 2 cores; later
-processes load the cached library in well under a second) into TORCH_EXTENSIONS_DIR (default
-~/.cache/torch_extensions), and registers them as `torch.ops.energon_hf.*`. They parallelize with
+torch's cpp_extension builds them with the system's C++ compiler and ninja (a dependency; about 10 s once per
+machine on 2 cores; later processes load the cached library in well under a second) into TORCH_EXTENSIONS_DIR
+(default ~/.cache/torch_extensions), and registers them as `torch.ops.energon_hf.*`. They parallelize with
 `at::parallel_for`, so they run on torch's own OpenMP threads: a second thread pool would make every parallel op
 wait for its workers to wake (see loading.on_passing_thread).
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import platform
 import threading
 from functools import cache
 from pathlib import Path
@@ -42,27 +43,48 @@ def available() -> bool:
     return enabled() and _load()
 
 
-def _cpu_tag() -> str:
-    """A short hash of the CPU's model and instruction sets: the build is -march=native, so a cache directory that
-    travels to another kind of CPU must not hand it a library with instructions it lacks."""
+def _build_tag() -> str:
+    """A short hash of the CPU (its model and instruction sets: the build is -march=native, so a cache directory
+    that travels to another kind of CPU must not hand it a library with instructions it lacks) and of the torch
+    it links against."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
         lines = []
-    wanted = [line for line in lines if line.startswith(("model name", "flags"))][:2]
-    return hashlib.sha1("\n".join(wanted).encode()).hexdigest()[:10]
+    keys = ("model name", "flags", "Features", "CPU implementer", "CPU part")  # x86, then ARM's names
+    seen = {line.split(":")[0].strip(): line for line in lines if line.startswith(keys)}
+    facts = [platform.machine(), torch.__version__, *sorted(seen.values())]
+    return hashlib.sha1("\n".join(facts).encode()).hexdigest()[:10]
 
 
 @cache
 def _load() -> bool:
-    with _lock:  # one build per process; cpp_extension's own lock file serializes processes
-        try:
-            from torch.utils import cpp_extension
+    name = f"energon_hf_cpu_{_build_tag()}"
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    build_dir = root / name
+    try:
+        import fcntl  # POSIX: elsewhere the ImportError below keeps the torch-only paths
 
-            cpp_extension.load(name=f"energon_hf_cpu_{_cpu_tag()}", sources=[str(s) for s in SOURCES],
-                               extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], is_python_module=False)
-        except Exception as exc:  # no compiler, no ninja, a failed build: the torch-only paths still work
-            log.warning("energon_hf: the compiled CPU ops are unavailable (%s: %s); using the torch-only paths",
-                        type(exc).__name__, str(exc).strip().splitlines()[-1] if str(exc).strip() else "")
-            return False
+        from torch.utils import cpp_extension
+
+        build_dir.mkdir(parents=True, exist_ok=True)
+        with _lock, open(build_dir / "build.flock", "w") as held:
+            # One builder at a time, process by process. The kernel drops this lock when its holder dies, unlike
+            # cpp_extension's own lock file, which a build killed midway leaves behind for every later process to
+            # wait on forever: while we hold ours, any such file is stale.
+            fcntl.flock(held, fcntl.LOCK_EX)
+            (build_dir / "lock").unlink(missing_ok=True)
+            cpp_extension.load(name=name, sources=[str(s) for s in SOURCES], extra_cflags=CFLAGS,
+                               extra_ldflags=["-fopenmp"], build_directory=str(build_dir), is_python_module=False)
+    except Exception as exc:  # no compiler, a failed build: the torch-only paths still work
+        log.warning("energon_hf: the compiled CPU ops are unavailable (%s: %s); using the torch-only paths",
+                    type(exc).__name__, _first_error(str(exc)))
+        return False
     return all(hasattr(torch.ops.energon_hf, op) for op in OPS)
+
+
+def _first_error(message: str) -> str:
+    """The compiler's first error line, else the message's last line (a failed build ends in ninja's summary)."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower() and "ninja" not in line.lower()]
+    return (errors or lines or [""])[0 if errors else -1]

@@ -96,8 +96,12 @@ def _expanded_weight_buffer(out_features: int, in_features: int) -> torch.Tensor
 
 def int4_dense_matmul(x: torch.Tensor, nibbles: torch.Tensor, scales_and_zeros: torch.Tensor,
                       group_size: int) -> torch.Tensor:
-    """x [..., in] @ W^T with W expanded to bfloat16 from its nibbles and pack_int4's table (CPU), in x's dtype."""
-    weight = _expanded_weight_buffer(nibbles.shape[0], nibbles.shape[1] * 2)
+    """x [..., in] @ W^T with W expanded to bfloat16 from its nibbles and pack_int4's table (CPU), in x's dtype.
+    Where autograd records the product, the expanded weight is its own tensor: the shared buffer would be
+    overwritten by the next layer before backward reads it."""
+    shape = (nibbles.shape[0], nibbles.shape[1] * 2)
+    recorded = torch.is_grad_enabled() and x.requires_grad
+    weight = torch.empty(shape, dtype=torch.bfloat16) if recorded else _expanded_weight_buffer(*shape)
     torch.ops.energon_hf.dequantize_int4_into(nibbles, scales_and_zeros, group_size, weight)
     return _cpu_product(F.linear, x, weight)
 

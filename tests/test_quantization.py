@@ -54,26 +54,49 @@ def test_formats_compute_their_own_dequantized_weights(rows, cols):
 
 @pytest.mark.skipif(not compiled.available(), reason="no C++ compiler: the compiled CPU ops cannot build here")
 @pytest.mark.parametrize("rows", [1, q.DENSE_ROWS - 1, q.DENSE_ROWS, 100])
-def test_int4_products_of_many_rows_expand_the_weight(rows):
+def test_int4_products_of_many_rows_expand_the_weight(rows, monkeypatch):
     """From DENSE_ROWS rows on, an int4 product expands its weight to bfloat16 (the compiled op, from the nibbles
     and the kernel's own scale table) and runs the dense GEMM; below, torch's int4 kernel. Both compute the same
     quantized weights."""
     torch.manual_seed(0)
     weight, x = torch.randn(64, 96), torch.randn(rows, 96)
     q4, scale, zero = q.quantize_int4(weight, 32)
-    fmt = Int4Weight(q4, scale, zero)
+    fmt, dense = Int4Weight(q4, scale, zero), q.int4_dense_matmul
     assert fmt.nibbles is not None and fmt.nbytes == fmt.packed.numel() + fmt.nibbles.numel() + 64 * 3 * 2 * 2
     expanded = torch.empty(64, 96, dtype=torch.bfloat16)
     torch.ops.energon_hf.dequantize_int4_into(fmt.nibbles, fmt.scales_and_zeros, 32, expanded)
     table = fmt.scales_and_zeros.float()  # [groups, out, 2]: the weights as the int4 kernel holds them
     exact = q.dequantize_int4(q4, table[..., 0].t(), table[..., 1].t())
     assert torch.allclose(expanded.float(), exact, rtol=2**-8, atol=1e-6)  # one bfloat16 rounding
+    dense_calls = []
+    monkeypatch.setattr(q, "int4_dense_matmul", lambda *args: dense_calls.append(args) or dense(*args))
     got = fmt(x)
+    assert len(dense_calls) == (rows >= q.DENSE_ROWS)  # the threshold picks the path
     assert got.dtype == torch.float32 and relative_error(got, x @ exact.t()) < 0.01
-    assert relative_error(q.int4_dense_matmul(x, fmt.nibbles, fmt.scales_and_zeros, 32),
+    assert relative_error(dense(x, fmt.nibbles, fmt.scales_and_zeros, 32),
                           q.int4_matmul(x, fmt.packed, fmt.scales_and_zeros, 32)) < 0.01
     with pytest.raises(RuntimeError, match="do not split into groups"):
         torch.ops.energon_hf.dequantize_int4_into(fmt.nibbles, fmt.scales_and_zeros, 64 * 3, expanded)
+
+
+@pytest.mark.skipif(not compiled.available(), reason="no C++ compiler: the compiled CPU ops cannot build here")
+def test_expanded_int4_weights_share_one_buffer_safely():
+    """Layers of different shapes take turns in the one expansion buffer; a product autograd records gets its
+    own expanded weight, so backward reads the right one after the next layer has used the buffer."""
+    torch.manual_seed(0)
+    weights = [torch.randn(64, 96), torch.randn(32, 64), torch.randn(128, 96)]
+    formats = [Int4Weight.quantize(w, 32) for w in weights]
+    exact = [q.dequantize_int4(*q.quantize_int4(w, 32)) for w in weights]
+    rows = q.DENSE_ROWS + 3
+    for _ in range(2):
+        for fmt, w in zip(formats, exact, strict=True):
+            x = torch.randn(rows, w.shape[1])
+            assert relative_error(fmt(x), x @ w.t()) < 0.01
+    x = torch.randn(rows, 96, requires_grad=True)
+    out = formats[0](x)
+    formats[2](torch.randn(rows, 96))  # the next layer overwrites the shared buffer
+    out.sum().backward()
+    assert relative_error(x.grad, exact[0].sum(0).expand(rows, -1)) < 0.01
 
 
 def test_quantization_names_and_group_errors():

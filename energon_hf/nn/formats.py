@@ -8,7 +8,9 @@ A layer's weight is loaded as a plain float tensor (this rank's shard), then han
   tokens (the previous W @ x^T path), 55 against 82 ms at 32; bfloat16: 13.5 ms at 1 token, 175 against
   213 ms at 256. float16 has no such kernel on CPUs without AVX512-FP16 and keeps F.linear.
 - `Int8Weight`: int8 per output channel (weight-only).
-- `Int4Weight`: int4 in groups along the input features (weight-only).
+- `Int4Weight`: int4 in groups along the input features (weight-only). On CPU it also keeps the nibbles (half a
+  byte per weight more) that products of many rows (prompts, large decode batches) expand to bfloat16 for the
+  dense GEMM, where torch's int4 kernel would cost a GEMV per row (kernels/quantized.DENSE_ROWS).
 
 `Quantization` says which format each layer gets.
 """
@@ -127,7 +129,7 @@ class Int4Weight:
         if q.int4_kernel_fits(self.out_features, self.in_features, self.group_size, q4.device):
             self.packed, self.scales_and_zeros = q.pack_int4(q4, scale, zero)
             self.parts = None
-            if compiled.available():
+            if compiled.available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():  # a fast bfloat16 GEMM
                 self.nibbles = q.pack_nibbles(q4, self.group_size)
         else:  # other devices and shapes: dequantized on the fly
             self.packed = self.scales_and_zeros = None
@@ -140,7 +142,7 @@ class Int4Weight:
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.parts is not None:
             out = F.linear(x, q.dequantize_int4(*self.parts, x.dtype))
-        elif self.nibbles is not None and x.numel() >= q.DENSE_ROWS * self.in_features:
+        elif self.nibbles is not None and x.numel() >= q.DENSE_ROWS * self.in_features and compiled.enabled():
             out = q.int4_dense_matmul(x, self.nibbles, self.scales_and_zeros, self.group_size)
         else:
             out = q.int4_matmul(x, self.packed, self.scales_and_zeros, self.group_size)

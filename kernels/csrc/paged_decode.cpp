@@ -1,13 +1,11 @@
 // Decode attention on CPU that reads the paged KV cache in place: one query token per sequence, every query head
-// of a key/value head together, scores and the weighted sum of values in float32.
+// of a key/value head together, float32. No block is gathered and nothing is padded or masked.
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
-#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -16,51 +14,43 @@
 
 namespace {
 
-template <typename T>
-inline float dot(const float* q, const T* k, int64_t n) {
-  float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < n; ++i) sum += q[i] * static_cast<float>(k[i]);
-  return sum;
-}
-
-template <typename T>
-inline void add_scaled(float* acc, float p, const T* v, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) acc[i] += p * static_cast<float>(v[i]);
-}
+struct Shape {
+  int64_t batch, q_heads, kv_heads, head_dim, block_size, max_blocks;
+};
 
 constexpr int64_t kMaxGroup = 8;  // query heads per key/value head that the vector path keeps in registers
 
-#if defined(__AVX512F__)
-// 16 lanes of any cache dtype as float32.
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const c10::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-inline __m512 load16(const c10::BFloat16* p) {  // bfloat16 is the top half of a float32
-  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+// The portable loops: any head size, any group (a single 64-wide dot is a chain of dependent FMAs, hence slower).
+inline float dot(const float* q, const float* k, int64_t n) {
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) sum += q[i] * k[i];
+  return sum;
 }
 
+inline void add_scaled(float* acc, float p, const float* v, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) acc[i] += p * v[i];
+}
+
+#if defined(__AVX512F__)
 // Each key's dot product with every query head of the group: one load of the key serves all of them, and the
-// group's independent sums keep the FMA units busy (a single 64-wide dot is a chain of dependent FMAs).
-template <typename T>
-inline void scores_avx512(const float* query, const T* key, int64_t group, int64_t d, float* out, int64_t stride) {
+// group's independent sums keep the FMA units busy. Head sizes that are multiples of 16, groups of up to 8.
+inline void scores_avx512(const float* query, const float* key, int64_t group, int64_t d, float* out,
+                          int64_t stride) {
   __m512 acc[kMaxGroup];
   for (int64_t g = 0; g < group; ++g) acc[g] = _mm512_setzero_ps();
   for (int64_t i = 0; i < d; i += 16) {
-    const __m512 k = load16(key + i);
+    const __m512 k = _mm512_loadu_ps(key + i);
     for (int64_t g = 0; g < group; ++g) acc[g] = _mm512_fmadd_ps(_mm512_loadu_ps(query + g * d + i), k, acc[g]);
   }
   for (int64_t g = 0; g < group; ++g) out[g * stride] = _mm512_reduce_add_ps(acc[g]);
 }
 
-template <typename T>
-inline void values_avx512(const float* weights, int64_t stride, const T* value, int64_t group, int64_t d,
+inline void values_avx512(const float* weights, int64_t stride, const float* value, int64_t group, int64_t d,
                           float* acc) {
   for (int64_t i = 0; i < d; i += 16) {
-    const __m512 v = load16(value + i);
+    const __m512 v = _mm512_loadu_ps(value + i);
     for (int64_t g = 0; g < group; ++g) {
       float* a = acc + g * d + i;
       _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_set1_ps(weights[g * stride]), v, _mm512_loadu_ps(a)));
@@ -69,27 +59,23 @@ inline void values_avx512(const float* weights, int64_t stride, const T* value, 
 }
 #endif
 
-struct Shape {
-  int64_t batch, q_heads, kv_heads, head_dim, block_size, max_blocks;
-};
-
-// One (sequence, key/value head) pair: its `group` query heads against the sequence's keys, block by block.
-template <typename T>
-void attend_one(const T* q, const T* k_cache, const T* v_cache, const int64_t* table, int64_t len, T* out,
-                const Shape& s, int64_t kv_head, float scale, std::vector<float>& query, std::vector<float>& scores,
-                std::vector<float>& acc) {
+// One (sequence, key/value head) pair: its `group` query heads against the sequence's keys, block by block; the
+// scores of all its keys, one softmax, then the weighted sum of the values.
+void attend_one(const float* q, const float* k_cache, const float* v_cache, const int64_t* table, int64_t len,
+                float* out, const Shape& s, int64_t kv_head, float scale, std::vector<float>& query,
+                std::vector<float>& scores, std::vector<float>& acc) {
   const int64_t group = s.q_heads / s.kv_heads, d = s.head_dim;
   const int64_t slot_stride = s.kv_heads * d, block_stride = s.block_size * slot_stride;
   [[maybe_unused]] const bool vector_path = d % 16 == 0 && group <= kMaxGroup;
   for (int64_t g = 0; g < group; ++g)
-    for (int64_t i = 0; i < d; ++i) query[g * d + i] = static_cast<float>(q[(kv_head * group + g) * d + i]) * scale;
+    for (int64_t i = 0; i < d; ++i) query[g * d + i] = q[(kv_head * group + g) * d + i] * scale;
   scores.resize(group * len);
   for (int64_t start = 0, blk = 0; start < len; start += s.block_size, ++blk) {
-    const T* keys = k_cache + table[blk] * block_stride + kv_head * d;
+    const float* keys = k_cache + table[blk] * block_stride + kv_head * d;
     const int64_t n = std::min(s.block_size, len - start);
     for (int64_t j = 0; j < n; ++j) {
 #if defined(__AVX512F__)
-      if constexpr (!std::is_same_v<T, double>) if (vector_path) {
+      if (vector_path) {
         scores_avx512(query.data(), keys + j * slot_stride, group, d, &scores[start + j], len);
         continue;
       }
@@ -110,11 +96,11 @@ void attend_one(const T* q, const T* k_cache, const T* v_cache, const int64_t* t
   }
   std::fill(acc.begin(), acc.end(), 0.f);
   for (int64_t start = 0, blk = 0; start < len; start += s.block_size, ++blk) {
-    const T* values = v_cache + table[blk] * block_stride + kv_head * d;
+    const float* values = v_cache + table[blk] * block_stride + kv_head * d;
     const int64_t n = std::min(s.block_size, len - start);
     for (int64_t j = 0; j < n; ++j) {
 #if defined(__AVX512F__)
-      if constexpr (!std::is_same_v<T, double>) if (vector_path) {
+      if (vector_path) {
         values_avx512(&scores[start + j], len, values + j * slot_stride, group, d, acc.data());
         continue;
       }
@@ -123,22 +109,7 @@ void attend_one(const T* q, const T* k_cache, const T* v_cache, const int64_t* t
     }
   }
   for (int64_t g = 0; g < group; ++g)
-    for (int64_t i = 0; i < d; ++i) out[(kv_head * group + g) * d + i] = static_cast<T>(acc[g * d + i] * inverse_sum[g]);
-}
-
-template <typename T>
-void paged_decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int64_t* tables, const int64_t* lens,
-                         T* out, const Shape& s, float scale) {
-  const int64_t group = s.q_heads / s.kv_heads;
-  at::parallel_for(0, s.batch * s.kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> query(group * s.head_dim), scores, acc(group * s.head_dim);
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / s.kv_heads, h = item % s.kv_heads;
-      const int64_t row = b * s.q_heads * s.head_dim;
-      attend_one(q + row, k_cache, v_cache, tables + b * s.max_blocks, lens[b], out + row, s, h, scale, query,
-                 scores, acc);
-    }
-  });
+    for (int64_t i = 0; i < d; ++i) out[(kv_head * group + g) * d + i] = acc[g * d + i] * inverse_sum[g];
 }
 
 // Every block a sequence reads must be in the cache: a bad table would read outside it.
@@ -157,23 +128,30 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
                         const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
               "paged_decode: q [B, Hq, D], k_cache and v_cache [blocks, block_size, Hkv, D]");
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && k_cache.scalar_type() == v_cache.scalar_type(),
-              "paged_decode: q, k_cache and v_cache must share a dtype");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kFloat &&
+              v_cache.scalar_type() == at::kFloat, "paged_decode: q, k_cache and v_cache must be float32");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "paged_decode: the caches must be contiguous");
-  TORCH_CHECK(q.size(2) == k_cache.size(3) && q.size(1) % k_cache.size(2) == 0,
+  TORCH_CHECK(k_cache.size(2) > 0 && q.size(2) == k_cache.size(3) && q.size(1) % k_cache.size(2) == 0,
               "paged_decode: q's heads and head size do not fit the cache");
   TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == q.size(0) && context_lens.numel() == q.size(0),
               "paged_decode: one block table row and one context length per sequence");
   const auto query = q.contiguous();
   const auto tables = block_tables.to(at::kLong).contiguous();
   const auto lens = context_lens.to(at::kLong).contiguous();
-  const Shape shape{q.size(0), q.size(1), k_cache.size(2), q.size(2), k_cache.size(1), tables.size(1)};
-  check_tables(tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), shape, k_cache.size(0));
+  const Shape s{q.size(0), q.size(1), k_cache.size(2), q.size(2), k_cache.size(1), tables.size(1)};
+  check_tables(tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), s, k_cache.size(0));
   auto out = at::empty_like(query);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "paged_decode", [&] {
-    paged_decode_kernel<scalar_t>(query.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(),
-                                  v_cache.data_ptr<scalar_t>(), tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(),
-                                  out.data_ptr<scalar_t>(), shape, static_cast<float>(scale));
+  const float *qp = query.data_ptr<float>(), *kp = k_cache.data_ptr<float>(), *vp = v_cache.data_ptr<float>();
+  const int64_t *tp = tables.data_ptr<int64_t>(), *lp = lens.data_ptr<int64_t>();
+  float* op = out.data_ptr<float>();
+  const int64_t group = s.q_heads / s.kv_heads;
+  at::parallel_for(0, s.batch * s.kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> query_buf(group * s.head_dim), scores, acc(group * s.head_dim);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / s.kv_heads, h = item % s.kv_heads, row = b * s.q_heads * s.head_dim;
+      attend_one(qp + row, kp, vp, tp + b * s.max_blocks, lp[b], op + row, s, h, static_cast<float>(scale), query_buf,
+                 scores, acc);
+    }
   });
   return out;
 }
