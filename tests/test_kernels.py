@@ -161,6 +161,21 @@ def test_linear_matches_f_linear(rows, bias):
     assert (out - torch.nn.functional.linear(x, weight, b)).abs().max() < 1e-5
 
 
+def _scattered_cache(context, kv_heads, dim, block_size):
+    """A cache holding random keys and values for sequences of `context` tokens, their blocks out of order."""
+    blocks = sum(-(-n // block_size) for n in context)
+    cache = KVCache(1, blocks, block_size, kv_heads, dim, torch.float32, "cpu")
+    allocator = BlockAllocator(blocks, block_size)
+    for seq in reversed(range(len(context))):
+        allocator.reserve(seq, context[seq])
+    tables = allocator.block_table_tensor(list(range(len(context))), "cpu")
+    keys = [torch.randn(n, kv_heads, dim) for n in context]
+    values = [torch.randn(n, kv_heads, dim) for n in context]
+    for seq, n in enumerate(context):
+        cache.write(0, keys[seq], values[seq], slot_mapping(tables, torch.full((n,), seq), torch.arange(n), block_size))
+    return cache, tables, keys, values
+
+
 @pytest.mark.parametrize("group_cost", [0, 256], ids=["a-group-per-length", "default"])
 def test_decodes_grouped_by_context_length_equal_the_formula(group_cost, monkeypatch):
     """Decodes of very different context lengths attend in groups of similar length, each gathering only up to
@@ -175,15 +190,7 @@ def test_decodes_grouped_by_context_length_equal_the_formula(group_cost, monkeyp
     assert sorted(i for group in groups for i in group) == list(range(len(context))) and len(groups) > 1
     assert [max(context[i] for i in group) for group in groups] == sorted(max(context[i] for i in group)
                                                                           for group in groups)
-    cache = KVCache(1, 700, block_size, kv_heads, dim, torch.float32, "cpu")
-    allocator = BlockAllocator(700, block_size)
-    for seq in reversed(range(len(context))):
-        allocator.reserve(seq, context[seq])
-    tables = allocator.block_table_tensor(list(range(len(context))), "cpu")
-    keys = [torch.randn(n, kv_heads, dim) for n in context]
-    values = [torch.randn(n, kv_heads, dim) for n in context]
-    for seq, n in enumerate(context):
-        cache.write(0, keys[seq], values[seq], slot_mapping(tables, torch.full((n,), seq), torch.arange(n), block_size))
+    cache, tables, keys, values = _scattered_cache(context, kv_heads, dim, block_size)
     q = torch.randn(len(context), heads, dim)
     cu = torch.arange(len(context) + 1, dtype=torch.int32)
     out = attention.paged_attention(q, cache.k[0], cache.v[0], tables, torch.tensor(context, dtype=torch.int32),
@@ -191,21 +198,6 @@ def test_decodes_grouped_by_context_length_equal_the_formula(group_cost, monkeyp
     for seq in range(len(context)):
         ref = _naive_attention(q[seq:seq + 1], keys[seq], values[seq], True, 0.3)
         assert (out[seq:seq + 1].double() - ref).abs().max() < 1e-5
-
-
-def _scattered_cache(context, kv_heads, dim, block_size):
-    """A cache holding random keys and values for sequences of `context` tokens, their blocks out of order."""
-    blocks = sum(-(-n // block_size) for n in context)
-    cache = KVCache(1, blocks, block_size, kv_heads, dim, torch.float32, "cpu")
-    allocator = BlockAllocator(blocks, block_size)
-    for seq in reversed(range(len(context))):
-        allocator.reserve(seq, context[seq])
-    tables = allocator.block_table_tensor(list(range(len(context))), "cpu")
-    keys = [torch.randn(n, kv_heads, dim) for n in context]
-    values = [torch.randn(n, kv_heads, dim) for n in context]
-    for seq, n in enumerate(context):
-        cache.write(0, keys[seq], values[seq], slot_mapping(tables, torch.full((n,), seq), torch.arange(n), block_size))
-    return cache, tables, keys, values
 
 
 @pytest.mark.skipif(not compiled.available(), reason="no C++ compiler: the compiled CPU ops cannot build here")
