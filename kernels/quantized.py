@@ -21,11 +21,13 @@ import torch
 import torch.nn.functional as F
 
 CPU_COMPUTE_DTYPE = torch.bfloat16
-# From this many rows on (prompts, batched decodes), an int4 product on CPU expands the weight to bfloat16 (the
-# compiled dequantize_int4_into, into a reused buffer) and runs the dense GEMM: torch's int4 kernel costs about a
-# GEMV per row. SmolLM2's four matrices of a layer, 2-core Xeon with AMX: the int4 kernel 0.14 / 0.70 / 1.05 /
-# 1.42 / 2.78 / 22.2 ms at 1 / 16 / 24 / 32 / 64 / 512 rows, expanded + dense 0.74 / 0.81 / 0.87 / 0.93 / 1.26 /
-# 3.5 ms (the expansion alone about 0.28 ms).
+# From this many rows on (prompts, batched decodes), an int4 or int8 product on CPU expands the weight to
+# bfloat16 (int4: the compiled dequantize_int4_into; int8: q * scale) into a reused buffer and runs the dense
+# GEMM: torch's quantized kernels cost about a GEMV per row. SmolLM2's four matrices of a layer, 2-core Xeon
+# with AMX: the int4 kernel 0.14 / 0.70 / 1.05 / 1.42 / 2.78 / 22.2 ms at 1 / 16 / 24 / 32 / 64 / 512 rows,
+# expanded + dense 0.74 / 0.81 / 0.87 / 0.93 / 1.26 / 3.5 ms (the expansion alone about 0.28 ms); int8's kernel
+# 1.22 / 1.54 / 2.98 / 24.2 ms at 24 / 32 / 64 / 512 rows against 1.27 / 1.33 / 1.45 / 3.5 ms expanded (its
+# torch expansion costs about 0.8 ms, so 24 rows is about where the two meet).
 DENSE_ROWS = 24
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 kernels take
 _INT4_CPU_ROWS = 16  # torch's CPU int4 packing needs out_features divisible by this
@@ -85,9 +87,13 @@ def pack_nibbles(q: torch.Tensor, group_size: int) -> torch.Tensor:
 _scratch = threading.local()
 
 
-def _expanded_weight_buffer(out_features: int, in_features: int) -> torch.Tensor:
-    """A bfloat16 [out, in] buffer that every layer's expanded weight reuses, one per thread: a fresh one per
-    product would page-fault its megabytes in on every call, and layers on one thread run one after another."""
+def _expansion_target(out_features: int, in_features: int, x: torch.Tensor) -> torch.Tensor:
+    """Where a weight expanded for `x`'s product goes: a bfloat16 [out, in] buffer that every layer reuses, one
+    per thread (a fresh tensor per product would page-fault its megabytes in on every call, and layers on one
+    thread run one after another); its own tensor where autograd records the product, since the next layer
+    would overwrite the shared buffer before backward reads it."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return torch.empty(out_features, in_features, dtype=torch.bfloat16)
     buffer = getattr(_scratch, "bfloat16", None)
     if buffer is None or buffer.numel() < out_features * in_features:
         buffer = _scratch.bfloat16 = torch.empty(out_features * in_features, dtype=torch.bfloat16)
@@ -96,13 +102,18 @@ def _expanded_weight_buffer(out_features: int, in_features: int) -> torch.Tensor
 
 def int4_dense_matmul(x: torch.Tensor, nibbles: torch.Tensor, scales_and_zeros: torch.Tensor,
                       group_size: int) -> torch.Tensor:
-    """x [..., in] @ W^T with W expanded to bfloat16 from its nibbles and pack_int4's table (CPU), in x's dtype.
-    Where autograd records the product, the expanded weight is its own tensor: the shared buffer would be
-    overwritten by the next layer before backward reads it."""
-    shape = (nibbles.shape[0], nibbles.shape[1] * 2)
-    recorded = torch.is_grad_enabled() and x.requires_grad
-    weight = torch.empty(shape, dtype=torch.bfloat16) if recorded else _expanded_weight_buffer(*shape)
+    """x [..., in] @ W^T with W expanded to bfloat16 from its nibbles and pack_int4's table (CPU, the compiled
+    op), in x's dtype."""
+    weight = _expansion_target(nibbles.shape[0], nibbles.shape[1] * 2, x)
     torch.ops.energon_hf.dequantize_int4_into(nibbles, scales_and_zeros, group_size, weight)
+    return _cpu_product(F.linear, x, weight)
+
+
+def int8_dense_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [..., in] @ W^T with W = q * scale (a bfloat16 `scale`) expanded to bfloat16 by one torch op, in x's
+    dtype (CPU)."""
+    weight = _expansion_target(*q.shape, x)
+    torch.mul(q, scale[:, None], out=weight)
     return _cpu_product(F.linear, x, weight)
 
 

@@ -79,6 +79,19 @@ def test_int4_products_of_many_rows_expand_the_weight(rows, monkeypatch):
         torch.ops.energon_hf.dequantize_int4_into(fmt.nibbles, fmt.scales_and_zeros, 64 * 3, expanded)
 
 
+@pytest.mark.parametrize("rows", [q.DENSE_ROWS - 1, q.DENSE_ROWS])
+def test_int8_products_of_many_rows_expand_the_weight(rows, monkeypatch):
+    """int8 takes the same turn as int4: from DENSE_ROWS rows on, q * scale expanded to bfloat16 and the dense
+    GEMM; below, torch's int8 kernel; both within bfloat16 rounding of the exact product."""
+    torch.manual_seed(0)
+    weight, x = torch.randn(64, 96), torch.randn(rows, 96)
+    fmt, dense, calls = Int8Weight.quantize(weight), q.int8_dense_matmul, []
+    monkeypatch.setattr(q, "int8_dense_matmul", lambda *args: calls.append(args) or dense(*args))
+    got = fmt(x)
+    assert len(calls) == (rows >= q.DENSE_ROWS)
+    assert got.dtype == torch.float32 and relative_error(got, x @ q.dequantize_int8(fmt.q, fmt.scale).t()) < 0.01
+
+
 @pytest.mark.skipif(not compiled.available(), reason="no C++ compiler: the compiled CPU ops cannot build here")
 def test_expanded_int4_weights_share_one_buffer_safely():
     """Layers of different shapes take turns in the one expansion buffer; a product autograd records gets its

@@ -7,7 +7,8 @@ A layer's weight is loaded as a plain float tensor (this rank's shard), then han
   matrices, cold weights, float32: 26 ms per step at 1 token against F.linear's 45 ms, 24 against 39 ms at 8
   tokens (the previous W @ x^T path), 55 against 82 ms at 32; bfloat16: 13.5 ms at 1 token, 175 against
   213 ms at 256. float16 has no such kernel on CPUs without AVX512-FP16 and keeps F.linear.
-- `Int8Weight`: int8 per output channel (weight-only).
+- `Int8Weight`: int8 per output channel (weight-only); on CPU, products of many rows expand it to bfloat16 for
+  the dense GEMM, as int4's do.
 - `Int4Weight`: int4 in groups along the input features (weight-only). On CPU it also keeps the nibbles (half a
   byte per weight more) that products of many rows (prompts, large decode batches) expand to bfloat16 for the
   dense GEMM, where torch's int4 kernel would cost a GEMV per row (kernels/quantized.DENSE_ROWS).
@@ -98,6 +99,7 @@ class Int8Weight:
         self.q = q8.contiguous()
         self.scale = scale.float()
         self.kernel_scale = scale.to(q.CPU_COMPUTE_DTYPE) if q8.device.type == "cpu" else None
+        self.expands = self.kernel_scale is not None and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
     @classmethod
     def quantize(cls, weight: torch.Tensor) -> Int8Weight:
@@ -106,6 +108,8 @@ class Int8Weight:
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.kernel_scale is None:
             out = F.linear(x, q.dequantize_int8(self.q, self.scale, x.dtype))
+        elif self.expands and x.numel() >= q.DENSE_ROWS * self.in_features:  # a fast bfloat16 GEMM here
+            out = q.int8_dense_matmul(x, self.q, self.kernel_scale)
         else:
             out = q.int8_matmul(x, self.q, self.kernel_scale)
         return out if bias is None else out + bias
