@@ -16,6 +16,7 @@ Formats (the portable form, from which each device packs its own):
 from __future__ import annotations
 
 import threading
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +76,13 @@ def pack_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
     scales_and_zeros = torch.stack([scale.t(), zero.t()], dim=-1).to(CPU_COMPUTE_DTYPE).contiguous()
     return packed, scales_and_zeros
+
+
+@cache
+def fast_bfloat16_gemm() -> bool:
+    """Whether torch's bfloat16 GEMM on this CPU is oneDNN's (AMX or AVX512-BF16), the product that expanded
+    weights run on: without it the expansion would not pay."""
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def pack_nibbles(q: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -99,7 +99,7 @@ class Int8Weight:
         self.q = q8.contiguous()
         self.scale = scale.float()
         self.kernel_scale = scale.to(q.CPU_COMPUTE_DTYPE) if q8.device.type == "cpu" else None
-        self.expands = self.kernel_scale is not None and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        self.expands = self.kernel_scale is not None and q.fast_bfloat16_gemm()
 
     @classmethod
     def quantize(cls, weight: torch.Tensor) -> Int8Weight:
@@ -108,7 +108,7 @@ class Int8Weight:
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.kernel_scale is None:
             out = F.linear(x, q.dequantize_int8(self.q, self.scale, x.dtype))
-        elif self.expands and x.numel() >= q.DENSE_ROWS * self.in_features:  # a fast bfloat16 GEMM here
+        elif self.expands and x.numel() >= q.DENSE_ROWS * self.in_features:
             out = q.int8_dense_matmul(x, self.q, self.kernel_scale)
         else:
             out = q.int8_matmul(x, self.q, self.kernel_scale)
@@ -133,7 +133,7 @@ class Int4Weight:
         if q.int4_kernel_fits(self.out_features, self.in_features, self.group_size, q4.device):
             self.packed, self.scales_and_zeros = q.pack_int4(q4, scale, zero)
             self.parts = None
-            if compiled.available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():  # a fast bfloat16 GEMM
+            if compiled.available() and q.fast_bfloat16_gemm():
                 self.nibbles = q.pack_nibbles(q4, self.group_size)
         else:  # other devices and shapes: dequantized on the fly
             self.packed = self.scales_and_zeros = None

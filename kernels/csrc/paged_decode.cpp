@@ -59,30 +59,35 @@ inline void values_avx512(const float* weights, int64_t stride, const float* val
 }
 #endif
 
+// fn(t, that head's vector) for token t = 0 .. len - 1 of a sequence, walking its block table: the one place that
+// knows the cache's layout [blocks, block_size, kv_heads, head_dim].
+template <typename Fn>
+inline void for_each_slot(const float* cache, const int64_t* table, int64_t len, const Shape& s, int64_t kv_head,
+                          Fn&& fn) {
+  const int64_t slot_stride = s.kv_heads * s.head_dim, block_stride = s.block_size * slot_stride;
+  for (int64_t start = 0, blk = 0; start < len; start += s.block_size, ++blk) {
+    const float* slots = cache + table[blk] * block_stride + kv_head * s.head_dim;
+    const int64_t n = std::min(s.block_size, len - start);
+    for (int64_t j = 0; j < n; ++j) fn(start + j, slots + j * slot_stride);
+  }
+}
+
 // One (sequence, key/value head) pair: its `group` query heads against the sequence's keys, block by block; the
 // scores of all its keys, one softmax, then the weighted sum of the values.
 void attend_one(const float* q, const float* k_cache, const float* v_cache, const int64_t* table, int64_t len,
                 float* out, const Shape& s, int64_t kv_head, float scale, std::vector<float>& query,
                 std::vector<float>& scores, std::vector<float>& acc) {
   const int64_t group = s.q_heads / s.kv_heads, d = s.head_dim;
-  const int64_t slot_stride = s.kv_heads * d, block_stride = s.block_size * slot_stride;
   [[maybe_unused]] const bool vector_path = d % 16 == 0 && group <= kMaxGroup;
   for (int64_t g = 0; g < group; ++g)
     for (int64_t i = 0; i < d; ++i) query[g * d + i] = q[(kv_head * group + g) * d + i] * scale;
   scores.resize(group * len);
-  for (int64_t start = 0, blk = 0; start < len; start += s.block_size, ++blk) {
-    const float* keys = k_cache + table[blk] * block_stride + kv_head * d;
-    const int64_t n = std::min(s.block_size, len - start);
-    for (int64_t j = 0; j < n; ++j) {
+  for_each_slot(k_cache, table, len, s, kv_head, [&](int64_t t, const float* key) {
 #if defined(__AVX512F__)
-      if (vector_path) {
-        scores_avx512(query.data(), keys + j * slot_stride, group, d, &scores[start + j], len);
-        continue;
-      }
+    if (vector_path) return scores_avx512(query.data(), key, group, d, &scores[t], len);
 #endif
-      for (int64_t g = 0; g < group; ++g) scores[g * len + start + j] = dot(&query[g * d], keys + j * slot_stride, d);
-    }
-  }
+    for (int64_t g = 0; g < group; ++g) scores[g * len + t] = dot(&query[g * d], key, d);
+  });
   std::vector<float> inverse_sum(group);
   for (int64_t g = 0; g < group; ++g) {
     float* row = &scores[g * len];
@@ -95,19 +100,12 @@ void attend_one(const float* q, const float* k_cache, const float* v_cache, cons
     inverse_sum[g] = 1.f / sum;
   }
   std::fill(acc.begin(), acc.end(), 0.f);
-  for (int64_t start = 0, blk = 0; start < len; start += s.block_size, ++blk) {
-    const float* values = v_cache + table[blk] * block_stride + kv_head * d;
-    const int64_t n = std::min(s.block_size, len - start);
-    for (int64_t j = 0; j < n; ++j) {
+  for_each_slot(v_cache, table, len, s, kv_head, [&](int64_t t, const float* value) {
 #if defined(__AVX512F__)
-      if (vector_path) {
-        values_avx512(&scores[start + j], len, values + j * slot_stride, group, d, acc.data());
-        continue;
-      }
+    if (vector_path) return values_avx512(&scores[t], len, value, group, d, acc.data());
 #endif
-      for (int64_t g = 0; g < group; ++g) add_scaled(&acc[g * d], scores[g * len + start + j], values + j * slot_stride, d);
-    }
-  }
+    for (int64_t g = 0; g < group; ++g) add_scaled(&acc[g * d], scores[g * len + t], value, d);
+  });
   for (int64_t g = 0; g < group; ++g)
     for (int64_t i = 0; i < d; ++i) out[(kv_head * group + g) * d + i] = acc[g * d + i] * inverse_sum[g];
 }
