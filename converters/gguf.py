@@ -24,8 +24,9 @@ if TYPE_CHECKING:
 
 # GGUF `general.architecture` -> the HF model_type we implement for it.
 GGUF_ARCHITECTURES = {"llama": "llama", "gpt2": "gpt2", "bert": "bert"}
-# Part of the cache key: a folder written by an older layout is converted again (2: gguf_blocks.json).
-CACHE_VERSION = 2
+# Part of the cache key: a folder written by an older layout is converted again (2: gguf_blocks.json, 3: with
+# the Q8_0 tensors).
+CACHE_VERSION = 3
 
 
 def cache_root() -> Path:

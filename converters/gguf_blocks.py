@@ -1,8 +1,11 @@
-"""GGUF's 4-bit blocks read as int4 groups of 32, straight from the .gguf file (no float detour).
+"""GGUF's 4-bit and 8-bit blocks read as int4 and int8 groups of 32, straight from the .gguf file (no float
+detour).
 
 A Q4_1 block of 32 weights holds d, m (float16) and 32 nibbles: w = d * q + m. Q4_0 holds d and the nibbles:
 w = d * (q - 8). Both are exactly the int4 format of `energon_hf.kernels.quantized` (w = (q - 8) * scale +
-zero) with scale = d and zero = m + 8 d (Q4_1) or 0 (Q4_0).
+zero) with scale = d and zero = m + 8 d (Q4_1) or 0 (Q4_0). A Q8_0 block holds d and 32 int8 values: w = d * q,
+exactly the int8 format with one scale per group of 32 (the embedded SmolLM2 stores its tied vocabulary head
+so).
 
 At conversion time (`converters/gguf.py`) `block_map` records which checkpoint tensor each 4-bit GGUF tensor
 is, by checking its decoded values against the tensor transformers dequantized (rows included: llama.cpp
@@ -20,14 +23,31 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from energon_hf.kernels.quantized import dequantize_int4
+from energon_hf.kernels.quantized import dequantize_int4, dequantize_int8
 
 if TYPE_CHECKING:
     from gguf import GGUFReader
 
 BLOCKS_FILE = "gguf_blocks.json"
 GROUP_SIZE = 32
-_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20}  # per 32 weights
+_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}  # per 32 weights
+INT4_KINDS = ("Q4_0", "Q4_1")
+
+
+def decode(data: np.ndarray, kind: str) -> tuple[torch.Tensor, ...]:
+    """Raw blocks [rows, bytes] -> Q4_*: (q, scale, zero) as decode_q4; Q8_0: (q [rows, in] int8, scale
+    [rows, in / 32] float32)."""
+    if kind in INT4_KINDS:
+        return decode_q4(data, kind)
+    rows = data.shape[0]
+    blocks = torch.from_numpy(np.array(data)).view(rows, -1, _BLOCK_BYTES[kind])
+    d = blocks[..., 0:2].contiguous().view(torch.float16)[..., 0].float()
+    return blocks[..., 2:].contiguous().view(torch.int8).reshape(rows, -1), d
+
+
+def dequantize(parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The float32 weights of `decode`'s parts."""
+    return dequantize_int4(*parts) if len(parts) == 3 else dequantize_int8(*parts)
 
 
 def decode_q4(data: np.ndarray, kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -60,9 +80,9 @@ def _layer_index(name: str) -> int | None:
 
 
 def block_map(reader: GGUFReader, state: dict[str, torch.Tensor], head_counts: tuple[int, ...]) -> dict[str, dict]:
-    """{checkpoint name: {"type": "Q4_0" | "Q4_1", "offset", "rows", "row_bytes": where its blocks lie in the
-    file, "heads": rows permuted by, or None}} for each 4-bit GGUF tensor whose decoded values equal a tensor
-    of `state` (transformers' dequantization)."""
+    """{checkpoint name: {"type": "Q4_0" | "Q4_1" | "Q8_0", "offset", "rows", "row_bytes": where its blocks lie
+    in the file, "heads": rows permuted by, or None}} for each 4-bit or 8-bit GGUF tensor whose decoded values
+    equal a tensor of `state` (transformers' dequantization)."""
     by_key: dict[tuple, list[str]] = {}  # (shape, layer index) -> names: few candidates per GGUF tensor
     for name, tensor in state.items():
         by_key.setdefault((tuple(tensor.shape), _layer_index(name)), []).append(name)
@@ -71,7 +91,7 @@ def block_map(reader: GGUFReader, state: dict[str, torch.Tensor], head_counts: t
         kind = tensor.tensor_type.name
         if kind not in _BLOCK_BYTES:
             continue
-        weights = dequantize_int4(*decode_q4(tensor.data, kind))
+        weights = dequantize(decode(tensor.data, kind))
         match = next(((name, heads) for name in by_key.get((tuple(weights.shape), _layer_index(tensor.name)), [])
                       if name not in found for heads in (None, *head_counts)
                       if _equal(unpermute_rows(weights, heads), state[name])), None)
@@ -107,15 +127,17 @@ class GGUFBlocks:
         gguf_path = Path(info["file"])
         return cls(gguf_path, info["tensors"]) if gguf_path.is_file() else None
 
-    def covers(self, names: list[str]) -> bool:
-        return all(name in self.tensors for name in names)
+    def covers(self, names: list[str], kinds: tuple[str, ...]) -> bool:
+        """Whether all the named tensors are held as blocks of one of `kinds`."""
+        return all(name in self.tensors and self.tensors[name]["type"] in kinds for name in names)
 
-    def read(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, scale, zero of the named tensors, concatenated along rows (fused projections)."""
+    def read(self, names: list[str]) -> tuple[torch.Tensor, ...]:
+        """`decode`'s parts of the named tensors (one kind of block), concatenated along rows (fused
+        projections)."""
         parts = []
         for name in names:
             entry = self.tensors[name]
             data = np.memmap(self.path, dtype=np.uint8, mode="r", offset=entry["offset"],
                              shape=(entry["rows"], entry["row_bytes"]))
-            parts.append(tuple(unpermute_rows(t, entry["heads"]) for t in decode_q4(data, entry["type"])))
+            parts.append(tuple(unpermute_rows(t, entry["heads"]) for t in decode(data, entry["type"])))
         return tuple(torch.cat(column) if len(parts) > 1 else column[0] for column in zip(*parts, strict=True))

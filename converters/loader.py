@@ -12,11 +12,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from energon_hf.errors import CheckpointError
-from energon_hf.nn.formats import FormatPlan, Int4Weight
+from energon_hf.kernels import compiled
+from energon_hf.nn.formats import FormatPlan, Int4Weight, Int8Weight
 from energon_hf.parallel import Shard
 
 from .checkpoint import CheckpointReader
-from .gguf_blocks import GROUP_SIZE
+from .gguf_blocks import GROUP_SIZE, INT4_KINDS
 from .weights import LazyWeight, WeightSpec
 
 _LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None  # the process's own symbols: libc's
@@ -78,8 +79,20 @@ def _as_gguf_blocks(reader: CheckpointReader, names: list[str], spec: WeightSpec
     a linear layer (heads stay float), rows as stored."""
     quantization = plan.quantization if plan is not None else None
     return (quantization is not None and quantization.method == "int4" and quantization.group_size == GROUP_SIZE
-            and reader.blocks is not None and reader.blocks.covers(names) and spec.layout != "transposed"
+            and reader.blocks is not None and reader.blocks.covers(names, INT4_KINDS) and spec.layout != "transposed"
             and param == "weight" and hasattr(module, "take_format"))
+
+
+def _head_as_gguf_blocks(reader: CheckpointReader, names: list[str], plan: FormatPlan | None, module: nn.Module,
+                         param: str) -> bool:
+    """Whether this vocabulary head (a weight that finish_loading made a head) computes on the .gguf's own
+    8-bit blocks: a quantized model whose file holds the head as Q8_0 (the embedded SmolLM2's tied head). The
+    result is the float32 product with the file's weights (the compiled int8 kernel), as the dequantized
+    model's; the float table stays for embedding lookups."""
+    return (plan is not None and plan.quantization is not None and plan.pack and reader.blocks is not None
+            and param == "weight" and getattr(module, "head", None) is not None
+            and reader.blocks.covers(names, ("Q8_0",)) and module.weight.device.type == "cpu"
+            and compiled.available())  # elsewhere a grouped int8 product is a dequantization per call
 
 
 def _int4_from_blocks(reader: CheckpointReader, names: list[str], shard: Shard | None, device: torch.device,
@@ -89,6 +102,15 @@ def _int4_from_blocks(reader: CheckpointReader, names: list[str], shard: Shard |
         groups = shard.grouped(GROUP_SIZE, what)
         q4, scale, zero = shard.take(q4), groups.take(scale), groups.take(zero)
     return Int4Weight(q4.to(device), scale.to(device), zero.to(device))
+
+
+def _int8_from_blocks(reader: CheckpointReader, names: list[str], shard: Shard | None, device: torch.device,
+                      what: str) -> Int8Weight:
+    q8, scale = reader.blocks.read(names)
+    if shard is not None:
+        groups = shard.grouped(GROUP_SIZE, what)
+        q8, scale = shard.take(q8), groups.take(scale)
+    return Int8Weight(q8.to(device), scale.to(device), exact=True)
 
 
 def load_weights(model: nn.Module, specs: dict[str, WeightSpec], reader: CheckpointReader,
@@ -128,6 +150,8 @@ def load_weights(model: nn.Module, specs: dict[str, WeightSpec], reader: Checkpo
         value = source.full() if shard is None else shard.take(source)
         set_module_tensor_to_device(model, name, device, value=value, dtype=dtype)
         finish_loading(model, name, plan)
+        if _head_as_gguf_blocks(reader, names, plan, module, param_name):
+            module.head = _int8_from_blocks(reader, names, shard, device, module_name)
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
         raise CheckpointError(f"checkpoint in {reader.folder} lacks {len(missing)} weights: {shown}")

@@ -1,16 +1,22 @@
-"""Weight-only quantized products: int8 per output channel, int4 in groups along the input (torch implementation).
+"""Weight-only quantized products: int8 per output channel or in groups, int4 in groups along the input (torch
+implementation and the dispatch to the compiled CPU kernels).
 
-Activations stay floating point. On CPU the products of few rows run in torch's own kernels, which want bfloat16
-activations: measured on this project's 2-core AVX-512 machine over SmolLM2-135M's 211 weight matrices
-(cold, one token), int4 takes 4.5 ms and int8 9.6 ms against fp32 F.linear's 45 ms. With float32 or float16
-activations the same kernels are 6-20x slower, so the product casts to bfloat16 and back. Every other device
-(and shapes the CPU kernels refuse) runs the reference: dequantize, then F.linear.
+Activations stay floating point. On CPU with the compiled ops (kernels/compiled.py), products of fewer than
+DENSE_ROWS rows (decode steps) run csrc/gemv.cpp: each weight is decoded to float32 in registers and multiplied
+with float32 activations, so the product is exact to float32 rounding. torch's own int4 and int8 kernels round
+the activations to bfloat16 (about 4e-3 relative error per product), which took the free-running greedy
+agreement of SmolLM2's 4-bit model with its float32 model from 100 % to 72 % (bench/quality.py, 8 prompts x 64
+tokens); they also cost two casts per product. Products of DENSE_ROWS rows or more (prompts, large decode
+batches) expand the weight to bfloat16 for the dense GEMM. Without the compiled ops, torch's kernels run (with
+float32 activations they are 6-20x slower, so the product casts to bfloat16 and back). Every other device (and
+shapes the CPU kernels refuse) runs the reference: dequantize, then F.linear.
 
 Formats (the portable form, from which each device packs its own):
-- int8: q [out, in] int8, scale [out]: w = q * scale.
+- int8: q [out, in] int8, scale [out] or [out, in / group]: w = q * scale.
 - int4: q [out, in] uint8 in 0..15, scale and zero [out, in / group]: w = (q - 8) * scale + zero, the form of
   torch's int4 kernels (gpt-fast's); GGUF's Q4_1 (w = d * q + m) is scale = d, zero = m + 8 d, and Q4_0
-  (w = d * (q - 8)) is zero = 0, both exactly.
+  (w = d * (q - 8)) is zero = 0, both exactly. The compiled kernels hold (scale, min = zero - 8 scale) in
+  float16, exact for both, and quantize_int4 makes its scales and minimums float16 values.
 """
 
 from __future__ import annotations
@@ -30,6 +36,14 @@ CPU_COMPUTE_DTYPE = torch.bfloat16
 # 1.22 / 1.54 / 2.98 / 24.2 ms at 24 / 32 / 64 / 512 rows against 1.27 / 1.33 / 1.45 / 3.5 ms expanded (its
 # torch expansion costs about 0.8 ms, so 24 rows is about where the two meet).
 DENSE_ROWS = 24
+# Below DENSE_ROWS the compiled kernels cost, for SmolLM2's four matrices of a layer, warm, per layer: int8 111 /
+# 211 / 428 us at 1 / 4 / 8 rows against torch's kernel's 120 / 209 / 415; int4 145 / 331 / 641 against 124 / 209
+# / 370 (torch's bfloat16 activations halve its work: the exact product costs more from a few rows on). In a
+# decode step the weights arrive cold and the difference shrinks: SmolLM2 int4 at batch 1 77.2 against 78.2
+# tok/s, at batch 8 197 against 230 (bench/generate_vs_hf.py).
+# float16 weights take the compiled kernel up to FLOAT16_GEMV_ROWS rows: 114 / 222 / 454 us against F.linear's
+# 230 / 456 / 553 (at 16 rows 924 against 741).
+FLOAT16_GEMV_ROWS = 8
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 kernels take
 _INT4_CPU_ROWS = 16  # torch's CPU int4 packing needs out_features divisible by this
 
@@ -49,13 +63,17 @@ def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
         raise ValueError(f"{in_features} input features are not a multiple of the int4 group size {group_size}")
     w = weight.float().reshape(out_features, -1, group_size)
     low, high = w.amin(dim=2), w.amax(dim=2)
-    scale = ((high - low) / 15).clamp_min(1e-12)
+    # scale and low float16-exact (GGUF's Q4_1 stores them so): the CPU kernels' table is float16
+    scale = ((high - low) / 15).clamp_min(2**-24).half().float()
+    low = low.half().float()
     q = torch.round((w - low[..., None]) / scale[..., None]).clamp_(0, 15).to(torch.uint8)
     return q.reshape(out_features, in_features), scale, low + 8 * scale
 
 
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    return (q.float() * scale.float()[:, None]).to(dtype)
+    """w = q * scale, `scale` [out] (per channel) or [out, groups] (per group of input features: GGUF's Q8_0)."""
+    groups = scale.reshape(q.shape[0], -1).float()
+    return (q.float().view(q.shape[0], groups.shape[1], -1) * groups[..., None]).view(q.shape).to(dtype)
 
 
 def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
@@ -85,6 +103,12 @@ def fast_bfloat16_gemm() -> bool:
     return torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
+def scales_and_mins(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """The compiled kernels' table [out, groups, 2] float16: w = q * scale + min, min = zero - 8 scale (exact for
+    GGUF's blocks and quantize_int4's groups, whose scale and min are float16 values)."""
+    return torch.stack([scale, zero - 8 * scale], dim=-1).half().contiguous()
+
+
 def pack_nibbles(q: torch.Tensor, group_size: int) -> torch.Tensor:
     """q [out, in] in 0..15 as [out, in / 2] bytes, group by group: byte i of a group holds the group's element i in
     its low half and element i + group_size / 2 in its high half (dequantize_int4_into's layout)."""
@@ -108,20 +132,20 @@ def _expansion_target(out_features: int, in_features: int, x: torch.Tensor) -> t
     return buffer[: out_features * in_features].view(out_features, in_features)
 
 
-def int4_dense_matmul(x: torch.Tensor, nibbles: torch.Tensor, scales_and_zeros: torch.Tensor,
-                      group_size: int) -> torch.Tensor:
-    """x [..., in] @ W^T with W expanded to bfloat16 from its nibbles and pack_int4's table (CPU, the compiled
+def int4_dense_matmul(x: torch.Tensor, nibbles: torch.Tensor, table: torch.Tensor, group_size: int) -> torch.Tensor:
+    """x [..., in] @ W^T with W expanded to bfloat16 from its nibbles and scales_and_mins' table (CPU, the compiled
     op), in x's dtype."""
     weight = _expansion_target(nibbles.shape[0], nibbles.shape[1] * 2, x)
-    torch.ops.energon_hf.dequantize_int4_into(nibbles, scales_and_zeros, group_size, weight)
+    torch.ops.energon_hf.dequantize_int4_into(nibbles, table, group_size, weight)
     return _cpu_product(F.linear, x, weight)
 
 
 def int8_dense_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [..., in] @ W^T with W = q * scale (a bfloat16 `scale`) expanded to bfloat16 by one torch op, in x's
-    dtype (CPU)."""
+    """x [..., in] @ W^T with W = q * scale (a bfloat16 [out, groups] `scale`) expanded to bfloat16 by one torch
+    op, in x's dtype (CPU)."""
     weight = _expansion_target(*q.shape, x)
-    torch.mul(q, scale[:, None], out=weight)
+    shape = (q.shape[0], scale.shape[1], -1)
+    torch.mul(q.view(shape), scale[..., None], out=weight.view(shape))
     return _cpu_product(F.linear, x, weight)
 
 
@@ -130,6 +154,14 @@ def _cpu_product(op, x: torch.Tensor, *weight) -> torch.Tensor:
     flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     out = op(flat.to(CPU_COMPUTE_DTYPE).contiguous(), *weight).to(x.dtype)
     return out if x.dim() == 2 else out.view(*x.shape[:-1], -1)
+
+
+def gemv(op, x: torch.Tensor, *weight) -> torch.Tensor:
+    """A compiled GEMV kernel (csrc/gemv.cpp: float32 activations, `op(x2d, *weight)`) on x [..., in], in x's
+    dtype."""
+    flat = x.reshape(-1, x.shape[-1])
+    out = op(flat.float().contiguous(), *weight).to(x.dtype)
+    return out.view(*x.shape[:-1], -1)
 
 
 def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -232,6 +232,57 @@ def test_in_place_decode_kernel_refuses_tables_outside_the_cache():
                                           torch.tensor([3, 9]), 1.0)
 
 
+def _gemv_cases(n: int, k: int) -> dict:
+    """op name -> (weight arguments, the float64 weight they hold) for every format of csrc/gemv.cpp."""
+    from energon_hf.kernels import quantized as q
+
+    w = torch.randn(n, k)
+    q8 = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    cases = {f"float-{dtype}": ("float_gemv", (w.to(dtype),), w.to(dtype).double())
+             for dtype in (torch.float32, torch.float16, torch.bfloat16)}
+    for groups in (1, k // 32, k // 16):  # per channel (one long group), Q8_0's 32, 16: the portable loop
+        scale = torch.rand(n, groups)
+        cases[f"int8-{groups}-groups"] = ("int8_gemv", (q8, scale), q.dequantize_int8(q8, scale).double())
+    for group in (32, 64, 12):  # the vector path unrolled (32), generic (64), the portable loop (12)
+        if k % group == 0:
+            q4, scale, zero = q.quantize_int4(w, group) if group in q.INT4_GROUP_SIZES else \
+                (torch.randint(0, 16, (n, k), dtype=torch.uint8), torch.rand(n, k // group), torch.rand(n, k // group))
+            scale, zero = scale.half().float(), zero.half().float()  # the table's float16 (scale, min), exact
+            table = q.scales_and_mins(scale, zero)
+            weights = q.dequantize_int4(q4, table[..., 0].float(), table[..., 1].float() + 8 * table[..., 0].float())
+            cases[f"int4-group-{group}"] = ("int4_gemv", (q.pack_nibbles(q4, group), table, group), weights.double())
+    return cases
+
+
+@pytest.mark.skipif(not compiled.available(), reason="no C++ compiler: the compiled CPU ops cannot build here")
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])  # tiles of 1-4 rows, and rows left after whole tiles
+@pytest.mark.parametrize("n,k", [(37, 192), (16, 40)])  # 40: no 32-wide vector step; 37: rows split unevenly
+def test_gemv_kernels_equal_float64_products(rows, n, k):
+    """The decode-step products (csrc/gemv.cpp) against float64 on the weights each format holds; activations
+    that underflow to subnormals count as zero (no slow path, no effect on the result)."""
+    torch.manual_seed(rows)
+    x = torch.randn(rows, k)
+    x[0, :3] = 1e-42
+    for name, (op, weight, dense) in _gemv_cases(n, k).items():
+        out = getattr(torch.ops.energon_hf, op)(x, *weight)
+        expected = x.double() @ dense.t()
+        assert out.shape == (rows, n) and out.dtype == torch.float32, name
+        assert (out.double() - expected).abs().max() <= 1e-5 * expected.abs().max(), name
+
+
+@pytest.mark.skipif(not compiled.available(), reason="no C++ compiler: the compiled CPU ops cannot build here")
+def test_gemv_kernels_name_bad_arguments():
+    ops, x = torch.ops.energon_hf, torch.randn(2, 64)
+    with pytest.raises(RuntimeError, match="x must be a contiguous"):
+        ops.float_gemv(x.double(), torch.randn(8, 64))
+    with pytest.raises(RuntimeError, match="x has 64 input features, the weight 32"):
+        ops.float_gemv(x, torch.randn(8, 32))
+    with pytest.raises(RuntimeError, match="scale must be a contiguous"):
+        ops.int8_gemv(x, torch.zeros(8, 64, dtype=torch.int8), torch.rand(8, 3))
+    with pytest.raises(RuntimeError, match="dm must be a contiguous"):
+        ops.int4_gemv(x, torch.zeros(8, 32, dtype=torch.uint8), torch.zeros(8, 2, 2), 32)
+
+
 def test_cpu_extension_setting_picks_the_decode_path(monkeypatch):
     """ENERGON_HF_CPU_EXTENSION=0 keeps the torch-only gathering path; by default decodes are read in place."""
     from energon_hf.kernels import attention

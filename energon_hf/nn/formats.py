@@ -3,15 +3,16 @@
 A layer's weight is loaded as a plain float tensor (this rank's shard), then handed to one of these formats:
 
 - `DenseWeight`: the float weight. On CPU (float32, bfloat16) it is reordered once into oneDNN's blocked
-  layout for its inner-product kernel. Measured on this project's 2-core machine over SmolLM2-135M's 211
-  matrices, cold weights, float32: 26 ms per step at 1 token against F.linear's 45 ms, 24 against 39 ms at 8
-  tokens (the previous W @ x^T path), 55 against 82 ms at 32; bfloat16: 13.5 ms at 1 token, 175 against
-  213 ms at 256. float16 has no such kernel on CPUs without AVX512-FP16 and keeps F.linear.
-- `Int8Weight`: int8 per output channel (weight-only); on CPU, products of many rows expand it to bfloat16 for
-  the dense GEMM, as int4's do.
-- `Int4Weight`: int4 in groups along the input features (weight-only). On CPU it also keeps the nibbles (half a
-  byte per weight more) that products of many rows (prompts, large decode batches) expand to bfloat16 for the
-  dense GEMM, where torch's int4 kernel would cost a GEMV per row (kernels/quantized.DENSE_ROWS).
+  layout for its inner-product kernel where that is faster on this kind of host (`onednn_packing_pays`). On the
+  2-core AMD EPYC over SmolLM2-135M's 211 matrices, cold weights, float32: 26 ms per step at 1 token against
+  F.linear's 45 ms, 24 against 39 ms at 8 tokens, 55 against 82 ms at 32; bfloat16: 13.5 ms at 1 token, 175
+  against 213 ms at 256. On the 2-core Xeon float32 packing loses (25.2 against 16.7 ms at 1 token) and
+  bfloat16's wins. float16 has no packing; few rows run the compiled GEMV (kernels/quantized.py).
+- `Int8Weight`: int8 per output channel, or in groups (GGUF's Q8_0), weight-only.
+- `Int4Weight`: int4 in groups along the input features (weight-only).
+  Both run their products of few rows (decode steps) in float32 through the compiled GEMV where it built, and
+  expand the weight to bfloat16 for the dense GEMM from kernels/quantized.DENSE_ROWS rows on (prompts, large
+  decode batches), where torch's quantized kernels would cost a GEMV per row.
 
 `Quantization` says which format each layer gets.
 """
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from energon_hf import kernels
 from energon_hf.kernels import compiled
 from energon_hf.kernels import quantized as q
+from energon_hf.kernels.linear import amx_cpu
 
 METHODS = ("int8", "int4")
 
@@ -33,8 +35,10 @@ METHODS = ("int8", "int4")
 @dataclass(frozen=True)
 class Quantization:
     """Weight-only quantization of the transformer layers' linear products. Vocabulary heads and embeddings
-    stay in the model's dtype: measured on SmolLM2 (bench/quality.py), an int8 head on top of its 4-bit layers
-    took perplexity from +0.005 % to +0.27 % over float32 and greedy agreement from 72 % to 43 %."""
+    stay in the model's dtype: measured on SmolLM2 (bench/quality.py), an int8 head (per channel, re-quantized,
+    through torch's kernel, which rounds activations to bfloat16) on top of its 4-bit layers took perplexity
+    from +0.005 % to +0.27 % over float32 and greedy agreement from 72 % to 43 %. The exception is a head the
+    .gguf file itself holds in 8 bits (converters/loader.py): its product is the dequantized model's."""
 
     method: str
     group_size: int = 32
@@ -64,9 +68,14 @@ class DenseWeight:
         self.out_features, self.in_features = weight.shape
         self.dtype = weight.dtype
         self.packed = _onednn_packed(weight)
-        self.weight = weight if self.packed is None else None
+        self.weight = weight.detach() if self.packed is None else None  # the same memory, without autograd
+        # float16 has no oneDNN packing; torch's CPU GEMV for it is 2x slower than ours (kernels/quantized.py)
+        self.gemv = weight.device.type == "cpu" and weight.dtype == torch.float16
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.gemv and x.numel() <= q.FLOAT16_GEMV_ROWS * self.in_features and compiled.available():
+            out = q.gemv(torch.ops.energon_hf.float_gemv, x, self.weight)
+            return out if bias is None else out + bias
         if self.packed is None:
             return kernels.linear(x, self.weight, bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
@@ -83,7 +92,7 @@ class DenseWeight:
 
 def _onednn_packed(weight: torch.Tensor) -> torch.Tensor | None:
     if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16) \
-            or not torch.backends.mkldnn.is_available():
+            or not torch.backends.mkldnn.is_available() or not onednn_packing_pays(weight.dtype):
         return None
     try:
         return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 1)  # batch-size hint: decode steps
@@ -91,27 +100,48 @@ def _onednn_packed(weight: torch.Tensor) -> torch.Tensor | None:
         return None
 
 
-class Int8Weight:
-    """w = q * scale per output channel."""
+def onednn_packing_pays(dtype: torch.dtype) -> bool:
+    """Whether oneDNN's packed layout beats the plain weight on this CPU. bfloat16: everywhere measured. float32:
+    not on Intel Xeons with AMX (kernels/linear.py: F.linear on the plain weight, 16.9 against 26.3 ms for
+    SmolLM2's layers at one row), where it does on the AMD EPYC. (A calibration at load was tried: on weights
+    warm in cache the ranking differs from a decode step's cold weights, so it picked wrongly.)"""
+    return dtype == torch.bfloat16 or not amx_cpu()
 
-    def __init__(self, q8: torch.Tensor, scale: torch.Tensor):
+
+class Int8Weight:
+    """w = q * scale, one scale per output channel, or one per `group_size` input features of a row (GGUF's Q8_0:
+    groups of 32, the embedded SmolLM2's vocabulary head).
+
+    On CPU, products of fewer than DENSE_ROWS rows run the compiled float32 kernel (csrc/gemv.cpp; without it,
+    torch's int8 kernel with bfloat16 activations, per-channel scales only), larger ones expand to bfloat16 for
+    the dense GEMM. Other devices dequantize on the fly."""
+
+    def __init__(self, q8: torch.Tensor, scale: torch.Tensor, exact: bool = False):
+        """`exact`: every product runs in float32 (the compiled kernel, else the dequantized weight), never with
+        bfloat16 activations: for a vocabulary head, whose bfloat16 logits cost SmolLM2's 4-bit model 0.8 points
+        of teacher-forced greedy agreement with float32 (bench/quality.py)."""
         self.out_features, self.in_features = q8.shape
         self.q = q8.contiguous()
-        self.scale = scale.float()
-        self.kernel_scale = scale.to(q.CPU_COMPUTE_DTYPE) if q8.device.type == "cpu" else None
-        self.expands = self.kernel_scale is not None and q.fast_bfloat16_gemm()
+        self.scale = scale.float().reshape(self.out_features, -1).contiguous()  # [out, groups]
+        self.group_size = self.in_features // self.scale.shape[1]
+        self.cpu = q8.device.type == "cpu"
+        bfloat16 = self.cpu and not exact
+        self.kernel_scale = self.scale.to(q.CPU_COMPUTE_DTYPE) if bfloat16 else None  # torch's kernel, expansion
+        self.expands = bfloat16 and q.fast_bfloat16_gemm()
 
     @classmethod
     def quantize(cls, weight: torch.Tensor) -> Int8Weight:
         return cls(*q.quantize_int8(weight))
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if self.kernel_scale is None:
-            out = F.linear(x, q.dequantize_int8(self.q, self.scale, x.dtype))
-        elif self.expands and x.numel() >= q.DENSE_ROWS * self.in_features:
+        if self.expands and x.numel() >= q.DENSE_ROWS * self.in_features:
             out = q.int8_dense_matmul(x, self.q, self.kernel_scale)
+        elif self.cpu and compiled.available():
+            out = q.gemv(torch.ops.energon_hf.int8_gemv, x, self.q, self.scale)
+        elif self.kernel_scale is not None and self.group_size == self.in_features:  # per-channel scales only
+            out = q.int8_matmul(x, self.q, self.kernel_scale[:, 0])
         else:
-            out = q.int8_matmul(x, self.q, self.kernel_scale)
+            out = F.linear(x, q.dequantize_int8(self.q, self.scale, x.dtype))
         return out if bias is None else out + bias
 
     @property
@@ -120,23 +150,27 @@ class Int8Weight:
 
     @property
     def streamed_nbytes(self) -> int:
-        return self.nbytes
+        return self.q.numel() + self.scale.numel() * 4
 
 
 class Int4Weight:
-    """w = (q - 8) * scale + zero, one scale and zero per `group_size` input features of a row."""
+    """w = (q - 8) * scale + zero, one scale and zero per `group_size` input features of a row.
+
+    On CPU it takes one of two forms at load. With the compiled ops: nibbles and a float16 (scale, min) table,
+    which products of fewer than DENSE_ROWS rows multiply exactly in float32 (csrc/gemv.cpp) and larger ones
+    expand to bfloat16 for the dense GEMM. Without them: torch's packed int4 kernel (bfloat16 activations).
+    Other devices dequantize on the fly."""
 
     def __init__(self, q4: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
         self.out_features, self.in_features = q4.shape
         self.group_size = self.in_features // scale.shape[1]
-        self.nibbles = None  # for products of many rows (q.DENSE_ROWS), where the compiled ops built
-        if q.int4_kernel_fits(self.out_features, self.in_features, self.group_size, q4.device):
+        self.nibbles = self.table = self.packed = self.scales_and_zeros = self.parts = None
+        cpu = q4.device.type == "cpu"
+        if cpu and compiled.available():
+            self.nibbles, self.table = q.pack_nibbles(q4, self.group_size), q.scales_and_mins(scale, zero)
+        elif q.int4_kernel_fits(self.out_features, self.in_features, self.group_size, q4.device):
             self.packed, self.scales_and_zeros = q.pack_int4(q4, scale, zero)
-            self.parts = None
-            if compiled.available() and q.fast_bfloat16_gemm():
-                self.nibbles = q.pack_nibbles(q4, self.group_size)
         else:  # other devices and shapes: dequantized on the fly
-            self.packed = self.scales_and_zeros = None
             self.parts = (q4, scale.float(), zero.float())
 
     @classmethod
@@ -144,25 +178,26 @@ class Int4Weight:
         return cls(*q.quantize_int4(weight, group_size))
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if self.parts is not None:
-            out = F.linear(x, q.dequantize_int4(*self.parts, x.dtype))
-        elif self.nibbles is not None and x.numel() >= q.DENSE_ROWS * self.in_features and compiled.enabled():
-            out = q.int4_dense_matmul(x, self.nibbles, self.scales_and_zeros, self.group_size)
-        else:
+        if self.nibbles is not None:
+            if x.numel() >= q.DENSE_ROWS * self.in_features and q.fast_bfloat16_gemm():
+                out = q.int4_dense_matmul(x, self.nibbles, self.table, self.group_size)
+            else:
+                out = q.gemv(torch.ops.energon_hf.int4_gemv, x, self.nibbles, self.table, self.group_size)
+        elif self.packed is not None:
             out = q.int4_matmul(x, self.packed, self.scales_and_zeros, self.group_size)
+        else:
+            out = F.linear(x, q.dequantize_int4(*self.parts, x.dtype))
         return out if bias is None else out + bias
 
     @property
     def nbytes(self) -> int:
-        nibbles = 0 if self.nibbles is None else self.nibbles.numel()
-        return self.streamed_nbytes + nibbles
+        return self.streamed_nbytes
 
     @property
     def streamed_nbytes(self) -> int:
-        """A product of few rows reads the kernel's packed form only (the nibbles serve products of many rows)."""
-        if self.parts is not None:
-            return sum(t.numel() * t.element_size() for t in self.parts)
-        return self.packed.numel() + self.scales_and_zeros.numel() * 2
+        held = (self.nibbles, self.table) if self.nibbles is not None else \
+            (self.packed, self.scales_and_zeros) if self.packed is not None else self.parts
+        return sum(t.numel() * t.element_size() for t in held)
 
 
 LinearWeight = DenseWeight | Int8Weight | Int4Weight

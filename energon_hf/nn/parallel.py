@@ -16,7 +16,7 @@ from torch import nn
 from energon_hf import kernels
 from energon_hf.parallel import Shard, state, tp_all_gather, tp_all_reduce
 
-from .formats import DenseWeight, FormatPlan
+from .formats import DenseWeight, FormatPlan, LinearWeight
 from .linear import Linear
 
 
@@ -106,7 +106,7 @@ class VocabParallelEmbedding(ShardedMixin, nn.Module):
     `lookups=False`: an untied LM head, which only ever computes logits.
     """
 
-    head: DenseWeight | None = None  # the logits product's packed weight, set once the weight is loaded
+    head: LinearWeight | None = None  # the logits product's weight format, set once the weight is loaded
 
     def __init__(self, num_embeddings: int, embedding_dim: int, lookups: bool = True, **kwargs):
         super().__init__()

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <cstdint>
@@ -24,17 +25,10 @@ inline uint16_t to_bfloat16(float value) {
   return static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
 }
 
-inline float from_bfloat16(uint16_t value) {
-  const uint32_t bits = static_cast<uint32_t>(value) << 16;
-  float out;
-  std::memcpy(&out, &bits, sizeof(out));
-  return out;
-}
-
 // nibbles [out, in / 2] uint8, group by group: byte i of a group holds its element i in the low half and its
-// element i + group / 2 in the high half, so both halves expand with contiguous stores; scales_and_zeros
-// [in / group, out, 2] bfloat16 (torch's int4 kernel's own table): w = (q - 8) * scale + zero, into `weight`.
-void dequantize_int4_into(const at::Tensor& nibbles, const at::Tensor& scales_and_zeros, int64_t group_size,
+// element i + group / 2 in the high half, so both halves expand with contiguous stores; scales_and_mins
+// [out, in / group, 2] float16 (the int4 GEMV's table, gemv.cpp): w = q * scale + min, into `weight`.
+void dequantize_int4_into(const at::Tensor& nibbles, const at::Tensor& scales_and_mins, int64_t group_size,
                           at::Tensor& weight) {
   TORCH_CHECK(nibbles.scalar_type() == at::kByte && nibbles.dim() == 2 && nibbles.is_contiguous(),
               "dequantize_int4_into: nibbles must be a contiguous [out, in / 2] uint8 tensor");
@@ -42,26 +36,24 @@ void dequantize_int4_into(const at::Tensor& nibbles, const at::Tensor& scales_an
   TORCH_CHECK(group_size > 0 && group_size % 2 == 0 && in_features % group_size == 0,
               "dequantize_int4_into: ", in_features, " input features do not split into groups of ", group_size);
   const int64_t groups = in_features / group_size;
-  TORCH_CHECK(scales_and_zeros.scalar_type() == at::kBFloat16 && scales_and_zeros.is_contiguous() &&
-              scales_and_zeros.sizes() == at::IntArrayRef({groups, out_features, 2}),
-              "dequantize_int4_into: scales_and_zeros must be a contiguous [in / group, out, 2] bfloat16 tensor");
+  TORCH_CHECK(scales_and_mins.scalar_type() == at::kHalf && scales_and_mins.is_contiguous() &&
+                  scales_and_mins.sizes() == at::IntArrayRef({out_features, groups, 2}),
+              "dequantize_int4_into: scales_and_mins must be a contiguous [out, in / group, 2] float16 tensor");
   TORCH_CHECK(weight.scalar_type() == at::kBFloat16 && weight.is_contiguous() &&
-              weight.sizes() == at::IntArrayRef({out_features, in_features}),
+                  weight.sizes() == at::IntArrayRef({out_features, in_features}),
               "dequantize_int4_into: weight must be a contiguous [out, in] bfloat16 tensor");
   const uint8_t* q = nibbles.data_ptr<uint8_t>();
-  const uint16_t* sz = reinterpret_cast<const uint16_t*>(scales_and_zeros.data_ptr<c10::BFloat16>());
+  const at::Half* table = scales_and_mins.data_ptr<at::Half>();
   uint16_t* w = reinterpret_cast<uint16_t*>(weight.data_ptr<c10::BFloat16>());
   at::parallel_for(0, out_features * groups, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t row = item / groups, group = item % groups;
-      const float scale = from_bfloat16(sz[(group * out_features + row) * 2]);
-      const float zero = from_bfloat16(sz[(group * out_features + row) * 2 + 1]);
+    for (int64_t item = begin; item < end; ++item) {  // item: (row, group), the table's own order
+      const float scale = static_cast<float>(table[2 * item]), min = static_cast<float>(table[2 * item + 1]);
       const int64_t half = group_size / 2;
       const uint8_t* src = q + item * half;
       uint16_t* dst = w + item * group_size;
 #if defined(__AVX512BF16__)
       if (half % 16 == 0) {  // 16 bytes -> 32 weights in a dozen instructions (the loops below: ~5x slower)
-        const __m512 s = _mm512_set1_ps(scale), z = _mm512_set1_ps(zero - 8.f * scale);
+        const __m512 s = _mm512_set1_ps(scale), z = _mm512_set1_ps(min);
         for (int64_t i = 0; i < half; i += 16) {
           const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
           const __m512 low = _mm512_cvtepi32_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(15)));
@@ -74,10 +66,9 @@ void dequantize_int4_into(const at::Tensor& nibbles, const at::Tensor& scales_an
       }
 #endif
 #pragma omp simd
-      for (int64_t i = 0; i < half; ++i) dst[i] = to_bfloat16((static_cast<float>(src[i] & 15) - 8.f) * scale + zero);
+      for (int64_t i = 0; i < half; ++i) dst[i] = to_bfloat16(static_cast<float>(src[i] & 15) * scale + min);
 #pragma omp simd
-      for (int64_t i = 0; i < half; ++i)
-        dst[half + i] = to_bfloat16((static_cast<float>(src[i] >> 4) - 8.f) * scale + zero);
+      for (int64_t i = 0; i < half; ++i) dst[half + i] = to_bfloat16(static_cast<float>(src[i] >> 4) * scale + min);
     }
   });
 }
@@ -85,7 +76,7 @@ void dequantize_int4_into(const at::Tensor& nibbles, const at::Tensor& scales_an
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(energon_hf, m) {
-  m.def("dequantize_int4_into(Tensor nibbles, Tensor scales_and_zeros, int group_size, Tensor(a!) weight) -> ()");
+  m.def("dequantize_int4_into(Tensor nibbles, Tensor scales_and_mins, int group_size, Tensor(a!) weight) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(energon_hf, CPU, m) { m.impl("dequantize_int4_into", &dequantize_int4_into); }

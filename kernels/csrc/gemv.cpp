@@ -1,0 +1,395 @@
+// Products of a few rows (decode steps: one token per running sequence) with weights that are read from memory
+// once per step: x [M, K] float32 times W^T, W [N, K] held as float16, bfloat16, float32, int8 in groups of
+// scales, or int4 nibbles with a float16 (scale, min) per group. Each weight is decoded to float32 in registers
+// and multiplied with float32 activations, accumulated in float32: the result is the float32 product with the
+// stored weights, to float32 rounding, where torch's CPU kernels for int4, int8 and half weights round the
+// activations to bfloat16 first (about 4e-3 relative error per product; on SmolLM2's 4-bit model that took
+// free-running greedy agreement with float32 from 100 % to 72 %). Every decoded weight vector serves up to
+// ROW_TILE rows of x.
+//
+// 256-bit vectors (AVX2, FMA, F16C), also on AVX-512 machines: in a decode step these products alternate with
+// scalar and small ops, and on the 2-core Xeon each 512-bit version paid for the switch into AVX-512's frequency
+// license, in place: an int4 product took 99 us after the step's glue against 54 us right after another
+// product, and torch's next op ran at 72 instead of 44 us.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define ENERGON_VECTOR 1
+#include <immintrin.h>
+#endif
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
+
+namespace {
+
+constexpr int ROW_TILE = 4;
+// Each row asks for the row PREFETCH_ROWS ahead: the weights arrive cold (a step streams them once), and the
+// hardware prefetcher alone left an int4 product at 118 us against 64 warm (SmolLM2, one thread; 82 with this).
+constexpr int64_t PREFETCH_ROWS = 8;
+
+inline float half_to_float(uint16_t bits) { return static_cast<float>(c10::Half(bits, c10::Half::from_bits())); }
+
+inline float bfloat16_to_float(uint16_t bits) {
+  const uint32_t wide = static_cast<uint32_t>(bits) << 16;
+  float out;
+  std::memcpy(&out, &wide, sizeof(out));
+  return out;
+}
+
+#ifdef ENERGON_VECTOR
+// Prefetching past the end of a tensor is harmless: a prefetch never faults.
+inline void prefetch(const void* start, int64_t bytes) {
+  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(static_cast<const char*>(start) + b, _MM_HINT_T0);
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// 8 bytes -> 8 int32 lanes
+inline __m256i bytes_u8(const uint8_t* p) {
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+inline __m256 bytes_s8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+#endif
+
+// One weight format: `row_dot<T>(n, x, ldx, xrow, out)` writes out[t] = sum_k W[n, k] * x[t * ldx + k] for t < T
+// (x: rows xrow .. xrow + T of the input). Several accumulator chains per row, so a one-row product is not
+// bound by the latency of one chain of FMAs.
+
+struct Int4Rows {
+  const uint8_t* nibbles;  // [N, K / 2]: byte i of a group: element i (low half), element i + group / 2 (high)
+  const uint16_t* table;   // [N, K / group, 2] float16: w = q * scale + min
+  const float* xsum;       // [M, K / group]: each group's sum of x, for the min term
+  int64_t K, group, groups;
+
+#ifdef ENERGON_VECTOR
+  // acc[t] += scale * (x_t . q) over group g. HALF: half the group size, a constant for the usual groups of 32.
+  template <int T, int64_t HALF>
+  __attribute__((always_inline)) inline void group_dot(const uint8_t* q, float scale, int64_t g, const float* x,
+                                                       int64_t ldx, __m256* acc) const {
+    const int64_t half = HALF > 0 ? HALF : group / 2;
+    __m256 part[T];
+    for (int t = 0; t < T; ++t) part[t] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < half; i += 8) {
+      const __m256i bytes = bytes_u8(q + g * half + i);
+      const __m256 low = _mm256_cvtepi32_ps(_mm256_and_si256(bytes, _mm256_set1_epi32(15)));
+      const __m256 high = _mm256_cvtepi32_ps(_mm256_srli_epi32(bytes, 4));
+      const float* xs = x + g * group + i;
+      for (int t = 0; t < T; ++t) {
+        part[t] = _mm256_fmadd_ps(low, _mm256_loadu_ps(xs + t * ldx), part[t]);
+        part[t] = _mm256_fmadd_ps(high, _mm256_loadu_ps(xs + t * ldx + half), part[t]);
+      }
+    }
+    const __m256 s = _mm256_set1_ps(scale);
+    for (int t = 0; t < T; ++t) acc[t] = _mm256_fmadd_ps(part[t], s, acc[t]);
+  }
+
+  template <int T, int64_t HALF>
+  __attribute__((always_inline)) inline void groups_dot(const uint8_t* q, const float* pairs, const float* x,
+                                                        int64_t ldx, __m256* even, __m256* odd) const {
+    int64_t g = 0;
+    for (; g + 1 < groups; g += 2) {
+      group_dot<T, HALF>(q, pairs[2 * g], g, x, ldx, even);
+      group_dot<T, HALF>(q, pairs[2 * g + 2], g + 1, x, ldx, odd);
+    }
+    if (g < groups) group_dot<T, HALF>(q, pairs[2 * g], g, x, ldx, even);
+  }
+#endif
+
+  template <int T>
+  void row_dot(int64_t n, const float* x, int64_t ldx, int64_t xrow, float* out) const {
+    const uint8_t* q = nibbles + n * (K / 2);
+    const uint16_t* row_table = table + n * groups * 2;
+    const int64_t half = group / 2;
+#ifdef ENERGON_VECTOR
+    if (half % 8 == 0) {
+      prefetch(q + PREFETCH_ROWS * (K / 2), K / 2);
+      prefetch(row_table + PREFETCH_ROWS * groups * 2, groups * 4);
+      // The row's (scale, min) pairs in float32, converted 8 at a time rather than two per group.
+      std::vector<float>& pairs = scratch();
+      pairs.resize(2 * groups);
+      int64_t i = 0;
+      for (; i + 8 <= 2 * groups; i += 8)
+        _mm256_storeu_ps(pairs.data() + i,
+                         _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row_table + i))));
+      for (; i < 2 * groups; ++i) pairs[i] = half_to_float(row_table[i]);
+      __m256 even[T], odd[T];  // two chains: even and odd groups
+      for (int t = 0; t < T; ++t) even[t] = odd[t] = _mm256_setzero_ps();
+      if (half == 16)
+        groups_dot<T, 16>(q, pairs.data(), x, ldx, even, odd);
+      else
+        groups_dot<T, 0>(q, pairs.data(), x, ldx, even, odd);
+      for (int t = 0; t < T; ++t) {
+        float mins = 0.f;
+        for (int64_t j = 0; j < groups; ++j) mins += pairs[2 * j + 1] * xsum[(xrow + t) * groups + j];
+        out[t] = hsum(_mm256_add_ps(even[t], odd[t])) + mins;
+      }
+      return;
+    }
+#endif
+    for (int t = 0; t < T; ++t) {
+      float sum = 0.f;
+      for (int64_t g = 0; g < groups; ++g) {
+        float part = 0.f;
+        const float* xs = x + t * ldx + g * group;
+        for (int64_t i = 0; i < half; ++i)
+          part += static_cast<float>(q[g * half + i] & 15) * xs[i] + static_cast<float>(q[g * half + i] >> 4) * xs[half + i];
+        sum += part * half_to_float(row_table[2 * g]) +
+               half_to_float(row_table[2 * g + 1]) * xsum[(xrow + t) * groups + g];
+      }
+      out[t] = sum;
+    }
+  }
+
+  static std::vector<float>& scratch() {
+    thread_local std::vector<float> pairs;
+    return pairs;
+  }
+};
+
+struct Int8Rows {
+  const int8_t* q;     // [N, K]
+  const float* scale;  // [N, K / group]: w = q * scale
+  int64_t K, group, groups;
+
+#ifdef ENERGON_VECTOR
+  // acc[t] += scale * (x_t . w[k, k + 32)): GGUF's Q8_0 block.
+  template <int T>
+  __attribute__((always_inline)) static inline void block_dot(const int8_t* w, float scale, int64_t k, const float* x,
+                                                              int64_t ldx, __m256* acc) {
+    const __m256 s = _mm256_set1_ps(scale);
+    for (int64_t i = 0; i < 32; i += 8) {
+      const __m256 weights = _mm256_mul_ps(bytes_s8(w + k + i), s);
+      for (int t = 0; t < T; ++t) acc[t] = _mm256_fmadd_ps(weights, _mm256_loadu_ps(x + t * ldx + k + i), acc[t]);
+    }
+  }
+#endif
+
+  template <int T>
+  void row_dot(int64_t n, const float* x, int64_t ldx, int64_t, float* out) const {
+    const int8_t* w = q + n * K;
+    const float* scales = scale + n * groups;
+#ifdef ENERGON_VECTOR
+    prefetch(w + PREFETCH_ROWS * K, K);
+    prefetch(scales + PREFETCH_ROWS * groups, groups * 4);
+    if (group == 32) {  // even and odd blocks on two chains
+      __m256 even[T], odd[T];
+      for (int t = 0; t < T; ++t) even[t] = odd[t] = _mm256_setzero_ps();
+      int64_t g = 0;
+      for (; g + 1 < groups; g += 2) {
+        block_dot<T>(w, scales[g], g * 32, x, ldx, even);
+        block_dot<T>(w, scales[g + 1], g * 32 + 32, x, ldx, odd);
+      }
+      if (g < groups) block_dot<T>(w, scales[g], g * 32, x, ldx, even);
+      for (int t = 0; t < T; ++t) out[t] = hsum(_mm256_add_ps(even[t], odd[t]));
+      return;
+    }
+    if (group % 32 == 0) {  // long groups (per-channel scales: one group): four chains within a group
+      __m256 acc[T];
+      for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
+      for (int64_t g = 0; g < groups; ++g) {
+        __m256 part[4][T];
+        for (int c = 0; c < 4; ++c)
+          for (int t = 0; t < T; ++t) part[c][t] = _mm256_setzero_ps();
+        for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
+          const __m256 w0 = bytes_s8(w + k), w1 = bytes_s8(w + k + 8), w2 = bytes_s8(w + k + 16),
+                       w3 = bytes_s8(w + k + 24);
+          for (int t = 0; t < T; ++t) {
+            const float* xs = x + t * ldx + k;
+            part[0][t] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xs), part[0][t]);
+            part[1][t] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xs + 8), part[1][t]);
+            part[2][t] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xs + 16), part[2][t]);
+            part[3][t] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xs + 24), part[3][t]);
+          }
+        }
+        const __m256 s = _mm256_set1_ps(scales[g]);
+        for (int t = 0; t < T; ++t) {
+          const __m256 sum = _mm256_add_ps(_mm256_add_ps(part[0][t], part[1][t]), _mm256_add_ps(part[2][t], part[3][t]));
+          acc[t] = _mm256_fmadd_ps(sum, s, acc[t]);
+        }
+      }
+      for (int t = 0; t < T; ++t) out[t] = hsum(acc[t]);
+      return;
+    }
+#endif
+    for (int t = 0; t < T; ++t) {
+      float sum = 0.f;
+      for (int64_t g = 0; g < groups; ++g) {
+        float part = 0.f;
+        for (int64_t i = 0; i < group; ++i) part += static_cast<float>(w[g * group + i]) * x[t * ldx + g * group + i];
+        sum += part * scales[g];
+      }
+      out[t] = sum;
+    }
+  }
+};
+
+// Float weights: float32, float16 or bfloat16 (`kind`: 0, 1, 2).
+struct FloatRows {
+  const void* weight;  // [N, K]
+  int kind;
+  int64_t K;
+
+#ifdef ENERGON_VECTOR
+  inline __m256 load(int64_t offset) const {
+    if (kind == 0) return _mm256_loadu_ps(static_cast<const float*>(weight) + offset);
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(weight) + offset));
+    if (kind == 1) return _mm256_cvtph_ps(raw);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+  }
+#endif
+
+  inline float scalar(int64_t offset) const {
+    if (kind == 0) return static_cast<const float*>(weight)[offset];
+    const uint16_t bits = static_cast<const uint16_t*>(weight)[offset];
+    return kind == 1 ? half_to_float(bits) : bfloat16_to_float(bits);
+  }
+
+  template <int T>
+  void row_dot(int64_t n, const float* x, int64_t ldx, int64_t, float* out) const {
+    const int64_t row = n * K;
+#ifdef ENERGON_VECTOR
+    const int64_t bytes = K * (kind == 0 ? 4 : 2);
+    prefetch(static_cast<const char*>(weight) + (n + PREFETCH_ROWS) * bytes, bytes);
+    if (K % 32 == 0) {  // four chains
+      __m256 acc[4][T];
+      for (int c = 0; c < 4; ++c)
+        for (int t = 0; t < T; ++t) acc[c][t] = _mm256_setzero_ps();
+      for (int64_t k = 0; k < K; k += 32) {
+        const __m256 w0 = load(row + k), w1 = load(row + k + 8), w2 = load(row + k + 16), w3 = load(row + k + 24);
+        for (int t = 0; t < T; ++t) {
+          const float* xs = x + t * ldx + k;
+          acc[0][t] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xs), acc[0][t]);
+          acc[1][t] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xs + 8), acc[1][t]);
+          acc[2][t] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xs + 16), acc[2][t]);
+          acc[3][t] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xs + 24), acc[3][t]);
+        }
+      }
+      for (int t = 0; t < T; ++t)
+        out[t] = hsum(_mm256_add_ps(_mm256_add_ps(acc[0][t], acc[1][t]), _mm256_add_ps(acc[2][t], acc[3][t])));
+      return;
+    }
+#endif
+    for (int t = 0; t < T; ++t) {
+      float sum = 0.f;
+      for (int64_t k = 0; k < K; ++k) sum += scalar(row + k) * x[t * ldx + k];
+      out[t] = sum;
+    }
+  }
+};
+
+// Activations that underflow to subnormals (SiLU of a very negative gate: about -1e-42) make every FMA that
+// reads them take a microcode assist on x86: a SmolLM2 down projection ran 2x slower. Within our loops they
+// count as zero (torch's bfloat16 kernels flush them too); the thread's previous mode is restored after.
+struct DenormalsAreZero {
+#if defined(__SSE__)
+  const unsigned int saved = _mm_getcsr();
+  DenormalsAreZero() { _mm_setcsr(saved | 0x8040); }  // DAZ (bit 6) and FTZ (bit 15)
+  ~DenormalsAreZero() { _mm_setcsr(saved); }
+#endif
+};
+
+// out [M, N] = x [M, K] @ W^T, rows of W split over torch's threads, x's rows in tiles of ROW_TILE.
+template <class Rows>
+at::Tensor run_rows(const Rows& rows, const at::Tensor& x, int64_t N) {
+  const int64_t M = x.size(0), K = x.size(1);
+  at::Tensor out = at::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    const DenormalsAreZero daz;
+    float result[ROW_TILE];
+    for (int64_t n = begin; n < end; ++n) {
+      for (int64_t m = 0; m < M; m += ROW_TILE) {
+        const int64_t tile = std::min<int64_t>(ROW_TILE, M - m);
+        const float* xs = xp + m * K;
+        switch (tile) {
+          case 1: rows.template row_dot<1>(n, xs, K, m, result); break;
+          case 2: rows.template row_dot<2>(n, xs, K, m, result); break;
+          case 3: rows.template row_dot<3>(n, xs, K, m, result); break;
+          default: rows.template row_dot<4>(n, xs, K, m, result); break;
+        }
+        for (int64_t t = 0; t < tile; ++t) op[(m + t) * N + n] = result[t];
+      }
+    }
+  });
+  return out;
+}
+
+void check_input(const at::Tensor& x, int64_t K, const char* op) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(), op,
+              ": x must be a contiguous [rows, in] float32 tensor");
+  TORCH_CHECK(x.size(1) == K, op, ": x has ", x.size(1), " input features, the weight ", K);
+}
+
+at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& nibbles, const at::Tensor& dm, int64_t group) {
+  TORCH_CHECK(nibbles.scalar_type() == at::kByte && nibbles.dim() == 2 && nibbles.is_contiguous(),
+              "int4_gemv: nibbles must be a contiguous [out, in / 2] uint8 tensor");
+  const int64_t N = nibbles.size(0), K = nibbles.size(1) * 2;
+  TORCH_CHECK(group > 0 && group % 2 == 0 && K % group == 0, "int4_gemv: ", K, " input features, group ", group);
+  const int64_t groups = K / group;
+  TORCH_CHECK(dm.scalar_type() == at::kHalf && dm.is_contiguous() && dm.sizes() == at::IntArrayRef({N, groups, 2}),
+              "int4_gemv: dm must be a contiguous [out, in / group, 2] float16 tensor");
+  check_input(x, K, "int4_gemv");
+  std::vector<float> xsum(x.size(0) * groups);  // each group's sum of x, for the min term
+  const float* xp = x.data_ptr<float>();
+  for (int64_t i = 0; i < static_cast<int64_t>(xsum.size()); ++i) {
+    float sum = 0.f;
+    for (int64_t k = 0; k < group; ++k) sum += xp[i * group + k];
+    xsum[i] = sum;
+  }
+  Int4Rows rows{nibbles.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(dm.data_ptr<at::Half>()),
+                xsum.data(), K, group, groups};
+  return run_rows(rows, x, N);
+}
+
+at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale) {
+  TORCH_CHECK(q.scalar_type() == at::kChar && q.dim() == 2 && q.is_contiguous(),
+              "int8_gemv: q must be a contiguous [out, in] int8 tensor");
+  const int64_t N = q.size(0), K = q.size(1);
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.dim() == 2 && scale.size(0) == N &&
+                  scale.size(1) > 0 && K % scale.size(1) == 0,
+              "int8_gemv: scale must be a contiguous [out, groups] float32 tensor that divides ", K, " features");
+  check_input(x, K, "int8_gemv");
+  const int64_t groups = scale.size(1);
+  Int8Rows rows{q.data_ptr<int8_t>(), scale.data_ptr<float>(), K, K / groups, groups};
+  return run_rows(rows, x, N);
+}
+
+at::Tensor float_gemv(const at::Tensor& x, const at::Tensor& weight) {
+  const auto dtype = weight.scalar_type();
+  TORCH_CHECK((dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16) && weight.dim() == 2 &&
+                  weight.is_contiguous(),
+              "float_gemv: weight must be a contiguous [out, in] float32, float16 or bfloat16 tensor");
+  check_input(x, weight.size(1), "float_gemv");
+  FloatRows rows{weight.data_ptr(), dtype == at::kFloat ? 0 : dtype == at::kHalf ? 1 : 2, weight.size(1)};
+  return run_rows(rows, x, weight.size(0));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(energon_hf, m) {
+  m.def("int4_gemv(Tensor x, Tensor nibbles, Tensor dm, int group) -> Tensor");
+  m.def("int8_gemv(Tensor x, Tensor q, Tensor scale) -> Tensor");
+  m.def("float_gemv(Tensor x, Tensor weight) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(energon_hf, CPU, m) {
+  m.impl("int4_gemv", &int4_gemv);
+  m.impl("int8_gemv", &int8_gemv);
+  m.impl("float_gemv", &float_gemv);
+}
