@@ -12,7 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from energon_hf.errors import CheckpointError
-from energon_hf.kernels import compiled
+from energon_hf.kernels import quantized as q
 from energon_hf.nn.formats import FormatPlan, Int4Weight, Int8Weight
 from energon_hf.parallel import Shard
 
@@ -84,15 +84,14 @@ def _as_gguf_blocks(reader: CheckpointReader, names: list[str], spec: WeightSpec
 
 
 def _head_as_gguf_blocks(reader: CheckpointReader, names: list[str], plan: FormatPlan | None, module: nn.Module,
-                         param: str) -> bool:
-    """Whether this vocabulary head (a weight that finish_loading made a head) computes on the .gguf's own
-    8-bit blocks: a quantized model whose file holds the head as Q8_0 (the embedded SmolLM2's tied head). The
-    result is the float32 product with the file's weights (the compiled int8 kernel), as the dequantized
-    model's; the float table stays for embedding lookups."""
-    return (plan is not None and plan.quantization is not None and plan.pack and reader.blocks is not None
-            and param == "weight" and getattr(module, "head", None) is not None
-            and reader.blocks.covers(names, ("Q8_0",)) and module.weight.device.type == "cpu"
-            and compiled.available())  # elsewhere a grouped int8 product is a dequantization per call
+                         name: str, param: str, device: torch.device) -> bool:
+    """Whether this vocabulary head computes on the .gguf's own 8-bit blocks: a quantized model whose file holds
+    the head as Q8_0 (the embedded SmolLM2's tied head), on CPU with the compiled GEMV (elsewhere a grouped int8
+    product would dequantize the whole head per call). Its products are float32 on the file's weights, as the
+    dequantized model's; a tied head's float table stays for embedding lookups."""
+    return (plan is not None and plan.quantization is not None and reader.blocks is not None
+            and param == "weight" and hasattr(module, "computes_logits") and module.computes_logits(plan, name)
+            and reader.blocks.covers(names, ("Q8_0",)) and device.type == "cpu" and q.gemv_available())
 
 
 def _int4_from_blocks(reader: CheckpointReader, names: list[str], shard: Shard | None, device: torch.device,
@@ -147,11 +146,15 @@ def load_weights(model: nn.Module, specs: dict[str, WeightSpec], reader: Checkpo
         if _as_gguf_blocks(reader, names, spec, plan, module, param_name):
             module.take_format(_int4_from_blocks(reader, names, shard, device, module_name))
             continue
+        if _head_as_gguf_blocks(reader, names, plan, module, module_name, param_name, device):
+            if module.lookups:  # the float table, for lookups
+                value = source.full() if shard is None else shard.take(source)
+                set_module_tensor_to_device(model, name, device, value=value, dtype=dtype)
+            module.take_head(_int8_from_blocks(reader, names, shard, device, module_name))
+            continue
         value = source.full() if shard is None else shard.take(source)
         set_module_tensor_to_device(model, name, device, value=value, dtype=dtype)
         finish_loading(model, name, plan)
-        if _head_as_gguf_blocks(reader, names, plan, module, param_name):
-            module.head = _int8_from_blocks(reader, names, shard, device, module_name)
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
         raise CheckpointError(f"checkpoint in {reader.folder} lacks {len(missing)} weights: {shown}")

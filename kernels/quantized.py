@@ -1,15 +1,15 @@
 """Weight-only quantized products: int8 per output channel or in groups, int4 in groups along the input (torch
 implementation and the dispatch to the compiled CPU kernels).
 
-Activations stay floating point. On CPU with the compiled ops (kernels/compiled.py), products of fewer than
-DENSE_ROWS rows (decode steps) run csrc/gemv.cpp: each weight is decoded to float32 in registers and multiplied
-with float32 activations, so the product is exact to float32 rounding. torch's own int4 and int8 kernels round
-the activations to bfloat16 (about 4e-3 relative error per product), which took the free-running greedy
-agreement of SmolLM2's 4-bit model with its float32 model from 100 % to 72 % (bench/quality.py, 8 prompts x 64
-tokens); they also cost two casts per product. Products of DENSE_ROWS rows or more (prompts, large decode
-batches) expand the weight to bfloat16 for the dense GEMM. Without the compiled ops, torch's kernels run (with
-float32 activations they are 6-20x slower, so the product casts to bfloat16 and back). Every other device (and
-shapes the CPU kernels refuse) runs the reference: dequantize, then F.linear.
+Activations stay floating point. On CPU with the compiled ops (kernels/compiled.py), products of few rows (decode
+steps: fewer than INT8_DENSE_ROWS / INT4_DENSE_ROWS) run csrc/gemv.cpp: each weight is decoded to float32 in
+registers and multiplied with float32 activations, so the product is exact to float32 rounding. torch's own int4
+and int8 kernels round the activations to bfloat16 (about 4e-3 relative error per product), which took the
+free-running greedy agreement of SmolLM2's 4-bit model with its float32 model from 100 % to 72 %
+(bench/quality.py, 8 prompts x 64 tokens); they also cost two casts per product. Products of more rows (prompts,
+large decode batches) expand the weight to bfloat16 for the dense GEMM. Without the compiled ops, torch's
+kernels run (with float32 activations they are 6-20x slower, so the product casts to bfloat16 and back). Every
+other device (and shapes the CPU kernels refuse) runs the reference: dequantize, then F.linear.
 
 Formats (the portable form, from which each device packs its own):
 - int8: q [out, in] int8, scale [out] or [out, in / group]: w = q * scale.
@@ -27,20 +27,21 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
+from . import compiled
+
 CPU_COMPUTE_DTYPE = torch.bfloat16
-# From this many rows on (prompts, batched decodes), an int4 or int8 product on CPU expands the weight to
-# bfloat16 (int4: the compiled dequantize_int4_into; int8: q * scale) into a reused buffer and runs the dense
-# GEMM: torch's quantized kernels cost about a GEMV per row. SmolLM2's four matrices of a layer, 2-core Xeon
-# with AMX: the int4 kernel 0.14 / 0.70 / 1.05 / 1.42 / 2.78 / 22.2 ms at 1 / 16 / 24 / 32 / 64 / 512 rows,
-# expanded + dense 0.74 / 0.81 / 0.87 / 0.93 / 1.26 / 3.5 ms (the expansion alone about 0.28 ms); int8's kernel
-# 1.22 / 1.54 / 2.98 / 24.2 ms at 24 / 32 / 64 / 512 rows against 1.27 / 1.33 / 1.45 / 3.5 ms expanded (its
-# torch expansion costs about 0.8 ms, so 24 rows is about where the two meet).
-DENSE_ROWS = 24
-# Below DENSE_ROWS the compiled kernels cost, for SmolLM2's four matrices of a layer, warm, per layer: int8 111 /
-# 211 / 428 us at 1 / 4 / 8 rows against torch's kernel's 120 / 209 / 415; int4 145 / 331 / 641 against 124 / 209
-# / 370 (torch's bfloat16 activations halve its work: the exact product costs more from a few rows on). In a
-# decode step the weights arrive cold and the difference shrinks: SmolLM2 int4 at batch 1 77.2 against 78.2
-# tok/s, at batch 8 197 against 230 (bench/generate_vs_hf.py).
+# From this many rows on (prompts, batched decodes), an int8 or int4 product on CPU expands the weight to
+# bfloat16 (int8: q * scale, one torch op; int4: the compiled dequantize_int4_into) into a reused buffer and runs
+# the dense GEMM, where torch's bfloat16 GEMM is oneDNN's; fewer rows run the compiled float32 GEMV. SmolLM2's
+# four matrices of a layer, 2-core Xeon with AMX: expanded + dense int4 0.74 / 0.81 / 0.87 / 3.5 ms at 1 / 16 /
+# 24 / 512 rows (the expansion alone about 0.28 ms), int8 1.27 / 1.33 / 1.45 / 3.5 ms at 24 / 32 / 64 / 512;
+# torch's own int4 and int8 kernels cost about a GEMV per row (22.2 and 24.2 ms at 512 rows). The GEMV, warm,
+# per layer: int8 111 / 211 / 428 / 850 us at 1 / 4 / 8 / 16 rows (torch's kernel 120 / 209 / 415 / 767); int4
+# 145 / 331 / 641 / 1254 (torch's 124 / 209 / 370 / 693: bfloat16 activations halve its work). int4 over 30
+# layers with cold weights, GEMV against expanded at 8 / 10 / 12 / 16 rows: 21.4 / 27.7 / 31.2 / 41.5 against
+# 27.0 / 27.5 / 28.8 / 27.7 ms, so int4 expands from 10 rows, int8 from 24.
+INT8_DENSE_ROWS = 24
+INT4_DENSE_ROWS = 10
 # float16 weights take the compiled kernel up to FLOAT16_GEMV_ROWS rows: 114 / 222 / 454 us against F.linear's
 # 230 / 456 / 553 (at 16 rows 924 against 741).
 FLOAT16_GEMV_ROWS = 8
@@ -104,8 +105,9 @@ def fast_bfloat16_gemm() -> bool:
 
 
 def scales_and_mins(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """The compiled kernels' table [out, groups, 2] float16: w = q * scale + min, min = zero - 8 scale (exact for
-    GGUF's blocks and quantize_int4's groups, whose scale and min are float16 values)."""
+    """The compiled kernels' table [out, groups, 2] float16: w = q * scale + min, min = zero - 8 scale. GGUF's
+    blocks and quantize_int4's groups have float16 scales and minimums, which this gives back (zero = min + 8
+    scale is formed in float32; for the magnitudes of real weights both steps are exact)."""
     return torch.stack([scale, zero - 8 * scale], dim=-1).half().contiguous()
 
 
@@ -156,12 +158,28 @@ def _cpu_product(op, x: torch.Tensor, *weight) -> torch.Tensor:
     return out if x.dim() == 2 else out.view(*x.shape[:-1], -1)
 
 
+def gemv_available() -> bool:
+    """Whether products of few rows run the compiled GEMV kernels (csrc/gemv.cpp): the ops loaded, with their
+    vector code (AVX2, FMA, F16C) compiled in; their portable loops alone would be slower than torch's kernels."""
+    return compiled.available() and _gemv_vectorized()
+
+
+@cache
+def _gemv_vectorized() -> bool:
+    return bool(torch.ops.energon_hf.gemv_vectorized())
+
+
+def records_grad(x: torch.Tensor) -> bool:
+    """Whether autograd records a product with x: the compiled kernels have no backward."""
+    return torch.is_grad_enabled() and x.requires_grad
+
+
 def gemv(op, x: torch.Tensor, *weight) -> torch.Tensor:
     """A compiled GEMV kernel (csrc/gemv.cpp: float32 activations, `op(x2d, *weight)`) on x [..., in], in x's
     dtype."""
     flat = x.reshape(-1, x.shape[-1])
     out = op(flat.float().contiguous(), *weight).to(x.dtype)
-    return out.view(*x.shape[:-1], -1)
+    return out.view(*x.shape[:-1], out.shape[-1])
 
 
 def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:

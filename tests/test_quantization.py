@@ -34,8 +34,9 @@ def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 # -- formats ----------------------------------------------------------------------------------------------
-# Products of fewer than DENSE_ROWS rows run the compiled float32 kernels where they built (float32 rounding
-# only); torch's CPU kernels, and the expansions for many rows, compute with bfloat16 activations.
+# Products of fewer than INT8_DENSE_ROWS / INT4_DENSE_ROWS rows run the compiled float32 kernels where they
+# built (float32 rounding only); torch's CPU kernels, and the expansions for many rows, compute with bfloat16
+# activations.
 EXACT, BFLOAT16 = 1e-6, 0.01
 
 
@@ -58,9 +59,9 @@ def test_formats_compute_their_own_dequantized_weights(rows, cols):
 
 
 @pytest.mark.skipif(not compiled.available(), reason="no C++ compiler: the compiled CPU ops cannot build here")
-@pytest.mark.parametrize("rows", [1, 5, q.DENSE_ROWS - 1, q.DENSE_ROWS, 100])
+@pytest.mark.parametrize("rows", [1, 5, q.INT4_DENSE_ROWS - 1, q.INT4_DENSE_ROWS, 100])
 def test_int4_products_run_exact_below_dense_rows_and_expand_above(rows, monkeypatch):
-    """Below DENSE_ROWS rows an int4 product runs the compiled float32 kernel; from DENSE_ROWS on it expands the
+    """Below INT4_DENSE_ROWS rows an int4 product runs the compiled float32 kernel; from there on it expands the
     weight to bfloat16 (from the same nibbles and float16 table) for the dense GEMM. The format holds only that
     form: no copy packed for torch's kernel."""
     torch.manual_seed(0)
@@ -75,16 +76,16 @@ def test_int4_products_run_exact_below_dense_rows_and_expand_above(rows, monkeyp
     dense_calls = []
     monkeypatch.setattr(q, "int4_dense_matmul", lambda *args: dense_calls.append(args) or dense(*args))
     got = fmt(x)
-    expands = rows >= q.DENSE_ROWS and q.fast_bfloat16_gemm()
+    expands = rows >= q.INT4_DENSE_ROWS and q.fast_bfloat16_gemm()
     assert len(dense_calls) == expands  # the threshold picks the path
     assert got.dtype == torch.float32 and relative_error(got, x @ exact.t()) < (BFLOAT16 if expands else EXACT)
     with pytest.raises(RuntimeError, match="do not split into groups"):
         torch.ops.energon_hf.dequantize_int4_into(fmt.nibbles, fmt.table, 64 * 3, expanded)
 
 
-@pytest.mark.parametrize("rows", [1, q.DENSE_ROWS - 1, q.DENSE_ROWS])
+@pytest.mark.parametrize("rows", [1, q.INT8_DENSE_ROWS - 1, q.INT8_DENSE_ROWS])
 def test_int8_products_of_many_rows_expand_the_weight(rows, monkeypatch):
-    """int8 takes the same turns as int4 (without the compiled ops: torch's int8 kernel below DENSE_ROWS). A
+    """int8 takes the same turns as int4, at INT8_DENSE_ROWS (without the compiled ops: torch's int8 kernel below). A
     grouped `exact` weight (a GGUF Q8_0 head) never expands: every product is float32."""
     torch.manual_seed(0)
     weight, x = torch.randn(64, 96), torch.randn(rows, 96)
@@ -92,13 +93,26 @@ def test_int8_products_of_many_rows_expand_the_weight(rows, monkeypatch):
     grouped = Int8Weight(torch.randint(-127, 128, (64, 96), dtype=torch.int8), torch.rand(64, 3), exact=True)
     monkeypatch.setattr(q, "int8_dense_matmul", lambda *args: calls.append(args) or dense(*args))
     got = fmt(x)
-    expands = rows >= q.DENSE_ROWS and q.fast_bfloat16_gemm()
+    expands = rows >= q.INT8_DENSE_ROWS and q.fast_bfloat16_gemm()
     assert len(calls) == expands
     bound = EXACT if compiled.available() and not expands else BFLOAT16
     assert got.dtype == torch.float32 and relative_error(got, x @ q.dequantize_int8(fmt.q, fmt.scale).t()) < bound
     assert grouped.group_size == 32
     assert relative_error(grouped(x), x @ q.dequantize_int8(grouped.q, grouped.scale).t()) < EXACT
     assert len(calls) == expands
+
+
+def test_products_autograd_records_stay_differentiable():
+    """The compiled kernels have no backward: a product autograd records takes a differentiable path (the
+    bfloat16 expansion, or torch's float16 product) and gives x its gradient; empty inputs keep their shape."""
+    torch.manual_seed(0)
+    weight = torch.randn(64, 96)
+    for fmt in (Int8Weight.quantize(weight), Int4Weight.quantize(weight, 32), DenseWeight(weight.half())):
+        dtype = torch.float16 if isinstance(fmt, DenseWeight) else torch.float32
+        x = torch.randn(3, 96, dtype=dtype, requires_grad=True)
+        fmt(x).float().sum().backward()
+        assert x.grad is not None and x.grad.shape == x.shape, type(fmt).__name__
+        assert fmt(torch.empty(2, 0, 96, dtype=dtype)).shape == (2, 0, 64)
 
 
 def test_float16_weights_take_the_gemv_for_few_rows():
@@ -122,7 +136,7 @@ def test_expanded_int4_weights_share_one_buffer_safely():
     weights = [torch.randn(64, 96), torch.randn(32, 64), torch.randn(128, 96)]
     formats = [Int4Weight.quantize(w, 32) for w in weights]
     exact = [q.dequantize_int4(*q.quantize_int4(w, 32)) for w in weights]
-    rows = q.DENSE_ROWS + 3
+    rows = q.INT8_DENSE_ROWS + 3
     for _ in range(2):
         for fmt, w in zip(formats, exact, strict=True):
             x = torch.randn(rows, w.shape[1])
@@ -285,7 +299,7 @@ def test_smollm2_int4_head_computes_on_the_files_q8_0_blocks(smollm2_pair, smoll
     assert ours.folder == reference.folder and torch.equal(embedding.weight, expected.weight)
     assert torch.equal(q.dequantize_int8(embedding.head.q, embedding.head.scale), expected.weight)
     torch.manual_seed(0)
-    for rows in (1, q.DENSE_ROWS + 1):
+    for rows in (1, q.INT8_DENSE_ROWS + 1):
         hidden = torch.randn(rows, ours.config.hidden_size)
         assert relative_error(embedding.logits(hidden), expected.logits(hidden)) < EXACT
 

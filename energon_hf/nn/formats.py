@@ -6,13 +6,15 @@ A layer's weight is loaded as a plain float tensor (this rank's shard), then han
   layout for its inner-product kernel where that is faster on this kind of host (`onednn_packing_pays`). On the
   2-core AMD EPYC over SmolLM2-135M's 211 matrices, cold weights, float32: 26 ms per step at 1 token against
   F.linear's 45 ms, 24 against 39 ms at 8 tokens, 55 against 82 ms at 32; bfloat16: 13.5 ms at 1 token, 175
-  against 213 ms at 256. On the 2-core Xeon float32 packing loses (25.2 against 16.7 ms at 1 token) and
-  bfloat16's wins. float16 has no packing; few rows run the compiled GEMV (kernels/quantized.py).
+  against 213 ms at 256. On the 2-core Xeon float32 packing loses (26.3 against 16.9 ms for the 120 layer
+  matrices at 1 token) and bfloat16's wins. float16 has no packing; few rows run the compiled GEMV
+  (kernels/quantized.py).
 - `Int8Weight`: int8 per output channel, or in groups (GGUF's Q8_0), weight-only.
 - `Int4Weight`: int4 in groups along the input features (weight-only).
   Both run their products of few rows (decode steps) in float32 through the compiled GEMV where it built, and
-  expand the weight to bfloat16 for the dense GEMM from kernels/quantized.DENSE_ROWS rows on (prompts, large
-  decode batches), where torch's quantized kernels would cost a GEMV per row.
+  expand the weight to bfloat16 for the dense GEMM from kernels/quantized.*_DENSE_ROWS rows on (prompts, large
+  decode batches) where torch's bfloat16 GEMM is oneDNN's; torch's quantized kernels would cost a GEMV per
+  row.
 
 `Quantization` says which format each layer gets.
 """
@@ -25,7 +27,6 @@ import torch
 import torch.nn.functional as F
 
 from energon_hf import kernels
-from energon_hf.kernels import compiled
 from energon_hf.kernels import quantized as q
 from energon_hf.kernels.linear import amx_cpu
 
@@ -73,7 +74,8 @@ class DenseWeight:
         self.gemv = weight.device.type == "cpu" and weight.dtype == torch.float16
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if self.gemv and x.numel() <= q.FLOAT16_GEMV_ROWS * self.in_features and compiled.available():
+        if self.gemv and x.numel() <= q.FLOAT16_GEMV_ROWS * self.in_features and not q.records_grad(x) \
+                and q.gemv_available():
             out = q.gemv(torch.ops.energon_hf.float_gemv, x, self.weight)
             return out if bias is None else out + bias
         if self.packed is None:
@@ -112,14 +114,14 @@ class Int8Weight:
     """w = q * scale, one scale per output channel, or one per `group_size` input features of a row (GGUF's Q8_0:
     groups of 32, the embedded SmolLM2's vocabulary head).
 
-    On CPU, products of fewer than DENSE_ROWS rows run the compiled float32 kernel (csrc/gemv.cpp; without it,
+    On CPU, products of fewer than INT8_DENSE_ROWS rows run the compiled float32 kernel (csrc/gemv.cpp; without it,
     torch's int8 kernel with bfloat16 activations, per-channel scales only), larger ones expand to bfloat16 for
-    the dense GEMM. Other devices dequantize on the fly."""
+    the dense GEMM where torch's bfloat16 GEMM is oneDNN's. Other devices dequantize on the fly."""
 
     def __init__(self, q8: torch.Tensor, scale: torch.Tensor, exact: bool = False):
-        """`exact`: every product runs in float32 (the compiled kernel, else the dequantized weight), never with
-        bfloat16 activations: for a vocabulary head, whose bfloat16 logits cost SmolLM2's 4-bit model 0.8 points
-        of teacher-forced greedy agreement with float32 (bench/quality.py)."""
+        """`exact`: on CPU no product rounds activations to bfloat16 (every row count runs the compiled kernel,
+        else the dequantized weight in x's dtype): for a vocabulary head, whose bfloat16 logits cost SmolLM2's
+        4-bit model 0.8 points of teacher-forced greedy agreement with float32 (bench/quality.py)."""
         self.out_features, self.in_features = q8.shape
         self.q = q8.contiguous()
         self.scale = scale.float().reshape(self.out_features, -1).contiguous()  # [out, groups]
@@ -134,9 +136,10 @@ class Int8Weight:
         return cls(*q.quantize_int8(weight))
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if self.expands and x.numel() >= q.DENSE_ROWS * self.in_features:
+        records = q.records_grad(x)
+        if self.expands and (x.numel() >= q.INT8_DENSE_ROWS * self.in_features or records):
             out = q.int8_dense_matmul(x, self.q, self.kernel_scale)
-        elif self.cpu and compiled.available():
+        elif self.cpu and not records and q.gemv_available():
             out = q.gemv(torch.ops.energon_hf.int8_gemv, x, self.q, self.scale)
         elif self.kernel_scale is not None and self.group_size == self.in_features:  # per-channel scales only
             out = q.int8_matmul(x, self.q, self.kernel_scale[:, 0])
@@ -156,17 +159,17 @@ class Int8Weight:
 class Int4Weight:
     """w = (q - 8) * scale + zero, one scale and zero per `group_size` input features of a row.
 
-    On CPU it takes one of two forms at load. With the compiled ops: nibbles and a float16 (scale, min) table,
-    which products of fewer than DENSE_ROWS rows multiply exactly in float32 (csrc/gemv.cpp) and larger ones
-    expand to bfloat16 for the dense GEMM. Without them: torch's packed int4 kernel (bfloat16 activations).
-    Other devices dequantize on the fly."""
+    On CPU it takes one of two forms at load. With the compiled GEMV: nibbles and a float16 (scale, min) table,
+    which products of fewer than INT4_DENSE_ROWS rows multiply in float32 (csrc/gemv.cpp) and larger ones (and
+    products autograd records) expand to bfloat16 for the dense GEMM. Without it: torch's packed int4 kernel
+    (bfloat16 activations). Other devices dequantize on the fly."""
 
     def __init__(self, q4: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
         self.out_features, self.in_features = q4.shape
         self.group_size = self.in_features // scale.shape[1]
         self.nibbles = self.table = self.packed = self.scales_and_zeros = self.parts = None
         cpu = q4.device.type == "cpu"
-        if cpu and compiled.available():
+        if cpu and q.gemv_available():
             self.nibbles, self.table = q.pack_nibbles(q4, self.group_size), q.scales_and_mins(scale, zero)
         elif q.int4_kernel_fits(self.out_features, self.in_features, self.group_size, q4.device):
             self.packed, self.scales_and_zeros = q.pack_int4(q4, scale, zero)
@@ -179,7 +182,8 @@ class Int4Weight:
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.nibbles is not None:
-            if x.numel() >= q.DENSE_ROWS * self.in_features and q.fast_bfloat16_gemm():
+            many = x.numel() >= q.INT4_DENSE_ROWS * self.in_features and q.fast_bfloat16_gemm()
+            if many or q.records_grad(x):
                 out = q.int4_dense_matmul(x, self.nibbles, self.table, self.group_size)
             else:
                 out = q.gemv(torch.ops.energon_hf.int4_gemv, x, self.nibbles, self.table, self.group_size)

@@ -121,14 +121,23 @@ class VocabParallelEmbedding(ShardedMixin, nn.Module):
     def shard_for(self, param: str) -> Shard | None:
         return self._shard
 
+    def computes_logits(self, plan: FormatPlan, name: str) -> bool:
+        """Whether this table is a vocabulary head whose product takes a weight format (an untied head, or the
+        tied embedding on the rank that runs the head) once loaded."""
+        return plan.pack and (not self.lookups or name == plan.tied_head)
+
     def finish_loading(self, plan: FormatPlan, name: str) -> None:
-        """A head's product gets its weight packed for the device, in the model's dtype (also when the layers
-        are quantized: see formats.Quantization). A tied head keeps its table for lookups beside the packed
-        copy: the head is the largest product of a small model (SmolLM2's takes 5.2 ms packed against 10.6 ms
-        with F.linear at one token, float32)."""
-        if (self.lookups and name != plan.tied_head) or not plan.pack:
-            return
-        self.head = DenseWeight(self.weight)
+        """A head's product gets its weight in the device's fast form, in the model's dtype (also when the
+        layers are quantized: see formats.Quantization; the loader gives a GGUF's 8-bit head its own blocks
+        instead). A tied head keeps its table for lookups beside it: the head is the largest product of a small
+        model (SmolLM2's takes 5.2 ms packed against 10.6 ms with F.linear at one token, float32, on the AMD
+        EPYC)."""
+        if self.computes_logits(plan, name):
+            self.take_head(DenseWeight(self.weight))
+
+    def take_head(self, head: LinearWeight) -> None:
+        """Compute logits with `head` from now on; an untied head then needs no table."""
+        self.head = head
         if not self.lookups:
             self.weight = None
 

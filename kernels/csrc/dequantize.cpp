@@ -58,7 +58,8 @@ void dequantize_int4_into(const at::Tensor& nibbles, const at::Tensor& scales_an
           const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
           const __m512 low = _mm512_cvtepi32_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(15)));
           const __m512 high = _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4));
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), (__m256i)_mm512_cvtneps_pbh(_mm512_fmadd_ps(low, s, z)));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
+                              (__m256i)_mm512_cvtneps_pbh(_mm512_fmadd_ps(low, s, z)));
           _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + half + i),
                               (__m256i)_mm512_cvtneps_pbh(_mm512_fmadd_ps(high, s, z)));
         }

@@ -32,6 +32,7 @@
 namespace {
 
 constexpr int ROW_TILE = 4;
+constexpr int64_t WEIGHT_BLOCK = 16;
 // Each row asks for the row PREFETCH_ROWS ahead: the weights arrive cold (a step streams them once), and the
 // hardware prefetcher alone left an int4 product at 118 us against 64 warm (SmolLM2, one thread; 82 with this).
 constexpr int64_t PREFETCH_ROWS = 8;
@@ -64,7 +65,45 @@ inline __m256i bytes_u8(const uint8_t* p) {
 inline __m256 bytes_s8(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
+
+// out[t] = the 8 lanes of sum over k in [begin, end) (a multiple of 32 long) of load(k) * x_t[k], summed on four
+// chains; `load(k)` gives the 8 weights from k as float32.
+template <int T, class Load>
+__attribute__((always_inline)) inline void four_chain_dot(Load load, int64_t begin, int64_t end, const float* x,
+                                                          int64_t ldx, __m256* out) {
+  __m256 part[4][T];
+  for (int c = 0; c < 4; ++c)
+    for (int t = 0; t < T; ++t) part[c][t] = _mm256_setzero_ps();
+  for (int64_t k = begin; k < end; k += 32) {
+    const __m256 w0 = load(k), w1 = load(k + 8), w2 = load(k + 16), w3 = load(k + 24);
+    for (int t = 0; t < T; ++t) {
+      const float* xs = x + t * ldx + k;
+      part[0][t] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xs), part[0][t]);
+      part[1][t] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xs + 8), part[1][t]);
+      part[2][t] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xs + 16), part[2][t]);
+      part[3][t] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xs + 24), part[3][t]);
+    }
+  }
+  for (int t = 0; t < T; ++t)
+    out[t] = _mm256_add_ps(_mm256_add_ps(part[0][t], part[1][t]), _mm256_add_ps(part[2][t], part[3][t]));
+}
 #endif
+
+// The portable loop every format falls back on (no AVX2, or shapes the vector steps do not divide):
+// out[t] = sum over groups g of scale(g) * (sum_i value(g, i) * x_t[g * group + i]) + offset(g) * xsum(t, g).
+template <int T, class Value, class Scale, class Offset, class XSum>
+void portable_dot(int64_t groups, int64_t group, const float* x, int64_t ldx, Value value, Scale scale,
+                  Offset offset, XSum xsum, float* out) {
+  for (int t = 0; t < T; ++t) {
+    float sum = 0.f;
+    for (int64_t g = 0; g < groups; ++g) {
+      float part = 0.f;
+      for (int64_t i = 0; i < group; ++i) part += value(g, i) * x[t * ldx + g * group + i];
+      sum += part * scale(g) + offset(g) * xsum(t, g);
+    }
+    out[t] = sum;
+  }
+}
 
 // One weight format: `row_dot<T>(n, x, ldx, xrow, out)` writes out[t] = sum_k W[n, k] * x[t * ldx + k] for t < T
 // (x: rows xrow .. xrow + T of the input). Several accumulator chains per row, so a one-row product is not
@@ -141,18 +180,15 @@ struct Int4Rows {
       return;
     }
 #endif
-    for (int t = 0; t < T; ++t) {
-      float sum = 0.f;
-      for (int64_t g = 0; g < groups; ++g) {
-        float part = 0.f;
-        const float* xs = x + t * ldx + g * group;
-        for (int64_t i = 0; i < half; ++i)
-          part += static_cast<float>(q[g * half + i] & 15) * xs[i] + static_cast<float>(q[g * half + i] >> 4) * xs[half + i];
-        sum += part * half_to_float(row_table[2 * g]) +
-               half_to_float(row_table[2 * g + 1]) * xsum[(xrow + t) * groups + g];
-      }
-      out[t] = sum;
-    }
+    portable_dot<T>(
+        groups, group, x, ldx,
+        [&](int64_t g, int64_t i) {
+          const uint8_t byte = q[g * half + (i < half ? i : i - half)];
+          return static_cast<float>(i < half ? byte & 15 : byte >> 4);
+        },
+        [&](int64_t g) { return half_to_float(row_table[2 * g]); },
+        [&](int64_t g) { return half_to_float(row_table[2 * g + 1]); },
+        [&](int t, int64_t g) { return xsum[(xrow + t) * groups + g]; }, out);
   }
 
   static std::vector<float>& scratch() {
@@ -199,46 +235,26 @@ struct Int8Rows {
       return;
     }
     if (group % 32 == 0) {  // long groups (per-channel scales: one group): four chains within a group
-      __m256 acc[T];
+      __m256 acc[T], sum[T];
       for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
+      const auto load = [&](int64_t k) { return bytes_s8(w + k); };
       for (int64_t g = 0; g < groups; ++g) {
-        __m256 part[4][T];
-        for (int c = 0; c < 4; ++c)
-          for (int t = 0; t < T; ++t) part[c][t] = _mm256_setzero_ps();
-        for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
-          const __m256 w0 = bytes_s8(w + k), w1 = bytes_s8(w + k + 8), w2 = bytes_s8(w + k + 16),
-                       w3 = bytes_s8(w + k + 24);
-          for (int t = 0; t < T; ++t) {
-            const float* xs = x + t * ldx + k;
-            part[0][t] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xs), part[0][t]);
-            part[1][t] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xs + 8), part[1][t]);
-            part[2][t] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xs + 16), part[2][t]);
-            part[3][t] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xs + 24), part[3][t]);
-          }
-        }
+        four_chain_dot<T>(load, g * group, (g + 1) * group, x, ldx, sum);
         const __m256 s = _mm256_set1_ps(scales[g]);
-        for (int t = 0; t < T; ++t) {
-          const __m256 sum = _mm256_add_ps(_mm256_add_ps(part[0][t], part[1][t]), _mm256_add_ps(part[2][t], part[3][t]));
-          acc[t] = _mm256_fmadd_ps(sum, s, acc[t]);
-        }
+        for (int t = 0; t < T; ++t) acc[t] = _mm256_fmadd_ps(sum[t], s, acc[t]);
       }
       for (int t = 0; t < T; ++t) out[t] = hsum(acc[t]);
       return;
     }
 #endif
-    for (int t = 0; t < T; ++t) {
-      float sum = 0.f;
-      for (int64_t g = 0; g < groups; ++g) {
-        float part = 0.f;
-        for (int64_t i = 0; i < group; ++i) part += static_cast<float>(w[g * group + i]) * x[t * ldx + g * group + i];
-        sum += part * scales[g];
-      }
-      out[t] = sum;
-    }
+    portable_dot<T>(
+        groups, group, x, ldx, [&](int64_t g, int64_t i) { return static_cast<float>(w[g * group + i]); },
+        [&](int64_t g) { return scales[g]; }, [](int64_t) { return 0.f; }, [](int, int64_t) { return 0.f; }, out);
   }
 };
 
-// Float weights: float32, float16 or bfloat16 (`kind`: 0, 1, 2).
+// Float weights: float32, float16 or bfloat16 (`kind`: 0, 1, 2). Only float16 is dispatched to (formats.DenseWeight):
+// F.linear on float32 and oneDNN on packed bfloat16 measure as fast or faster.
 struct FloatRows {
   const void* weight;  // [N, K]
   int kind;
@@ -247,7 +263,8 @@ struct FloatRows {
 #ifdef ENERGON_VECTOR
   inline __m256 load(int64_t offset) const {
     if (kind == 0) return _mm256_loadu_ps(static_cast<const float*>(weight) + offset);
-    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(weight) + offset));
+    const auto* halves = static_cast<const uint16_t*>(weight) + offset;
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(halves));
     if (kind == 1) return _mm256_cvtph_ps(raw);
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
   }
@@ -265,30 +282,16 @@ struct FloatRows {
 #ifdef ENERGON_VECTOR
     const int64_t bytes = K * (kind == 0 ? 4 : 2);
     prefetch(static_cast<const char*>(weight) + (n + PREFETCH_ROWS) * bytes, bytes);
-    if (K % 32 == 0) {  // four chains
-      __m256 acc[4][T];
-      for (int c = 0; c < 4; ++c)
-        for (int t = 0; t < T; ++t) acc[c][t] = _mm256_setzero_ps();
-      for (int64_t k = 0; k < K; k += 32) {
-        const __m256 w0 = load(row + k), w1 = load(row + k + 8), w2 = load(row + k + 16), w3 = load(row + k + 24);
-        for (int t = 0; t < T; ++t) {
-          const float* xs = x + t * ldx + k;
-          acc[0][t] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xs), acc[0][t]);
-          acc[1][t] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xs + 8), acc[1][t]);
-          acc[2][t] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xs + 16), acc[2][t]);
-          acc[3][t] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xs + 24), acc[3][t]);
-        }
-      }
-      for (int t = 0; t < T; ++t)
-        out[t] = hsum(_mm256_add_ps(_mm256_add_ps(acc[0][t], acc[1][t]), _mm256_add_ps(acc[2][t], acc[3][t])));
+    if (K % 32 == 0) {
+      __m256 sum[T];
+      four_chain_dot<T>([&](int64_t k) { return load(row + k); }, 0, K, x, ldx, sum);
+      for (int t = 0; t < T; ++t) out[t] = hsum(sum[t]);
       return;
     }
 #endif
-    for (int t = 0; t < T; ++t) {
-      float sum = 0.f;
-      for (int64_t k = 0; k < K; ++k) sum += scalar(row + k) * x[t * ldx + k];
-      out[t] = sum;
-    }
+    portable_dot<T>(
+        1, K, x, ldx, [&](int64_t, int64_t i) { return scalar(row + i); }, [](int64_t) { return 1.f; },
+        [](int64_t) { return 0.f; }, [](int, int64_t) { return 0.f; }, out);
   }
 };
 
@@ -310,20 +313,25 @@ at::Tensor run_rows(const Rows& rows, const at::Tensor& x, int64_t N) {
   at::Tensor out = at::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N, WEIGHT_BLOCK, [&](int64_t begin, int64_t end) {
     const DenormalsAreZero daz;
     float result[ROW_TILE];
-    for (int64_t n = begin; n < end; ++n) {
+    // Weight rows in blocks that stay in L1 while every tile of x passes over them: x streams once per block,
+    // not once per weight row (a 49152-row head over 2048 rows of x would otherwise read x 49152 times).
+    for (int64_t block = begin; block < end; block += WEIGHT_BLOCK) {
+      const int64_t stop = std::min(block + WEIGHT_BLOCK, end);
       for (int64_t m = 0; m < M; m += ROW_TILE) {
         const int64_t tile = std::min<int64_t>(ROW_TILE, M - m);
         const float* xs = xp + m * K;
-        switch (tile) {
-          case 1: rows.template row_dot<1>(n, xs, K, m, result); break;
-          case 2: rows.template row_dot<2>(n, xs, K, m, result); break;
-          case 3: rows.template row_dot<3>(n, xs, K, m, result); break;
-          default: rows.template row_dot<4>(n, xs, K, m, result); break;
+        for (int64_t n = block; n < stop; ++n) {
+          switch (tile) {
+            case 1: rows.template row_dot<1>(n, xs, K, m, result); break;
+            case 2: rows.template row_dot<2>(n, xs, K, m, result); break;
+            case 3: rows.template row_dot<3>(n, xs, K, m, result); break;
+            default: rows.template row_dot<4>(n, xs, K, m, result); break;
+          }
+          for (int64_t t = 0; t < tile; ++t) op[(m + t) * N + n] = result[t];
         }
-        for (int64_t t = 0; t < tile; ++t) op[(m + t) * N + n] = result[t];
       }
     }
   });
@@ -380,13 +388,25 @@ at::Tensor float_gemv(const at::Tensor& x, const at::Tensor& weight) {
   return run_rows(rows, x, weight.size(0));
 }
 
+bool gemv_vectorized() {
+#ifdef ENERGON_VECTOR
+  return true;
+#else
+  return false;
+#endif
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(energon_hf, m) {
+  m.def("gemv_vectorized() -> bool");
   m.def("int4_gemv(Tensor x, Tensor nibbles, Tensor dm, int group) -> Tensor");
   m.def("int8_gemv(Tensor x, Tensor q, Tensor scale) -> Tensor");
   m.def("float_gemv(Tensor x, Tensor weight) -> Tensor");
 }
+
+// No tensor argument to dispatch on: registered for every backend.
+TORCH_LIBRARY_IMPL(energon_hf, CompositeExplicitAutograd, m) { m.impl("gemv_vectorized", &gemv_vectorized); }
 
 TORCH_LIBRARY_IMPL(energon_hf, CPU, m) {
   m.impl("int4_gemv", &int4_gemv);
