@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from energon_hf.errors import CheckpointError
 from energon_hf.kernels import quantized as q
-from energon_hf.nn.formats import FormatPlan, Int4Weight, Int8Weight
+from energon_hf.nn.formats import DenseWeight, FormatPlan, Int4Weight, Int8Weight, RowSplitWeight
 from energon_hf.parallel import Shard
 
 from .checkpoint import CheckpointReader
@@ -147,10 +147,12 @@ def load_weights(model: nn.Module, specs: dict[str, WeightSpec], reader: Checkpo
             module.take_format(_int4_from_blocks(reader, names, shard, device, module_name))
             continue
         if _head_as_gguf_blocks(reader, names, plan, module, module_name, param_name, device):
-            if module.lookups:  # the float table, for lookups
+            head = _int8_from_blocks(reader, names, shard, device, module_name)
+            if module.lookups:  # the float table, for lookups, and for products of many rows
                 value = source.full() if shard is None else shard.take(source)
                 set_module_tensor_to_device(model, name, device, value=value, dtype=dtype)
-            module.take_head(_int8_from_blocks(reader, names, shard, device, module_name))
+                head = RowSplitWeight(head, DenseWeight(module.weight), q.INT8_DENSE_ROWS)
+            module.take_head(head)
             continue
         value = source.full() if shard is None else shard.take(source)
         set_module_tensor_to_device(model, name, device, value=value, dtype=dtype)

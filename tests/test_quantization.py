@@ -291,13 +291,16 @@ def test_smollm2_int4_computes_on_the_files_q4_1_blocks(smollm2_pair, smollm2_gg
 
 @pytest.mark.skipif(not compiled.available(), reason="no C++ compiler: the head stays float32 without the ops")
 def test_smollm2_int4_head_computes_on_the_files_q8_0_blocks(smollm2_pair, smollm2_gguf):
-    """The tied vocabulary head is the file's Q8_0 tensor, multiplied in float32: the dequantized model's head
-    product to float32 rounding, at one row and at many (no bfloat16 expansion); lookups keep the float table."""
+    """The tied vocabulary head is the file's Q8_0 tensor, multiplied in float32 for few rows (many take the
+    float table lookups keep anyway): the dequantized model's head product to float32 rounding at one row and at
+    many (no bfloat16 expansion)."""
     reference, ours = smollm2_pair
     embedding, expected = ours.model.model.embed_tokens, reference.model.model.embed_tokens
-    assert isinstance(embedding.head, Int8Weight) and embedding.head.group_size == 32
+    blocks = embedding.head.few  # many rows: F.linear on the float table
+    assert isinstance(blocks, Int8Weight) and blocks.group_size == 32 and embedding.head.rows == q.INT8_DENSE_ROWS
     assert ours.folder == reference.folder and torch.equal(embedding.weight, expected.weight)
-    assert torch.equal(q.dequantize_int8(embedding.head.q, embedding.head.scale), expected.weight)
+    assert torch.equal(q.dequantize_int8(blocks.q, blocks.scale), expected.weight)
+    assert blocks(torch.randn(q.INT8_DENSE_ROWS + 1, ours.config.hidden_size)).shape[-1] == ours.config.vocab_size
     torch.manual_seed(0)
     for rows in (1, q.INT8_DENSE_ROWS + 1):
         hidden = torch.randn(rows, ours.config.hidden_size)

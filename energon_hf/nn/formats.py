@@ -204,7 +204,30 @@ class Int4Weight:
         return sum(t.numel() * t.element_size() for t in held)
 
 
-LinearWeight = DenseWeight | Int8Weight | Int4Weight
+class RowSplitWeight:
+    """Products of fewer than `rows` rows through `few`, the others through `many`, two forms of one weight: a
+    GGUF's 8-bit vocabulary head (a third of the bytes a decode step streams) beside the float table a tied head
+    keeps for lookups anyway. SmolLM2's head, cold, Q8_0 GEMV against F.linear on the float32 table: 3.1 against
+    6.7 ms at 1 row, 8.9 against 10.1 at 16, 16.5 against 12.4 at 32."""
+
+    def __init__(self, few: LinearWeight, many: LinearWeight, rows: int):
+        self.few, self.many, self.rows = few, many, rows
+        self.out_features, self.in_features = few.out_features, few.in_features
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return (self.few if x.numel() < self.rows * self.in_features else self.many)(x, bias)
+
+    @property
+    def nbytes(self) -> int:
+        """`few`'s bytes: `many` is the table the model holds anyway (counted with the parameters)."""
+        return self.few.nbytes
+
+    @property
+    def streamed_nbytes(self) -> int:
+        return self.few.streamed_nbytes
+
+
+LinearWeight = DenseWeight | Int8Weight | Int4Weight | RowSplitWeight
 
 
 def linear_format(weight: torch.Tensor, quantization: Quantization | None, pack: bool,
