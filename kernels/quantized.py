@@ -155,7 +155,7 @@ def _cpu_product(op, x: torch.Tensor, *weight) -> torch.Tensor:
     """op(x2d in bfloat16, *weight) for x [..., in], returned in x's dtype (no copies when x is 2-D bf16)."""
     flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     out = op(flat.to(CPU_COMPUTE_DTYPE).contiguous(), *weight).to(x.dtype)
-    return out if x.dim() == 2 else out.view(*x.shape[:-1], -1)
+    return out if x.dim() == 2 else out.view(*x.shape[:-1], out.shape[-1])
 
 
 def gemv_available() -> bool:
