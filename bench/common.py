@@ -1,7 +1,8 @@
-"""Shared by the benchmark scripts: timing side by side, and what machine ran it."""
+"""Shared by the benchmark scripts: timing side by side, what machine ran it, and where the result goes."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
@@ -18,6 +19,13 @@ import torch
 import transformers
 
 import energon_hf
+
+
+def write_result(path: Path, result: dict[str, Any]) -> Path:
+    """A benchmark's result as JSON at `path` (its folder made if missing); values JSON lacks become strings."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    return path
 
 
 def time_calls(calls: dict[str, Callable[[], Any]], warmup: int, repeats: int) -> dict[str, list[float]]:

@@ -15,7 +15,6 @@ are checked against each other.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import sys
@@ -28,7 +27,7 @@ from energon_hf.kernels import attention, compiled
 from energon_hf.kv_cache import BLOCK_SIZE
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run with -P: the bench folder itself is not on sys.path
-from common import machine_info, time_calls  # noqa: E402
+from common import machine_info, time_calls, write_result  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -129,8 +128,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['in place ms']:.1f} ms, gathered {row['gathered ms']:.1f} ms ({row['vs gathered']}x), "
               f"transformers' padded SDPA {row['transformers ms']:.1f} ms ({row['vs transformers']}x)")
     out = args.out or RESULTS / "cpu_attention.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
+    write_result(out, results)
     print(f"-> {out}")
     return 0
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import sys
 import tempfile
@@ -38,7 +37,7 @@ from energon_hf.loading import resolve_model_path
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))  # run with -P: the bench folder is not on sys.path
-from common import batch_size_stats, machine_info, percentile, start_server, stop_server  # noqa: E402
+from common import batch_size_stats, machine_info, percentile, start_server, stop_server, write_result  # noqa: E402
 
 RESULTS = BENCH / "results"
 TARGET = 0.35  # the target: at least +35% throughput over FIFO with pad-to-longest
@@ -162,8 +161,7 @@ def main(argv: list[str] | None = None) -> int:
               "throughput_ratio_over_fifo": ratios, "target_gain": TARGET, "max_abs_diff_embeddings": diff,
               "same_embeddings": diff < (1e-2 if args.gpu else 1e-4),
               "loadavg_end": machine_info(args.threads)["loadavg_1_5_15"]}
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(out_path, result)
     print("throughput over FIFO padded: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items())
           + f"; max|diff| of embeddings {diff:.1e} -> {out_path}")
     return 0 if result["same_embeddings"] else 1

@@ -17,7 +17,6 @@ greedy agreement with float32 is recorded (bench/quality.py measures quality pro
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -33,7 +32,7 @@ from energon_hf.nn.formats import weight_bytes
 from energon_hf.nn.parallel import VocabParallelEmbedding
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run with -P: the bench folder itself is not on sys.path
-from common import machine_info, read_bandwidth, time_calls  # noqa: E402
+from common import machine_info, read_bandwidth, time_calls, write_result  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # variant -> from_pretrained arguments
@@ -156,8 +155,7 @@ def main(argv: list[str] | None = None) -> int:
               "read_bandwidth_bytes_per_s": bandwidth, "streamed_bytes_per_step": sizes,
               "settings": {**vars(args), "out": str(out_path), "new_tokens": new_tokens, "batches": batches},
               "runs": runs}
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    write_result(out_path, result)
     print(f"-> {out_path}")
     return 0 if all(run["float32_same_tokens_as_transformers"] for run in runs.values()) else 1
 

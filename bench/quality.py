@@ -12,7 +12,6 @@ token first). The float32 reference is the GGUF file dequantized (what transform
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -26,7 +25,7 @@ from energon_hf.evaluate import agreement, forced_agreement, greedy_tokens, perp
 from energon_hf.loading import resolve_model_path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run with -P: the bench folder itself is not on sys.path
-from common import machine_info  # noqa: E402
+from common import machine_info, write_result  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TEXT = Path(__file__).resolve().parent / "data" / "alice_chapter1.txt"
@@ -102,8 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                   + (f", target met: {row['met']}" if target else ""))
     result = {"benchmark": "quality", "machine": machine_info(args.threads), "text": TEXT.name,
               "text_tokens": ids.numel(), "prompts": len(prompts), "new_tokens": new_tokens, "variants": results}
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(out_path, result)
     print(f"-> {out_path}")
     return 0
 

@@ -21,7 +21,6 @@ real tokens agrees within 1e-4 (fp32; 5e-2 in fp16 on GPU).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -36,7 +35,7 @@ from energon_hf import EnergonModel, defaults
 from energon_hf.loading import resolve_model_path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run with -P: the bench folder is not on sys.path
-from common import machine_info, synchronized, time_calls  # noqa: E402
+from common import machine_info, synchronized, time_calls, write_result  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_RATIO, TARGET_PEAK_FRACTION = 2.0, 0.70  # the targets, at batch 32
@@ -188,8 +187,7 @@ def main(argv: list[str] | None = None) -> int:
               "matmul_peak_flops_per_s": peak, "runs": runs,
               "targets": {"ratio_at_batch_32": TARGET_RATIO, "peak_fraction_at_batch_32": TARGET_PEAK_FRACTION},
               "loadavg_end": machine_info(args.threads)["loadavg_1_5_15"]}
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(out_path, result)
     print(f"-> {out_path}")
     return 0 if all(r["parity_ok"] for r in runs) else 1
 

@@ -27,7 +27,7 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run with -P: the bench folder itself is not on sys.path
-from common import machine_info, stop_server  # noqa: E402
+from common import machine_info, stop_server, write_result  # noqa: E402
 from serve_vs_hf import SERVED_NAME, make_quick_model, start_energon_server  # noqa: E402
 
 from energon_hf import defaults  # noqa: E402
@@ -118,8 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"machine": machine_info(args.threads), "model": "tiny-llama" if args.quick else model,
               "long_tokens": args.long_tokens, "stream_tokens": args.stream_tokens, "delay_s": args.delay,
               "runs": runs}
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(result, indent=2))
+    write_result(out_path, result)
     print(f"-> {out_path}")
     return 0
 

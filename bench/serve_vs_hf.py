@@ -25,7 +25,6 @@ Needs httpx (the test and bench extras).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -52,6 +51,7 @@ from common import (  # noqa: E402
     percentile,
     start_server,
     stop_server,
+    write_result,
 )
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -294,8 +294,7 @@ def main(argv: list[str] | None = None) -> int:
               # With --threads = all cores, other busy processes stall every OpenMP barrier: compare the
               # load at the end with machine.loadavg_1_5_15 (at the start) before trusting the numbers.
               "loadavg_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    write_result(out_path, result)
 
     print(f"\n{'side':<26}{'requests':>9}{'wall s':>9}{'req/s':>8}{'p50 s':>8}{'p99 s':>8}{'tok/s':>9}")
     for level in levels.values():

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from energon_hf.convert import convert
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run with -P: the bench folder is not on sys.path
-from common import machine_info  # noqa: E402
+from common import machine_info, write_result  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RSS_TARGET = 0.35
@@ -117,8 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_time_ratio_energon_over_hf": runs["energon_hf"]["load_s"] / runs["transformers"]["load_s"],
         "load_time_ratio_presharded_over_hf": runs["energon_hf_presharded"]["load_s"] / runs["transformers"]["load_s"],
     }
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    write_result(out_path, result)
     hf, ours, pre = runs["transformers"], runs["energon_hf"], runs["energon_hf_presharded"]
     print(f"checkpoint {size / 1e9:.2f} GB; transformers: load {hf['load_s']:.1f} s, peak RSS "
           f"{hf['peak_rss_bytes'] / 1e9:.2f} GB; energon_hf tp={args.tp}: load {ours['load_s']:.1f} s "

@@ -16,7 +16,6 @@ Sanity: every tp's last_hidden_state equals tp=1's within 1e-4 (fp32).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -31,7 +30,7 @@ from energon_hf import EnergonModel
 from energon_hf.engine.worker import peak_rss_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run with -P: the bench folder is not on sys.path
-from common import machine_info, synchronized, time_calls  # noqa: E402
+from common import machine_info, synchronized, time_calls, write_result  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SAVE_RANDOM = ("import sys, torch, transformers; torch.manual_seed(0); "
@@ -110,8 +109,7 @@ def main(argv: list[str] | None = None) -> int:
               "settings": {"tp": tps, "batches": batches, "seqlen": seqlen, "repeats": args.repeats,
                            "warmup": args.warmup, "threads": args.threads, "quick": args.quick},
               "runs": runs, "loadavg_end": machine_info(args.threads)["loadavg_1_5_15"]}
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(out_path, result)
     print(f"-> {out_path}")
     tolerance = 5e-2 if args.gpu else 1e-4
     return 0 if all(r["max_abs_diff_vs_tp1"] <= tolerance for r in runs) else 1
