@@ -71,11 +71,10 @@ class DenseWeight:
         self.packed = _onednn_packed(weight)
         self.weight = weight.detach() if self.packed is None else None  # the same memory, without autograd
         # float16 has no oneDNN packing; torch's CPU GEMV for it is 2x slower than ours (kernels/quantized.py)
-        self.gemv = weight.device.type == "cpu" and weight.dtype == torch.float16
+        self.gemv = weight.device.type == "cpu" and weight.dtype == torch.float16 and q.gemv_available()
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if self.gemv and x.numel() <= q.FLOAT16_GEMV_ROWS * self.in_features and not q.records_grad(x) \
-                and q.gemv_available():
+        if self.gemv and x.numel() <= q.FLOAT16_GEMV_ROWS * self.in_features and not q.records_grad(x):
             out = q.gemv(torch.ops.energon_hf.float_gemv, x, self.weight)
             return out if bias is None else out + bias
         if self.packed is None:
@@ -126,8 +125,9 @@ class Int8Weight:
         self.q = q8.contiguous()
         self.scale = scale.float().reshape(self.out_features, -1).contiguous()  # [out, groups]
         self.group_size = self.in_features // self.scale.shape[1]
-        self.cpu = q8.device.type == "cpu"
-        bfloat16 = self.cpu and not exact
+        cpu = q8.device.type == "cpu"
+        self.gemv = cpu and q.gemv_available()  # decided at load, as Int4Weight's form
+        bfloat16 = cpu and not exact
         self.kernel_scale = self.scale.to(q.CPU_COMPUTE_DTYPE) if bfloat16 else None  # torch's kernel, expansion
         self.expands = bfloat16 and q.fast_bfloat16_gemm()
 
@@ -139,7 +139,7 @@ class Int8Weight:
         records = q.records_grad(x)
         if self.expands and (x.numel() >= q.INT8_DENSE_ROWS * self.in_features or records):
             out = q.int8_dense_matmul(x, self.q, self.kernel_scale)
-        elif self.cpu and not records and q.gemv_available():
+        elif self.gemv and not records:
             out = q.gemv(torch.ops.energon_hf.int8_gemv, x, self.q, self.scale)
         elif self.kernel_scale is not None and self.group_size == self.in_features:  # per-channel scales only
             out = q.int8_matmul(x, self.q, self.kernel_scale[:, 0])
