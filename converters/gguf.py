@@ -2,8 +2,8 @@
 
 The cache folder (default ~/.cache/energon_hf, or $ENERGON_HF_CACHE) holds config.json,
 model.safetensors (dequantized), the tokenizer, the generation config, and gguf_blocks.json: which
-checkpoint tensors the .gguf holds as 4-bit blocks, which `quantization="int4"` loads as they are
-(`gguf_blocks.py`). Later loads reuse the folder.
+checkpoint tensors the .gguf holds as 4-bit or 8-bit blocks, which `quantization="int4"` (Q4_0, Q4_1) and
+`"int8"` (Q8_0) load as they are (`gguf_blocks.py`). Later loads reuse the folder.
 """
 
 from __future__ import annotations

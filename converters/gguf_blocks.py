@@ -7,7 +7,7 @@ zero) with scale = d and zero = m + 8 d (Q4_1) or 0 (Q4_0). A Q8_0 block holds d
 exactly the int8 format with one scale per group of 32 (the embedded SmolLM2 stores its tied vocabulary head
 so).
 
-At conversion time (`converters/gguf.py`) `block_map` records which checkpoint tensor each 4-bit GGUF tensor
+At conversion time (`converters/gguf.py`) `block_map` records which checkpoint tensor each such GGUF tensor
 is, by checking its decoded values against the tensor transformers dequantized (rows included: llama.cpp
 stores q and k rows permuted for its rotary layout, transformers un-permutes them); the map goes into the
 cache folder as gguf_blocks.json, and `GGUFBlocks` reads it back at load time.
@@ -111,7 +111,7 @@ def write_block_map(folder: Path, gguf_path: Path, blocks: dict[str, dict]) -> N
 
 
 class GGUFBlocks:
-    """The 4-bit tensors of the .gguf file a cache folder was converted from, by checkpoint name, read from
+    """The 4-bit and 8-bit tensors of the .gguf file a cache folder was converted from, by checkpoint name, read from
     their recorded offsets (parsing the file's header again would cost seconds: SmolLM2's vocabulary alone
     is 49152 strings)."""
 

@@ -73,14 +73,20 @@ def release_freed_memory() -> None:
         _LIBC.malloc_trim(0)
 
 
+# The GGUF block kinds each quantization method computes on as they are: int4 in groups of 32 (Q4_0, Q4_1), int8
+# in groups of 32 (Q8_0). Other pairs (a Q4_1 file asked for int8, a Q8_0 file for int4) re-quantize the weights
+# transformers dequantized.
+_BLOCK_KINDS = {"int4": INT4_KINDS, "int8": ("Q8_0",)}
+
+
 def _as_gguf_blocks(reader: CheckpointReader, names: list[str], spec: WeightSpec, plan: FormatPlan | None,
                     module: nn.Module, param: str) -> bool:
-    """Whether this weight loads as the .gguf's own 4-bit blocks: int4 asked for in the blocks' groups of 32,
-    a linear layer (heads stay float), rows as stored."""
+    """Whether this weight loads as the .gguf's own blocks: the quantization asked for holds them as they are
+    (int4 in the blocks' groups of 32, or int8), a linear layer (heads stay float), rows as stored."""
     quantization = plan.quantization if plan is not None else None
-    return (quantization is not None and quantization.method == "int4" and quantization.group_size == GROUP_SIZE
-            and reader.blocks is not None and reader.blocks.covers(names, INT4_KINDS) and spec.layout != "transposed"
-            and param == "weight" and hasattr(module, "take_format"))
+    return (quantization is not None and (quantization.method == "int8" or quantization.group_size == GROUP_SIZE)
+            and reader.blocks is not None and reader.blocks.covers(names, _BLOCK_KINDS[quantization.method])
+            and spec.layout != "transposed" and param == "weight" and hasattr(module, "take_format"))
 
 
 def _head_as_gguf_blocks(reader: CheckpointReader, names: list[str], plan: FormatPlan | None, module: nn.Module,
@@ -94,22 +100,17 @@ def _head_as_gguf_blocks(reader: CheckpointReader, names: list[str], plan: Forma
             and reader.blocks.covers(names, ("Q8_0",)) and device.type == "cpu" and q.gemv_available())
 
 
-def _int4_from_blocks(reader: CheckpointReader, names: list[str], shard: Shard | None, device: torch.device,
-                      what: str) -> Int4Weight:
-    q4, scale, zero = reader.blocks.read(names)
+def _from_blocks(reader: CheckpointReader, names: list[str], shard: Shard | None, device: torch.device,
+                 what: str, exact: bool = False) -> Int4Weight | Int8Weight:
+    """This rank's share of the named tensors' blocks in their own format: Q4_* as Int4Weight, Q8_0 as a grouped
+    Int8Weight (`exact`: see Int8Weight). A split must fall on the blocks' groups of 32 (else an error naming
+    the layer)."""
+    values, *groups = reader.blocks.read(names)
     if shard is not None:
-        groups = shard.grouped(GROUP_SIZE, what)
-        q4, scale, zero = shard.take(q4), groups.take(scale), groups.take(zero)
-    return Int4Weight(q4.to(device), scale.to(device), zero.to(device))
-
-
-def _int8_from_blocks(reader: CheckpointReader, names: list[str], shard: Shard | None, device: torch.device,
-                      what: str) -> Int8Weight:
-    q8, scale = reader.blocks.read(names)
-    if shard is not None:
-        groups = shard.grouped(GROUP_SIZE, what)
-        q8, scale = shard.take(q8), groups.take(scale)
-    return Int8Weight(q8.to(device), scale.to(device), exact=True)
+        per_group = shard.grouped(GROUP_SIZE, what)
+        values, groups = shard.take(values), [per_group.take(g) for g in groups]
+    values, groups = values.to(device), [g.to(device) for g in groups]
+    return Int4Weight(values, *groups) if len(groups) == 2 else Int8Weight(values, *groups, exact=exact)
 
 
 def load_weights(model: nn.Module, specs: dict[str, WeightSpec], reader: CheckpointReader,
@@ -144,10 +145,10 @@ def load_weights(model: nn.Module, specs: dict[str, WeightSpec], reader: Checkpo
                 f"implies {tuple(expected)} (for {name}); does config.json belong to these weights?"
             )
         if _as_gguf_blocks(reader, names, spec, plan, module, param_name):
-            module.take_format(_int4_from_blocks(reader, names, shard, device, module_name))
+            module.take_format(_from_blocks(reader, names, shard, device, module_name))
             continue
         if _head_as_gguf_blocks(reader, names, plan, module, module_name, param_name, device):
-            head = _int8_from_blocks(reader, names, shard, device, module_name)
+            head = _from_blocks(reader, names, shard, device, module_name, exact=True)
             if module.lookups:  # the float table, for lookups, and for products of many rows
                 value = source.full() if shard is None else shard.take(source)
                 set_module_tensor_to_device(model, name, device, value=value, dtype=dtype)

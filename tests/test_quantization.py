@@ -327,6 +327,78 @@ def test_smollm2_int4_quality_and_paris(smollm2_pair, smollm2_gguf):
         assert agreement(greedy_tokens(ours, [prompt], 24), tokens) >= 0.9
 
 
+# -- a Q8_0 file: int8 on the file's own 8-bit blocks ---------------------------------------------------
+def write_q8_0_llama(source: Path, path: Path, layers: int) -> Path:
+    """`source` (a Llama GGUF) cut to its first `layers` layers, every 4-bit tensor re-quantized to Q8_0 (as
+    llama.cpp's `llama-quantize ... q8_0` would store it), metadata and tokenizer kept."""
+    import re
+
+    import gguf
+    from gguf import GGMLQuantizationType, GGUFValueType
+
+    reader = gguf.GGUFReader(source)
+    arch = reader.fields["general.architecture"].contents()
+    writer = gguf.GGUFWriter(str(path), arch)
+    for key, field in reader.fields.items():
+        if not key.startswith("GGUF.") and key != "general.architecture":
+            value = layers if key == f"{arch}.block_count" else field.contents()
+            sub_type = field.types[-1] if field.types[0] == GGUFValueType.ARRAY else None
+            writer.add_key_value(key, value, field.types[0], sub_type=sub_type)
+    for tensor in reader.tensors:
+        layer = re.match(r"blk\.(\d+)\.", tensor.name)
+        if layer and int(layer.group(1)) >= layers:
+            continue
+        data, kind = tensor.data, tensor.tensor_type
+        if kind in (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1):
+            data, kind = gguf.quants.quantize(gguf.quants.dequantize(data, kind), GGMLQuantizationType.Q8_0), \
+                GGMLQuantizationType.Q8_0
+        writer.add_tensor(tensor.name, data, raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def q8_0_gguf(tmp_path_factory, smollm2_gguf):
+    """SmolLM2's first two layers in Q8_0 (39 MB, written in about 2 s)."""
+    return write_q8_0_llama(smollm2_gguf, tmp_path_factory.mktemp("q8_0") / "smollm2-2-layers.Q8_0.gguf", 2)
+
+
+def test_a_q8_0_file_computes_int8_on_its_own_blocks(q8_0_gguf):
+    """int8 asked of a Q8_0 file takes its blocks as they are (groups of 32, no re-quantization per channel):
+    the dequantized model's weights, multiplied in float32 for a decode step's row where the compiled GEMV runs
+    it."""
+    reference, ours = EnergonModel.from_pretrained(q8_0_gguf), EnergonModel.from_pretrained(q8_0_gguf,
+                                                                                           quantization="int8")
+    assert GGUFBlocks.open(ours.folder).covers(["model.layers.1.mlp.down_proj.weight"], ("Q8_0",))
+    for ours_layer, reference_layer in zip(ours.model.model.layers, reference.model.model.layers, strict=True):
+        for name in ("self_attn.qkv", "self_attn.o_proj", "mlp.gate_up", "mlp.down_proj"):
+            fmt = ours_layer.get_submodule(name).format
+            dense = reference_layer.get_submodule(name).format(torch.eye(fmt.in_features)).t()
+            assert isinstance(fmt, Int8Weight) and fmt.group_size == 32
+            assert (q.dequantize_int8(fmt.q, fmt.scale) - dense).abs().max() <= 1e-6 * dense.abs().max()
+            if compiled.available():  # a decode step's product: float32 on the blocks
+                x = torch.randn(1, fmt.in_features)
+                assert relative_error(fmt(x), x @ dense.t()) < EXACT
+    # a prompt's rows expand to bfloat16 (as every int8 product of many rows)
+    prompt = torch.tensor([[1, 504, 3458, 314, 4055, 17, 2683, 30]])
+    assert relative_error(ours(prompt).logits, reference(prompt).logits) < BFLOAT16
+
+
+def test_a_q8_0_file_splits_its_blocks_at_tp3_and_pp2(q8_0_gguf):
+    """SmolLM2's 9 heads split over 3 ranks; every split (columns, rows, the vocabulary head) falls on the blocks'
+    groups of 32, so each rank holds the file's own blocks: tp=1's model, summed in another order."""
+    single = EnergonModel.from_pretrained(q8_0_gguf, quantization="int8")
+    prompt = torch.tensor([[1, 504, 3458, 314, 4055, 17, 2683, 30]])
+    expected, expected_tokens = single(prompt).logits, single.generate(prompt, max_new_tokens=8, do_sample=False)
+    for tp, pp in ((3, 1), (1, 2)):
+        with EnergonModel.from_pretrained(q8_0_gguf, tp=tp, pp=pp, quantization="int8", threads_per_rank=1) as ours:
+            assert relative_error(ours(prompt).logits, expected) < 1e-5
+            assert torch.equal(ours.generate(prompt, max_new_tokens=8, do_sample=False), expected_tokens)
+
+
 # -- the server's --dtype and --quantization --------------------------------------------------------------
 def test_server_dtype_and_quantization_flags(chat_llama):
     """One server in bfloat16 with int8 layers: its startup line says so, and its logprobs are those of the
