@@ -1,5 +1,5 @@
-"""Fused activations and normalizations (torch implementations, the reference for the Triton ones; on CPU in
-float32 the decode-step ones run compiled ops, csrc/elementwise.cpp)."""
+"""Fused activations and normalizations (torch implementations, the reference for the Triton ones; on CPU the
+decode-step ones run compiled ops, csrc/elementwise.cpp)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,17 @@ import torch.nn.functional as F
 from . import compiled
 
 
-def _compiled_float32(*tensors: torch.Tensor) -> bool:
-    """Whether the compiled CPU ops (csrc/elementwise.cpp) take these tensors: float32 on CPU, contiguous, outside
-    autograd (the ops have no backward). One op instead of torch's three to five: SmolLM2's decode step runs 60
-    RMSNorms and 30 SiLU-and-muls, 25 and 10 us each in torch, 3.2 and 8.5 us compiled."""
-    return (all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
+_COMPILED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _compiled(*tensors: torch.Tensor) -> bool:
+    """Whether the compiled CPU ops (csrc/elementwise.cpp) take these tensors: one float dtype on CPU, contiguous,
+    outside autograd (the ops have no backward). One op instead of torch's three to five: SmolLM2's decode step
+    runs 60 RMSNorms and 30 SiLU-and-muls, in float32 25 and 10 us each in torch, 3.2 and 8.5 us compiled; in
+    half precision torch's RMSNorm also casts to float32 and back (50 us a call)."""
+    dtype = tensors[0].dtype
+    return (dtype in _COMPILED_DTYPES
+            and all(t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous() for t in tensors)
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) and compiled.available())
 
 
@@ -28,7 +34,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """[..., 2I] (gate then up, as Llama's fused gate_up projection) -> silu(gate) * up, [..., I]."""
     if x.shape[-1] % 2:
         raise ValueError(f"silu_and_mul needs an even last dimension, got {x.shape[-1]}")
-    if _compiled_float32(x):
+    if _compiled(x):
         return torch.ops.energon_hf.silu_and_mul(x)
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
@@ -41,9 +47,9 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x / rms(x) * weight, computed in float32 and cast back, as HF's LlamaRMSNorm does. torch's fused
     F.rms_norm gives bit-identical results to HF's five-op formula (checked on float32, bfloat16 and float16
-    inputs) in one op: it runs twice per layer, so the op count matters at decode. The compiled op (float32 on
-    CPU) sums in another order: equal to float32 rounding, not bit for bit."""
-    if _compiled_float32(x, weight):
+    inputs) in one op: it runs twice per layer, so the op count matters at decode. The compiled op (CPU) sums in
+    another order: equal to float32 rounding before it rounds as HF does, not bit for bit."""
+    if _compiled(x, weight):
         return torch.ops.energon_hf.rms_norm(x, weight, eps)
     if x.dtype == torch.float32:
         return F.rms_norm(x, x.shape[-1:], weight, eps)

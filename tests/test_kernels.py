@@ -284,31 +284,38 @@ def test_gemv_kernels_name_bad_arguments():
 
 
 @pytest.mark.skipif(not compiled.available(), reason="no C++ compiler: the compiled CPU ops cannot build here")
-@pytest.mark.parametrize("shape", [(1, 576), (3, 2, 40), (130, 8)])  # a decode row, 3-D, enough rows for threads
-def test_compiled_rms_norm_and_silu_and_mul_equal_torch(shape, monkeypatch):
-    """float32 on CPU, outside autograd, the decode-step glue runs one compiled op each, equal to torch's
-    formulas to float32 rounding (the HF parity bound is 1e-4); under autograd torch's ops run (no backward)."""
+@pytest.mark.parametrize("shape", [(1, 576), (3, 2, 40), (130, 26)])  # a decode row, 3-D, rows for threads, tails
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_compiled_rms_norm_and_silu_and_mul_equal_torch(shape, dtype, monkeypatch):
+    """On CPU, outside autograd, the decode-step glue runs one compiled op each: equal to HF's formulas to float32
+    rounding in float32 (the HF parity bound is 1e-4), and bit for bit in float16 and bfloat16, where the op
+    rounds where torch's op sequence does; under autograd torch's ops run (no backward)."""
     from energon_hf.kernels import elementwise
 
     torch.manual_seed(0)
-    x, weight = torch.randn(shape) * 3 + 1, torch.randn(shape[-1])
+    x, weight = (torch.randn(shape) * 3 + 1).to(dtype), torch.randn(shape[-1]).to(dtype)
     calls = []
     for op in ("rms_norm", "silu_and_mul"):
         original = getattr(torch.ops.energon_hf, op)
         monkeypatch.setattr(torch.ops.energon_hf, op, lambda *a, op=original: calls.append(op) or op(*a))
+    bound = 1e-5 if dtype == torch.float32 else 0.0
+    hidden = x.float()
+    hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + 1e-6)  # HF's LlamaRMSNorm
     got = elementwise.rms_norm(x, weight, 1e-6)
-    assert (got - torch.nn.functional.rms_norm(x, shape[-1:], weight, 1e-6)).abs().max() < 1e-5
+    assert got.dtype == dtype and (got.float() - (weight * hidden.to(dtype)).float()).abs().max() <= bound
     gate, up = x.chunk(2, dim=-1)
     got = elementwise.silu_and_mul(x)
-    assert got.shape == gate.shape and (got - torch.nn.functional.silu(gate) * up).abs().max() < 1e-5
+    assert got.shape == gate.shape and (got - torch.nn.functional.silu(gate) * up).float().abs().max() <= bound
     assert len(calls) == 2
     leaf = x.clone().requires_grad_()
     elementwise.rms_norm(leaf, weight, 1e-6).sum().backward()
     assert len(calls) == 2 and leaf.grad is not None
-    with pytest.raises(RuntimeError, match="weight must be a contiguous float32"):
+    with pytest.raises(RuntimeError, match="weight must be a contiguous"):
         torch.ops.energon_hf.rms_norm(x, weight[:-1], 1e-6)
+    with pytest.raises(RuntimeError, match="weight must be a contiguous"):
+        torch.ops.energon_hf.rms_norm(x, weight.double(), 1e-6)
     with pytest.raises(RuntimeError, match="even last dimension"):
-        torch.ops.energon_hf.silu_and_mul(torch.zeros(2, 5))
+        torch.ops.energon_hf.silu_and_mul(torch.zeros(2, 5, dtype=dtype))
 
 
 def test_cpu_extension_setting_picks_the_decode_path(monkeypatch):
