@@ -8,7 +8,6 @@ import torch.nn.functional as F
 
 from . import compiled
 
-
 _COMPILED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
