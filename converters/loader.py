@@ -153,7 +153,7 @@ def load_weights(model: nn.Module, specs: dict[str, WeightSpec], reader: Checkpo
                 value = source.full() if shard is None else shard.take(source)
                 set_module_tensor_to_device(model, name, device, value=value, dtype=dtype)
                 with torch.no_grad():  # a packed copy would otherwise keep the parameter alive (finish_loading)
-                    head = RowSplitWeight(head, DenseWeight(module.weight), q.INT8_DENSE_ROWS)
+                    head = RowSplitWeight(head, DenseWeight(module.weight), q.INT8_HEAD_GEMV_ROWS)
             module.take_head(head)
             continue
         value = source.full() if shard is None else shard.take(source)

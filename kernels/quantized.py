@@ -31,17 +31,24 @@ from . import compiled
 
 CPU_COMPUTE_DTYPE = torch.bfloat16
 # From this many rows on (prompts, batched decodes), an int8 or int4 product on CPU expands the weight to
-# bfloat16 (int8: q * scale, one torch op; int4: the compiled dequantize_int4_into) into a reused buffer and runs
-# the dense GEMM, where torch's bfloat16 GEMM is oneDNN's; fewer rows run the compiled float32 GEMV. SmolLM2's
-# four matrices of a layer, 2-core Xeon with AMX: expanded + dense int4 0.74 / 0.81 / 0.87 / 3.5 ms at 1 / 16 /
-# 24 / 512 rows (the expansion alone about 0.28 ms), int8 1.27 / 1.33 / 1.45 / 3.5 ms at 24 / 32 / 64 / 512;
-# torch's own int4 and int8 kernels cost about a GEMV per row (22.2 and 24.2 ms at 512 rows). The GEMV, warm,
-# per layer: int8 111 / 211 / 428 / 850 us at 1 / 4 / 8 / 16 rows (torch's kernel 120 / 209 / 415 / 767); int4
-# 145 / 331 / 641 / 1254 (torch's 124 / 209 / 370 / 693: bfloat16 activations halve its work). int4 over 30
-# layers with cold weights, GEMV against expanded at 8 / 10 / 12 / 16 rows: 21.4 / 27.7 / 31.2 / 41.5 against
-# 27.0 / 27.5 / 28.8 / 27.7 ms, so int4 expands from 10 rows, int8 from 24.
-INT8_DENSE_ROWS = 24
+# bfloat16 (the compiled dequantize_int8_into / dequantize_int4_into) into a reused buffer and runs the dense
+# GEMM, where torch's bfloat16 GEMM is oneDNN's; fewer rows run the compiled float32 GEMV. SmolLM2's four
+# matrices of a layer, 2-core Xeon with AMX: expanded + dense int4 0.74 / 0.81 / 0.87 / 3.5 ms at 1 / 16 / 24 /
+# 512 rows (the expansion alone about 0.28 ms); torch's own int4 and int8 kernels cost about a GEMV per row
+# (22.2 and 24.2 ms at 512 rows). The GEMV, warm, per layer: int8 111 / 211 / 428 / 850 us at 1 / 4 / 8 / 16
+# rows (torch's kernel 120 / 209 / 415 / 767); int4 145 / 331 / 641 / 1254 (torch's 124 / 209 / 370 / 693:
+# bfloat16 activations halve its work). Over 30 layers with cold weights, GEMV against expanded at 8 / 12 / 16 /
+# 24 rows: int4 23.0 / 31.4 / 42.8 / - against 25.9 / 27.0 / 26.3 / 29.8 ms, int8 17.0 / 24.1 / 29.6 / 45.1
+# against 28.0 / 28.9 / 28.5 / 29.9 ms, so int4 expands from 10 rows, int8 from 16 (from 24 while int8 expanded
+# through torch's `q * scale`, 56 ms at these row counts). Expanding to float32 instead (an exact product for
+# prompts, as the GEMV's) cost 1.5-2.1x the bfloat16 path at 32-512 rows (int4 53 / 85 / 137 / 350 against
+# 33 / 41 / 71 / 144 ms at 32 / 64 / 128 / 512): not taken, batched decodes and prompts would pay it.
+INT8_DENSE_ROWS = 16
 INT4_DENSE_ROWS = 10
+# A GGUF's 8-bit vocabulary head (converters/loader.py) runs the GEMV below this many rows, F.linear on the float
+# table it keeps for lookups from there (SmolLM2's head, cold: 3.1 against 6.7 ms at 1 row, 16.5 against 12.4 at
+# 32).
+INT8_HEAD_GEMV_ROWS = 24
 # float16 weights take the compiled kernel up to FLOAT16_GEMV_ROWS rows: 114 / 222 / 454 us against F.linear's
 # 230 / 456 / 553 (at 16 rows 924 against 741).
 FLOAT16_GEMV_ROWS = 8
@@ -143,11 +150,15 @@ def int4_dense_matmul(x: torch.Tensor, nibbles: torch.Tensor, table: torch.Tenso
 
 
 def int8_dense_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [..., in] @ W^T with W = q * scale (a bfloat16 [out, groups] `scale`) expanded to bfloat16 by one torch
-    op, in x's dtype (CPU)."""
+    """x [..., in] @ W^T with W = q * scale expanded to bfloat16, in x's dtype (CPU). `scale` [out, groups]:
+    float32 for the compiled dequantize_int8_into (w rounded once; 5x faster than torch's op), bfloat16 for
+    torch's `q * scale` without the compiled ops."""
     weight = _expansion_target(*q.shape, x)
-    shape = (q.shape[0], scale.shape[1], -1)
-    torch.mul(q.view(shape), scale[..., None], out=weight.view(shape))
+    if scale.dtype == torch.float32:
+        torch.ops.energon_hf.dequantize_int8_into(q, scale, weight)
+    else:
+        shape = (q.shape[0], scale.shape[1], -1)
+        torch.mul(q.view(shape), scale[..., None], out=weight.view(shape))
     return _cpu_product(F.linear, x, weight)
 
 

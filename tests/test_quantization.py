@@ -83,6 +83,30 @@ def test_int4_products_run_exact_below_dense_rows_and_expand_above(rows, monkeyp
         torch.ops.energon_hf.dequantize_int4_into(fmt.nibbles, fmt.table, 64 * 3, expanded)
 
 
+@pytest.mark.skipif(not compiled.available(), reason="no C++ compiler: the compiled CPU ops cannot build here")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("cols", [96, 40])  # 40: groups and rows shorter than the 16-wide vector steps
+def test_compiled_expansions_round_once(dtype, cols):
+    """dequantize_int8_into (per channel, in groups) and dequantize_int4_into give the dequantized weight rounded
+    once to the target dtype (torch's `q * scale` with a bfloat16 scale rounds twice); wrong targets are named."""
+    torch.manual_seed(0)
+    q8 = torch.randint(-127, 128, (33, cols), dtype=torch.int8)
+    for scale in (torch.rand(33, 1) / 100, torch.rand(33, cols // 8) / 100):
+        expanded = torch.empty(33, cols, dtype=dtype)
+        torch.ops.energon_hf.dequantize_int8_into(q8, scale, expanded)
+        assert torch.equal(expanded, q.dequantize_int8(q8, scale).to(dtype))
+    weight = torch.randn(33, cols)
+    q4, scale, zero = q.quantize_int4(weight, cols // 4 if cols % 32 else 32)
+    fmt, expanded = Int4Weight(q4, scale, zero), torch.empty(33, cols, dtype=dtype)
+    torch.ops.energon_hf.dequantize_int4_into(fmt.nibbles, fmt.table, fmt.group_size, expanded)
+    exact = q.dequantize_int4(q4, scale, zero)  # (q - 8) * scale + zero: float32 rounding apart from q * scale + min
+    assert torch.allclose(expanded.float(), exact, rtol=2**-8 if dtype == torch.bfloat16 else 1e-6, atol=1e-6)
+    with pytest.raises(RuntimeError, match="weight must be a contiguous .* bfloat16 or float32"):
+        torch.ops.energon_hf.dequantize_int8_into(q8, torch.rand(33, 1), torch.empty(33, cols, dtype=torch.float16))
+    with pytest.raises(RuntimeError, match="scale must be a contiguous"):
+        torch.ops.energon_hf.dequantize_int8_into(q8, torch.rand(33, 7), expanded)
+
+
 @pytest.mark.parametrize("rows", [1, q.INT8_DENSE_ROWS - 1, q.INT8_DENSE_ROWS])
 def test_int8_products_of_many_rows_expand_the_weight(rows, monkeypatch):
     """int8 takes the same turns as int4, at INT8_DENSE_ROWS (without the compiled ops: torch's int8 kernel below). A
@@ -300,12 +324,14 @@ def test_smollm2_int4_head_computes_on_the_files_q8_0_blocks(smollm2_pair, smoll
     reference, ours = smollm2_pair
     embedding, expected = ours.model.model.embed_tokens, reference.model.model.embed_tokens
     blocks = embedding.head.few  # many rows: F.linear on the float table
-    assert isinstance(blocks, Int8Weight) and blocks.group_size == 32 and embedding.head.rows == q.INT8_DENSE_ROWS
+    assert isinstance(blocks, Int8Weight) and blocks.group_size == 32
+    assert embedding.head.rows == q.INT8_HEAD_GEMV_ROWS
     assert ours.folder == reference.folder and torch.equal(embedding.weight, expected.weight)
     assert torch.equal(q.dequantize_int8(blocks.q, blocks.scale), expected.weight)
-    assert blocks(torch.randn(q.INT8_DENSE_ROWS + 1, ours.config.hidden_size)).shape[-1] == ours.config.vocab_size
+    many = torch.randn(q.INT8_HEAD_GEMV_ROWS + 1, ours.config.hidden_size)
+    assert blocks(many).shape[-1] == ours.config.vocab_size
     torch.manual_seed(0)
-    for rows in (1, q.INT8_DENSE_ROWS + 1):
+    for rows in (1, q.INT8_HEAD_GEMV_ROWS + 1):
         hidden = torch.randn(rows, ours.config.hidden_size)
         assert relative_error(embedding.logits(hidden), expected.logits(hidden)) < EXACT
 

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from energon_hf import kernels
+from energon_hf.kernels import compiled
 from energon_hf.kernels import quantized as q
 from energon_hf.kernels.linear import amx_cpu
 
@@ -128,7 +129,10 @@ class Int8Weight:
         cpu = q8.device.type == "cpu"
         self.gemv = cpu and q.gemv_available()  # decided at load, as Int4Weight's form
         bfloat16 = cpu and not exact
-        self.kernel_scale = self.scale.to(q.CPU_COMPUTE_DTYPE) if bfloat16 else None  # torch's kernel, expansion
+        compiled_ops = cpu and compiled.available()
+        # torch's int8 kernel and its `q * scale` expansion take bfloat16 scales; the compiled expansion float32
+        self.kernel_scale = self.scale.to(q.CPU_COMPUTE_DTYPE) if bfloat16 and not compiled_ops else None
+        self.expansion_scale = self.scale if compiled_ops else self.kernel_scale
         self.expands = bfloat16 and q.fast_bfloat16_gemm()
 
     @classmethod
@@ -138,7 +142,7 @@ class Int8Weight:
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         records = q.records_grad(x)
         if self.expands and (x.numel() >= q.INT8_DENSE_ROWS * self.in_features or records):
-            out = q.int8_dense_matmul(x, self.q, self.kernel_scale)
+            out = q.int8_dense_matmul(x, self.q, self.expansion_scale)
         elif self.gemv and not records:
             out = q.gemv(torch.ops.energon_hf.int8_gemv, x, self.q, self.scale)
         elif self.kernel_scale is not None and self.group_size == self.in_features:  # per-channel scales only
