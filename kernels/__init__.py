@@ -13,6 +13,7 @@ from .dispatch import (
     rebuild_padding,
     remove_padding,
     rms_norm,
+    rotary,
     silu_and_mul,
     varlen_attention,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "rebuild_padding",
     "remove_padding",
     "rms_norm",
+    "rotary",
     "silu_and_mul",
     "varlen_attention",
 ]

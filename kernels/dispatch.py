@@ -40,6 +40,7 @@ _IMPLEMENTATIONS: dict[str, dict[str, Callable]] = {
     "linear_gelu": {"torch": linear.linear_gelu, "triton": _triton("triton_elementwise", "linear_gelu")},
     **{op: {"torch": getattr(elementwise, op), "triton": _triton("triton_elementwise", op)}
        for op in ("bias_gelu", "silu_and_mul", "layer_norm", "rms_norm")},
+    "rotary": {"torch": elementwise.rotary, "triton": elementwise.rotary},  # no Triton kernel: torch's four ops
 }
 
 
@@ -128,3 +129,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return get_kernel("rms_norm", x.device)(x, weight, eps)
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    return get_kernel("rotary", x.device)(x, cos, signed_sin)

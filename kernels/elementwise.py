@@ -11,15 +11,20 @@ from . import compiled
 _COMPILED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _compiled(*tensors: torch.Tensor) -> bool:
-    """Whether the compiled CPU ops (csrc/elementwise.cpp) take these tensors: one float dtype on CPU, contiguous,
-    outside autograd (the ops have no backward). One op instead of torch's three to five: SmolLM2's decode step
-    runs 60 RMSNorms and 30 SiLU-and-muls, in float32 25 and 10 us each in torch, 3.2 and 8.5 us compiled; in
-    half precision torch's RMSNorm also casts to float32 and back (50 us a call)."""
+def _compiled(*tensors: torch.Tensor, contiguous: bool = True) -> bool:
+    """Whether the compiled CPU ops (csrc/elementwise.cpp) take these tensors: one float dtype on CPU, contiguous
+    (unless the op checks its own layout), outside autograd (the ops have no backward). One op instead of torch's
+    three to five: SmolLM2's decode step runs 60 RMSNorms, 30 SiLU-and-muls and 30 rotaries, in float32 25, 10
+    and 20 us each in torch, 3.2, 8.5 and 3 us compiled; in half precision torch's RMSNorm also casts to float32
+    and back (50 us a call)."""
     dtype = tensors[0].dtype
-    return (dtype in _COMPILED_DTYPES
-            and all(t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous() for t in tensors)
-            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) and compiled.available())
+    if dtype not in _COMPILED_DTYPES:
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:  # a plain loop: this check runs about 120 times per decode step, at about 1 us
+        if not t.is_cpu or t.dtype != dtype or (contiguous and not t.is_contiguous()) or (grad and t.requires_grad):
+            return False
+    return compiled.available()
 
 
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor, approximate: str = "none") -> torch.Tensor:
@@ -53,3 +58,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if x.dtype == torch.float32:
         return F.rms_norm(x, x.shape[-1:], weight, eps)
     return weight * F.rms_norm(x.float(), x.shape[-1:], None, eps).to(x.dtype)  # HF rounds before the weight
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, head_dim] rotated by its token's angle, HF's rotate-half layout: x * cos + cat(-x2, x1) * sin,
+    computed as x * cos + roll(x) * signed_sin (`signed_sin`: the sin with its first half negated, so that
+    rotate-half becomes a roll), bit-identical in every dtype (only signs move; addcmul would round half
+    precision differently), in four ops instead of seven; one compiled op on CPU (the same roundings)."""
+    tokens, _, head_dim = x.shape
+    # q and k are a slice of the fused qkv rows: the op takes any token stride, with dense heads
+    if x.stride(-1) == 1 and x.stride(-2) == head_dim and cos.numel() == tokens * head_dim \
+            and _compiled(x, cos, signed_sin, contiguous=False) and cos.is_contiguous() and signed_sin.is_contiguous():
+        return torch.ops.energon_hf.rotary(x, cos, signed_sin)
+    return x * cos + x.roll(head_dim // 2, -1) * signed_sin

@@ -318,6 +318,35 @@ def test_compiled_rms_norm_and_silu_and_mul_equal_torch(shape, dtype, monkeypatc
         torch.ops.energon_hf.silu_and_mul(torch.zeros(2, 5, dtype=dtype))
 
 
+@pytest.mark.skipif(not compiled.available(), reason="no C++ compiler: the compiled CPU ops cannot build here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 40])
+def test_compiled_rotary_is_torchs_formula_bit_for_bit(dtype, tokens, monkeypatch):
+    """q and k as a slice of the fused qkv rows (dense heads, a token stride of the whole row): one compiled op,
+    bit for bit torch's x * cos + roll(x) * signed_sin in every dtype; under autograd, or with heads that are not
+    dense, torch's ops run."""
+    from energon_hf.kernels import elementwise
+
+    torch.manual_seed(0)
+    qkv = torch.randn(tokens, 15 * 64).to(dtype)
+    x, angles = qkv[:, : 12 * 64].view(tokens, 12, 64), torch.randn(tokens, 64) * 3
+    cos, signed_sin = angles.cos().to(dtype)[:, None], angles.sin()
+    signed_sin[:, :32].neg_()
+    signed_sin = signed_sin.to(dtype)[:, None]
+    calls, original = [], torch.ops.energon_hf.rotary
+    monkeypatch.setattr(torch.ops.energon_hf, "rotary", lambda *a: calls.append(a) or original(*a))
+    expected = x * cos + x.roll(32, -1) * signed_sin
+    assert torch.equal(elementwise.rotary(x, cos, signed_sin), expected) and len(calls) == 1
+    wide = torch.zeros(tokens, 12, 128, dtype=dtype)
+    wide[..., :64] = x
+    assert torch.equal(elementwise.rotary(wide[..., :64], cos, signed_sin), expected) and len(calls) == 1  # torch's
+    leaf = x.detach().clone().requires_grad_()
+    elementwise.rotary(leaf, cos, signed_sin).float().sum().backward()
+    assert len(calls) == 1 and leaf.grad is not None
+    with pytest.raises(RuntimeError, match="cos and signed_sin must be contiguous"):
+        original(x, cos[:1].expand(tokens + 1, 1, 64).contiguous(), signed_sin)
+
+
 def test_cpu_extension_setting_picks_the_decode_path(monkeypatch):
     """ENERGON_HF_CPU_EXTENSION=0 keeps the torch-only gathering path; by default decodes are read in place."""
     from energon_hf.kernels import attention

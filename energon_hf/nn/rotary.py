@@ -6,6 +6,7 @@ import torch
 from transformers import PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from energon_hf import kernels
 from energon_hf.errors import UnsupportedModelError
 
 # Scalings whose frequencies are fixed at load time. "dynamic" and "longrope" change them with the
@@ -54,7 +55,6 @@ class RotaryEmbedding:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, head_dim] rotated by its token's angle, HF's rotate-half layout: x * cos + cat(-x2, x1) * sin,
-    computed as x * cos + roll(x) * signed_sin, bit-identical in every dtype (only signs move; addcmul would
-    round half precision differently), in four ops instead of seven."""
-    return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
+    """x [T, heads, head_dim] rotated by its token's angle (`RotaryEmbedding.cos_sin`'s tables), HF's rotate-half
+    layout: kernels.rotary."""
+    return kernels.rotary(x, cos, signed_sin)
