@@ -20,6 +20,7 @@ from energon_hf.converters.gguf_blocks import BLOCKS_FILE, GGUFBlocks, decode_q4
 from energon_hf.evaluate import agreement, forced_agreement, greedy_tokens, perplexity
 from energon_hf.kernels import compiled
 from energon_hf.kernels import quantized as q
+from energon_hf.models.llama_decode import LlamaDecodeLoop
 from energon_hf.nn.formats import DenseWeight, Int4Weight, Int8Weight, Quantization
 
 ALICE = Path(__file__).resolve().parents[1] / "bench" / "data" / "alice_chapter1.txt"
@@ -250,6 +251,31 @@ def test_tiny_llama_int4_at_tp2_and_pp2_equals_tp1(llama_q):
             assert relative_error(logits_on_real(ours, ids, mask), expected) < 0.01  # bf16 sums in another order
             tokens = ours.generate(ids, attention_mask=mask, **kwargs)[:, -8:].tolist()
             assert agreement(tokens, expected_tokens) >= 0.75  # the decode path on quantized ranks
+
+
+@pytest.mark.skipif(not q.gemv_available(), reason="no C++ compiler: the decode loop runs on the compiled ops")
+@pytest.mark.parametrize("method", [None, "int8", "int4"])
+def test_the_decode_loop_gives_the_modules_logits_bit_for_bit(llama_q, method, monkeypatch):
+    """Llama's decode steps on CPU run as one loop of bare ops (models/llama_decode.py): every decode step's
+    logits equal the modules' exactly, for float32 and both quantized formats, at batch 3."""
+    ours = EnergonModel.from_pretrained(llama_q, quantization=method)
+    ids, mask = padded_batch(MIXED_LENGTHS[:3], 128, "left")
+    runner, loops = ours.batcher.runner, []
+    original_run, original_loop = runner.run, LlamaDecodeLoop.run
+    monkeypatch.setattr(LlamaDecodeLoop, "run", lambda self, *a: loops.append(1) or original_loop(self, *a))
+    outputs = {}
+    for mode in ("loop", "modules"):
+        if mode == "modules":
+            monkeypatch.setattr(LlamaDecodeLoop, "applies", staticmethod(lambda x, batch: False))
+        steps = outputs[mode] = []
+        monkeypatch.setattr(runner, "run", lambda batch, **kw: steps.append(original_run(batch, **kw)) or steps[-1])
+        steps.append(ours.generate(ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False))
+        if mode == "loop":
+            assert len(loops) == 5  # every step after the prompts'
+    assert len(outputs["loop"]) == len(outputs["modules"]) == 7
+    assert torch.equal(outputs["loop"][-1], outputs["modules"][-1])
+    for looped, modules in zip(outputs["loop"][:-1], outputs["modules"][:-1], strict=True):
+        assert torch.equal(looped["logits"], modules["logits"])
 
 
 def test_a_pre_sharded_folder_quantizes_as_it_loads(llama_q, tmp_path):

@@ -17,6 +17,7 @@ from energon_hf.nn.norm import RMSNorm
 from energon_hf.nn.rotary import RotaryEmbedding, apply_rotary
 from energon_hf.parallel import divide
 
+from .llama_decode import LlamaDecodeLoop
 from .staged import StagedModel
 
 if TYPE_CHECKING:
@@ -111,12 +112,21 @@ class LlamaForCausalLM(StagedModel):
         self.config = config
         self.model = LlamaModel(config)
         self.lm_head = untied_head(config)
+        self.decode_loop: LlamaDecodeLoop | None = None  # built at the first decode step it applies to
 
     def embed(self, batch: PackedBatch) -> torch.Tensor:
         return self.model.embed_tokens(batch.input_ids)
 
     def layer_args(self, batch: PackedBatch, x: torch.Tensor) -> tuple:
         return (self.model.rotary.cos_sin(batch.positions, x.dtype),)  # once per step, shared by every layer
+
+    def run_layers(self, x: torch.Tensor, batch: PackedBatch, extra: tuple, indices: range) -> torch.Tensor:
+        """Decode steps on CPU run as one loop of the ops the modules would pick (llama_decode.py)."""
+        if LlamaDecodeLoop.applies(x, batch):
+            if self.decode_loop is None:
+                self.decode_loop = LlamaDecodeLoop(self.model.layers)
+            return self.decode_loop.run(x, batch, *extra, indices)
+        return super().run_layers(x, batch, extra, indices)
 
     def finish(self, x: torch.Tensor, batch: PackedBatch) -> dict[str, torch.Tensor]:
         hidden = self.model.norm(rows_for_logits(x, batch))

@@ -47,10 +47,16 @@ class StagedModel(nn.Module):
         """The whole model, or one stage: start from `hidden` (None: embed), run `layers`, finish if `last`."""
         x = self.embed(batch) if hidden is None else hidden
         extra = self.layer_args(batch, x)
-        blocks = self.layer_list
-        for i in range(len(blocks)) if layers is None else layers:
-            x = blocks[i](x, batch, *extra)
+        x = self.run_layers(x, batch, extra, range(len(self.layer_list)) if layers is None else layers)
         return self.finish(x, batch) if last else x
+
+    def run_layers(self, x: torch.Tensor, batch: PackedBatch, extra: tuple, indices: range) -> torch.Tensor:
+        """The layers `indices` on x, each with (x, batch, *extra) (an architecture may run some steps another
+        way: Llama's decode loop)."""
+        blocks = self.layer_list
+        for i in indices:
+            x = blocks[i](x, batch, *extra)
+        return x
 
     def stage_params(self, layers: range, first: bool, last: bool) -> Callable[[str], bool]:
         prefix, tied = self.layers_path + ".", self.tied_embedding()

@@ -21,6 +21,7 @@ A layer's weight is loaded as a plain float tensor (this rank's shard), then han
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,7 @@ from energon_hf import kernels
 from energon_hf.kernels import compiled
 from energon_hf.kernels import quantized as q
 from energon_hf.kernels.linear import amx_cpu
+from energon_hf.kernels.linear import linear as torch_linear
 
 METHODS = ("int8", "int4")
 
@@ -81,6 +83,17 @@ class DenseWeight:
         if self.packed is None:
             return kernels.linear(x, self.weight, bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
+
+    def bare_product(self, rows: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The product of `rows` contiguous float32 rows without bias, as a bare op call: what `__call__` runs for
+        them (the lean decode loop, models/llama_decode.py); None for other dtypes."""
+        if self.dtype != torch.float32:
+            return None
+        if self.packed is not None:
+            packed = self.packed
+            return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        weight = self.weight
+        return lambda x: torch_linear(x, weight)
 
     @property
     def nbytes(self) -> int:
@@ -151,6 +164,13 @@ class Int8Weight:
             out = F.linear(x, q.dequantize_int8(self.q, self.scale, x.dtype))
         return out if bias is None else out + bias
 
+    def bare_product(self, rows: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """As DenseWeight.bare_product: the compiled GEMV where `__call__` would run it for `rows` rows."""
+        if not self.gemv or (self.expands and rows >= q.INT8_DENSE_ROWS):
+            return None
+        weights, gemv = (self.q, self.scale), torch.ops.energon_hf.int8_gemv
+        return lambda x: gemv(x, *weights)
+
     @property
     def nbytes(self) -> int:
         return self.q.numel() + self.scale.numel() * (4 + (2 if self.kernel_scale is not None else 0))
@@ -197,6 +217,13 @@ class Int4Weight:
             out = F.linear(x, q.dequantize_int4(*self.parts, x.dtype))
         return out if bias is None else out + bias
 
+    def bare_product(self, rows: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """As DenseWeight.bare_product: the compiled GEMV where `__call__` would run it for `rows` rows."""
+        if self.nibbles is None or (rows >= q.INT4_DENSE_ROWS and q.fast_bfloat16_gemm()):
+            return None
+        weights, gemv = (self.nibbles, self.table, self.group_size), torch.ops.energon_hf.int4_gemv
+        return lambda x: gemv(x, *weights)
+
     @property
     def nbytes(self) -> int:
         return self.streamed_nbytes
@@ -220,6 +247,9 @@ class RowSplitWeight:
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return (self.few if x.numel() < self.rows * self.in_features else self.many)(x, bias)
+
+    def bare_product(self, rows: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        return (self.few if rows < self.rows else self.many).bare_product(rows)
 
     @property
     def nbytes(self) -> int:
