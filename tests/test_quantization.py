@@ -253,29 +253,33 @@ def test_tiny_llama_int4_at_tp2_and_pp2_equals_tp1(llama_q):
             assert agreement(tokens, expected_tokens) >= 0.75  # the decode path on quantized ranks
 
 
-@pytest.mark.skipif(not q.gemv_available(), reason="no C++ compiler: the decode loop runs on the compiled ops")
-@pytest.mark.parametrize("method", [None, "int8", "int4"])
-def test_the_decode_loop_gives_the_modules_logits_bit_for_bit(llama_q, method, monkeypatch):
+@pytest.mark.skipif(not compiled.available(), reason="no C++ compiler: the decode loop runs on the compiled ops")
+@pytest.mark.parametrize("method,dtype,batch", [(None, "float32", 3), ("int8", "float32", 3), ("int4", "float32", 3),
+                                                ("int4", "float32", 12), ("int8", "bfloat16", 3),
+                                                (None, "bfloat16", 3), (None, "float16", 3)])
+def test_the_decode_loop_gives_the_modules_logits_bit_for_bit(llama_q, method, dtype, batch, monkeypatch):
     """Llama's decode steps on CPU run as one loop of bare ops (models/llama_decode.py): every decode step's
-    logits equal the modules' exactly, for float32 and both quantized formats, at batch 3."""
-    ours = EnergonModel.from_pretrained(llama_q, quantization=method)
-    ids, mask = padded_batch(MIXED_LENGTHS[:3], 128, "left")
+    logits equal the modules' exactly, for float32, half precision and both quantized formats, at row counts on
+    both sides of the quantized GEMV's threshold (int4 expands from 10 rows)."""
+    ours = EnergonModel.from_pretrained(llama_q, quantization=method, dtype=dtype)
+    ids, mask = padded_batch((MIXED_LENGTHS * 2)[:batch], 128, "left")
     runner, loops = ours.batcher.runner, []
     original_run, original_loop = runner.run, LlamaDecodeLoop.run
     monkeypatch.setattr(LlamaDecodeLoop, "run", lambda self, *a: loops.append(1) or original_loop(self, *a))
-    outputs = {}
-    for mode in ("loop", "modules"):
-        if mode == "modules":
-            monkeypatch.setattr(LlamaDecodeLoop, "applies", staticmethod(lambda x, batch: False))
-        steps = outputs[mode] = []
-        monkeypatch.setattr(runner, "run", lambda batch, **kw: steps.append(original_run(batch, **kw)) or steps[-1])
-        steps.append(ours.generate(ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False))
-        if mode == "loop":
-            assert len(loops) == 5  # every step after the prompts'
-    assert len(outputs["loop"]) == len(outputs["modules"]) == 7
-    assert torch.equal(outputs["loop"][-1], outputs["modules"][-1])
-    for looped, modules in zip(outputs["loop"][:-1], outputs["modules"][:-1], strict=True):
-        assert torch.equal(looped["logits"], modules["logits"])
+
+    def steps_and_tokens() -> list:
+        steps = []
+        monkeypatch.setattr(runner, "run", lambda b, **kw: steps.append(original_run(b, **kw)["logits"]) or
+                            {"logits": steps[-1]})
+        tokens = ours.generate(ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+        return [*steps, tokens]
+
+    looped = steps_and_tokens()
+    assert len(loops) == 5  # every step after the prompts'
+    monkeypatch.setattr(LlamaDecodeLoop, "applies", staticmethod(lambda x, batch: False))
+    modules = steps_and_tokens()
+    assert len(loops) == 5 and len(looped) == len(modules) == 7
+    assert all(torch.equal(a, b) for a, b in zip(looped, modules, strict=True))
 
 
 def test_a_pre_sharded_folder_quantizes_as_it_loads(llama_q, tmp_path):

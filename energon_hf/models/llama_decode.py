@@ -6,55 +6,55 @@ took SmolLM2's int4 step from 9.3 ms (the same ops called bare) to 12.8 ms on th
 costing about 10 us in a step (the interpreter runs cold between the weight streams) against 3 us in a warm
 loop. This loop calls exactly the ops the layers' modules would pick for the step (RMSNorm, the formats' GEMVs,
 rotary, the cache writes, the in-place paged decode, SiLU-and-mul), so its results are the modules' bit for
-bit; it applies where those are the compiled CPU ops (`applies`), and the modules run every other step.
+bit; it applies to decode steps on CPU with the compiled ops (`applies`), and the modules run every other step
+(and any layer with a bias or another activation).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from energon_hf import kernels
 from energon_hf.batch import PackedBatch
 from energon_hf.kernels import backend_for, compiled
-from energon_hf.kernels import quantized as q
+from energon_hf.nn.formats import Product
 from energon_hf.parallel import state
 
 if TYPE_CHECKING:
     from .llama import LlamaDecoderLayer
-
-Product = Callable[[torch.Tensor], torch.Tensor]
-
 
 class LlamaDecodeLoop:
     """The decode loop over a model's Llama decoder layers, with each layer's bare products per row count."""
 
     def __init__(self, layers: nn.ModuleList):
         self.layers = layers
-        self._products: dict[int, list[tuple[Product, ...] | None]] = {}
+        self._products: dict[tuple[int, torch.dtype], list[tuple[Product, ...] | None]] = {}
 
     @staticmethod
     def applies(x: torch.Tensor, batch: PackedBatch) -> bool:
-        """A step of one new token per sequence, read through the KV cache, float32 on CPU outside autograd, one
+        """A step of one new token per sequence, read through the KV cache, on CPU outside autograd, one
         tensor-parallel rank, with the compiled ops (the paths the modules' own checks would take)."""
         attn = batch.attn
         return (attn.kv_cache is not None and not attn.is_prefill and attn.max_seqlen == 1 and x.is_cpu
-                and x.dtype == torch.float32 and not torch.is_grad_enabled() and state().tp_size == 1
-                and backend_for(x.device) == "torch" and q.gemv_available() and compiled.available())
+                and not torch.is_grad_enabled() and state().tp_size == 1 and backend_for(x.device) == "torch"
+                and compiled.available())
 
-    def products(self, rows: int) -> list[tuple[Product, ...] | None]:
-        """Per layer: its four products (qkv, o_proj, gate_up, down_proj) for `rows` rows, or None where a layer
-        needs its module (a product without a bare form at this row count, a bias, another activation)."""
-        if rows not in self._products:
-            self._products[rows] = [_layer_products(layer, rows) for layer in self.layers]
-        return self._products[rows]
+    def products(self, rows: int, dtype: torch.dtype) -> list[tuple[Product, ...] | None]:
+        """Per layer: its four products (qkv, o_proj, gate_up, down_proj) for `rows` rows of `dtype`, or None
+        where a layer needs its module (a bias, another activation, norms in another dtype)."""
+        key = (rows, dtype)
+        if key not in self._products:
+            self._products[key] = [_layer_products(layer, rows, dtype) for layer in self.layers]
+        return self._products[key]
 
     def run(self, x: torch.Tensor, batch: PackedBatch, cos_sin: tuple[torch.Tensor, torch.Tensor],
             indices: range) -> torch.Tensor:
         """`indices`' layers on x [rows, hidden] (callers check `applies` first)."""
-        products = self.products(x.shape[0])
+        products = self.products(x.shape[0], x.dtype)
+        in_place = x.dtype == torch.float32  # attention's plan for float32 decodes on CPU: the compiled kernel
         attn, cos, sin = batch.attn, *cos_sin
         cache, slots = attn.kv_cache, attn.slot_mapping
         tables, lens = attn.block_tables.long().contiguous(), attn.context_lens.long().contiguous()
@@ -73,17 +73,22 @@ class LlamaDecodeLoop:
             keys.view(-1, kv_heads, head_dim).index_copy_(0, slots, qk[:, heads:])
             new_values = fused[:, attention.qk_width:].view(rows, kv_heads, head_dim)
             values.view(-1, kv_heads, head_dim).index_copy_(0, slots, new_values)
-            context = ops.paged_decode(qk[:, :heads], keys, values, tables, lens, head_dim**-0.5)
+            if in_place:
+                context = ops.paged_decode(qk[:, :heads], keys, values, tables, lens, head_dim**-0.5)
+            else:
+                context = kernels.paged_attention(qk[:, :heads], keys, values, attn.block_tables, attn.context_lens,
+                                                  attn.cu_seqlens, 1, head_dim**-0.5, attn.scratch)
             x = x + o_proj(context.reshape(rows, -1))
             hidden = ops.rms_norm(x, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.eps)
             x = x + down_proj(ops.silu_and_mul(gate_up(hidden)))
         return x
 
 
-def _layer_products(layer: LlamaDecoderLayer, rows: int) -> tuple[Product, ...] | None:
+def _layer_products(layer: LlamaDecoderLayer, rows: int, dtype: torch.dtype) -> tuple[Product, ...] | None:
     attention, mlp = layer.self_attn, layer.mlp
     linears = (attention.qkv, attention.o_proj, mlp.gate_up, mlp.down_proj)
-    if not mlp.fused_silu or any(m.bias is not None or m.format is None for m in linears):
+    norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+    if not mlp.fused_silu or any(m.bias is not None or m.format is None for m in linears) \
+            or any(w.dtype != dtype for w in norms):
         return None
-    products = tuple(m.format.bare_product(rows) for m in linears)
-    return None if None in products else products
+    return tuple(m.format.bare_product(rows, dtype) for m in linears)

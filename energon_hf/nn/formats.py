@@ -34,6 +34,7 @@ from energon_hf.kernels.linear import amx_cpu
 from energon_hf.kernels.linear import linear as torch_linear
 
 METHODS = ("int8", "int4")
+Product = Callable[[torch.Tensor], torch.Tensor]  # x [rows, in] -> x @ W^T
 
 
 @dataclass(frozen=True)
@@ -84,11 +85,12 @@ class DenseWeight:
             return kernels.linear(x, self.weight, bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
 
-    def bare_product(self, rows: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """The product of `rows` contiguous float32 rows without bias, as a bare op call: what `__call__` runs for
-        them (the lean decode loop, models/llama_decode.py); None for other dtypes."""
-        if self.dtype != torch.float32:
-            return None
+    def bare_product(self, rows: int, dtype: torch.dtype) -> Product:
+        """What `__call__` runs for `rows` contiguous rows of `dtype` outside autograd, without a bias, as bare a
+        call as it gets (the decode loop of models/llama_decode.py: each wrapper costs about 10 us in a step)."""
+        if self.gemv and rows <= q.FLOAT16_GEMV_ROWS:
+            weight, gemv = self.weight, torch.ops.energon_hf.float_gemv
+            return lambda x: q.gemv(gemv, x, weight)
         if self.packed is not None:
             packed = self.packed
             return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
@@ -164,12 +166,14 @@ class Int8Weight:
             out = F.linear(x, q.dequantize_int8(self.q, self.scale, x.dtype))
         return out if bias is None else out + bias
 
-    def bare_product(self, rows: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """As DenseWeight.bare_product: the compiled GEMV where `__call__` would run it for `rows` rows."""
-        if not self.gemv or (self.expands and rows >= q.INT8_DENSE_ROWS):
-            return None
-        weights, gemv = (self.q, self.scale), torch.ops.energon_hf.int8_gemv
-        return lambda x: gemv(x, *weights)
+    def bare_product(self, rows: int, dtype: torch.dtype) -> Product:
+        """As DenseWeight.bare_product."""
+        if self.expands and rows >= q.INT8_DENSE_ROWS:
+            weights = (self.q, self.expansion_scale)
+            return lambda x: q.int8_dense_matmul(x, *weights)
+        if self.gemv:
+            return _gemv_product(torch.ops.energon_hf.int8_gemv, (self.q, self.scale), dtype)
+        return self
 
     @property
     def nbytes(self) -> int:
@@ -217,12 +221,14 @@ class Int4Weight:
             out = F.linear(x, q.dequantize_int4(*self.parts, x.dtype))
         return out if bias is None else out + bias
 
-    def bare_product(self, rows: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """As DenseWeight.bare_product: the compiled GEMV where `__call__` would run it for `rows` rows."""
-        if self.nibbles is None or (rows >= q.INT4_DENSE_ROWS and q.fast_bfloat16_gemm()):
-            return None
-        weights, gemv = (self.nibbles, self.table, self.group_size), torch.ops.energon_hf.int4_gemv
-        return lambda x: gemv(x, *weights)
+    def bare_product(self, rows: int, dtype: torch.dtype) -> Product:
+        """As DenseWeight.bare_product."""
+        if self.nibbles is None:
+            return self
+        weights = (self.nibbles, self.table, self.group_size)
+        if rows >= q.INT4_DENSE_ROWS and q.fast_bfloat16_gemm():
+            return lambda x: q.int4_dense_matmul(x, *weights)
+        return _gemv_product(torch.ops.energon_hf.int4_gemv, weights, dtype)
 
     @property
     def nbytes(self) -> int:
@@ -248,8 +254,8 @@ class RowSplitWeight:
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return (self.few if x.numel() < self.rows * self.in_features else self.many)(x, bias)
 
-    def bare_product(self, rows: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        return (self.few if rows < self.rows else self.many).bare_product(rows)
+    def bare_product(self, rows: int, dtype: torch.dtype) -> Product:
+        return (self.few if rows < self.rows else self.many).bare_product(rows, dtype)
 
     @property
     def nbytes(self) -> int:
@@ -262,6 +268,13 @@ class RowSplitWeight:
 
 
 LinearWeight = DenseWeight | Int8Weight | Int4Weight | RowSplitWeight
+
+
+def _gemv_product(op, weights: tuple, dtype: torch.dtype) -> Product:
+    """A compiled GEMV on 2-D rows: called bare on float32 rows; others cast (quantized.gemv)."""
+    if dtype == torch.float32:
+        return lambda x: op(x, *weights)
+    return lambda x: q.gemv(op, x, *weights)
 
 
 def linear_format(weight: torch.Tensor, quantization: Quantization | None, pack: bool,
