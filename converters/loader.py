@@ -80,13 +80,19 @@ _BLOCK_KINDS = {"int4": INT4_KINDS, "int8": ("Q8_0",)}
 
 
 def _as_gguf_blocks(reader: CheckpointReader, names: list[str], spec: WeightSpec, plan: FormatPlan | None,
-                    module: nn.Module, param: str) -> bool:
+                    module: nn.Module, param: str, shard: Shard | None, device: torch.device) -> bool:
     """Whether this weight loads as the .gguf's own blocks: the quantization asked for holds them as they are
-    (int4 in the blocks' groups of 32, or int8), a linear layer (heads stay float), rows as stored."""
+    (int4 in the blocks' groups of 32, or int8), a linear layer (heads stay float), rows as stored. int8 takes
+    Q8_0's groups only where the compiled GEMV multiplies them (CPU: elsewhere, and through torch's int8 kernel,
+    a grouped int8 product dequantizes the whole matrix per call) and the tensor-parallel split keeps whole
+    groups; otherwise it quantizes per channel as for any checkpoint (int4 names a split inside a group)."""
     quantization = plan.quantization if plan is not None else None
-    return (quantization is not None and (quantization.method == "int8" or quantization.group_size == GROUP_SIZE)
-            and reader.blocks is not None and reader.blocks.covers(names, _BLOCK_KINDS[quantization.method])
-            and spec.layout != "transposed" and param == "weight" and hasattr(module, "take_format"))
+    if quantization is None or reader.blocks is None or spec.layout == "transposed" or param != "weight" \
+            or not hasattr(module, "take_format") or not reader.blocks.covers(names, _BLOCK_KINDS[quantization.method]):
+        return False
+    if quantization.method == "int4":
+        return quantization.group_size == GROUP_SIZE
+    return device.type == "cpu" and q.gemv_available() and (shard is None or shard.falls_on_groups(GROUP_SIZE))
 
 
 def _head_as_gguf_blocks(reader: CheckpointReader, names: list[str], plan: FormatPlan | None, module: nn.Module,
@@ -144,7 +150,7 @@ def load_weights(model: nn.Module, specs: dict[str, WeightSpec], reader: Checkpo
                 f"checkpoint tensor {', '.join(names)} has shape {tuple(source.shape)} but the config "
                 f"implies {tuple(expected)} (for {name}); does config.json belong to these weights?"
             )
-        if _as_gguf_blocks(reader, names, spec, plan, module, param_name):
+        if _as_gguf_blocks(reader, names, spec, plan, module, param_name, shard, device):
             module.take_format(_from_blocks(reader, names, shard, device, module_name))
             continue
         if _head_as_gguf_blocks(reader, names, plan, module, module_name, param_name, device):

@@ -164,12 +164,17 @@ class Shard:
         per_rank = math.ceil(full / size)
         return cls(dim, full, ((rank * per_rank, per_rank),))
 
+    def falls_on_groups(self, group_size: int) -> bool:
+        """Whether every rank's part holds whole groups of `group_size` input features (rows split anywhere)."""
+        return self.dim == 0 or not (self.full % group_size
+                                     or any(s % group_size or n % group_size for s, n in self.ranges))
+
     def grouped(self, group_size: int, what: str) -> Shard:
         """The same split of a tensor holding one entry per `group_size` entries along `dim` (int4 scales);
         `what` names the layer when the split falls inside a group."""
         if self.dim == 0:
             return self
-        if self.full % group_size or any(s % group_size or n % group_size for s, n in self.ranges):
+        if not self.falls_on_groups(group_size):
             raise ValueError(f"{what}: this tensor-parallel split of {self.full} input features does not fall on "
                              f"int4 group boundaries (groups of {group_size}); use quantization='int8' or another tp")
         return Shard(self.dim, self.full // group_size, tuple((s // group_size, n // group_size)

@@ -30,9 +30,8 @@ OPS = ("paged_decode", "dequantize_int4_into", "dequantize_int8_into", "int4_gem
        "gemv_vectorized", "rms_norm", "silu_and_mul", "rotary")
 # -march=native: the library is built on, and for, the machine that runs it. -fopenmp compiles at::parallel_for's
 # parallel region; at run time it binds to the OpenMP library torch has already loaded (same soname).
-# -fno-math-errno lets `#pragma omp simd` loops call glibc's vector expf. -ffp-contract=off: a product and a sum
-# written apart round apart, as torch's separate ops do (csrc/elementwise.cpp's rotary is bit for bit torch's).
-CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]
+# -fno-math-errno lets `#pragma omp simd` loops call glibc's vector expf.
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]
 _lock = threading.Lock()
 
 

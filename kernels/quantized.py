@@ -41,8 +41,9 @@ CPU_COMPUTE_DTYPE = torch.bfloat16
 # 24 rows: int4 23.0 / 31.4 / 42.8 / - against 25.9 / 27.0 / 26.3 / 29.8 ms, int8 17.0 / 24.1 / 29.6 / 45.1
 # against 28.0 / 28.9 / 28.5 / 29.9 ms, so int4 expands from 10 rows, int8 from 16 (from 24 while int8 expanded
 # through torch's `q * scale`, 56 ms at these row counts). Expanding to float32 instead (an exact product for
-# prompts, as the GEMV's) cost 1.5-2.1x the bfloat16 path at 32-512 rows (int4 53 / 85 / 137 / 350 against
-# 33 / 41 / 71 / 144 ms at 32 / 64 / 128 / 512): not taken, batched decodes and prompts would pay it.
+# prompts, as the GEMV's; measured with these loops writing float32) cost 1.5-2.1x the bfloat16 path at 32-512
+# rows (int4 53 / 85 / 137 / 350 against 33 / 41 / 71 / 144 ms at 32 / 64 / 128 / 512): not taken, batched
+# decodes and prompts would pay it.
 INT8_DENSE_ROWS = 16
 INT4_DENSE_ROWS = 10
 # A GGUF's 8-bit vocabulary head (converters/loader.py) runs the GEMV below this many rows, F.linear on the float

@@ -288,8 +288,9 @@ def test_gemv_kernels_name_bad_arguments():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_compiled_rms_norm_and_silu_and_mul_equal_torch(shape, dtype, monkeypatch):
     """On CPU, outside autograd, the decode-step glue runs one compiled op each: equal to HF's formulas to float32
-    rounding in float32 (the HF parity bound is 1e-4), and bit for bit in float16 and bfloat16, where the op
-    rounds where torch's op sequence does; under autograd torch's ops run (no backward)."""
+    rounding in float32 (the HF parity bound is 1e-4), and in float16 and bfloat16 to one unit in the last place
+    (the op rounds where torch's op sequence does; only RMSNorm's float32 sum runs in another order), NaN kept;
+    under autograd torch's ops run (no backward)."""
     from energon_hf.kernels import elementwise
 
     torch.manual_seed(0)
@@ -298,18 +299,24 @@ def test_compiled_rms_norm_and_silu_and_mul_equal_torch(shape, dtype, monkeypatc
     for op in ("rms_norm", "silu_and_mul"):
         original = getattr(torch.ops.energon_hf, op)
         monkeypatch.setattr(torch.ops.energon_hf, op, lambda *a, op=original: calls.append(op) or op(*a))
-    bound = 1e-5 if dtype == torch.float32 else 0.0
+    def close(got, expected):
+        if dtype == torch.float32:
+            return (got - expected).abs().max() < 1e-5
+        return got.dtype == dtype and torch.allclose(got.float(), expected.float(), rtol=torch.finfo(dtype).eps, atol=0)
+
     hidden = x.float()
     hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + 1e-6)  # HF's LlamaRMSNorm
-    got = elementwise.rms_norm(x, weight, 1e-6)
-    assert got.dtype == dtype and (got.float() - (weight * hidden.to(dtype)).float()).abs().max() <= bound
+    assert close(elementwise.rms_norm(x, weight, 1e-6), weight * hidden.to(dtype))
     gate, up = x.chunk(2, dim=-1)
     got = elementwise.silu_and_mul(x)
-    assert got.shape == gate.shape and (got - torch.nn.functional.silu(gate) * up).float().abs().max() <= bound
-    assert len(calls) == 2
+    assert got.shape == gate.shape and close(got, torch.nn.functional.silu(gate) * up)
+    with_nan = x.clone()
+    with_nan[..., 0] = float("nan")
+    assert elementwise.silu_and_mul(with_nan)[..., 0].isnan().all()
+    assert len(calls) == 3
     leaf = x.clone().requires_grad_()
     elementwise.rms_norm(leaf, weight, 1e-6).sum().backward()
-    assert len(calls) == 2 and leaf.grad is not None
+    assert len(calls) == 3 and leaf.grad is not None
     with pytest.raises(RuntimeError, match="weight must be a contiguous"):
         torch.ops.energon_hf.rms_norm(x, weight[:-1], 1e-6)
     with pytest.raises(RuntimeError, match="weight must be a contiguous"):

@@ -1,6 +1,7 @@
 """Weight-only int8 / int4 quantization, measured rather than assumed: the formats against their own
-dequantized weights, tiny random models and SmolLM2 within quality bounds of their float32 model, the GGUF's
-4-bit blocks loaded as they are, tensor and pipeline parallelism, pipeline(), and the server's flags."""
+dequantized weights, tiny random models and SmolLM2 within quality bounds of their float32 model, a GGUF's
+4-bit and 8-bit blocks loaded as they are, Llama's decode loop against its modules, tensor and pipeline
+parallelism, pipeline(), and the server's flags."""
 
 import math
 from pathlib import Path
@@ -84,12 +85,23 @@ def test_int4_products_run_exact_below_dense_rows_and_expand_above(rows, monkeyp
         torch.ops.energon_hf.dequantize_int4_into(fmt.nibbles, fmt.table, 64 * 3, expanded)
 
 
+def test_int8_without_the_vector_gemv_keeps_torchs_kernel(monkeypatch):
+    """Where the compiled ops build without the GEMV's vector code, few-row int8 products run torch's int8 kernel
+    (bfloat16 scales), not a dequantization of the whole matrix per call."""
+    monkeypatch.setattr(q, "gemv_available", lambda: False)
+    torch.manual_seed(0)
+    fmt, calls, original = Int8Weight.quantize(torch.randn(64, 96)), [], q.int8_matmul
+    monkeypatch.setattr(q, "int8_matmul", lambda *args: calls.append(args) or original(*args))
+    x = torch.randn(2, 96)
+    assert relative_error(fmt(x), x @ q.dequantize_int8(fmt.q, fmt.scale).t()) < BFLOAT16 and len(calls) == 1
+
+
 @pytest.mark.skipif(not compiled.available(), reason="no C++ compiler: the compiled CPU ops cannot build here")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("cols", [96, 40])  # 40: groups and rows shorter than the 16-wide vector steps
-def test_compiled_expansions_round_once(dtype, cols):
+def test_compiled_expansions_round_once(cols):
     """dequantize_int8_into (per channel, in groups) and dequantize_int4_into give the dequantized weight rounded
-    once to the target dtype (torch's `q * scale` with a bfloat16 scale rounds twice); wrong targets are named."""
+    once to bfloat16 (torch's `q * scale` with a bfloat16 scale rounds twice); wrong targets are named."""
+    dtype = torch.bfloat16
     torch.manual_seed(0)
     q8 = torch.randint(-127, 128, (33, cols), dtype=torch.int8)
     for scale in (torch.rand(33, 1) / 100, torch.rand(33, cols // 8) / 100):
@@ -101,8 +113,8 @@ def test_compiled_expansions_round_once(dtype, cols):
     fmt, expanded = Int4Weight(q4, scale, zero), torch.empty(33, cols, dtype=dtype)
     torch.ops.energon_hf.dequantize_int4_into(fmt.nibbles, fmt.table, fmt.group_size, expanded)
     exact = q.dequantize_int4(q4, scale, zero)  # (q - 8) * scale + zero: float32 rounding apart from q * scale + min
-    assert torch.allclose(expanded.float(), exact, rtol=2**-8 if dtype == torch.bfloat16 else 1e-6, atol=1e-6)
-    with pytest.raises(RuntimeError, match="weight must be a contiguous .* bfloat16 or float32"):
+    assert torch.allclose(expanded.float(), exact, rtol=2**-8, atol=1e-6)
+    with pytest.raises(RuntimeError, match="weight must be a contiguous .* bfloat16 tensor"):
         torch.ops.energon_hf.dequantize_int8_into(q8, torch.rand(33, 1), torch.empty(33, cols, dtype=torch.float16))
     with pytest.raises(RuntimeError, match="scale must be a contiguous"):
         torch.ops.energon_hf.dequantize_int8_into(q8, torch.rand(33, 7), expanded)
@@ -255,13 +267,17 @@ def test_tiny_llama_int4_at_tp2_and_pp2_equals_tp1(llama_q):
 
 @pytest.mark.skipif(not compiled.available(), reason="no C++ compiler: the decode loop runs on the compiled ops")
 @pytest.mark.parametrize("method,dtype,batch", [(None, "float32", 3), ("int8", "float32", 3), ("int4", "float32", 3),
-                                                ("int4", "float32", 12), ("int8", "bfloat16", 3),
-                                                (None, "bfloat16", 3), (None, "float16", 3)])
-def test_the_decode_loop_gives_the_modules_logits_bit_for_bit(llama_q, method, dtype, batch, monkeypatch):
+                                                ("int4", "float32", 12), ("int8", "float32", 17),
+                                                ("int8", "bfloat16", 3), (None, "bfloat16", 3), (None, "float16", 3),
+                                                (None, "float16", 9), ("bias", "float32", 3)])
+def test_the_decode_loop_gives_the_modules_logits_bit_for_bit(llama_q, tmp_path_factory, method, dtype, batch,
+                                                              monkeypatch):
     """Llama's decode steps on CPU run as one loop of bare ops (models/llama_decode.py): every decode step's
     logits equal the modules' exactly, for float32, half precision and both quantized formats, at row counts on
-    both sides of the quantized GEMV's threshold (int4 expands from 10 rows)."""
-    ours = EnergonModel.from_pretrained(llama_q, quantization=method, dtype=dtype)
+    both sides of each GEMV's threshold (int4 expands from 10 rows, int8 from 16, float16 takes F.linear past 8);
+    layers with biases run their modules inside the loop."""
+    path = saved_llama(tmp_path_factory, attention_bias=True, mlp_bias=True) if method == "bias" else llama_q
+    ours = EnergonModel.from_pretrained(path, quantization=None if method == "bias" else method, dtype=dtype)
     ids, mask = padded_batch((MIXED_LENGTHS * 2)[:batch], 128, "left")
     runner, loops = ours.batcher.runner, []
     original_run, original_loop = runner.run, LlamaDecodeLoop.run
@@ -441,6 +457,14 @@ def test_a_q8_0_file_computes_int8_on_its_own_blocks(q8_0_gguf):
     # a prompt's rows expand to bfloat16 (as every int8 product of many rows)
     prompt = torch.tensor([[1, 504, 3458, 314, 4055, 17, 2683, 30]])
     assert relative_error(ours(prompt).logits, reference(prompt).logits) < BFLOAT16
+
+
+def test_a_q8_0_file_without_the_gemv_quantizes_per_channel(q8_0_gguf, monkeypatch):
+    """Without the compiled GEMV a grouped int8 product would dequantize its matrix per call: int8 of a Q8_0 file
+    then quantizes per channel, as for any checkpoint."""
+    monkeypatch.setattr(q, "gemv_available", lambda: False)
+    fmt = EnergonModel.from_pretrained(q8_0_gguf, quantization="int8").model.model.layers[0].mlp.down_proj.format
+    assert isinstance(fmt, Int8Weight) and fmt.group_size == fmt.in_features
 
 
 def test_a_q8_0_file_splits_its_blocks_at_tp3_and_pp2(q8_0_gguf):

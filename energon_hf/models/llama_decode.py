@@ -4,9 +4,9 @@ A decode step at batch 1 does little arithmetic per op (SmolLM2: 30 layers of ab
 around each op costs as much as the op: the module calls, the kernel dispatch and the weight formats' checks
 took SmolLM2's int4 step from 9.3 ms (the same ops called bare) to 12.8 ms on the 2-core Xeon, each wrapper
 costing about 10 us in a step (the interpreter runs cold between the weight streams) against 3 us in a warm
-loop. This loop calls exactly the ops the layers' modules would pick for the step (RMSNorm, the formats' GEMVs,
-rotary, the cache writes, the in-place paged decode, SiLU-and-mul), so its results are the modules' bit for
-bit; it applies to decode steps on CPU with the compiled ops (`applies`), and the modules run every other step
+loop. This loop calls exactly the ops the layers' modules would pick for the step (RMSNorm, the formats'
+products, rotary, the cache writes, the step's attention plan, SiLU-and-mul), so its results are the modules' bit
+for bit; it applies to decode steps on CPU with the compiled ops (`applies`), and the modules run every other step
 (and any layer with a bias or another activation).
 """
 
@@ -17,14 +17,15 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from energon_hf import kernels
 from energon_hf.batch import PackedBatch
 from energon_hf.kernels import backend_for, compiled
+from energon_hf.kernels.attention import decode_plan
 from energon_hf.nn.formats import Product
 from energon_hf.parallel import state
 
 if TYPE_CHECKING:
     from .llama import LlamaDecoderLayer
+
 
 class LlamaDecodeLoop:
     """The decode loop over a model's Llama decoder layers, with each layer's bare products per row count."""
@@ -44,7 +45,8 @@ class LlamaDecodeLoop:
 
     def products(self, rows: int, dtype: torch.dtype) -> list[tuple[Product, ...] | None]:
         """Per layer: its four products (qkv, o_proj, gate_up, down_proj) for `rows` rows of `dtype`, or None
-        where a layer needs its module (a bias, another activation, norms in another dtype)."""
+        where a layer needs its module (a bias, another activation, norms in another dtype, a weight not loaded
+        in a format: another pipeline stage's layer, or a subclass's own forward)."""
         key = (rows, dtype)
         if key not in self._products:
             self._products[key] = [_layer_products(layer, rows, dtype) for layer in self.layers]
@@ -54,10 +56,13 @@ class LlamaDecodeLoop:
             indices: range) -> torch.Tensor:
         """`indices`' layers on x [rows, hidden] (callers check `applies` first)."""
         products = self.products(x.shape[0], x.dtype)
-        in_place = x.dtype == torch.float32  # attention's plan for float32 decodes on CPU: the compiled kernel
         attn, cos, sin = batch.attn, *cos_sin
         cache, slots = attn.kv_cache, attn.slot_mapping
-        tables, lens = attn.block_tables.long().contiguous(), attn.context_lens.long().contiguous()
+        # the step's attention plan, as kernels.paged_attention makes it (float32: the compiled in-place kernel),
+        # shared with any layer that runs its module
+        plan = attn.scratch.get("paged_attention") or decode_plan(attn.block_tables, attn.context_lens,
+                                                                   cache.block_size, x.dtype)
+        attn.scratch["paged_attention"] = plan
         ops = torch.ops.energon_hf
         for i in indices:
             layer, bare = self.layers[i], products[i]
@@ -69,15 +74,9 @@ class LlamaDecodeLoop:
             heads, kv_heads, head_dim = attention.num_heads, attention.num_kv_heads, attention.head_dim
             fused = qkv(ops.rms_norm(x, layer.input_layernorm.weight, layer.input_layernorm.eps))
             qk = ops.rotary(fused[:, : attention.qk_width].view(rows, -1, head_dim), cos, sin)
-            keys, values = cache.layer(attention.layer_idx)
-            keys.view(-1, kv_heads, head_dim).index_copy_(0, slots, qk[:, heads:])
-            new_values = fused[:, attention.qk_width:].view(rows, kv_heads, head_dim)
-            values.view(-1, kv_heads, head_dim).index_copy_(0, slots, new_values)
-            if in_place:
-                context = ops.paged_decode(qk[:, :heads], keys, values, tables, lens, head_dim**-0.5)
-            else:
-                context = kernels.paged_attention(qk[:, :heads], keys, values, attn.block_tables, attn.context_lens,
-                                                  attn.cu_seqlens, 1, head_dim**-0.5, attn.scratch)
+            cache.write(attention.layer_idx, qk[:, heads:],
+                        fused[:, attention.qk_width:].view(rows, kv_heads, head_dim), slots)
+            context = plan.attend(qk[:, :heads], *cache.layer(attention.layer_idx), head_dim**-0.5)
             x = x + o_proj(context.reshape(rows, -1))
             hidden = ops.rms_norm(x, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.eps)
             x = x + down_proj(ops.silu_and_mul(gate_up(hidden)))
@@ -85,7 +84,13 @@ class LlamaDecodeLoop:
 
 
 def _layer_products(layer: LlamaDecoderLayer, rows: int, dtype: torch.dtype) -> tuple[Product, ...] | None:
+    from .llama import LlamaAttention, LlamaDecoderLayer, LlamaMLP  # llama.py imports this file
+
     attention, mlp = layer.self_attn, layer.mlp
+    # the loop is these classes' forward: a subclass that changes one (q/k norms, another residual) runs its own
+    if (type(layer).forward, type(attention).forward, type(mlp).forward) != \
+            (LlamaDecoderLayer.forward, LlamaAttention.forward, LlamaMLP.forward):
+        return None
     linears = (attention.qkv, attention.o_proj, mlp.gate_up, mlp.down_proj)
     norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
     if not mlp.fused_silu or any(m.bias is not None or m.format is None for m in linears) \

@@ -127,7 +127,7 @@ def onednn_packing_pays(dtype: torch.dtype) -> bool:
 
 class Int8Weight:
     """w = q * scale, one scale per output channel, or one per `group_size` input features of a row (GGUF's Q8_0:
-    groups of 32, the embedded SmolLM2's vocabulary head).
+    groups of 32, a Q8_0 file's layers and the embedded SmolLM2's vocabulary head).
 
     On CPU, products of fewer than INT8_DENSE_ROWS rows run the compiled float32 kernel (csrc/gemv.cpp; without it,
     torch's int8 kernel with bfloat16 activations, per-channel scales only), larger ones expand to bfloat16 for
@@ -144,10 +144,10 @@ class Int8Weight:
         cpu = q8.device.type == "cpu"
         self.gemv = cpu and q.gemv_available()  # decided at load, as Int4Weight's form
         bfloat16 = cpu and not exact
-        compiled_ops = cpu and compiled.available()
-        # torch's int8 kernel and its `q * scale` expansion take bfloat16 scales; the compiled expansion float32
-        self.kernel_scale = self.scale.to(q.CPU_COMPUTE_DTYPE) if bfloat16 and not compiled_ops else None
-        self.expansion_scale = self.scale if compiled_ops else self.kernel_scale
+        # torch's int8 kernel (few rows without the GEMV) and its `q * scale` expansion (without the compiled ops)
+        # take bfloat16 scales; the compiled expansion float32 ones
+        self.kernel_scale = self.scale.to(q.CPU_COMPUTE_DTYPE) if bfloat16 and not self.gemv else None
+        self.expansion_scale = self.scale if cpu and compiled.available() else self.kernel_scale
         self.expands = bfloat16 and q.fast_bfloat16_gemm()
 
     @classmethod
@@ -253,9 +253,6 @@ class RowSplitWeight:
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return (self.few if x.numel() < self.rows * self.in_features else self.many)(x, bias)
-
-    def bare_product(self, rows: int, dtype: torch.dtype) -> Product:
-        return (self.few if rows < self.rows else self.many).bare_product(rows, dtype)
 
     @property
     def nbytes(self) -> int:

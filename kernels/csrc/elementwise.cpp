@@ -1,7 +1,8 @@
 // A decode step's glue in one op each: RMSNorm (torch's F.rms_norm is composite on CPU: pow, mean, add, rsqrt,
 // mul, about 25 us a call for one SmolLM2 row in float32 and 50 us in half precision with its two casts, twice
-// per layer) and SiLU(gate) * up (chunk, silu, mul). float32, float16 or bfloat16 tensors; half precision is
-// computed in float32 and rounded where torch's op sequence (HF's formulas) rounds.
+// per layer), SiLU(gate) * up (chunk, silu, mul) and rotary positions (mul, roll, mul, add). float32, float16 or
+// bfloat16 tensors; half precision is computed in float32 and rounded where torch's op sequence (HF's formulas)
+// rounds.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -51,10 +52,12 @@ inline void to_float(const c10::BFloat16* src, float* dst, int64_t n) {
 inline void from_float(const float* src, c10::BFloat16* dst, int64_t n) {
   int64_t i = 0;
 #if defined(__AVX2__)
-  for (; i + 8 <= n; i += 8) {  // c10's round_to_nearest_even, NaN excepted (no NaN in a normalized row)
-    const __m256i u = _mm256_castps_si256(_mm256_loadu_ps(src + i));
+  for (; i + 8 <= n; i += 8) {  // c10's round_to_nearest_even: NaN becomes 0x7FC0
+    const __m256 v = _mm256_loadu_ps(src + i);
+    const __m256i u = _mm256_castps_si256(v);
     const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), odd), 16);
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), odd), 16);
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
     const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), packed);
   }
@@ -62,31 +65,16 @@ inline void from_float(const float* src, c10::BFloat16* dst, int64_t n) {
   for (; i < n; ++i) dst[i] = static_cast<c10::BFloat16>(src[i]);
 }
 
-// Round a float32 row to T and back in place: what an op computing in T keeps of it.
+inline void to_float(const float* src, float* dst, int64_t n) { std::copy(src, src + n, dst); }
+inline void from_float(const float* src, float* dst, int64_t n) { std::copy(src, src + n, dst); }
+
+// Round a float32 row to T and back in place: what an op computing in T keeps of it (all of it for float32).
 template <class T>
 inline void round_to(float* row, T* scratch, int64_t n) {
-  from_float(row, scratch, n);
-  to_float(scratch, row, n);
-}
-
-// The same for rows of any of the three dtypes (float32: plain copies, nothing to round).
-template <class T>
-inline void load_row(const T* src, float* dst, int64_t n) {
-  if constexpr (std::is_same_v<T, float>)
-    std::copy(src, src + n, dst);
-  else
-    to_float(src, dst, n);
-}
-template <class T>
-inline void store_row(const float* src, T* dst, int64_t n) {
-  if constexpr (std::is_same_v<T, float>)
-    std::copy(src, src + n, dst);
-  else
-    from_float(src, dst, n);
-}
-template <class T>
-inline void round_row(float* row, T* scratch, int64_t n) {
-  if constexpr (!std::is_same_v<T, float>) round_to(row, scratch, n);
+  if constexpr (!std::is_same_v<T, float>) {
+    from_float(row, scratch, n);
+    to_float(scratch, row, n);
+  }
 }
 
 // out = weight * (x * rsqrt(mean(x^2) + eps)) in HF's LlamaRMSNorm's order: normalize in float32, round to the
@@ -162,11 +150,12 @@ void silu_and_mul_rows(const T* xp, T* op, int64_t rows, int64_t width) {
   });
 }
 
-// Rotary positions, HF's rotate-half layout as nn/rotary.py's apply_rotary computes it: out = x * cos +
-// roll(x, D / 2) * signed_sin, each product and the sum rounded to T as torch's four ops are (the library builds
-// with -ffp-contract=off, so float32 is bit for bit too). x [T, H, D] with its heads' rows dense (any token stride:
-// q and k are a slice of the fused qkv projection), cos and signed_sin [T, D]. In torch the four ops and the roll's
-// copy cost about 20 us per SmolLM2 layer at one token.
+// Rotary positions, HF's rotate-half layout as kernels/elementwise.py's rotary computes it: out = x * cos +
+// roll(x, D / 2) * signed_sin, each product and the sum rounded to T as torch's four ops are. The products and
+// the sum are separate loops over stored rows, so the compiler cannot fuse them into FMAs (which round once):
+// float32 is bit for bit torch's too (tests/test_kernels.py). x [T, H, D] with its heads' rows dense (any token
+// stride: q and k are a slice of the fused qkv projection), cos and signed_sin [T, D]. In torch the four ops and
+// the roll's copy cost about 20 us per SmolLM2 layer at one token.
 template <class T>
 void rotary_rows(const T* x, int64_t token_stride, const T* cos, const T* sin, T* out, int64_t tokens, int64_t heads,
                  int64_t dim) {
@@ -175,21 +164,21 @@ void rotary_rows(const T* x, int64_t token_stride, const T* cos, const T* sin, T
     std::vector<float> c(dim), sn(dim), row(dim), a(dim), b(dim);
     std::vector<T> scratch(dim);
     for (int64_t t = begin; t < end; ++t) {
-      load_row(cos + t * dim, c.data(), dim);
-      load_row(sin + t * dim, sn.data(), dim);
+      to_float(cos + t * dim, c.data(), dim);
+      to_float(sin + t * dim, sn.data(), dim);
       for (int64_t h = 0; h < heads; ++h) {
-        load_row(x + t * token_stride + h * dim, row.data(), dim);
+        to_float(x + t * token_stride + h * dim, row.data(), dim);
 #pragma omp simd
         for (int64_t i = 0; i < dim; ++i) a[i] = row[i] * c[i];
 #pragma omp simd
         for (int64_t i = 0; i < half; ++i) b[i] = row[i + half] * sn[i];
 #pragma omp simd
         for (int64_t i = half; i < dim; ++i) b[i] = row[i - half] * sn[i];
-        round_row(a.data(), scratch.data(), dim);
-        round_row(b.data(), scratch.data(), dim);
+        round_to(a.data(), scratch.data(), dim);
+        round_to(b.data(), scratch.data(), dim);
 #pragma omp simd
         for (int64_t i = 0; i < dim; ++i) a[i] += b[i];
-        store_row(a.data(), out + (t * heads + h) * dim, dim);
+        from_float(a.data(), out + (t * heads + h) * dim, dim);
       }
     }
   });
