@@ -95,6 +95,14 @@ def paged_attention(
     the mask) is computed by the first layer and reused by the others: at one token per step every op counts
     (SmolLM2 runs this 30 times per token).
     """
+    plan = step_plan(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_seqlen_q, scratch)
+    return plan.attend(q, k_cache, v_cache, scale)
+
+
+def step_plan(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+              context_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, max_seqlen_q: int, scratch: dict | None):
+    """The step's attention plan (its `.attend(q, k_cache, v_cache, scale)`), checked and made by the first layer
+    and kept in `scratch` for the others (paged_attention's arguments; Llama's decode loop asks for it too)."""
     plan = None if scratch is None else scratch.get("paged_attention")
     if plan is None:
         check_paged(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q)
@@ -103,7 +111,7 @@ def paged_attention(
             _MixedPlan(block_tables, context_lens, cu_seqlens_q, block_size, q.dtype)
         if scratch is not None:
             scratch["paged_attention"] = plan
-    return plan.attend(q, k_cache, v_cache, scale)
+    return plan
 
 
 def _first_of_consecutive(blocks: torch.Tensor) -> int | None:

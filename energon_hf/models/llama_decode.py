@@ -19,7 +19,7 @@ from torch import nn
 
 from energon_hf.batch import PackedBatch
 from energon_hf.kernels import backend_for, compiled
-from energon_hf.kernels.attention import decode_plan
+from energon_hf.kernels.attention import step_plan
 from energon_hf.nn.formats import Product
 from energon_hf.parallel import state
 
@@ -57,12 +57,7 @@ class LlamaDecodeLoop:
         """`indices`' layers on x [rows, hidden] (callers check `applies` first)."""
         products = self.products(x.shape[0], x.dtype)
         attn, cos, sin = batch.attn, *cos_sin
-        cache, slots = attn.kv_cache, attn.slot_mapping
-        # the step's attention plan, as kernels.paged_attention makes it (float32: the compiled in-place kernel),
-        # shared with any layer that runs its module
-        plan = attn.scratch.get("paged_attention") or decode_plan(attn.block_tables, attn.context_lens,
-                                                                   cache.block_size, x.dtype)
-        attn.scratch["paged_attention"] = plan
+        cache, slots, plan = attn.kv_cache, attn.slot_mapping, None
         ops = torch.ops.energon_hf
         for i in indices:
             layer, bare = self.layers[i], products[i]
@@ -76,7 +71,11 @@ class LlamaDecodeLoop:
             qk = ops.rotary(fused[:, : attention.qk_width].view(rows, -1, head_dim), cos, sin)
             cache.write(attention.layer_idx, qk[:, heads:],
                         fused[:, attention.qk_width:].view(rows, kv_heads, head_dim), slots)
-            context = plan.attend(qk[:, :heads], *cache.layer(attention.layer_idx), head_dim**-0.5)
+            q, keys, values = qk[:, :heads], *cache.layer(attention.layer_idx)
+            if plan is None:  # kernels.paged_attention's plan for the step, shared with layers running modules
+                plan = step_plan(q, keys, values, attn.block_tables, attn.context_lens, attn.cu_seqlens, 1,
+                                 attn.scratch)
+            context = plan.attend(q, keys, values, head_dim**-0.5)
             x = x + o_proj(context.reshape(rows, -1))
             hidden = ops.rms_norm(x, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.eps)
             x = x + down_proj(ops.silu_and_mul(gate_up(hidden)))
