@@ -16,6 +16,7 @@ from energon_hf.batch import cached_batch
 from energon_hf.engine.batcher import ContinuousBatcher
 from energon_hf.engine.params import GenerationParams
 from energon_hf.engine.sampler import Draw, Sampler, sample
+from energon_hf.engine.sampling import SampleRow, Samplers, SamplerSpec, SamplingPlan
 from energon_hf.kv_cache import BlockAllocator
 
 
@@ -138,17 +139,49 @@ def test_request_larger_than_the_cache_is_refused(llama):
         batcher.close()
 
 
+def _mixed_requests(batcher: ContinuousBatcher) -> tuple[list[list[int]], list[tuple[float, list]]]:
+    """Greedy requests, a seeded one that samples with a repetition penalty and asks for logprobs, and one
+    whose sampling fails (a penalty that makes its scores infinite) and ends alone with the error. Returns
+    the tokens of the others and the sampled one's logprobs."""
+    sampling = dict(max_new_tokens=6, eos_token_ids=[], do_sample=True)
+    greedy = [batcher.submit(p, _params(6)) for p in _prompts(5, seed=1)]
+    sampled = batcher.submit(_prompts(1, seed=2)[0], GenerationParams(**sampling, top_k=20, repetition_penalty=1.3),
+                             torch.Generator().manual_seed(3), logprobs=2)
+    bad = batcher.submit(list(range(3, 40)), GenerationParams(**sampling, top_k=0, repetition_penalty=1e-45),
+                         torch.Generator().manual_seed(4))
+    tokens = [r.result(timeout=120) for r in [*greedy, sampled]]
+    with pytest.raises(RuntimeError, match="probability tensor"):
+        bad.result(timeout=120)
+    return tokens, [(lp.logprob, lp.top) for lp in sampled.token_logprobs]
+
+
 @pytest.mark.parametrize("parallel", [dict(tp=2), dict(pp=2)], ids=["tp2", "pp2"])
 def test_on_a_parallel_engine_with_prompt_chunks(llama, parallel):
-    prompts = _prompts(5, seed=1)
-    expected = [_alone(llama, p, 6) for p in prompts]
+    """The output rank samples (only ids and logprobs come back): greedy, seeded and failing requests give
+    what they give on one process, and generate's unseeded draws repeat under torch.manual_seed."""
+    batcher = llama.start_batcher(64, block_size=4, max_batch_tokens=16)
+    try:
+        tokens, logprobs = _mixed_requests(batcher)
+    finally:
+        batcher.close()
+    assert tokens[:5] == [_alone(llama, p, 6) for p in _prompts(5, seed=1)]
     with EnergonModel.from_pretrained(llama.folder, threads_per_rank=1, **parallel) as engine:
         batcher = engine.start_batcher(64, block_size=4, max_batch_tokens=16)
         try:
-            requests = [batcher.submit(p, _params(6)) for p in prompts]
-            assert [r.result(timeout=120) for r in requests] == expected
+            got_tokens, got_logprobs = _mixed_requests(batcher)
         finally:
             batcher.close()
+        ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
+        draws = []
+        for seed in (5, 5):
+            torch.manual_seed(seed)
+            draws.append(engine.generate(ids, max_new_tokens=8, do_sample=True, top_k=0, eos_token_id=None))
+        assert torch.equal(draws[0], draws[1])
+        assert not torch.equal(draws[1], engine.generate(ids, max_new_tokens=8, do_sample=True, top_k=0,
+                                                          eos_token_id=None))
+    assert got_tokens == tokens
+    for (logprob, top), (want, want_top) in zip(got_logprobs, logprobs, strict=True):
+        assert abs(logprob - want) < 1e-4 and [t for t, _ in top] == [t for t, _ in want_top]
 
 
 def test_concurrent_generate_calls_batch_together_and_keep_their_seeded_results(llama):
@@ -178,6 +211,8 @@ def test_concurrent_generate_calls_batch_together_and_keep_their_seeded_results(
     assert all(torch.equal(got, want) for got, want in zip(results, alone, strict=True))
     assert max(widest) > 3  # rows of different calls ran in one step
     assert batcher.preemptions == 0 and batcher.allocator.num_free == batcher.allocator.num_blocks_total
+    run(*calls[0])  # its first step drops the finished calls' samplers; only its own is left
+    assert len(llama.runner.samplers.groups) == 1
 
 
 def test_a_generate_cut_short_by_closing_the_batcher_raises(llama):
@@ -202,16 +237,21 @@ def test_a_generate_cut_short_by_closing_the_batcher_raises(llama):
     assert llama.batcher is not batcher and _alone(llama, [5, 6, 7], 3) == _alone(llama, [5, 6, 7], 3)
 
 
-def test_a_request_whose_sampling_fails_ends_alone(llama):
-    """A step's batched draw fails on one request's row (NaN logits): the batcher draws group by group, that
-    request ends with the error and the other gets the token its own seeded generator draws. (A batcher that
-    runs no steps: nothing but this call draws.)"""
-    batcher = ContinuousBatcher(llama.runner, 128, num_blocks=64, block_size=4, background=False)
+def test_a_group_whose_sampling_fails_ends_alone():
+    """A step's batched draw fails on one group's row (NaN logits): the samplers draw group by group, that group
+    gets the error and no token, the other the token its own seeded generator draws alone, with the logprobs
+    it asked for; a group the plan drops is forgotten."""
     params = GenerationParams(max_new_tokens=4, eos_token_ids=[], do_sample=True, top_k=0)
-    good, bad = (batcher.submit_group([[5, 6, 7]], params, torch.Generator().manual_seed(s))[0] for s in (1, 2))
+    samplers = Samplers(torch.device("cpu"))
+    new = [SamplerSpec(key, params, 128, torch.Generator().manual_seed(key)) for key in (1, 2)]
     logits = torch.randn(2, 128, generator=torch.Generator().manual_seed(0))
     logits[1] = float("nan")
     alone = Sampler(params, 128, torch.device("cpu"), torch.Generator().manual_seed(1))
     expected = int(sample(logits[:1], [Draw(alone, 0, 0)])[0])
-    assert batcher._sample([good, bad], logits) == [expected, None]
-    assert bad.finish_reason == "error" and "nan" in str(bad.error) and good.error is None
+    got = samplers.sample(logits, SamplingPlan([SampleRow(1, 0, 0, logprobs=2), SampleRow(2, 0, 0)], new))
+    assert got.tokens == [expected, None] and list(got.errors) == [2] and "nan" in str(got.errors[2])
+    logp = torch.log_softmax(logits[0], dim=-1)
+    assert got.logprobs[1] is None and got.logprobs[0].logprob == pytest.approx(float(logp[expected]))
+    assert [token for token, _ in got.logprobs[0].top] == logp.topk(2).indices.tolist()
+    samplers.sample(logits[:0], SamplingPlan([], dropped=[1, 2]))
+    assert samplers.groups == {}

@@ -26,19 +26,10 @@ from energon_hf.batch import PackedBatch, cached_batch, prefill_batch
 from energon_hf.kv_cache import BLOCK_SIZE
 
 from .params import GenerationParams
-from .sampler import Draw, Sampler, sample
+from .sampling import SampleRow, SamplerSpec, SamplingPlan, TokenLogprob
 from .scheduler import Scheduler, Sequence, Step
 
 DONE = object()  # the last event of a request
-
-
-@dataclass
-class TokenLogprob:
-    """The log-probability of a generated token under the model's distribution (before sampling
-    parameters), and the `top` most likely tokens with theirs."""
-
-    logprob: float
-    top: list[tuple[int, float]]
 
 
 @dataclass(eq=False)
@@ -48,8 +39,8 @@ class Request(Sequence):
     Events go to `events` as (request, token) and (request, DONE); several requests may share one queue
     (n choices of one prompt) and a reader tells them apart by the request."""
 
-    sampler: Sampler | None = None
-    row: int = 0  # this request's row among its sampler's
+    group: int = 0  # the key of its sampler (engine/sampling.py): the requests of one submit_group share it
+    row: int = 0  # this request's row in its group
     logprobs: int | None = None  # None: none; k: the chosen token's and the k most likely tokens'
     token_logprobs: list[TokenLogprob] = field(default_factory=list)
     error: BaseException | None = None
@@ -105,6 +96,10 @@ class ContinuousBatcher:
         self.scheduler = Scheduler(num_blocks, block_size, max_batch_tokens, max_running)
         self._cache_blocks = 0  # blocks the runner's cache holds (allocated by the thread that runs steps)
         self._ids = itertools.count()
+        self._groups = itertools.count()  # sampler keys
+        self._unsent: dict[int, SamplerSpec] = {}  # groups the runner's samplers do not know yet
+        self._live: dict[int, int] = {}  # per group, its requests not done
+        self._gone: list[int] = []  # groups the runner's samplers may forget
         self._wake = threading.Condition()
         self._stepping = threading.Lock()  # one step at a time
         self._stopped = False
@@ -151,21 +146,23 @@ class ContinuousBatcher:
         rows stay in step (prompts admitted in one step, no preemption) thus equals transformers'
         torch.manual_seed + generate on the same batch. All are queued, or none (ValueError)."""
         eos = frozenset(params.eos_token_ids)
-        requests = [Request(next(self._ids), list(p), params.max_new_tokens, eos, row=row, logprobs=logprobs)
-                    for row, p in enumerate(prompts)]
+        key = next(self._groups)
+        requests = [Request(next(self._ids), list(p), params.max_new_tokens, eos, group=key, row=row,
+                            logprobs=logprobs) for row, p in enumerate(prompts)]
         for request in requests:
             if events is not None:
                 request.events = events
-        sampler = Sampler(params, self.vocab_size, self.device, generator, hf_draws)
-        sampler.observe_prompts([torch.tensor(p, dtype=torch.long) for p in prompts])
-        for request in requests:
-            request.sampler = sampler
+        penalized = params.repetition_penalty != 1.0
+        spec = SamplerSpec(key, params, self.vocab_size, generator, hf_draws,
+                           [list(p) for p in prompts] if penalized else None)
         with self._wake:
             if self._stopped:
                 raise RuntimeError("the batcher is stopped")
             if self.grow:
                 self.scheduler.allocator.grow(self.scheduler.blocks_wanted(*requests))
             self.scheduler.add(*requests)  # refuses an empty prompt or one the cache could never hold
+            self._unsent[key] = spec
+            self._live[key] = len(requests)
             self._wake.notify()
         return requests
 
@@ -256,17 +253,21 @@ class ContinuousBatcher:
             self._cache_blocks = blocks
 
     def _run(self, step: Step) -> None:
-        """One model call for the step, the requests' tokens, and the Scheduler's bookkeeping."""
+        """One model call for the step, sampled where the logits are, and the Scheduler's bookkeeping."""
         try:
             self._fit_cache()
-            logits = self.runner.run(self._batch(step), use_cache=True)["logits"]
-            tokens: list[int | None] = [None] * len(step.sequences)  # a chunk that does not end its prompt: none
-            rows = step.sampled_rows
-            for i, token in zip(rows, self._sample([step.sequences[i] for i in rows], logits), strict=True):
-                tokens[i] = token
+            sampled = self.runner.step(self._batch(step), self._plan(step))
         except Exception as e:  # noqa: BLE001 - the engine failed: every request in flight gets the error
             self._fail(e)
             return
+        tokens: list[int | None] = [None] * len(step.sequences)  # a chunk that does not end its prompt: none
+        for i, token, logprob in zip(step.sampled_rows, sampled.tokens, sampled.logprobs, strict=True):
+            request = step.sequences[i]
+            tokens[i] = token
+            if logprob is not None:
+                request.token_logprobs.append(logprob)
+            if request.group in sampled.errors and not request.finished:
+                request.finish_reason, request.error = "error", sampled.errors[request.group]
         with self._wake:
             left = self.scheduler.postprocess(step, tokens)
         for request, token in zip(step.sequences, tokens, strict=True):
@@ -277,6 +278,17 @@ class ContinuousBatcher:
         self.steps += 1
         if self.on_step is not None:
             self.on_step(step.kind, len(step.sequences))
+
+    def _plan(self, step: Step) -> SamplingPlan:
+        """What the runner samples: the step's sampled rows (none for a request finished since it was
+        scheduled), the groups it meets for the first time, and the groups gone since the last step."""
+        with self._wake:
+            rows = [None if (r := step.sequences[i]).finished else SampleRow(r.group, r.row, len(r.tokens), r.logprobs)
+                    for i in step.sampled_rows]
+            new = [self._unsent.pop(key) for key in dict.fromkeys(r.key for r in rows if r is not None)
+                   if key in self._unsent]
+            gone, self._gone = self._gone, []
+        return SamplingPlan(rows, new, gone)
 
     def _fail(self, error: BaseException) -> None:
         with self._wake:
@@ -298,59 +310,14 @@ class ContinuousBatcher:
         rows = None if step.kind == "decode" else torch.tensor(step.sampled_rows, dtype=torch.long)
         return cached_batch(tokens, torch.tensor(step.lengths), torch.tensor(step.starts), tables, block_size, rows)
 
-    def _sample(self, requests: list[Request], logits: torch.Tensor) -> list[int | None]:
-        """Each request's next token (None for one that finished while the step ran, or whose sampling
-        failed): one batched pass for the whole step; if that fails, group by group, so a group's bad
-        parameters end that group alone, with the error."""
-        live = sorted((i for i, r in enumerate(requests) if not r.finished), key=lambda i: requests[i].row)
-        tokens: list[int | None] = [None] * len(requests)  # None: cancelled while the step ran
-        try:
-            drawn = dict(zip(live, self._draw(requests, logits, live), strict=True)) if live else {}
-        except RuntimeError:
-            drawn = {}
-            for members in self._by_sampler(requests, live).values():
-                try:
-                    drawn.update(zip(members, self._draw(requests, logits, members), strict=True))
-                except RuntimeError as e:  # these sampling parameters: the other groups go on
-                    for i in members:
-                        requests[i].finish_reason, requests[i].error = "error", e
-        for i, token in drawn.items():
-            tokens[i] = token
-        self._record_logprobs(requests, logits, tokens)
-        return tokens
-
-    @staticmethod
-    def _draw(requests: list[Request], logits: torch.Tensor, members: list[int]) -> list[int]:
-        """The tokens of the requests at `members` (each sampler's rows in row order)."""
-        draws = [Draw(requests[i].sampler, requests[i].row, len(requests[i].tokens)) for i in members]
-        every_row = members == list(range(logits.shape[0]))
-        return sample(logits if every_row else logits[members], draws).tolist()
-
-    @staticmethod
-    def _by_sampler(requests: list[Request], members: list[int]) -> dict[Sampler, list[int]]:
-        groups: dict[Sampler, list[int]] = {}
-        for i in members:
-            groups.setdefault(requests[i].sampler, []).append(i)
-        return groups
-
-    @staticmethod
-    def _record_logprobs(requests: list[Request], logits: torch.Tensor, tokens: list[int | None]) -> None:
-        """The sampled tokens' log-probabilities and top alternatives, for the requests that asked: one
-        log_softmax and top-k for the whole step."""
-        wanted = [r.logprobs for r, t in zip(requests, tokens, strict=True) if r.logprobs is not None and t is not None]
-        if not wanted:
-            return
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        top_values, top_ids = logp.topk(max(wanted), dim=-1)
-        for row, (request, token) in enumerate(zip(requests, tokens, strict=True)):
-            if request.logprobs is not None and token is not None:
-                k = request.logprobs
-                top = list(zip(top_ids[row, :k].tolist(), top_values[row, :k].tolist(), strict=True))
-                request.token_logprobs.append(TokenLogprob(float(logp[row, token]), top))
-
-    @staticmethod
-    def _finish(request: Request) -> None:
+    def _finish(self, request: Request) -> None:
         if request.done:
             return
+        with self._wake:  # the last request of its group: its sampler may go
+            self._live[request.group] -= 1
+            if not self._live[request.group]:
+                del self._live[request.group]
+                if self._unsent.pop(request.group, None) is None:
+                    self._gone.append(request.group)
         request._done.set()
         request.events.put((request, DONE))

@@ -19,6 +19,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
+from dataclasses import replace
 from multiprocessing.connection import Connection, Listener, wait
 from typing import Any
 
@@ -28,6 +29,7 @@ from torch import nn
 from energon_hf.batch import PackedBatch
 from energon_hf.errors import EngineDeadError
 
+from .sampling import Sampled, SamplingPlan
 from .worker import EVERY_RANK_ANSWERS, WorkerSpec, receive, send
 
 STOP_GRACE_S = 5.0
@@ -121,6 +123,18 @@ def _accept_workers(address: str, authkey: bytes, world_size: int,
         [pids[r] for r in range(world_size)]
 
 
+def _seeded_here(plan: SamplingPlan) -> SamplingPlan:
+    """A group that draws as transformers does from torch's global generator would draw from the output rank's
+    there: it gets a generator seeded from this process's global one instead, so torch.manual_seed still
+    makes its draws repeat (pass seed= to generate for transformers' own draws). Generators travel by value:
+    one passed to generate is not advanced here."""
+    if not any(spec.generator is None and spec.hf_draws for spec in plan.new):
+        return plan
+    new = [replace(spec, generator=torch.Generator().manual_seed(int(torch.randint(2**62, ()))))
+           if spec.generator is None and spec.hf_draws else spec for spec in plan.new]
+    return replace(plan, new=new)
+
+
 class MultiProcessRunner:
     """tp*pp worker processes (gloo on CPU, NCCL on CUDA) driven from this process.
 
@@ -207,6 +221,10 @@ class MultiProcessRunner:
     # -- the runner interface ----------------------------------------------------------------------
     def run(self, batch: PackedBatch, use_cache: bool = False) -> dict[str, torch.Tensor]:
         return self.request("run", batch.to("cpu"), use_cache)
+
+    def step(self, batch: PackedBatch, plan: SamplingPlan) -> Sampled:
+        """A generation step, sampled on the output rank (engine/sampling.py): only token ids come back."""
+        return self.request("step", batch.to("cpu"), _seeded_here(plan))
 
     def ensure_cache(self, num_blocks: int, block_size: int) -> None:
         self.request("ensure_cache", num_blocks, block_size)

@@ -1,4 +1,5 @@
-"""Runs packed batches on a model in this process, and owns its KV cache."""
+"""Runs packed batches on a model in this process, and owns its KV cache and the samplers of the groups in
+flight."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from torch import nn
 
 from energon_hf.batch import PackedBatch
 from energon_hf.kv_cache import KVCache
+
+from .sampling import Sampled, Samplers, SamplingPlan
 
 
 class LocalRunner:
@@ -24,6 +27,7 @@ class LocalRunner:
         self.dtype = dtype
         self.layers = layers
         self.kv_cache: KVCache | None = None
+        self.samplers = Samplers(device)
         self._lock = threading.Lock()
 
     def ensure_cache(self, num_blocks: int, block_size: int) -> None:
@@ -43,6 +47,10 @@ class LocalRunner:
 
     def close(self) -> None:
         self.kv_cache = None
+
+    def step(self, batch: PackedBatch, plan: SamplingPlan) -> Sampled:
+        """A generation step: the batch through the model and its cache, its logits rows sampled here."""
+        return self.samplers.sample(self.run(batch, use_cache=True)["logits"], plan)
 
     @torch.inference_mode()
     def run(self, batch: PackedBatch, use_cache: bool = False, hidden: torch.Tensor | None = None,

@@ -174,6 +174,10 @@ class Worker:
     def handle(self, op: str, args: tuple) -> Any:
         if op == "run":
             return self.stage.run(*args) if self.stage else self.runner.run(*args)
+        if op == "step":  # a generation step: only the output rank holds its logits and samples them
+            batch, plan = args
+            outputs = self.stage.run(batch, True) if self.stage else self.runner.run(batch, True)
+            return self.runner.samplers.sample(outputs["logits"], plan) if self.is_output_rank else None
         if op == "ensure_cache":
             return self.runner.ensure_cache(*args)
         if op == "stats":

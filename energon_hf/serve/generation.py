@@ -23,8 +23,9 @@ from fastapi import APIRouter
 from fastapi import Request as HTTPRequest
 from fastapi.responses import StreamingResponse
 
-from energon_hf.engine.batcher import DONE, Request, TokenLogprob
+from energon_hf.engine.batcher import DONE, Request
 from energon_hf.engine.params import GenerationParams
+from energon_hf.engine.sampling import TokenLogprob
 
 from .errors import APIError, engine_failed
 from .schemas import ChatCompletionRequest, CompletionRequest, _Request

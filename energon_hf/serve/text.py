@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from energon_hf.engine.batcher import TokenLogprob
+from energon_hf.engine.sampling import TokenLogprob
 
 
 class TextStopper:

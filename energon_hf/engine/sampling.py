@@ -1,0 +1,147 @@
+"""Sampling where the logits are. With each step's batch the batcher sends a `SamplingPlan`: which logits row
+samples under which group's sampler, and the groups that are new or gone since the last step. The runner that
+holds the logits (the driver's own LocalRunner, or the multi-process engine's output rank: the last stage's
+first tensor-parallel rank) keeps each group's `Sampler` in its `Samplers` and answers with token ids and the
+logprobs a request asked for. `[rows, vocab]` float logits never cross a socket: 64 rows of SmolLM2's 49k
+vocabulary are 12.6 MB a step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .params import GenerationParams
+from .sampler import Draw, Sampler, sample
+
+
+@dataclass
+class TokenLogprob:
+    """The log-probability of a generated token under the model's distribution (before sampling
+    parameters), and the `top` most likely tokens with theirs."""
+
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """What builds a group's Sampler where the logits are. `prompts` (each row's prompt) only where the
+    repetition penalty reads them."""
+
+    key: int
+    params: GenerationParams
+    vocab_size: int
+    generator: torch.Generator | None = None
+    hf_draws: bool = True
+    prompts: list[list[int]] | None = None
+
+    def build(self, device: torch.device) -> Sampler:
+        generator = self.generator
+        if generator is not None and generator.device != device:  # made on the driver, for its device: the
+            generator = torch.Generator(device).manual_seed(generator.initial_seed())  # same seed on ours
+        sampler = Sampler(self.params, self.vocab_size, device, generator, self.hf_draws)
+        if self.prompts is not None:
+            sampler.observe_prompts([torch.tensor(p, dtype=torch.long) for p in self.prompts])
+        return sampler
+
+
+@dataclass(frozen=True)
+class SampleRow:
+    """A logits row to sample: row `row` of group `key`, `generated` tokens so far; `logprobs` as Request's."""
+
+    key: int
+    row: int
+    generated: int
+    logprobs: int | None = None
+
+
+@dataclass
+class SamplingPlan:
+    """`rows`: one entry per logits row of the step, None for a row to skip (its request finished while the
+    step was made); `new` groups are built before, `dropped` ones forgotten."""
+
+    rows: list[SampleRow | None]
+    new: list[SamplerSpec] = field(default_factory=list)
+    dropped: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Sampled:
+    """Per row of the plan: its token (None: skipped, or its group failed) and logprob record (None: not asked);
+    `errors` by group key, for the groups whose sampling failed (their rows alone)."""
+
+    tokens: list[int | None]
+    logprobs: list[TokenLogprob | None]
+    errors: dict[int, BaseException] = field(default_factory=dict)
+
+
+class Samplers:
+    """The samplers of the groups in flight, on the rank that samples."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.groups: dict[int, Sampler] = {}
+        self.broken: dict[int, BaseException] = {}  # groups whose sampler could not be built
+
+    def sample(self, logits: torch.Tensor, plan: SamplingPlan) -> Sampled:
+        """Tokens for the plan's rows: one batched pass for the whole step; if that fails, group by group, so
+        a group's bad parameters end that group alone, with the error."""
+        self._update(plan)
+        live = sorted((i for i, r in enumerate(plan.rows) if r is not None), key=lambda i: plan.rows[i].row)
+        errors = {key: self.broken[key] for key in {plan.rows[i].key for i in live} if key in self.broken}
+        live = [i for i in live if plan.rows[i].key not in errors]
+        try:
+            drawn = dict(zip(live, self._draw(logits, plan.rows, live), strict=True)) if live else {}
+        except RuntimeError:
+            drawn = {}
+            for key, members in self._by_group(plan.rows, live).items():
+                try:
+                    drawn.update(zip(members, self._draw(logits, plan.rows, members), strict=True))
+                except RuntimeError as e:  # these sampling parameters: the other groups go on
+                    errors[key] = e
+        tokens = [drawn.get(i) for i in range(len(plan.rows))]
+        return Sampled(tokens, _logprobs(logits, plan.rows, tokens), errors)
+
+    def _update(self, plan: SamplingPlan) -> None:
+        for key in plan.dropped:
+            self.groups.pop(key, None)
+            self.broken.pop(key, None)
+        for spec in plan.new:
+            try:
+                self.groups[spec.key] = spec.build(self.device)
+            except (RuntimeError, IndexError) as e:  # e.g. a prompt token beyond the vocabulary
+                self.broken[spec.key] = e
+
+    def _draw(self, logits: torch.Tensor, rows: list[SampleRow | None], members: list[int]) -> list[int]:
+        """The tokens of the rows at `members` (each group's rows in row order)."""
+        draws = [Draw(self.groups[rows[i].key], rows[i].row, rows[i].generated) for i in members]
+        every_row = members == list(range(logits.shape[0]))
+        return sample(logits if every_row else logits[members], draws).tolist()
+
+    @staticmethod
+    def _by_group(rows: list[SampleRow | None], members: list[int]) -> dict[int, list[int]]:
+        groups: dict[int, list[int]] = {}
+        for i in members:
+            groups.setdefault(rows[i].key, []).append(i)
+        return groups
+
+
+def _logprobs(logits: torch.Tensor, rows: list[SampleRow | None],
+              tokens: list[int | None]) -> list[TokenLogprob | None]:
+    """The sampled tokens' log-probabilities and top alternatives, for the rows that asked: one log_softmax
+    and top-k for the whole step."""
+    records: list[TokenLogprob | None] = [None] * len(rows)
+    wanted = [r.logprobs for r, t in zip(rows, tokens, strict=True)
+              if r is not None and r.logprobs is not None and t is not None]
+    if not wanted:
+        return records
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    top_values, top_ids = logp.topk(max(wanted), dim=-1)
+    for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):
+        if row is not None and row.logprobs is not None and token is not None:
+            k = row.logprobs
+            top = list(zip(top_ids[i, :k].tolist(), top_values[i, :k].tolist(), strict=True))
+            records[i] = TokenLogprob(float(logp[i, token]), top)
+    return records
