@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 import torch
 
@@ -70,23 +71,29 @@ def prefill_batch(prompts: list[torch.Tensor], block_tables: torch.Tensor, block
     return PackedBatch(torch.cat(prompts), positions, attn, logits_indices=cu_seqlens[1:].long() - 1)
 
 
-def cached_batch(tokens: torch.Tensor, lengths: torch.Tensor, starts: torch.Tensor, block_tables: torch.Tensor,
-                 block_size: int, logits_rows: torch.Tensor | None = None) -> PackedBatch:
+def cached_batch(tokens: list[int], lengths: list[int], starts: list[int], tables: list[list[int]], block_size: int,
+                 logits_rows: list[int] | None = None) -> PackedBatch:
     """Sequence i's next `lengths[i]` tokens (packed in `tokens`), at positions `starts[i]` on, attending to its
-    cache: what earlier steps cached and its own new tokens, causally. Decodes (one token) and prompt chunks
-    (several, on top of the chunks before them) run together in one step. Only the last token of each
-    sequence in `logits_rows` (None: every sequence) reaches the LM head: a chunk that does not end its
-    prompt has nothing to sample."""
-    cu_seqlens = torch.zeros(len(lengths) + 1, dtype=torch.int32)
-    torch.cumsum(lengths, 0, out=cu_seqlens[1:])
-    total = int(cu_seqlens[-1])
-    rows = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
-    positions = starts.long()[rows] + torch.arange(total) - cu_seqlens[:-1].long()[rows]
-    context_lens = (starts + lengths).to(torch.int32)
-    width = -(-int(context_lens.max()) // block_size)
+    cache (block table `tables[i]`): what earlier steps cached and its own new tokens, causally. Decodes (one
+    token) and prompt chunks (several, on top of the chunks before them) run together in one step. Only the
+    last token of each sequence in `logits_rows` (None: every sequence) reaches the LM head: a chunk that does
+    not end its prompt has nothing to sample.
+
+    Built from Python lists, one tensor per field: the dozen small tensor ops that built it before took 0.5 ms
+    of a 17 ms SmolLM2 decode step at batch 1."""
+    cu_seqlens = list(accumulate(lengths, initial=0))
+    spans = [range(start, start + n) for start, n in zip(starts, lengths, strict=True)]
+    positions = [p for span in spans for p in span]
+    slots = [table[p // block_size] * block_size + p % block_size
+             for table, span in zip(tables, spans, strict=True) for p in span]
+    context_lens = [span.stop for span in spans]
+    width = -(-max(context_lens) // block_size)
+    block_tables = [table[:width] + [0] * (width - len(table)) for table in tables]
     attn = AttentionMetadata(
-        cu_seqlens, int(lengths.max()), slot_mapping=slot_mapping(block_tables, rows, positions, block_size),
-        block_tables=block_tables[:, :width], context_lens=context_lens, is_prefill=False,
+        torch.tensor(cu_seqlens, dtype=torch.int32), max(lengths), slot_mapping=torch.tensor(slots),
+        block_tables=torch.tensor(block_tables, dtype=torch.int32),
+        context_lens=torch.tensor(context_lens, dtype=torch.int32), is_prefill=False,
     )
-    last_rows = None if logits_rows is None else cu_seqlens[1:].long()[logits_rows] - 1
-    return PackedBatch(tokens, positions, attn, logits_indices=last_rows)
+    last_rows = None if logits_rows is None else \
+        torch.tensor([cu_seqlens[i + 1] - 1 for i in logits_rows], dtype=torch.long)
+    return PackedBatch(torch.tensor(tokens), torch.tensor(positions), attn, logits_indices=last_rows)

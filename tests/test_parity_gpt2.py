@@ -236,6 +236,30 @@ def test_one_step_of_rows_with_different_parameters_equals_transformers_row_by_r
         assert all(sampler.seen[draws[i].row, tokens[i]] for i in rows if sampler.seen is not None)
 
 
+def test_greedy_rows_hold_back_eos_as_transformers():
+    """Greedy rows before min_new_tokens (the fast path: argmax, masked only where it picks EOS): equal to
+    transformers' MinNewTokensLengthLogitsProcessor then argmax, for rows whose maximum is an EOS token, rows
+    whose maximum is not, ties with EOS first, and rows past min_new_tokens."""
+    from transformers.generation.logits_process import MinNewTokensLengthLogitsProcessor
+
+    from energon_hf.engine.params import GenerationParams
+    from energon_hf.engine.sampler import Draw, Sampler, sample
+
+    eos = [3, 7]
+    sampler = Sampler(GenerationParams(max_new_tokens=8, min_new_tokens=2, eos_token_ids=eos), VOCAB,
+                      torch.device("cpu"))
+    logits = torch.randn(5, VOCAB, generator=torch.Generator().manual_seed(2))
+    logits[0, 7] = logits[1, 3] = logits[4, 3] = 50.0  # EOS on top
+    logits[2, 3] = logits[2, 11] = 60.0  # a tie, EOS first
+    generated = [0, 1, 1, 0, 2]  # row 4 is past min_new_tokens: its EOS stands
+    tokens = sample(logits, [Draw(sampler, row, n) for row, n in enumerate(generated)])
+    for row, n in enumerate(generated):
+        processor = MinNewTokensLengthLogitsProcessor(5, 2, eos)  # prompt of 5: `n` new tokens so far
+        expected = processor(torch.zeros(1, 5 + n, dtype=torch.long), logits[row:row + 1].clone()).argmax(-1)
+        assert int(tokens[row]) == int(expected)
+    assert int(tokens[4]) == 3 and int(tokens[2]) == 11
+
+
 def test_unseeded_cheap_draws_follow_the_processed_distribution():
     """A server request without a seed draws by inverse CDF (hf_draws=False): over 20,000 draws the token
     frequencies match the processed probabilities (transformers' top-k and temperature), and a token top-k

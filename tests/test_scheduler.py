@@ -92,12 +92,11 @@ def test_prompt_chunks_beside_a_decode_give_transformers_logits(llama):
     allocator = BlockAllocator(64, 4)
     allocator.reserve(0, len(short) + 1)
     allocator.reserve(1, len(long) + 1)
-    tables = allocator.block_table_tensor([0, 1], "cpu")
+    tables = [allocator.tables[0], allocator.tables[1]]
     llama.start_batcher(64, block_size=4).close()  # the model's batcher owns the cache: a stopped one leaves it
 
     def step(tokens, lengths, starts, rows):
-        batch = cached_batch(torch.tensor(tokens), torch.tensor(lengths), torch.tensor(starts), tables, 4,
-                             torch.tensor(rows))
+        batch = cached_batch(tokens, lengths, starts, tables, 4, rows)
         return llama.runner.run(batch, use_cache=True)["logits"]
 
     def reference(ids):

@@ -300,15 +300,16 @@ class ContinuousBatcher:
     def _batch(self, step: Step) -> PackedBatch:
         """The step's tokens: whole prompts attend within themselves (prefill_batch); decodes and prompt
         chunks attend through the cache (cached_batch), with logits only where a token is sampled."""
-        tables = self.scheduler.allocator.block_table_tensor([r.seq_id for r in step.sequences], "cpu")
-        block_size = self.scheduler.block_size
+        allocator, block_size = self.scheduler.allocator, self.scheduler.block_size
         if step.kind == "prefill":
             contexts = [torch.tensor(r.context, dtype=torch.long) for r in step.sequences]
+            tables = allocator.block_table_tensor([r.seq_id for r in step.sequences], "cpu")
             return prefill_batch(contexts, tables, block_size)
-        tokens = torch.tensor([token for r, start, n in zip(step.sequences, step.starts, step.lengths, strict=True)
-                               for token in r.context[start:start + n]])
-        rows = None if step.kind == "decode" else torch.tensor(step.sampled_rows, dtype=torch.long)
-        return cached_batch(tokens, torch.tensor(step.lengths), torch.tensor(step.starts), tables, block_size, rows)
+        tokens = [token for r, start, n in zip(step.sequences, step.starts, step.lengths, strict=True)
+                  for token in r.context[start:start + n]]
+        tables = [allocator.tables[r.seq_id] for r in step.sequences]
+        rows = None if step.kind == "decode" else step.sampled_rows
+        return cached_batch(tokens, step.lengths, step.starts, tables, block_size, rows)
 
     def _finish(self, request: Request) -> None:
         if request.done:

@@ -105,6 +105,8 @@ def sample(logits: torch.Tensor, draws: list[Draw]) -> torch.Tensor:
     """Next tokens [n]: argmax for greedy rows; one multinomial draw per generator for the rows that sample
     as HF does (a generate call's rows draw together, as HF's batch does), one inverse-CDF draw for the
     others; each sampler's seen tokens updated."""
+    if all(not d.params.do_sample and d.sampler.seen is None for d in draws):
+        return _greedy(logits, draws)
     scores = process(logits, draws)
     greedy, quick, by_generator = [], [], {}
     for i, draw in enumerate(draws):
@@ -135,8 +137,24 @@ def sample(logits: torch.Tensor, draws: list[Draw]) -> torch.Tensor:
     return tokens
 
 
+def _greedy(logits: torch.Tensor, draws: list[Draw]) -> torch.Tensor:
+    """Greedy rows without a repetition penalty: the argmax, and where it is an EOS token held back (before
+    min_new_tokens), the argmax of that row without its EOS tokens. The tokens of process() and argmax (masking
+    only lowers EOS scores, so a first maximum elsewhere stays the first), without copying the step's logits
+    to mask them (0.2 of a 17 ms SmolLM2 step at batch 1)."""
+    tokens = _argmax(logits)
+    for i, (draw, token) in enumerate(zip(draws, tokens.tolist(), strict=True)):
+        if draw.generated < draw.params.min_new_tokens and token in draw.params.eos_token_ids:
+            row = logits[i].float().clone()
+            row[draw.sampler.eos] = -float("inf")
+            tokens[i] = _argmax(row)
+    return tokens
+
+
 def _argmax(scores: torch.Tensor) -> torch.Tensor:
-    return scores.argmax(dim=-1)
+    """HF's argmax (the first of tied maxima; NaN wins), through max: torch's CPU argmax does not vectorize
+    (a 49k-token row: 86 against 39 us)."""
+    return scores.max(dim=-1).indices
 
 
 def _inverse_cdf(scores: torch.Tensor) -> torch.Tensor:
