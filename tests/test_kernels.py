@@ -201,13 +201,16 @@ def test_decodes_grouped_by_context_length_equal_the_formula(group_cost, monkeyp
 
 
 @pytest.mark.skipif(not compiled.available(), reason="no C++ compiler: the compiled CPU ops cannot build here")
-@pytest.mark.parametrize("heads,kv_heads,dim", [(6, 2, 64), (4, 4, 64), (16, 2, 64), (9, 1, 64), (6, 2, 12)],
-                         ids=["group-3", "group-1", "group-8", "group-9", "dim-12"])
-def test_in_place_decode_kernel_reads_scattered_blocks(heads, kv_heads, dim):
+@pytest.mark.parametrize("heads,kv_heads,dim", [(6, 2, 64), (4, 4, 64), (16, 2, 64), (9, 1, 64), (6, 2, 12),
+                                                (6, 3, 80), (4, 2, 128)],
+                         ids=["group-3", "group-1", "group-8", "group-9", "dim-12", "dim-80", "dim-128"])
+@pytest.mark.parametrize("block_size", [5, 21])
+def test_in_place_decode_kernel_reads_scattered_blocks(heads, kv_heads, dim, block_size):
     """The compiled kernel reads each sequence's blocks where they lie, through its vector path (head sizes that
-    are multiples of 16, groups of up to 8 query heads) and its portable loops (the others), for a block size that
-    is not a power of two."""
-    block_size, context = 5, [1, 37, 5, 64, 12]
+    are multiples of 16, groups of up to 8 query heads; keys in tiles of up to 16 within a block, values in
+    register chunks of 64 features and 16 after) and its portable loops (the others), for block sizes that are
+    not powers of two, smaller and larger than a tile."""
+    context = [1, 37, 5, 64, 12]
     cache, tables, keys, values = _scattered_cache(context, kv_heads, dim, block_size)
     q = torch.randn(len(context), heads, dim)
     out = torch.ops.energon_hf.paged_decode(q, cache.k[0], cache.v[0], tables, torch.tensor(context), 0.3)

@@ -127,13 +127,16 @@ def test_cancel_frees_the_request(llama):
         batcher.close()
 
 
-def test_request_larger_than_the_cache_is_refused(llama):
+def test_request_larger_than_the_cache_or_beyond_the_vocabulary_is_refused(llama):
     batcher = llama.start_batcher(4, block_size=4)
     try:
         with pytest.raises(ValueError, match="KV cache blocks"):
             batcher.submit(list(range(3, 20)), _params(8))
         with pytest.raises(ValueError, match="empty"):
             batcher.submit([], _params(8))
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            batcher.submit_group([[5, 6], [7, 128]], _params(2))
+        assert batcher.submit([5, 6], _params(2)).result(timeout=30)  # nothing of the refused group was queued
     finally:
         batcher.close()
 

@@ -144,7 +144,10 @@ class ContinuousBatcher:
         """Queue prompts that sample together, as the rows of one HF generate call: each step, one sampler
         draws the tokens of the group's rows in that step in one call, in row order. A seeded group whose
         rows stay in step (prompts admitted in one step, no preemption) thus equals transformers'
-        torch.manual_seed + generate on the same batch. All are queued, or none (ValueError)."""
+        torch.manual_seed + generate on the same batch. All are queued, or none (ValueError, also for a token
+        id outside the vocabulary: the step would fail for every request in it)."""
+        if any(not 0 <= token < self.vocab_size for prompt in prompts for token in prompt):
+            raise ValueError(f"a prompt holds a token id outside the vocabulary (0 .. {self.vocab_size - 1})")
         eos = frozenset(params.eos_token_ids)
         key = next(self._groups)
         requests = [Request(next(self._ids), list(p), params.max_new_tokens, eos, group=key, row=row,

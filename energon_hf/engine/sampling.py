@@ -83,15 +83,13 @@ class Samplers:
     def __init__(self, device: torch.device):
         self.device = device
         self.groups: dict[int, Sampler] = {}
-        self.broken: dict[int, BaseException] = {}  # groups whose sampler could not be built
 
     def sample(self, logits: torch.Tensor, plan: SamplingPlan) -> Sampled:
         """Tokens for the plan's rows: one batched pass for the whole step; if that fails, group by group, so
         a group's bad parameters end that group alone, with the error."""
         self._update(plan)
         live = sorted((i for i, r in enumerate(plan.rows) if r is not None), key=lambda i: plan.rows[i].row)
-        errors = {key: self.broken[key] for key in {plan.rows[i].key for i in live} if key in self.broken}
-        live = [i for i in live if plan.rows[i].key not in errors]
+        errors: dict[int, BaseException] = {}
         try:
             drawn = dict(zip(live, self._draw(logits, plan.rows, live), strict=True)) if live else {}
         except RuntimeError:
@@ -107,12 +105,8 @@ class Samplers:
     def _update(self, plan: SamplingPlan) -> None:
         for key in plan.dropped:
             self.groups.pop(key, None)
-            self.broken.pop(key, None)
         for spec in plan.new:
-            try:
-                self.groups[spec.key] = spec.build(self.device)
-            except (RuntimeError, IndexError) as e:  # e.g. a prompt token beyond the vocabulary
-                self.broken[spec.key] = e
+            self.groups[spec.key] = spec.build(self.device)
 
     def _draw(self, logits: torch.Tensor, rows: list[SampleRow | None], members: list[int]) -> list[int]:
         """The tokens of the rows at `members` (each group's rows in row order)."""
