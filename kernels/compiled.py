@@ -30,7 +30,7 @@ OPS = ("paged_decode", "dequantize_int4_into", "dequantize_int8_into", "int4_gem
        "gemv_vectorized", "rms_norm", "silu_and_mul", "rotary")
 # -march=native: the library is built on, and for, the machine that runs it. -fopenmp compiles at::parallel_for's
 # parallel region; at run time it binds to the OpenMP library torch has already loaded (same soname).
-# -fno-math-errno lets `#pragma omp simd` loops call glibc's vector expf.
+# -fno-math-errno: sqrt as a plain instruction (glibc's vector expf is never called: see csrc/elementwise.cpp).
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]
 _lock = threading.Lock()
 

@@ -316,10 +316,16 @@ def test_compiled_rms_norm_and_silu_and_mul_equal_torch(shape, dtype, monkeypatc
     with_nan = x.clone()
     with_nan[..., 0] = float("nan")
     assert elementwise.silu_and_mul(with_nan)[..., 0].isnan().all()
-    assert len(calls) == 3
+    extremes = torch.tensor([float("inf"), -float("inf"), -100.0, 100.0, -88.0, 89.0, 0.0, 1e-30, float("inf"),
+                             -float("inf"), -100.0])  # 8 lanes, then 3 in the scalar tail
+    extreme_rows = torch.cat([extremes, torch.ones_like(extremes)]).to(dtype)[None]
+    assert torch.equal(elementwise.silu_and_mul(extreme_rows).isnan(), torch.nn.functional.silu(extremes)[None].isnan())
+    assert close(elementwise.silu_and_mul(extreme_rows).nan_to_num(), torch.nn.functional.silu(
+        extremes.to(dtype))[None].nan_to_num())
+    assert len(calls) == 5
     leaf = x.clone().requires_grad_()
     elementwise.rms_norm(leaf, weight, 1e-6).sum().backward()
-    assert len(calls) == 3 and leaf.grad is not None
+    assert len(calls) == 5 and leaf.grad is not None
     with pytest.raises(RuntimeError, match="weight must be a contiguous"):
         torch.ops.energon_hf.rms_norm(x, weight[:-1], 1e-6)
     with pytest.raises(RuntimeError, match="weight must be a contiguous"):

@@ -90,9 +90,9 @@ class ContinuousBatcher:
     """
 
     def __init__(self, runner, vocab_size: int, num_blocks: int = 0, block_size: int = BLOCK_SIZE,
-                 max_batch_tokens: int = 4096, max_running: int = 256, device: torch.device | str = "cpu",
+                 max_batch_tokens: int = 4096, max_running: int = 256,
                  grow: bool = False, background: bool = True):
-        self.runner, self.vocab_size, self.device, self.grow = runner, vocab_size, torch.device(device), grow
+        self.runner, self.vocab_size, self.grow = runner, vocab_size, grow
         self.scheduler = Scheduler(num_blocks, block_size, max_batch_tokens, max_running)
         self._cache_blocks = 0  # blocks the runner's cache holds (allocated by the thread that runs steps)
         self._ids = itertools.count()

@@ -175,7 +175,7 @@ void attend_one(const float* q, const float* k_cache, const float* v_cache, cons
     float* row = &scores[g * len];
     const float top = *std::max_element(row, row + len);
 #pragma omp simd
-    for (int64_t t = 0; t < len; ++t) row[t] = std::exp(row[t] - top);  // glibc's vector expf (-fno-math-errno)
+    for (int64_t t = 0; t < len; ++t) row[t] = std::exp(row[t] - top);
     float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
     for (int64_t t = 0; t < len; ++t) sum += row[t];
