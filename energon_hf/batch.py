@@ -9,7 +9,7 @@ import torch
 
 from energon_hf import kernels
 
-from .kv_cache import KVCache, slot_mapping
+from .kv_cache import KVCache, sequence_slots, slot_mapping
 
 
 @dataclass
@@ -84,8 +84,8 @@ def cached_batch(tokens: list[int], lengths: list[int], starts: list[int], table
     cu_seqlens = list(accumulate(lengths, initial=0))
     spans = [range(start, start + n) for start, n in zip(starts, lengths, strict=True)]
     positions = [p for span in spans for p in span]
-    slots = [table[p // block_size] * block_size + p % block_size
-             for table, span in zip(tables, spans, strict=True) for p in span]
+    slots = [slot for table, span in zip(tables, spans, strict=True)
+             for slot in sequence_slots(table, span, block_size)]
     context_lens = [span.stop for span in spans]
     width = -(-max(context_lens) // block_size)
     block_tables = [table[:width] + [0] * (width - len(table)) for table in tables]

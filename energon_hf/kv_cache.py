@@ -106,6 +106,11 @@ def slot_mapping(block_tables: torch.Tensor, rows: torch.Tensor, positions: torc
     return blocks * block_size + positions % block_size
 
 
+def sequence_slots(table: list[int], positions: range, block_size: int) -> list[int]:
+    """slot_mapping for one sequence on Python lists (a decode step's batch is built from lists: cached_batch)."""
+    return [table[p // block_size] * block_size + p % block_size for p in positions]
+
+
 def bytes_per_token(layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
     """Cache bytes one token takes: its key and value in every layer."""
     return 2 * layers * kv_heads * head_dim * dtype.itemsize

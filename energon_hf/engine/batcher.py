@@ -100,6 +100,7 @@ class ContinuousBatcher:
         self._unsent: dict[int, SamplerSpec] = {}  # groups the runner's samplers do not know yet
         self._live: dict[int, int] = {}  # per group, its requests not done
         self._gone: list[int] = []  # groups the runner's samplers may forget
+        self._reset = True  # the next plan clears the runner's samplers (groups of an earlier batcher)
         self._wake = threading.Condition()
         self._stepping = threading.Lock()  # one step at a time
         self._stopped = False
@@ -144,10 +145,7 @@ class ContinuousBatcher:
         """Queue prompts that sample together, as the rows of one HF generate call: each step, one sampler
         draws the tokens of the group's rows in that step in one call, in row order. A seeded group whose
         rows stay in step (prompts admitted in one step, no preemption) thus equals transformers'
-        torch.manual_seed + generate on the same batch. All are queued, or none (ValueError, also for a token
-        id outside the vocabulary: the step would fail for every request in it)."""
-        if any(not 0 <= token < self.vocab_size for prompt in prompts for token in prompt):
-            raise ValueError(f"a prompt holds a token id outside the vocabulary (0 .. {self.vocab_size - 1})")
+        torch.manual_seed + generate on the same batch. All are queued, or none (ValueError)."""
         eos = frozenset(params.eos_token_ids)
         key = next(self._groups)
         requests = [Request(next(self._ids), list(p), params.max_new_tokens, eos, group=key, row=row,
@@ -257,21 +255,29 @@ class ContinuousBatcher:
 
     def _run(self, step: Step) -> None:
         """One model call for the step, sampled where the logits are, and the Scheduler's bookkeeping."""
+        plan = None
         try:
             self._fit_cache()
-            sampled = self.runner.step(self._batch(step), self._plan(step))
+            batch, plan = self._batch(step), self._plan(step)
+            sampled = self.runner.step(batch, plan)
         except Exception as e:  # noqa: BLE001 - the engine failed: every request in flight gets the error
+            if plan is not None:  # the runner may not have applied it: the next plan says it again
+                with self._wake:
+                    self._gone.extend(plan.dropped)
+                    self._reset = self._reset or plan.reset
             self._fail(e)
             return
         tokens: list[int | None] = [None] * len(step.sequences)  # a chunk that does not end its prompt: none
-        for i, token, logprob in zip(step.sampled_rows, sampled.tokens, sampled.logprobs, strict=True):
-            request = step.sequences[i]
-            tokens[i] = token
-            if logprob is not None:
-                request.token_logprobs.append(logprob)
-            if request.group in sampled.errors and not request.finished:
-                request.finish_reason, request.error = "error", sampled.errors[request.group]
         with self._wake:
+            for i, token, logprob in zip(step.sampled_rows, sampled.tokens, sampled.logprobs, strict=True):
+                request = step.sequences[i]
+                if request.finished:  # cancelled while the step ran: its token is dropped
+                    continue
+                tokens[i] = token
+                if logprob is not None:
+                    request.token_logprobs.append(logprob)
+                if request.group in sampled.errors:
+                    request.finish_reason, request.error = "error", sampled.errors[request.group]
             left = self.scheduler.postprocess(step, tokens)
         for request, token in zip(step.sequences, tokens, strict=True):
             if token is not None and not request.done:
@@ -284,14 +290,17 @@ class ContinuousBatcher:
 
     def _plan(self, step: Step) -> SamplingPlan:
         """What the runner samples: the step's sampled rows (none for a request finished since it was
-        scheduled), the groups it meets for the first time, and the groups gone since the last step."""
+        scheduled), the groups it meets for the first time, and the groups gone since the last step; the first
+        plan of a batcher clears the runner's samplers (a runner serves one batcher at a time: its group keys
+        start at 0 again)."""
         with self._wake:
             rows = [None if (r := step.sequences[i]).finished else SampleRow(r.group, r.row, len(r.tokens), r.logprobs)
                     for i in step.sampled_rows]
             new = [self._unsent.pop(key) for key in dict.fromkeys(r.key for r in rows if r is not None)
                    if key in self._unsent]
-            gone, self._gone = self._gone, []
-        return SamplingPlan(rows, new, gone)
+            plan = SamplingPlan(rows, new, self._gone, self._reset)
+            self._gone, self._reset = [], False
+        return plan
 
     def _fail(self, error: BaseException) -> None:
         with self._wake:

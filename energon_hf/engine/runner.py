@@ -15,7 +15,7 @@ from .sampling import Sampled, Samplers, SamplingPlan
 
 
 class LocalRunner:
-    """The single-device runner; the multi-process engine offers the same `run` / `ensure_cache`.
+    """The single-device runner; the multi-process engine offers the same `run` / `step` / `ensure_cache`.
 
     `layers` (a pipeline stage's layer range) limits the KV cache, and `run`, to those layers. Calls from
     several threads (the batcher's, a caller's forward) run one at a time, as on the multi-process engine.

@@ -39,8 +39,11 @@ class SamplerSpec:
 
     def build(self, device: torch.device) -> Sampler:
         generator = self.generator
-        if generator is not None and generator.device != device:  # made on the driver, for its device: the
-            generator = torch.Generator(device).manual_seed(generator.initial_seed())  # same seed on ours
+        if generator is not None and (generator.device.type != device.type or
+                                      device.index not in (None, generator.device.index)):
+            # made on the driver for its device (the engine's CPU generators for a CUDA rank, another card): the
+            # same seed on ours; the state starts afresh, exact for the fresh generators seed= and the engine make
+            generator = torch.Generator(device).manual_seed(generator.initial_seed())
         sampler = Sampler(self.params, self.vocab_size, device, generator, self.hf_draws)
         if self.prompts is not None:
             sampler.observe_prompts([torch.tensor(p, dtype=torch.long) for p in self.prompts])
@@ -60,11 +63,13 @@ class SampleRow:
 @dataclass
 class SamplingPlan:
     """`rows`: one entry per logits row of the step, None for a row to skip (its request finished while the
-    step was made); `new` groups are built before, `dropped` ones forgotten."""
+    step was made); `new` groups are built before, `dropped` ones forgotten; `reset` forgets every group first
+    (a new batcher's first plan)."""
 
     rows: list[SampleRow | None]
     new: list[SamplerSpec] = field(default_factory=list)
     dropped: list[int] = field(default_factory=list)
+    reset: bool = False
 
 
 @dataclass
@@ -103,6 +108,8 @@ class Samplers:
         return Sampled(tokens, _logprobs(logits, plan.rows, tokens), errors)
 
     def _update(self, plan: SamplingPlan) -> None:
+        if plan.reset:
+            self.groups.clear()
         for key in plan.dropped:
             self.groups.pop(key, None)
         for spec in plan.new:

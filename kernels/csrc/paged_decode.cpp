@@ -21,8 +21,8 @@ struct Shape {
   int64_t batch, q_heads, kv_heads, head_dim, block_size, max_blocks;
 };
 
-constexpr int64_t kMaxGroup = 8;
-constexpr int64_t PREFETCH_BLOCKS = 2;  // query heads per key/value head that the vector path keeps in registers
+constexpr int64_t kMaxGroup = 8;  // query heads per key/value head that the vector path keeps in registers
+constexpr int64_t PREFETCH_BLOCKS = 2;  // blocks ahead (prefetch_head)
 
 // The portable loops: any head size, any group (a single 64-wide dot is a chain of dependent FMAs, hence slower).
 inline float dot(const float* q, const float* k, int64_t n) {
@@ -102,8 +102,10 @@ inline void run_values_chunk(const float* weights, int64_t stride, const float* 
 template <int G>
 inline void run_values(const float* weights, int64_t stride, const float* values, int64_t slot_stride, int64_t n,
                        int64_t d, float* acc) {
+  constexpr int V = G <= 6 ? 4 : 2;  // G x V accumulators, V values and a weight within the 32 vector registers
   int64_t i = 0;
-  for (; i + 64 <= d; i += 64) run_values_chunk<G, 4>(weights, stride, values + i, slot_stride, n, d, acc + i);
+  for (; i + 16 * V <= d; i += 16 * V)
+    run_values_chunk<G, V>(weights, stride, values + i, slot_stride, n, d, acc + i);
   for (; i < d; i += 16) run_values_chunk<G, 1>(weights, stride, values + i, slot_stride, n, d, acc + i);
 }
 

@@ -9,7 +9,7 @@
 namespace energon_hf {
 
 // e^x, 8 lanes, within 3 units in the last place for x in [-87.3, 88.3] (Cephes' expf: a degree-6 polynomial on
-// x - n ln 2, times 2^n built in the exponent bits); infinity above, e^-87.3 below, NaN stays NaN. glibc's expf is
+// x - n ln 2, times 2^n built in the exponent bits); infinity above, zero below, NaN stays NaN. glibc's expf is
 // called one element at a time here (its vector variants are declared only under -ffast-math): a SiLU-and-mul of
 // 512 SmolLM2 rows took 1.14 ms that way, 2.4x torch's silu and mul, and 8 rows 39 against 18 us.
 inline __m256 exp8(__m256 given) {
@@ -24,7 +24,9 @@ inline __m256 exp8(__m256 given) {
   p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
   const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   const __m256 overflow = _mm256_cmp_ps(given, _mm256_set1_ps(88.3f), _CMP_GT_OQ);
-  return _mm256_blendv_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(scale)), _mm256_set1_ps(INFINITY), overflow);
+  const __m256 underflow = _mm256_cmp_ps(given, _mm256_set1_ps(-87.3f), _CMP_LT_OQ);  // else e^-87.3 ~ FLT_MIN
+  const __m256 e = _mm256_blendv_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(scale)), _mm256_set1_ps(INFINITY), overflow);
+  return _mm256_andnot_ps(underflow, e);
 }
 
 }  // namespace energon_hf
