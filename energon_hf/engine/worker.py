@@ -170,13 +170,17 @@ class Worker:
                 "peak_rss_bytes": peak_rss_bytes(), "build_s": self.build_s,
                 "process_cpu_s": time.process_time()}
 
+    def _forward(self, batch, use_cache: bool = False) -> Any:
+        """This rank's part of the model on the step's batch: its pipeline stage, or the whole model."""
+        return self.stage.run(batch, use_cache) if self.stage else self.runner.run(batch, use_cache)
+
     @torch.inference_mode()
     def handle(self, op: str, args: tuple) -> Any:
         if op == "run":
-            return self.stage.run(*args) if self.stage else self.runner.run(*args)
+            return self._forward(*args)
         if op == "step":  # a generation step: only the output rank holds its logits and samples them
             batch, plan = args
-            outputs = self.stage.run(batch, True) if self.stage else self.runner.run(batch, True)
+            outputs = self._forward(batch, True)
             return self.runner.samplers.sample(outputs["logits"], plan) if self.is_output_rank else None
         if op == "ensure_cache":
             return self.runner.ensure_cache(*args)

@@ -98,7 +98,6 @@ void rms_norm_rows(const float* xp, const float* wp, float* op, int64_t rows, in
   });
 }
 
-
 // dst[i] = silu(gate[i]) * up[i] (`up` null: silu alone) = gate / (1 + e^-gate) * up.
 inline void silu_span(const float* gate, const float* up, float* dst, int64_t n) {
   int64_t i = 0;
