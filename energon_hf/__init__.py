@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from .modeling import EnergonModel
     from .nn.parallel import Linear1D_Col, Linear1D_Row, VocabParallelEmbedding
     from .pipelines import pipeline
+    from .sentence_transformer import SentenceTransformer
 
 __version__ = "0.1.0"
 
@@ -26,6 +27,7 @@ _LAZY = {
     "VocabParallelEmbedding": ".nn.parallel",
     "launch": ".engine.launch",
     "pipeline": ".pipelines",
+    "SentenceTransformer": ".sentence_transformer",
 }
 
 __all__ = [
@@ -35,6 +37,7 @@ __all__ = [
     "Linear1D_Col",
     "Linear1D_Row",
     "ModelNotFoundError",
+    "SentenceTransformer",
     "UnsupportedModelError",
     "VocabParallelEmbedding",
     "__version__",

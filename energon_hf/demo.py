@@ -16,7 +16,7 @@ import time
 import torch
 import transformers
 
-from energon_hf import EnergonModel, defaults
+from energon_hf import EnergonModel, SentenceTransformer, defaults
 
 QUESTIONS = ["What is the capital of France?", "Name three primary colors.", "Which planet is the largest?"]
 DOCUMENTS = [
@@ -68,26 +68,26 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def search(queries: list[str]) -> None:
     path = defaults.embedding_model()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    model = EnergonModel.from_pretrained(path)
+    model = SentenceTransformer(path)  # energon_hf's, sentence-transformers' calls
     print(f"\n== {model}")
-
-    def embed(texts: list[str], runner) -> torch.Tensor:
-        batch = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
-        return mean_pool(runner(**batch).last_hidden_state, batch["attention_mask"])
-
-    docs = embed(DOCUMENTS, model)
+    docs = model.encode(DOCUMENTS, convert_to_tensor=True)
     for query in queries:
-        scores = embed([query], model) @ docs.T
+        scores = model.similarity(model.encode([query]), docs)
         best = int(scores.argmax())
         print(f"\nQ: {query}\nA: {DOCUMENTS[best]}  (cosine {float(scores[0, best]):.3f})")
 
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     reference = transformers.AutoModel.from_pretrained(path).eval()
+
+    def hf_embed(texts: list[str]) -> torch.Tensor:
+        batch = tokenizer(texts, padding=True, truncation=True, max_length=model.max_seq_length, return_tensors="pt")
+        return mean_pool(reference(**batch).last_hidden_state, batch["attention_mask"])
+
     texts = [" ".join(DOCUMENTS[: 1 + i % len(DOCUMENTS)]) for i in range(32)]  # mixed lengths
     with torch.inference_mode():
-        diff = (embed(texts, model) - embed(texts, reference)).abs().max().item()
-        _, ours_s = timed(lambda: embed(texts, model))
-        _, hf_s = timed(lambda: embed(texts, reference))
+        ours, ours_s = timed(lambda: model.encode(texts, convert_to_tensor=True))
+        theirs, hf_s = timed(lambda: hf_embed(texts))
+    diff = (ours - theirs).abs().max().item()
     print(f"\n32 mixed-length texts: energon_hf {ours_s * 1e3:.0f} ms, transformers {hf_s * 1e3:.0f} ms "
           f"({hf_s / ours_s:.2f}x); max |embedding difference| {diff:.1e}")
     model.close()

@@ -190,6 +190,33 @@ class EnergonModel:
                              pixel_values=pixel_values.to(self.device))
         return packed, torch.arange(batch * per_image, device=self.device), (batch, per_image)
 
+    def _pack_sequences(self, sequences: list[list[int]]) -> PackedBatch:
+        """Token sequences packed as they are, each at positions 0, 1, ... (no padding to remove)."""
+        if not sequences:
+            raise ValueError("no sequences to run")
+        for i, sequence in enumerate(sequences):
+            if not sequence:
+                raise ValueError(f"sequence {i} has no tokens")
+        lengths = torch.tensor([len(s) for s in sequences])
+        cu_seqlens = torch.zeros(len(sequences) + 1, dtype=torch.int32)
+        torch.cumsum(lengths, 0, out=cu_seqlens[1:])
+        ids = torch.tensor([token for sequence in sequences for token in sequence], dtype=torch.long)
+        self._check_range(ids, self.config.vocab_size, "input_ids contain token id",
+                          f"(the vocabulary size of this {self.config.model_type} model)")
+        longest = int(lengths.max())
+        if self.position_limit is not None and longest > self.position_limit:
+            raise ValueError(f"a sequence of {longest} tokens is longer than max_position_embeddings "
+                             f"({self.position_limit})")
+        positions = kernels.positions_from_cu_seqlens(cu_seqlens, ids.shape[0])
+        return PackedBatch(ids, positions, AttentionMetadata(cu_seqlens, longest)).to(self.device)
+
+    def run_packed(self, sequences: list[list[int]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The model's outputs on token sequences packed without padding, in and out: the token outputs
+        ([total tokens, ...], sequence after sequence) as the model computed them, and cu_seqlens [B+1], where
+        each sequence's rows start. Sentence embeddings pool these directly (energon_hf.pooling)."""
+        packed = self._pack_sequences(sequences)
+        return self.runner.run(packed), packed.attn.cu_seqlens
+
     # -- HF-style calls ---------------------------------------------------------------------------
     def __call__(self, *args, **kwargs) -> ModelOutput:
         return self.forward(*args, **kwargs)

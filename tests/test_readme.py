@@ -28,6 +28,8 @@ def test_readme_example_runs(name, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     if name == "pipelines":
         assert "Paris" in done.stdout and "2 8 384" in done.stdout
+    if name == "sentence-transformer":
+        assert "(3, 384)" in done.stdout and "same as sentence-transformers: True" in done.stdout
 
 
 def test_readme_main_command_serves_the_curl_and_openai_examples(tmp_path):

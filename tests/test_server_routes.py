@@ -17,12 +17,11 @@ import transformers
 import uvicorn
 from PIL import Image
 
-from energon_hf import EnergonModel
+from energon_hf import EnergonModel, SentenceTransformer
 from energon_hf.engine.dynamic_batcher import DynamicBatcher, EncodeRequest, pick_priority
 from energon_hf.kv_cache import BLOCK_SIZE, available_memory, bytes_per_token
 from energon_hf.serve import ServeSettings, create_app
 from energon_hf.serve.app import MAX_RUNNING, kv_cache_tokens
-from energon_hf.serve.embeddings import mean_pooling_runner
 from energon_hf.serve.state import ENCODER_BATCH_TOKENS, GENERATION_STEP_TOKENS
 
 
@@ -258,7 +257,7 @@ def test_dynamic_batching_runs_requests_that_waited_together(minilm_path):
     results are each request's own."""
     model = EnergonModel.from_pretrained(minilm_path)
     tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path)
-    embed = mean_pooling_runner(model, tokenizer)
+    embed = SentenceTransformer(model).embed_sequences
     gate, batches = threading.Event(), []
 
     def run(sequences):

@@ -23,6 +23,7 @@ from energon_hf.engine.dynamic_batcher import DynamicBatcher
 from energon_hf.kv_cache import BLOCK_SIZE, available_memory, bytes_per_token, tokens_for_memory
 from energon_hf.modeling import EnergonModel
 from energon_hf.pipelines import _task_for, pipeline
+from energon_hf.sentence_transformer import SentenceTransformer
 
 from . import embeddings, generation, pipeline_api
 from .errors import APIError, ErrorResponse, install_error_handlers
@@ -72,7 +73,7 @@ def context_of(model: EnergonModel) -> int:
 def _served(model: EnergonModel, tokenizer, settings: ServeSettings, embed_runner: EmbedRunner | None) -> Served:
     metrics = Metrics()
     task = _task_for(model)
-    batcher = encoder = encoder_pipeline = None
+    batcher = encoder = encoder_pipeline = sentences = None
     if model.can_generate():
         batcher = model.start_batcher(max(1, kv_cache_tokens(model, settings) // BLOCK_SIZE),
                                       max_batch_tokens=GENERATION_STEP_TOKENS if settings.max_batch_tokens is None
@@ -85,14 +86,15 @@ def _served(model: EnergonModel, tokenizer, settings: ServeSettings, embed_runne
     else:
         encoder_pipeline = pipeline(task, model=model, tokenizer=tokenizer)
         if task == "feature-extraction" and model.architecture.name.endswith("Model"):  # a base encoder
-            run_batch = embed_runner or embeddings.mean_pooling_runner(model, tokenizer)
+            sentences = SentenceTransformer(model)
+            run_batch = embed_runner or sentences.embed_sequences
             batch_tokens = ENCODER_BATCH_TOKENS if settings.max_batch_tokens is None else settings.max_batch_tokens
             encoder = DynamicBatcher(run_batch, batch_tokens,
                                      settings.embed_policy, settings.max_wait_ms / 1000)
             encoder.on_batch = lambda sequences: metrics.step("encode", sequences)
             metrics.watch(lambda: encoder.waiting, lambda: encoder.running)
     return Served(model, tokenizer, settings, metrics, batcher, encoder, _eos_ids(model, tokenizer),
-                  context_of(model), task, encoder_pipeline)
+                  context_of(model), task, encoder_pipeline, sentences)
 
 
 def bearer_token(authorization: str) -> str | None:

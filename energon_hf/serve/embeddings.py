@@ -1,5 +1,6 @@
-"""/v1/embeddings: sentence embeddings (sentence-transformers' mean pooling) through the dynamic batcher, so
-texts of concurrent requests run together in one padding-free batch.
+"""/v1/embeddings: sentence embeddings through the dynamic batcher, so texts of concurrent requests run together in
+one padding-free batch; tokenized, pooled and normalized as sentence-transformers does for the model's folder
+(energon_hf.sentence_transformer: its modules.json, else mean pooling).
 
 A request is bounded before its work (--max-inputs texts, --max-request-tokens tokens) and its tokenizing
 and answer's JSON run in the request pool: a large request never stalls the event loop or /health."""
@@ -21,16 +22,6 @@ from .schemas import EmbeddingRequest
 from .state import Served
 
 router = APIRouter()
-
-
-def mean_pooling_runner(model, tokenizer):
-    """run_batch for the DynamicBatcher: token sequences -> one mean-pooled vector each."""
-    def run(sequences: list[list[int]]) -> list[torch.Tensor]:
-        batch = tokenizer.pad({"input_ids": sequences}, return_tensors="pt").to(model.device)
-        hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        return list((hidden * mask).sum(1) / mask.sum(1))
-    return run
 
 
 def encode_vector(vector: torch.Tensor, encoding_format: str) -> list[float] | str:
@@ -63,7 +54,7 @@ async def embeddings(body: EmbeddingRequest, http: HTTPRequest):
         raise APIError(400, "input must be non-empty strings", param="input")
     served.check_queue(len(served.encoder.waiting))
     started = time.perf_counter()
-    sequences = (await served.offload(served.tokenizer, texts, truncation=True))["input_ids"]
+    sequences = await served.offload(served.sentences.tokenize, texts)
     tokens = sum(len(s) for s in sequences)
     served.check_inputs(len(texts), tokens)
     try:

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 from energon_hf.engine.batcher import ContinuousBatcher
 from energon_hf.engine.dynamic_batcher import DynamicBatcher
 from energon_hf.modeling import EnergonModel
+from energon_hf.sentence_transformer import SentenceTransformer
 
 from .errors import APIError
 from .metrics import Metrics
@@ -61,6 +62,7 @@ class Served:
     context: int                        # the model's context length in tokens
     task: str                           # the pipeline task /v1/pipeline serves
     pipeline: Callable[..., Any] | None  # energon_hf.pipeline of that task (encoder tasks)
+    sentences: SentenceTransformer | None = None  # base encoders: /v1/embeddings' tokenizing and pooling
     pool: ThreadPoolExecutor = field(init=False)
 
     def __post_init__(self) -> None:

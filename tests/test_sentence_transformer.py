@@ -1,0 +1,146 @@
+"""energon_hf.SentenceTransformer against sentence-transformers itself on the same folders: all-MiniLM-L6-v2 as
+shipped, and tiny models that sentence-transformers saves with the other pooling modes, Dense, Normalize,
+prompts and do_lower_case; encode()'s options; tp=2 and pp=2; and what is refused."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from sentence_transformers import SentenceTransformer as Reference
+from sentence_transformers.base.modules import Dense, Normalize, Transformer
+from sentence_transformers.sentence_transformer.modules import Pooling
+
+from energon_hf import EnergonModel, SentenceTransformer, UnsupportedModelError
+
+TEXT = (Path(__file__).resolve().parents[1] / "bench" / "data" / "alice_chapter1.txt").read_text().split()
+# Mixed lengths (6 to 48 words), a text past max_seq_length, and one with surrounding spaces.
+SENTENCES = [" ".join(TEXT[i: i + 6 + (i * 7) % 43]) for i in range(0, 7 * 24, 7)] + \
+            ["word " * 300, "  Surrounding   spaces  "]
+
+
+def tiny_st(folder: Path, minilm_path: Path, modules) -> Path:
+    """A sentence-transformers folder over a tiny random BERT that uses MiniLM's tokenizer."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path)
+    config = transformers.BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    transformers.BertModel(config).save_pretrained(folder / "bert")
+    tokenizer.save_pretrained(folder / "bert")
+    Reference(modules=modules(folder / "bert"), device="cpu").save(str(folder / "st"))
+    return folder / "st"
+
+
+@pytest.fixture(scope="module")
+def cls_max_dense(tmp_path_factory, minilm_path) -> Path:
+    """cls + max pooling concatenated, a Tanh Dense down to 16, Normalize; max_seq_length 48."""
+    return tiny_st(tmp_path_factory.mktemp("st_a"), minilm_path, lambda bert: [
+        Transformer(str(bert), max_seq_length=48), Pooling(32, pooling_mode=("cls", "max")), Dense(64, 16),
+        Normalize()])
+
+
+@pytest.fixture(scope="module")
+def prompt_model(tmp_path_factory, minilm_path) -> Path:
+    """mean_sqrt_len + weightedmean + lasttoken without the prompt's tokens, a residual GELU Dense, a
+    "query: " prompt and do_lower_case."""
+    folder = tiny_st(tmp_path_factory.mktemp("st_b"), minilm_path, lambda bert: [
+        Transformer(str(bert), do_lower_case=True),
+        Pooling(32, pooling_mode=("mean_sqrt_len_tokens", "weightedmean", "lasttoken"), include_prompt=False),
+        Dense(96, 96, activation_function=torch.nn.GELU(), use_residual=True)])
+    config = folder / "config_sentence_transformers.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()),
+                                  "prompts": {"query": "query: ", "document": ""}}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def minilm(minilm_path):
+    with SentenceTransformer(minilm_path) as model:
+        yield model
+
+
+def test_minilm_matches_sentence_transformers(minilm, minilm_path):
+    reference = Reference(str(minilm_path), device="cpu")
+    expected = reference.encode(SENTENCES, batch_size=8)
+    ours = minilm.encode(SENTENCES, batch_size=16)
+    assert ours.shape == expected.shape == (len(SENTENCES), 384) and ours.dtype == np.float32
+    assert np.abs(ours - expected).max() <= 1e-5
+    assert minilm.max_seq_length == reference.max_seq_length == 256
+    assert minilm.get_embedding_dimension() == 384
+    assert torch.allclose(minilm.similarity(ours[:3], ours[3:6]), reference.similarity(expected[:3], expected[3:6]),
+                          atol=1e-5)
+
+
+@pytest.mark.parametrize("model_name", ["cls_max_dense", "prompt_model"])
+def test_pooling_dense_and_prompts_match(model_name, request):
+    path = request.getfixturevalue(model_name)
+    reference = Reference(str(path), device="cpu")
+    with SentenceTransformer(path) as ours:
+        assert ours.max_seq_length == reference.max_seq_length
+        assert ours.get_embedding_dimension() == reference.get_embedding_dimension()
+        calls = [{}, {"prompt": "Represent this: "}] if model_name == "cls_max_dense" else \
+            [{}, {"prompt_name": "query"}, {"prompt": "A Prompt Here: "}]
+        for kwargs in calls:
+            expected = reference.encode(SENTENCES, batch_size=8, **kwargs)
+            got = ours.encode(SENTENCES, batch_size=5, **kwargs)
+            assert np.abs(got - expected).max() <= 1e-5, kwargs
+        if model_name == "prompt_model":
+            assert np.abs(ours.encode_query(SENTENCES[:4]) - reference.encode_query(SENTENCES[:4])).max() <= 1e-5
+            assert np.abs(ours.encode(SENTENCES[:4], prompt_name="query")
+                          - ours.encode(SENTENCES[:4])).max() > 1e-3  # the prompt reached the model
+
+
+def test_encode_options(minilm, minilm_path):
+    reference = Reference(str(minilm_path), device="cpu")
+    texts = SENTENCES[:5]
+    for kwargs in [{"convert_to_tensor": True}, {"normalize_embeddings": True, "truncate_dim": 8},
+                   {"truncate_dim": 8}, {"precision": "binary"}, {"precision": "ubinary"}]:
+        expected, got = reference.encode(texts, **kwargs), minilm.encode(texts, **kwargs)
+        assert type(got) is type(expected) and got.shape == expected.shape and got.dtype == expected.dtype, kwargs
+        assert np.abs(np.asarray(got, dtype=np.float64) - np.asarray(expected, dtype=np.float64)).max() <= 1e-5
+    as_list = minilm.encode(texts, convert_to_numpy=False)
+    assert isinstance(as_list, list) and len(as_list) == 5 and as_list[0].shape == (384,)
+    single = minilm.encode(texts[0], show_progress_bar=True)
+    assert single.shape == (384,) and np.abs(single - minilm.encode(texts)[0]).max() <= 1e-6
+    tokens, expected = minilm.encode(texts, output_value="token_embeddings"), \
+        reference.encode(texts, output_value="token_embeddings")
+    assert [t.shape for t in tokens] == [t.shape for t in expected]
+    assert max((a - b).abs().max().item() for a, b in zip(tokens, expected, strict=True)) <= 1e-5
+    assert minilm.encode([]).shape == (0,) and minilm.encode([], convert_to_numpy=False) == []
+
+
+def test_bad_encode_arguments(minilm):
+    with pytest.raises(ValueError, match="precision must be one of"):
+        minilm.encode(["a"], precision="int8")
+    with pytest.raises(ValueError, match="output_value"):
+        minilm.encode(["a"], output_value="logits")
+    with pytest.raises(ValueError, match="prompt_name 'passage' is not one of this model's prompts"):
+        minilm.encode(["a"], prompt_name="passage")
+    with pytest.raises(ValueError, match="sentence 1 is a int"):
+        minilm.encode(["a", 3])
+    with pytest.raises(ValueError, match="batch_size"):
+        minilm.encode(["a"], batch_size=0)
+    assert minilm.encode(["still works"]).shape == (1, 384)
+
+
+@pytest.mark.parametrize("parallel", [{"tp": 2}, {"pp": 2}], ids=["tp2", "pp2"])
+def test_parallel_matches(cls_max_dense, parallel):
+    expected = Reference(str(cls_max_dense), device="cpu").encode(SENTENCES, batch_size=8)
+    with SentenceTransformer(cls_max_dense, **parallel) as ours:
+        assert np.abs(ours.encode(SENTENCES) - expected).max() <= 1e-5
+
+
+def test_refused_folders(tmp_path, cls_max_dense, tiny):
+    folder = tmp_path / "odd"
+    shutil.copytree(cls_max_dense, folder)
+    modules = json.loads((folder / "modules.json").read_text())
+    modules[1]["type"] = "sentence_transformers.models.WordWeights"
+    (folder / "modules.json").write_text(json.dumps(modules))
+    with pytest.raises(UnsupportedModelError, match="module 'sentence_transformers.models.WordWeights'"):
+        SentenceTransformer(folder)
+    with EnergonModel.from_pretrained(tiny.make("BertForMaskedLM")) as masked_lm:
+        with pytest.raises(UnsupportedModelError, match="need a base model's token embeddings"):
+            SentenceTransformer(masked_lm)
