@@ -64,3 +64,25 @@ def agreement(tokens: list[list[int]], reference: list[list[int]]) -> float:
     goes its own way, so this also says how early they part)."""
     same = sum(a == b for row, ref in zip(tokens, reference, strict=True) for a, b in zip(row, ref, strict=True))
     return same / sum(len(ref) for ref in reference)
+
+
+def passages(text: str, count: int | None = None) -> list[str]:
+    """Overlapping word windows of `text`, 6 to 48 words long (a fixed cycle): a few hundred texts of mixed
+    lengths from one shipped page, whose near neighbours (shared words) give retrieval something to find."""
+    words = text.split()
+    found = [" ".join(words[i: i + 6 + (i * 7) % 43]) for i in range(0, len(words) - 6, 7)]
+    return found[:count]
+
+
+def embedding_fidelity(embeddings: torch.Tensor, reference: torch.Tensor, queries: int = 50,
+                       k: int = 10) -> dict[str, float]:
+    """How faithful sentence embeddings [N, D] are to `reference`'s (same texts): the worst and mean cosine of
+    each pair, and retrieval: the first `queries` texts search the others, and `top10_overlap` is the share of
+    the reference's top-k hits that the embeddings' top-k also holds."""
+    a, b = (torch.nn.functional.normalize(x.float(), dim=-1) for x in (embeddings, reference))
+    cosine = (a * b).sum(-1)
+    hits = (a[:queries] @ a[queries:].T).topk(k).indices
+    expected = (b[:queries] @ b[queries:].T).topk(k).indices
+    overlap = sum(len(set(h.tolist()) & set(e.tolist())) for h, e in zip(hits, expected, strict=True))
+    return {"worst_cosine": cosine.min().item(), "mean_cosine": cosine.mean().item(),
+            "top10_overlap": overlap / (queries * k)}

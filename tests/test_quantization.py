@@ -60,6 +60,27 @@ def test_formats_compute_their_own_dequantized_weights(rows, cols):
         assert relative_error(got, expected) < (EXACT if exact else BFLOAT16)
 
 
+@pytest.mark.parametrize("gelu", ["none", "tanh"])
+@pytest.mark.parametrize("rows", [3, 64])  # few rows: the GEMV or F.linear, then GELU; many: oneDNN's epilogue
+def test_formats_fuse_bias_and_gelu(rows, gelu):
+    """A Linear with a GELU hands it to its weight format (BERT's and GPT-2's MLP up-projections): the product
+    with bias and GELU equals F.gelu(F.linear(...)) on the format's own weight, the expansions' bias and GELU
+    in bfloat16 included."""
+    torch.manual_seed(0)
+    weight, x, bias = torch.randn(64, 96), torch.randn(rows, 96), torch.randn(64)
+    q8, scale8 = q.quantize_int8(weight)
+    q4, scale4, zero4 = q.quantize_int4(weight, 32)
+    for fmt, dense in ((Int8Weight(q8, scale8), q.dequantize_int8(q8, scale8)),
+                       (Int4Weight(q4, scale4, zero4), q.dequantize_int4(q4, scale4, zero4)),
+                       (DenseWeight(weight), weight), (DenseWeight(weight.bfloat16()), weight.bfloat16().float())):
+        expected = torch.nn.functional.gelu(torch.nn.functional.linear(x, dense, bias), approximate=gelu)
+        dtype = fmt.dtype if isinstance(fmt, DenseWeight) else torch.float32
+        got = fmt(x.to(dtype), bias.to(dtype), gelu)
+        assert got.shape == expected.shape
+        assert relative_error(got.float(), expected) < (1e-5 if got.dtype == torch.float32 and (
+            isinstance(fmt, DenseWeight) or rows < q.INT8_DENSE_ROWS or not q.fast_bfloat16_gemm()) else BFLOAT16)
+
+
 @pytest.mark.skipif(not compiled.available(), reason="no C++ compiler: the compiled CPU ops cannot build here")
 @pytest.mark.parametrize("rows", [1, 5, q.INT4_DENSE_ROWS - 1, q.INT4_DENSE_ROWS, 100])
 def test_int4_products_run_exact_below_dense_rows_and_expand_above(rows, monkeypatch):

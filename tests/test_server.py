@@ -227,6 +227,15 @@ def test_embeddings_on_minilm(minilm_path):
     finally:
         process.terminate()
         process.wait(30)
+    process, url = start_server("--model", str(minilm_path), "--served-name", "minilm", "--quantization", "int8")
+    try:  # int8 embeddings: faithful (issue 17's bound), not float32's
+        body = httpx.post(url + "/v1/embeddings", json={"model": "minilm", "input": texts}, headers=AUTH,
+                          timeout=60).json()
+        cosine = (torch.tensor([d["embedding"] for d in body["data"]]) * expected).sum(-1)
+        assert cosine.min() >= 0.995 and cosine.min() < 1 - 1e-6
+    finally:
+        process.terminate()
+        process.wait(30)
 
 
 def test_n_choices_streamed_and_whole(server, local):

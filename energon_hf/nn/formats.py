@@ -77,13 +77,16 @@ class DenseWeight:
         # float16 has no oneDNN packing; torch's CPU GEMV for it is 2x slower than ours (kernels/quantized.py)
         self.gemv = weight.device.type == "cpu" and weight.dtype == torch.float16 and q.gemv_available()
 
-    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None, gelu: str | None = None) -> torch.Tensor:
+        """x @ W^T (+ bias), then GELU ("none": erf, "tanh") if asked: in oneDNN's epilogue where the weight is
+        packed."""
         if self.gemv and x.numel() <= q.FLOAT16_GEMV_ROWS * self.in_features and not q.records_grad(x):
-            out = q.gemv(torch.ops.energon_hf.float_gemv, x, self.weight)
-            return out if bias is None else out + bias
+            return _bias_gelu(q.gemv(torch.ops.energon_hf.float_gemv, x, self.weight), bias, gelu)
         if self.packed is None:
-            return kernels.linear(x, self.weight, bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
+            return kernels.linear(x, self.weight, bias) if gelu is None else \
+                kernels.linear_gelu(x, self.weight, bias, gelu)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none" if gelu is None else "gelu", [],
+                                                  "" if gelu is None else gelu)
 
     def bare_product(self, rows: int, dtype: torch.dtype) -> Product:
         """What `__call__` runs for `rows` contiguous rows of `dtype` outside autograd, without a bias, as bare a
@@ -154,17 +157,17 @@ class Int8Weight:
     def quantize(cls, weight: torch.Tensor) -> Int8Weight:
         return cls(*q.quantize_int8(weight))
 
-    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None, gelu: str | None = None) -> torch.Tensor:
         records = q.records_grad(x)
         if self.expands and (x.numel() >= q.INT8_DENSE_ROWS * self.in_features or records):
-            out = q.int8_dense_matmul(x, self.q, self.expansion_scale)
-        elif self.gemv and not records:
+            return q.int8_dense_matmul(x, self.q, self.expansion_scale, bias, gelu)
+        if self.gemv and not records:
             out = q.gemv(torch.ops.energon_hf.int8_gemv, x, self.q, self.scale)
         elif self.kernel_scale is not None and self.group_size == self.in_features:  # per-channel scales only
             out = q.int8_matmul(x, self.q, self.kernel_scale[:, 0])
         else:
             out = F.linear(x, q.dequantize_int8(self.q, self.scale, x.dtype))
-        return out if bias is None else out + bias
+        return _bias_gelu(out, bias, gelu)
 
     def bare_product(self, rows: int, dtype: torch.dtype) -> Product:
         """As DenseWeight.bare_product."""
@@ -208,18 +211,17 @@ class Int4Weight:
     def quantize(cls, weight: torch.Tensor, group_size: int) -> Int4Weight:
         return cls(*q.quantize_int4(weight, group_size))
 
-    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None, gelu: str | None = None) -> torch.Tensor:
         if self.nibbles is not None:
             many = x.numel() >= q.INT4_DENSE_ROWS * self.in_features and q.fast_bfloat16_gemm()
             if many or q.records_grad(x):
-                out = q.int4_dense_matmul(x, self.nibbles, self.table, self.group_size)
-            else:
-                out = q.gemv(torch.ops.energon_hf.int4_gemv, x, self.nibbles, self.table, self.group_size)
+                return q.int4_dense_matmul(x, self.nibbles, self.table, self.group_size, bias, gelu)
+            out = q.gemv(torch.ops.energon_hf.int4_gemv, x, self.nibbles, self.table, self.group_size)
         elif self.packed is not None:
             out = q.int4_matmul(x, self.packed, self.scales_and_zeros, self.group_size)
         else:
             out = F.linear(x, q.dequantize_int4(*self.parts, x.dtype))
-        return out if bias is None else out + bias
+        return _bias_gelu(out, bias, gelu)
 
     def bare_product(self, rows: int, dtype: torch.dtype) -> Product:
         """As DenseWeight.bare_product."""
@@ -251,8 +253,8 @@ class RowSplitWeight:
         self.few, self.many, self.rows = few, many, rows
         self.out_features, self.in_features = few.out_features, few.in_features
 
-    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return (self.few if x.numel() < self.rows * self.in_features else self.many)(x, bias)
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None, gelu: str | None = None) -> torch.Tensor:
+        return (self.few if x.numel() < self.rows * self.in_features else self.many)(x, bias, gelu)
 
     @property
     def nbytes(self) -> int:
@@ -265,6 +267,11 @@ class RowSplitWeight:
 
 
 LinearWeight = DenseWeight | Int8Weight | Int4Weight | RowSplitWeight
+
+
+def _bias_gelu(out: torch.Tensor, bias: torch.Tensor | None, gelu: str | None) -> torch.Tensor:
+    out = out if bias is None else out + bias
+    return out if gelu is None else F.gelu(out, approximate=gelu)
 
 
 def _gemv_product(op, weights: tuple, dtype: torch.dtype) -> Product:

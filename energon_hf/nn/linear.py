@@ -4,7 +4,6 @@ format it was given once loaded (packed, int8, int4: energon_hf.nn.formats)."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from energon_hf import kernels
@@ -56,6 +55,6 @@ class Linear(nn.Linear):
         if self.gelu is not None:
             if self.format is None:
                 return kernels.linear_gelu(x, self.weight, self.bias, self.gelu)
-            return F.gelu(self.format(x, self.bias), approximate=self.gelu)
+            return self.format(x, self.bias, self.gelu)
         out = self.project(x, self.bias)
         return out if self.act is None else self.act(out)
