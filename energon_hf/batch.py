@@ -58,13 +58,19 @@ class PackedBatch:
                            move(self.pixel_values), move(self.logits_indices))
 
 
+def packed_layout(lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequences of `lengths` [B] packed one after another: cu_seqlens [B+1] int32, where each starts, and each
+    token's position within its own sequence."""
+    cu_seqlens = torch.zeros(lengths.shape[0] + 1, dtype=torch.int32)
+    torch.cumsum(lengths, 0, out=cu_seqlens[1:])
+    return cu_seqlens, kernels.positions_from_cu_seqlens(cu_seqlens, int(cu_seqlens[-1]))
+
+
 def prefill_batch(prompts: list[torch.Tensor], block_tables: torch.Tensor, block_size: int) -> PackedBatch:
     """All prompts packed into one step that fills their KV cache slots (row i of `block_tables` belongs to
     prompts[i]); only each prompt's last token reaches the LM head."""
     lengths = torch.tensor([len(p) for p in prompts])
-    cu_seqlens = torch.zeros(len(prompts) + 1, dtype=torch.int32)
-    torch.cumsum(lengths, 0, out=cu_seqlens[1:])
-    positions = kernels.positions_from_cu_seqlens(cu_seqlens, int(cu_seqlens[-1]))
+    cu_seqlens, positions = packed_layout(lengths)
     rows = torch.repeat_interleave(torch.arange(len(prompts)), lengths)
     attn = AttentionMetadata(cu_seqlens, int(lengths.max()),
                              slot_mapping=slot_mapping(block_tables, rows, positions, block_size))

@@ -13,7 +13,7 @@ from transformers import GenerationConfig, PretrainedConfig
 from transformers.utils import ModelOutput
 
 from energon_hf import kernels
-from energon_hf.batch import AttentionMetadata, PackedBatch
+from energon_hf.batch import AttentionMetadata, PackedBatch, packed_layout
 from energon_hf.engine.batcher import ContinuousBatcher
 from energon_hf.engine.multiprocess import MultiProcessRunner
 from energon_hf.engine.params import GenerationParams
@@ -198,8 +198,7 @@ class EnergonModel:
             if not sequence:
                 raise ValueError(f"sequence {i} has no tokens")
         lengths = torch.tensor([len(s) for s in sequences])
-        cu_seqlens = torch.zeros(len(sequences) + 1, dtype=torch.int32)
-        torch.cumsum(lengths, 0, out=cu_seqlens[1:])
+        cu_seqlens, positions = packed_layout(lengths)
         ids = torch.tensor([token for sequence in sequences for token in sequence], dtype=torch.long)
         self._check_range(ids, self.config.vocab_size, "input_ids contain token id",
                           f"(the vocabulary size of this {self.config.model_type} model)")
@@ -207,7 +206,6 @@ class EnergonModel:
         if self.position_limit is not None and longest > self.position_limit:
             raise ValueError(f"a sequence of {longest} tokens is longer than max_position_embeddings "
                              f"({self.position_limit})")
-        positions = kernels.positions_from_cu_seqlens(cu_seqlens, ids.shape[0])
         return PackedBatch(ids, positions, AttentionMetadata(cu_seqlens, longest)).to(self.device)
 
     def run_packed(self, sequences: list[list[int]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:

@@ -270,8 +270,10 @@ LinearWeight = DenseWeight | Int8Weight | Int4Weight | RowSplitWeight
 
 
 def _bias_gelu(out: torch.Tensor, bias: torch.Tensor | None, gelu: str | None) -> torch.Tensor:
-    out = out if bias is None else out + bias
-    return out if gelu is None else F.gelu(out, approximate=gelu)
+    """The bias and GELU after a product that did not take them (the fused kernel where both are there)."""
+    if gelu is None:
+        return out if bias is None else out + bias
+    return F.gelu(out, approximate=gelu) if bias is None else kernels.bias_gelu(out, bias, gelu)
 
 
 def _gemv_product(op, weights: tuple, dtype: torch.dtype) -> Product:
