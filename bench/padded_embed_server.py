@@ -19,7 +19,17 @@ import uvicorn
 
 from energon_hf import EnergonModel
 from energon_hf.serve.app import ServeSettings, create_app
-from energon_hf.serve.embeddings import mean_pooling_runner
+
+
+def mean_pooling_runner(model, tokenizer):
+    """run_batch for the DynamicBatcher: token sequences -> one mean-pooled vector each, through a padded model
+    (tokenizer.pad: right padding to the batch's longest)."""
+    def run(sequences: list[list[int]]) -> list[torch.Tensor]:
+        batch = tokenizer.pad({"input_ids": sequences}, return_tensors="pt").to(model.device)
+        hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        return list((hidden * mask).sum(1) / mask.sum(1))
+    return run
 
 
 def main(argv: list[str] | None = None) -> int:

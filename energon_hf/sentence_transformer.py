@@ -177,14 +177,16 @@ class SentenceTransformer:
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         return self.tokenizer(texts, truncation="longest_first", max_length=self.max_seq_length)["input_ids"]
 
-    def embed_sequences(self, sequences: list[list[int]], prompt_length: int = 0) -> list[torch.Tensor]:
-        """Token sequences -> one sentence embedding each (pooling, Dense and Normalize as modules.json says),
-        in the model's dtype; the embeddings server's batches run this."""
+    def embed_sequences(self, sequences: list[list[int]], prompt_length: int = 0,
+                        normalize: bool | None = None) -> list[torch.Tensor]:
+        """Token sequences -> one sentence embedding each (pooling and Dense as modules.json says), in the model's
+        dtype. `normalize`: None as the folder's Normalize module says; the embeddings server's batches pass
+        False and normalize as each request asks (TEI's `normalize`)."""
         outputs, cu_seqlens = self.model.run_packed(sequences)
         vectors = self.modules.pooling(outputs["last_hidden_state"], cu_seqlens, prompt_length)
         for dense in self.modules.dense:
             vectors = dense(vectors)
-        if self.modules.normalize:
+        if self.modules.normalize if normalize is None else normalize:
             vectors = F.normalize(vectors, p=2, dim=-1)
         return list(vectors)
 

@@ -40,6 +40,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
+# From this many rows (encoder batches, prompts) a CPU product with a GELU runs oneDNN's inner product with the bias
+# and GELU in its epilogue, one pass over the output fewer: float32 on the 2-core Xeon, [4683, 384] x [384, 1536]
+# 21.3 against 23.9 ms, [4683, 768] x [768, 3072] 101 against 111 (F.linear, then torch's GELU).
+FUSED_GELU_ROWS = 64
+
+
 def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, approximate: str) -> torch.Tensor:
-    """gelu(x @ W^T + b). On CPU the bias rides in the matmul (addmm), which beats a separate fused pass."""
+    """gelu(x @ W^T + b). On CPU, fewer rows than FUSED_GELU_ROWS: the bias rides in the matmul (addmm), which
+    beats a separate fused pass, then torch's GELU."""
+    records = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)  # oneDNN's op has no backward
+    if x.device.type == "cpu" and x.dim() == 2 and x.shape[0] >= FUSED_GELU_ROWS and x.is_contiguous() \
+            and x.dtype == weight.dtype and x.dtype in (torch.float32, torch.bfloat16) and not records \
+            and (bias is None or bias.dtype == x.dtype) and torch.backends.mkldnn.is_available():
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], approximate)
     return F.gelu(linear(x, weight, bias), approximate=approximate)

@@ -9,6 +9,7 @@ padding-free batch. Errors are OpenAI-style JSON: {"error": {"message", "type", 
 
 from __future__ import annotations
 
+import functools
 import hmac
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -87,7 +88,7 @@ def _served(model: EnergonModel, tokenizer, settings: ServeSettings, embed_runne
         encoder_pipeline = pipeline(task, model=model, tokenizer=tokenizer)
         if task == "feature-extraction" and model.architecture.name.endswith("Model"):  # a base encoder
             sentences = SentenceTransformer(model)
-            run_batch = embed_runner or sentences.embed_sequences
+            run_batch = embed_runner or functools.partial(sentences.embed_sequences, normalize=False)
             batch_tokens = ENCODER_BATCH_TOKENS if settings.max_batch_tokens is None else settings.max_batch_tokens
             encoder = DynamicBatcher(run_batch, batch_tokens,
                                      settings.embed_policy, settings.max_wait_ms / 1000)
