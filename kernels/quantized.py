@@ -143,17 +143,19 @@ def _expansion_target(out_features: int, in_features: int, x: torch.Tensor) -> t
 
 
 def int4_dense_matmul(x: torch.Tensor, nibbles: torch.Tensor, table: torch.Tensor, group_size: int,
-                      bias: torch.Tensor | None = None, gelu: str | None = None) -> torch.Tensor:
+                      bias: torch.Tensor | None = None, gelu: str | None = None,
+                      keep_compute_dtype: bool = False) -> torch.Tensor:
     """x [..., in] @ W^T (+ bias, then GELU) with W expanded to bfloat16 from its nibbles and scales_and_mins'
-    table (CPU, the compiled op), in x's dtype."""
+    table (CPU, the compiled op), in x's dtype (bfloat16 with `keep_compute_dtype`)."""
     weight = _expansion_target(nibbles.shape[0], nibbles.shape[1] * 2, x)
     torch.ops.energon_hf.dequantize_int4_into(nibbles, table, group_size, weight)
-    return _bfloat16_linear(x, weight, bias, gelu)
+    return _bfloat16_linear(x, weight, bias, gelu, keep_compute_dtype)
 
 
 def int8_dense_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
-                      gelu: str | None = None) -> torch.Tensor:
-    """x [..., in] @ W^T (+ bias, then GELU) with W = q * scale expanded to bfloat16, in x's dtype (CPU). `scale`
+                      gelu: str | None = None, keep_compute_dtype: bool = False) -> torch.Tensor:
+    """x [..., in] @ W^T (+ bias, then GELU) with W = q * scale expanded to bfloat16, in x's dtype (bfloat16 with
+    `keep_compute_dtype`) (CPU). `scale`
     [out, groups]: float32 for the compiled dequantize_int8_into (w rounded once; 5x faster than torch's op),
     bfloat16 for torch's `q * scale` without the compiled ops."""
     weight = _expansion_target(*q.shape, x)
@@ -162,11 +164,11 @@ def int8_dense_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bia
     else:
         shape = (q.shape[0], scale.shape[1], -1)
         torch.mul(q.view(shape), scale[..., None], out=weight.view(shape))
-    return _bfloat16_linear(x, weight, bias, gelu)
+    return _bfloat16_linear(x, weight, bias, gelu, keep_compute_dtype)
 
 
-def _bfloat16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                     gelu: str | None) -> torch.Tensor:
+def _bfloat16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: str | None,
+                     keep_compute_dtype: bool = False) -> torch.Tensor:
     """x [..., in] @ weight^T in bfloat16, with the bias (rounded to bfloat16, as the product is) and the GELU
     ("none": erf, "tanh") in oneDNN's epilogue, returned in x's dtype. all-MiniLM-L6-v2's int8 forward (4683
     tokens) spent 40 % of its time adding a float32 bias and converting in separate passes; the fused
@@ -180,7 +182,7 @@ def _bfloat16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     else:
         out = F.linear(flat, weight, bias)
         out = out if gelu is None else F.gelu(out, approximate=gelu)
-    out = out.to(x.dtype)
+    out = out if keep_compute_dtype else out.to(x.dtype)
     return out if x.dim() == 2 else out.view(*x.shape[:-1], out.shape[-1])
 
 

@@ -107,6 +107,19 @@ def test_suite_quick(tmp_path):
     assert json.loads((tmp_path / "bench" / "published" / "cpu-quick" / "suite.json").read_text()) == suite
 
 
+def test_embedding_quality_quick(tmp_path):
+    """bench/embedding_quality.py --quick: MiniLM's int8 against float32, fidelity within issue 17's bounds (the
+    exit code says so), its JSON."""
+    out = tmp_path / "embedding_quality.json"
+    done = subprocess.run([sys.executable, "-P", str(BENCH / "embedding_quality.py"), "--quick", "--repeats", "1",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    result = json.loads(out.read_text())
+    assert result["passages"] == 306 and set(result["variants"]) == {"int8"}
+    int8 = result["variants"]["int8"]
+    assert 0.995 <= int8["worst_cosine"] < 1 and int8["top10_overlap"] >= 0.95 and int8["speed_vs_float32"] > 0
+
+
 def test_serve_stall(tmp_path):
     """Two budgets on a tiny model: the stream and the long prompt both complete, and their figures are read."""
     result = _run("serve_stall.py", tmp_path / "stall.json")

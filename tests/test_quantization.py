@@ -81,6 +81,24 @@ def test_formats_fuse_bias_and_gelu(rows, gelu):
             isinstance(fmt, DenseWeight) or rows < q.INT8_DENSE_ROWS or not q.fast_bfloat16_gemm()) else BFLOAT16)
 
 
+def test_an_mlp_up_projection_hands_bfloat16_to_the_next_product(tiny):
+    """BERT's int8 MLP: the up-projection (feeds_product) returns its expanded product's bfloat16 to the down
+    projection, which would round it so anyway: the layer's output equals the float32 hand-over's bit for bit."""
+    model = EnergonModel.from_pretrained(tiny.make("BertModel"), quantization="int8")
+    fc = model.model.layers[0].fc
+    seen = []
+    fc.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    ids = torch.randint(0, 100, (2, 20))
+    with torch.inference_mode():
+        kept = model(input_ids=ids).last_hidden_state
+        for layer in model.model.layers:
+            layer.fc.feeds_product = False
+        converted = model(input_ids=ids).last_hidden_state
+    expands = q.fast_bfloat16_gemm()
+    assert seen == ([torch.bfloat16, torch.float32] if expands else [torch.float32] * 2)
+    assert torch.equal(kept, converted)
+
+
 @pytest.mark.skipif(not compiled.available(), reason="no C++ compiler: the compiled CPU ops cannot build here")
 @pytest.mark.parametrize("rows", [1, 5, q.INT4_DENSE_ROWS - 1, q.INT4_DENSE_ROWS, 100])
 def test_int4_products_run_exact_below_dense_rows_and_expand_above(rows, monkeypatch):

