@@ -101,6 +101,26 @@ def test_varlen_attention(lengths, causal, heads, kv_heads, attention_backend):
         assert (out[start:end].double() - ref).abs().max() < 1e-5
 
 
+@pytest.mark.skipif(not compiled.available(), reason="no C++ compiler: the compiled CPU ops cannot build here")
+@pytest.mark.parametrize("dim", [32, 64])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2)])
+def test_compiled_varlen_attention_in_registers(dim, causal, heads, kv_heads):
+    """The compiled op's register-tiled path (head sizes 32 and 64: blocks of query rows, 16 keys at a time), on q, k
+    and v sliced from one fused qkv row as the models pass them, at lengths around the block and tile edges; a
+    sequence past COMPILED_VARLEN_TOKENS (not causal) runs SDPA into the same output."""
+    lengths = [1, 7, 8, 9, 16, 17, 33, 70, 130]
+    total = sum(lengths)
+    qkv = torch.randn(total, heads + 2 * kv_heads, dim)
+    q, k, v = qkv[:, :heads], qkv[:, heads:heads + kv_heads], qkv[:, heads + kv_heads:]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    with torch.inference_mode():
+        out = kernels.varlen_attention(q, k, v, cu, max(lengths), causal, scale=0.2)
+    for start, end in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+        ref = _naive_attention(q[start:end], k[start:end], v[start:end], causal, 0.2)
+        assert (out[start:end].double() - ref).abs().max() < 1e-5
+
+
 @pytest.mark.parametrize("new_tokens", [[1, 1, 1], [3, 1, 5], [6, 1, 4]], ids=["decode", "chunks", "first-chunk"])
 @pytest.mark.parametrize("context", [[6, 1, 11], [40, 5, 21]], ids=["short", "long"])
 def test_paged_attention_reads_the_cache_through_block_tables(new_tokens, context, attention_backend):
