@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from .errors import UnsupportedModelError
+from .loading import resolve_model_path
 from .modeling import EnergonModel
 from .pooling import Pooling
 
@@ -64,8 +65,15 @@ class Dense:
         return cls(linear.eval(), _activation(config.get("activation_function", "torch.nn.modules.activation.Tanh")),
                    residual, bool(config.get("use_residual")))
 
+    def to(self, device: torch.device) -> Dense:
+        self.linear.to(device)
+        if self.residual is not None:
+            self.residual.to(device)
+        return self
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.activation(self.linear(x.to(self.linear.weight.dtype)))
+        x = x.to(self.linear.weight.dtype)
+        out = self.activation(self.linear(x))
         if self.use_residual:
             out = out + (x if self.residual is None else self.residual(x))
         return out
@@ -94,33 +102,47 @@ class Modules:
 
     transformer_path: str = ""
     pooling: Pooling | None = None
-    dense: tuple[Dense, ...] = ()
-    normalize: bool = False
+    after: tuple[Dense | None, ...] = ()  # after pooling, in modules.json's order: a Dense, or None for Normalize
+
+    @property
+    def dense(self) -> list[Dense]:
+        return [step for step in self.after if step is not None]
+
+    @property
+    def normalize(self) -> bool:
+        return None in self.after
+
+    @classmethod
+    def read_transformer_path(cls, folder: Path) -> str:
+        """Where modules.json's Transformer keeps the model ("" : the folder itself; older models: 0_Transformer)."""
+        entries = _read_json(folder / "modules.json") or []
+        return next((e.get("path", "") for e in entries if e["type"].endswith("Transformer")), "")
 
     @classmethod
     def load(cls, folder: Path) -> Modules:
         entries = json.loads((folder / "modules.json").read_text()) if (folder / "modules.json").is_file() else None
         if entries is None:  # a plain HF encoder: sentence-transformers makes it mean pooling
             return cls(pooling=Pooling())
-        modules, dense = cls(), []
-        for entry in sorted(entries, key=lambda e: e["idx"]):
+        modules, after = cls(), []
+        for position, entry in enumerate(sorted(entries, key=lambda e: e["idx"])):
             kind = entry["type"].rpartition(".")[2]
             path = folder / entry.get("path", "")
-            if kind == "Transformer" and entry["idx"] == 0:
+            config = _read_json(path / "config.json") if kind != "Transformer" else {}
+            if kind == "Transformer" and position == 0:
                 modules.transformer_path = entry.get("path", "")
-            elif kind == "Pooling":
-                modules.pooling = Pooling.from_config(_read_json(path / "config.json"))
-            elif kind == "Dense":
-                dense.append(Dense.load(path))
-            elif kind == "Normalize":
-                modules.normalize = True
+            elif kind == "Pooling" and modules.pooling is None and position == 1:
+                modules.pooling = Pooling.from_config(config)
+            elif kind in ("Dense", "Normalize") and modules.pooling is not None and \
+                    config.get("module_input_name", "sentence_embedding") == "sentence_embedding" and \
+                    config.get("module_output_name", "sentence_embedding") == "sentence_embedding":
+                after.append(Dense.load(path) if kind == "Dense" else None)
             else:
                 raise UnsupportedModelError(f"sentence-transformers module {entry['type']!r} (modules.json entry "
-                                            f"{entry['idx']}) is not supported: Transformer first, then Pooling, "
-                                            "Dense and Normalize are")
+                                            f"{entry['idx']}) is not supported there: a Transformer, a Pooling, then "
+                                            "Dense and Normalize modules on the sentence embedding are")
         if modules.pooling is None:
             raise UnsupportedModelError("modules.json has no Pooling module: no sentence embedding to compute")
-        modules.dense = tuple(dense)
+        modules.after = tuple(after)
         return modules
 
 
@@ -131,16 +153,24 @@ class SentenceTransformer:
 
     def __init__(self, model_name_or_path: str | os.PathLike | EnergonModel, *, truncate_dim: int | None = None,
                  prompts: dict[str, str] | None = None, default_prompt_name: str | None = None, **load_kwargs: Any):
-        """`load_kwargs` go to EnergonModel.from_pretrained (dtype, device, tp, pp, quantization...)."""
-        if isinstance(model_name_or_path, EnergonModel):
+        """`load_kwargs` go to EnergonModel.from_pretrained (dtype, device, tp, pp, quantization...). A loaded
+        EnergonModel stays the caller's to close."""
+        self._owns_model = not isinstance(model_name_or_path, EnergonModel)
+        if not self._owns_model:
             self.model = model_name_or_path
+            folder = Path(self.model.folder)
         else:
-            self.model = EnergonModel.from_pretrained(model_name_or_path, **load_kwargs)
+            folder = resolve_model_path(model_name_or_path, load_kwargs.get("revision"))
+            transformer_path = Modules.read_transformer_path(folder)
+            self.model = EnergonModel.from_pretrained(folder / transformer_path if transformer_path else
+                                                      model_name_or_path, **load_kwargs)
         if "last_hidden_state" not in self.model.model.token_outputs:
+            self.close()
             raise UnsupportedModelError(f"sentence embeddings need a base model's token embeddings; "
                                         f"{self.model.architecture.name} computes {self.model.model.token_outputs}")
-        folder = Path(self.model.folder)
         self.modules = Modules.load(folder)
+        for dense in self.modules.dense:
+            dense.to(self.model.device)
         transformer = folder / self.modules.transformer_path
         settings = _read_json(transformer / "sentence_bert_config.json")
         task = settings.get("transformer_task", "feature-extraction")
@@ -161,7 +191,7 @@ class SentenceTransformer:
         capped at the model's max_position_embeddings (sentence-transformers' rule)."""
         if configured is not None:
             return int(configured)
-        limit = self.model.position_limit
+        limit = getattr(self.model.config, "max_position_embeddings", None)
         return min(self.tokenizer.model_max_length, limit) if limit else self.tokenizer.model_max_length
 
     def get_embedding_dimension(self) -> int:
@@ -177,6 +207,7 @@ class SentenceTransformer:
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         return self.tokenizer(texts, truncation="longest_first", max_length=self.max_seq_length)["input_ids"]
 
+    @torch.inference_mode()
     def embed_sequences(self, sequences: list[list[int]], prompt_length: int = 0,
                         normalize: bool | None = None) -> list[torch.Tensor]:
         """Token sequences -> one sentence embedding each (pooling and Dense as modules.json says), in the model's
@@ -184,12 +215,16 @@ class SentenceTransformer:
         False and normalize as each request asks (TEI's `normalize`)."""
         outputs, cu_seqlens = self.model.run_packed(sequences)
         vectors = self.modules.pooling(outputs["last_hidden_state"], cu_seqlens, prompt_length)
-        for dense in self.modules.dense:
-            vectors = dense(vectors)
-        if self.modules.normalize if normalize is None else normalize:
+        for dense in self.modules.after:
+            if dense is not None:
+                vectors = dense(vectors)
+            elif normalize is not False:
+                vectors = F.normalize(vectors, p=2, dim=-1)
+        if normalize and not self.modules.normalize:
             vectors = F.normalize(vectors, p=2, dim=-1)
         return list(vectors)
 
+    @torch.inference_mode()
     def _token_embeddings(self, sequences: list[list[int]]) -> list[torch.Tensor]:
         outputs, cu_seqlens = self.model.run_packed(sequences)
         return list(outputs["last_hidden_state"].split(torch.diff(cu_seqlens).tolist()))
@@ -225,7 +260,7 @@ class SentenceTransformer:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r} (int8 and uint8 need "
                              "calibration ranges: sentence_transformers.quantization.quantize_embeddings)")
-        if device is not None and torch.device(device) != self.model.device:
+        if device is not None and torch.device(device).type != self.model.device.type:
             raise ValueError(f"this model runs on {self.model.device}; load it with device={device!r} instead")
         single = isinstance(sentences, str)
         texts = [sentences] if single else list(sentences)
@@ -277,13 +312,13 @@ class SentenceTransformer:
         if normalize:
             stacked = F.normalize(stacked, p=2, dim=-1)
         if precision != "float32":
-            bits = np.packbits(stacked.numpy() > 0, axis=-1)
+            bits = np.packbits(stacked.cpu().numpy() > 0, axis=-1)
             stacked = torch.from_numpy(bits if precision == "ubinary" else (bits.astype(np.int16) - 128)
                                        .astype(np.int8))
         if to_tensor:
             return stacked[0] if single else stacked
         if to_numpy:
-            array = stacked.numpy()
+            array = stacked.cpu().numpy()
             return array[0] if single else array
         return stacked[0] if single else list(stacked)
 
@@ -303,7 +338,9 @@ class SentenceTransformer:
 
     # -- lifetime -----------------------------------------------------------------------------------
     def close(self) -> None:
-        self.model.close()
+        """Close the model if this object loaded it."""
+        if self._owns_model:
+            self.model.close()
 
     def __enter__(self) -> SentenceTransformer:
         return self

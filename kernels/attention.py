@@ -82,8 +82,8 @@ def varlen_attention(
     batch = cu_seqlens.shape[0] - 1
     compiled_len = COMPILED_VARLEN_TOKENS[causal] if _compiled_varlen(q, k, v) else 0
     compiled_scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if max_seqlen <= compiled_len:
-        return torch.ops.energon_hf.varlen_attention(q, k, v, cu_seqlens, causal, compiled_scale, compiled_len)
+    if max_seqlen <= compiled_len:  # every sequence (no length limit: the output is never left unwritten)
+        return torch.ops.energon_hf.varlen_attention(q, k, v, cu_seqlens, causal, compiled_scale, q.shape[0])
     if batch * max_seqlen == q.shape[0]:
         # All sequences have the same length (images, unpadded batches): one batched call.
         qb, kb, vb = (t.view(batch, max_seqlen, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))

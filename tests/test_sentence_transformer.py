@@ -15,6 +15,7 @@ from sentence_transformers.base.modules import Dense, Normalize, Transformer
 from sentence_transformers.sentence_transformer.modules import Pooling
 
 from energon_hf import EnergonModel, SentenceTransformer, UnsupportedModelError
+from energon_hf.serve.app import _sentence_embeddings
 
 TEXT = (Path(__file__).resolve().parents[1] / "bench" / "data" / "alice_chapter1.txt").read_text().split()
 # Mixed lengths (6 to 48 words), a text past max_seq_length, and one with surrounding spaces.
@@ -36,20 +37,21 @@ def tiny_st(folder: Path, minilm_path: Path, modules) -> Path:
 
 @pytest.fixture(scope="module")
 def cls_max_dense(tmp_path_factory, minilm_path) -> Path:
-    """cls + max pooling concatenated, a Tanh Dense down to 16, Normalize; max_seq_length 48."""
+    """cls + max pooling concatenated, Normalize, a Tanh Dense down to 16, Normalize again (modules.json's order
+    matters); max_seq_length 48."""
     return tiny_st(tmp_path_factory.mktemp("st_a"), minilm_path, lambda bert: [
-        Transformer(str(bert), max_seq_length=48), Pooling(32, pooling_mode=("cls", "max")), Dense(64, 16),
-        Normalize()])
+        Transformer(str(bert), max_seq_length=48), Pooling(32, pooling_mode=("cls", "max")), Normalize(),
+        Dense(64, 16), Normalize()])
 
 
 @pytest.fixture(scope="module")
 def prompt_model(tmp_path_factory, minilm_path) -> Path:
-    """mean_sqrt_len + weightedmean + lasttoken without the prompt's tokens, a residual GELU Dense, a
-    "query: " prompt and do_lower_case."""
+    """mean_sqrt_len + weightedmean + lasttoken without the prompt's tokens, a GELU Dense with a projected residual,
+    a "query: " prompt and do_lower_case."""
     folder = tiny_st(tmp_path_factory.mktemp("st_b"), minilm_path, lambda bert: [
         Transformer(str(bert), do_lower_case=True),
         Pooling(32, pooling_mode=("mean_sqrt_len_tokens", "weightedmean", "lasttoken"), include_prompt=False),
-        Dense(96, 96, activation_function=torch.nn.GELU(), use_residual=True)])
+        Dense(96, 48, activation_function=torch.nn.GELU(), use_residual=True)])
     config = folder / "config_sentence_transformers.json"
     config.write_text(json.dumps({**json.loads(config.read_text()),
                                   "prompts": {"query": "query: ", "document": ""}}))
@@ -133,6 +135,34 @@ def test_parallel_matches(cls_max_dense, parallel):
         assert np.abs(ours.encode(SENTENCES) - expected).max() <= 1e-5
 
 
+def test_half_precision_and_the_servers_path(prompt_model):
+    """bfloat16 through a Dense with a projected residual (float32 weights), and embed_sequences, which the
+    embeddings server calls outside encode(): no autograd graph, so its vectors convert to numpy."""
+    expected = torch.from_numpy(Reference(str(prompt_model), device="cpu").encode(SENTENCES))
+    with SentenceTransformer(prompt_model, dtype="bfloat16") as ours:
+        got = ours.encode(SENTENCES, convert_to_tensor=True)
+        assert torch.nn.functional.cosine_similarity(got, expected).min() > 0.99
+        vectors = ours.embed_sequences(ours.tokenize(SENTENCES[:3]), normalize=True)
+        assert not any(v.requires_grad for v in vectors) and vectors[0].float().numpy().shape == (48,)
+        assert abs(vectors[0].float().norm().item() - 1) < 1e-2
+
+
+def test_a_transformer_in_a_subfolder(tmp_path, cls_max_dense):
+    """Older sentence-transformers folders keep the model in 0_Transformer: modules.json says where."""
+    folder = tmp_path / "old"
+    shutil.copytree(cls_max_dense, folder)
+    (folder / "0_Transformer").mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "sentence_bert_config.json"):
+        (folder / name).rename(folder / "0_Transformer" / name)
+    modules = json.loads((folder / "modules.json").read_text())
+    modules[0]["path"] = "0_Transformer"
+    (folder / "modules.json").write_text(json.dumps(modules))
+    expected = Reference(str(folder), device="cpu").encode(SENTENCES)
+    with SentenceTransformer(folder) as ours:
+        assert ours.max_seq_length == 48 and np.abs(ours.encode(SENTENCES) - expected).max() <= 1e-5
+
+
 def test_refused_folders(tmp_path, cls_max_dense, tiny):
     folder = tmp_path / "odd"
     shutil.copytree(cls_max_dense, folder)
@@ -141,6 +171,8 @@ def test_refused_folders(tmp_path, cls_max_dense, tiny):
     (folder / "modules.json").write_text(json.dumps(modules))
     with pytest.raises(UnsupportedModelError, match="module 'sentence_transformers.models.WordWeights'"):
         SentenceTransformer(folder)
+    with EnergonModel.from_pretrained(folder) as model:  # the server serves it, without /v1/embeddings
+        assert _sentence_embeddings(model) is None and model.model is not None
     with EnergonModel.from_pretrained(tiny.make("BertForMaskedLM")) as masked_lm:
         with pytest.raises(UnsupportedModelError, match="need a base model's token embeddings"):
             SentenceTransformer(masked_lm)

@@ -58,6 +58,8 @@ class Linear1D_Col(ShardedMixin, Linear):  # noqa: N801 (EnergonAI's name)
         if gather_output and len(self.parts) > 1:
             raise ValueError("gather_output=True needs a single part (the gathered order would interleave parts)")
         super().__init__(in_features, out_features // st.tp_size, bias=bias, activation=activation, **kwargs)
+        # a split down projection all-reduces its partial sums: in the model's dtype, not the bfloat16 handed over
+        self.feeds_product = self.feeds_product and st.tp_size == 1
         self.gather_output = gather_output
         self._shard = Shard.split(0, self.parts, st.tp_rank, st.tp_size)
 

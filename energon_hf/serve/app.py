@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import hmac
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,6 +22,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from energon_hf.engine.dynamic_batcher import DynamicBatcher
+from energon_hf.errors import UnsupportedModelError
 from energon_hf.kv_cache import BLOCK_SIZE, available_memory, bytes_per_token, tokens_for_memory
 from energon_hf.modeling import EnergonModel
 from energon_hf.pipelines import _task_for, pipeline
@@ -41,6 +43,7 @@ ERROR_RESPONSES = {status: {"model": ErrorResponse, "description": what} for sta
     (503, "engine failed or shutting down"))}
 
 MAX_RUNNING = 256  # sequences one generation step runs at most (the batcher's default)
+log = logging.getLogger(__name__)
 EmbedRunner = Callable[[list[list[int]]], Sequence[Any]]  # token sequences -> one embedding each
 
 
@@ -71,6 +74,16 @@ def context_of(model: EnergonModel) -> int:
     return int(getattr(model.config, "max_position_embeddings", 0) or 1 << 20)
 
 
+def _sentence_embeddings(model: EnergonModel) -> SentenceTransformer | None:
+    """How /v1/embeddings embeds for this base encoder; None (no such route) where its modules.json asks for a
+    module we do not compute: the other routes still serve."""
+    try:
+        return SentenceTransformer(model)
+    except UnsupportedModelError as e:
+        log.warning("no /v1/embeddings for this model: %s", e)
+        return None
+
+
 def _served(model: EnergonModel, tokenizer, settings: ServeSettings, embed_runner: EmbedRunner | None) -> Served:
     metrics = Metrics()
     task = _task_for(model)
@@ -87,7 +100,8 @@ def _served(model: EnergonModel, tokenizer, settings: ServeSettings, embed_runne
     else:
         encoder_pipeline = pipeline(task, model=model, tokenizer=tokenizer)
         if task == "feature-extraction" and model.architecture.name.endswith("Model"):  # a base encoder
-            sentences = SentenceTransformer(model)
+            sentences = _sentence_embeddings(model)
+        if sentences is not None:
             run_batch = embed_runner or functools.partial(sentences.embed_sequences, normalize=False)
             batch_tokens = ENCODER_BATCH_TOKENS if settings.max_batch_tokens is None else settings.max_batch_tokens
             encoder = DynamicBatcher(run_batch, batch_tokens,
