@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS))
     parser.add_argument("--repeats", type=int, default=None, help="timed encodes each (default 5; quick 3)")
     parser.add_argument("--peers", action="store_true", help="also ONNX Runtime and CTranslate2 (the peers extra)")
+    parser.add_argument("--peers-if-installed", action="store_true", help="--peers where the peers extra is there")
+    parser.add_argument("--gpu", action="store_true", help="our variants on CUDA (the peers stay on CPU)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -54,11 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats or (3 if args.quick else 5)
     texts = passages(TEXT.read_text())
     path = defaults.embedding_model()
-    models = {"float32": SentenceTransformer(path, dtype="float32")}
-    models.update({name: SentenceTransformer(path, **VARIANTS[name]) for name in names})
+    device = "cuda" if args.gpu else "cpu"
+    models = {"float32": SentenceTransformer(path, dtype="float32", device=device)}
+    models.update({name: SentenceTransformer(path, device=device, **VARIANTS[name]) for name in names})
     calls = {name: (lambda m=model: m.encode(texts, batch_size=32, convert_to_tensor=True))
              for name, model in models.items()}
-    if args.peers:
+    if args.peers or (args.peers_if_installed and peers.available()):
         if not peers.available():
             parser.error("--peers needs the peers extra: pip install -e .[peers]")
         sequences = models["float32"].tokenize(texts)  # the same token ids for every side

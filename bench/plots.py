@@ -153,8 +153,26 @@ def plot_quality(result: dict[str, Any], suite: dict[str, Any], path: Path) -> N
     plt.close(fig)
 
 
+def plot_embeddings(result: dict[str, Any], suite: dict[str, Any], path: Path) -> None:
+    names = list(result["variants"])
+    rows = [result["variants"][name] for name in names]
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(names)), 3.6))
+    ax.bar(range(len(names)), [row["speed_vs_float32"] for row in rows], 0.6, color=COLORS["energon"])
+    for x, row in enumerate(rows):
+        ax.annotate(f"cos >= {row['worst_cosine']:.4f}", (x, row["speed_vs_float32"]), ha="center", va="bottom",
+                    fontsize=7)
+    ax.axhline(1.0, color=COLORS["transformers"], linewidth=1)
+    ax.set_xticks(range(len(names)), names, rotation=20, fontsize=8)
+    ax.set_ylabel("speed vs our float32")
+    fig.suptitle(_title(suite, f"g. encoders per precision ({result['model']})"))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 PLOTTERS = {"runtime": plot_runtime, "dynamic_batching": plot_dynamic_batching, "tp_scaling": plot_tp_scaling,
-            "generation": plot_generation, "decode": plot_decode, "quality": plot_quality}
+            "generation": plot_generation, "decode": plot_decode, "quality": plot_quality,
+            "embeddings": plot_embeddings}
 
 
 def make_plots(suite: dict[str, Any], folder: Path) -> list[Path]:

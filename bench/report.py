@@ -114,8 +114,20 @@ def _quality(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _embeddings(result: dict[str, Any]) -> list[str]:
+    lines = [f"**g. Encoders per precision**: {result['model']} sentence embeddings of {result['passages']} passages "
+             f"against our float32 (worst and mean cosine, top-10 retrieval overlap), and each side's speed over our "
+             f"float32 encode, interleaved in one process", "",
+             "| variant | worst cosine | mean cosine | top-10 overlap | speed vs our float32 |",
+             "|---|---|---|---|---|"]
+    for name, row in result["variants"].items():
+        lines.append(f"| {name} | {row['worst_cosine']:.5f} | {row['mean_cosine']:.6f} | {row['top10_overlap']:.1%} "
+                     f"| **{row['speed_vs_float32']:.2f}x** |")
+    return lines
+
+
 SECTIONS = {"runtime": _runtime, "dynamic_batching": _dynamic_batching, "tp_scaling": _tp_scaling,
-            "generation": _generation, "decode": _decode, "quality": _quality}
+            "generation": _generation, "decode": _decode, "quality": _quality, "embeddings": _embeddings}
 
 
 def results_markdown(suite: dict[str, Any], plots: list[str]) -> str:

@@ -1,6 +1,7 @@
 """The benchmark suite: EnergonAI's three experiments, our generation benchmarks (the server, and one stream per
-precision) and the quality of each precision, each against transformers measured side by side, with one JSON
-and PNG plots per run.
+precision), the quality of each precision, each against transformers measured side by side, and encoders per
+precision against our float32 (with ONNX Runtime and CTranslate2 where installed), with one JSON and PNG plots
+per run.
 
     .venv/bin/python -P bench/run.py                 # full mode (about 20 minutes on an idle 2-core machine)
     .venv/bin/python -P bench/run.py --quick         # tiny sizes, under 3 minutes: a smoke run
@@ -41,6 +42,9 @@ EXPERIMENTS: dict[str, tuple[str, list[str], list[str]]] = {
     # e, f: one stream and small batches per precision (float32 ... int4), and what each costs in quality.
     "decode": ("generate_vs_hf.py", [], ["--repeats", "1", "--warmup", "0"]),
     "quality": ("quality.py", [], []),
+    # g: encoders per precision on MiniLM: embedding fidelity and speed against float32, with ONNX Runtime and
+    # CTranslate2 where the peers extra is installed.
+    "embeddings": ("embedding_quality.py", ["--peers-if-installed"], ["--repeats", "1"]),
 }
 
 

@@ -35,16 +35,17 @@ def test_tp_load_memory(tmp_path):
 
 @pytest.mark.timeout(600)
 def test_suite_quick(tmp_path):
-    """bench/run.py --quick: the six experiments (runtime, dynamic batching through three real servers, tp
-    scaling, the generation server against transformers, generation per precision, quality per precision) on
-    tiny sizes, their JSON, plots and README table."""
+    """bench/run.py --quick: the seven experiments (runtime, dynamic batching through three real servers, tp
+    scaling, the generation server against transformers, generation per precision, quality per precision,
+    encoders per precision) on tiny sizes, their JSON, plots and README table."""
     out = tmp_path / "results"
     done = subprocess.run([sys.executable, "-P", str(BENCH / "run.py"), "--quick", "--out", str(out)],
                           capture_output=True, text=True, timeout=560)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     suite = json.loads((out / "suite.json").read_text())
     experiments = suite["experiments"]
-    assert set(experiments) == {"runtime", "dynamic_batching", "tp_scaling", "generation", "decode", "quality"}
+    assert set(experiments) == {"runtime", "dynamic_batching", "tp_scaling", "generation", "decode", "quality",
+                                "embeddings"}
     assert all(entry["exit"] == 0 for entry in experiments.values())
 
     runtime = experiments["runtime"]["result"]
@@ -86,6 +87,11 @@ def test_suite_quick(tmp_path):
     assert quality["variants"]["float32"]["greedy_agreement"] == quality["variants"]["float32"]["forced_agreement"] == 1
     assert all(abs(v["perplexity_vs_float32"]) < 0.05 for v in quality["variants"].values())
 
+    embeddings = experiments["embeddings"]["result"]  # MiniLM int8 within issue 17's bounds (else exit 1)
+    assert embeddings["passages"] == 306 and set(embeddings["variants"]) == {"int8"}
+    int8 = embeddings["variants"]["int8"]
+    assert 0.995 <= int8["worst_cosine"] < 1 and int8["top10_overlap"] >= 0.95 and int8["speed_vs_float32"] > 0
+
     for name in experiments:
         assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -103,21 +109,9 @@ def test_suite_quick(tmp_path):
     assert f"**{generation['ratio']:.2f}x**" in text
     assert f"**{decode['runs']['1']['variants']['int4']['ratio_vs_transformers_float32']:.2f}x**" in text
     assert f"| int8 | {quality['variants']['int8']['perplexity']:.3f} |" in text
+    assert f"| int8 | {int8['worst_cosine']:.5f} |" in text
     assert (tmp_path / "bench" / "published" / "cpu-quick" / "runtime.png").is_file()
     assert json.loads((tmp_path / "bench" / "published" / "cpu-quick" / "suite.json").read_text()) == suite
-
-
-def test_embedding_quality_quick(tmp_path):
-    """bench/embedding_quality.py --quick: MiniLM's int8 against float32, fidelity within issue 17's bounds (the
-    exit code says so), its JSON."""
-    out = tmp_path / "embedding_quality.json"
-    done = subprocess.run([sys.executable, "-P", str(BENCH / "embedding_quality.py"), "--quick", "--repeats", "1",
-                           "--out", str(out)], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-    result = json.loads(out.read_text())
-    assert result["passages"] == 306 and set(result["variants"]) == {"int8"}
-    int8 = result["variants"]["int8"]
-    assert 0.995 <= int8["worst_cosine"] < 1 and int8["top10_overlap"] >= 0.95 and int8["speed_vs_float32"] > 0
 
 
 def test_serve_stall(tmp_path):
