@@ -113,12 +113,6 @@ class Modules:
         return None in self.after
 
     @classmethod
-    def read_transformer_path(cls, folder: Path) -> str:
-        """Where modules.json's Transformer keeps the model ("" : the folder itself; older models: 0_Transformer)."""
-        entries = _read_json(folder / "modules.json") or []
-        return next((e.get("path", "") for e in entries if e["type"].endswith("Transformer")), "")
-
-    @classmethod
     def load(cls, folder: Path) -> Modules:
         entries = json.loads((folder / "modules.json").read_text()) if (folder / "modules.json").is_file() else None
         if entries is None:  # a plain HF encoder: sentence-transformers makes it mean pooling
@@ -156,26 +150,25 @@ class SentenceTransformer:
         """`load_kwargs` go to EnergonModel.from_pretrained (dtype, device, tp, pp, quantization...). A loaded
         EnergonModel stays the caller's to close."""
         self._owns_model = not isinstance(model_name_or_path, EnergonModel)
-        if not self._owns_model:
-            self.model = model_name_or_path
-            folder = Path(self.model.folder)
-        else:
-            folder = resolve_model_path(model_name_or_path, load_kwargs.get("revision"))
-            transformer_path = Modules.read_transformer_path(folder)
-            self.model = EnergonModel.from_pretrained(folder / transformer_path if transformer_path else
-                                                      model_name_or_path, **load_kwargs)
-        if "last_hidden_state" not in self.model.model.token_outputs:
-            self.close()
-            raise UnsupportedModelError(f"sentence embeddings need a base model's token embeddings; "
-                                        f"{self.model.architecture.name} computes {self.model.model.token_outputs}")
-        self.modules = Modules.load(folder)
-        for dense in self.modules.dense:
-            dense.to(self.model.device)
-        transformer = folder / self.modules.transformer_path
+        folder = resolve_model_path(model_name_or_path, load_kwargs.get("revision")) if self._owns_model else \
+            Path(model_name_or_path.folder)
+        self.modules = Modules.load(folder)  # refused folders are refused before any model loads
+        transformer = folder / self.modules.transformer_path  # older folders keep the model in 0_Transformer
         settings = _read_json(transformer / "sentence_bert_config.json")
         task = settings.get("transformer_task", "feature-extraction")
         if task != "feature-extraction":
             raise UnsupportedModelError(f"sentence-transformers transformer_task {task!r} is not supported")
+        if self._owns_model:
+            self.model = EnergonModel.from_pretrained(transformer if self.modules.transformer_path else
+                                                      model_name_or_path, **load_kwargs)
+        else:
+            self.model = model_name_or_path
+        if "last_hidden_state" not in self.model.model.token_outputs:
+            self.close()
+            raise UnsupportedModelError(f"sentence embeddings need a base model's token embeddings; "
+                                        f"{self.model.architecture.name} computes {self.model.model.token_outputs}")
+        for dense in self.modules.dense:
+            dense.to(self.model.device)
         self.tokenizer = AutoTokenizer.from_pretrained(transformer)
         self.max_seq_length = self._max_seq_length(settings.get("max_seq_length"))
         if settings.get("do_lower_case"):
