@@ -4,6 +4,7 @@ Imported only as `energon_hf.kernels` (the folder sits at the top of the reposit
 """
 
 from .dispatch import (
+    add_layer_norm,
     backend_for,
     bias_gelu,
     layer_norm,
@@ -21,6 +22,7 @@ from .dispatch import linear_op as linear
 from .padding import check_attention_mask, positions_from_cu_seqlens
 
 __all__ = [
+    "add_layer_norm",
     "backend_for",
     "bias_gelu",
     "check_attention_mask",

@@ -39,7 +39,7 @@ _IMPLEMENTATIONS: dict[str, dict[str, Callable]] = {
     "linear": {"torch": linear.linear, "triton": F.linear},
     "linear_gelu": {"torch": linear.linear_gelu, "triton": _triton("triton_elementwise", "linear_gelu")},
     **{op: {"torch": getattr(elementwise, op), "triton": _triton("triton_elementwise", op)}
-       for op in ("bias_gelu", "silu_and_mul", "layer_norm", "rms_norm")},
+       for op in ("bias_gelu", "silu_and_mul", "layer_norm", "add_layer_norm", "rms_norm")},
     "rotary": {"torch": elementwise.rotary, "triton": elementwise.rotary},  # no Triton kernel: torch's four ops
 }
 
@@ -107,12 +107,19 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_
     )
 
 
-def linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    return get_kernel("linear", x.device)(x, weight, bias)
+def linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """`out`: a buffer the torch implementation may write the result into (a hint: use the returned tensor)."""
+    kernel = get_kernel("linear", x.device)
+    return kernel(x, weight, bias, out) if kernel is linear.linear else kernel(x, weight, bias)
 
 
-def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, approximate: str) -> torch.Tensor:
-    return get_kernel("linear_gelu", x.device)(x, weight, bias, approximate)
+def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, approximate: str,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """As linear_op, then GELU."""
+    kernel = get_kernel("linear_gelu", x.device)
+    return kernel(x, weight, bias, approximate, out) if kernel is linear.linear_gelu else \
+        kernel(x, weight, bias, approximate)
 
 
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor, approximate: str = "none") -> torch.Tensor:
@@ -125,6 +132,12 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
     return get_kernel("layer_norm", x.device)(x, weight, bias, eps)
+
+
+def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, bias: torch.Tensor | None, weight: torch.Tensor,
+                   beta: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm((x + bias) + residual)."""
+    return get_kernel("add_layer_norm", x.device)(x, residual, bias, weight, beta, eps)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

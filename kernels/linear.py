@@ -32,12 +32,27 @@ def amx_cpu() -> bool:
         return False
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., in] @ weight[out, in]^T + bias -> [..., out]."""
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., in] @ weight[out, in]^T + bias -> [..., out]. `out`: a [rows, out] buffer that products of
+    BUFFERED_ROWS rows or more write into (batch.StepBuffers says why); others return a new tensor."""
+    if _into(out, x, weight):
+        return torch.mm(x, weight.t(), out=out) if bias is None else torch.addmm(bias, x, weight.t(), out=out)
     if x.device.type == "cpu" and x.dim() == 2 and x.shape[0] in SMALL_BATCH_ROWS and not amx_cpu():
         out = torch.mm(weight, x.t()) if bias is None else torch.addmm(bias[:, None], weight, x.t())
         return out.t().contiguous()
     return F.linear(x, weight, bias)
+
+
+# From this many rows a product writes into the buffer it is given (below it, decode steps keep their own paths).
+BUFFERED_ROWS = 64
+
+
+def _into(out: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the product x @ W^T can write into `out` (the caller's buffer, None where it has none)."""
+    return out is not None and x.dim() == 2 and x.shape[0] >= BUFFERED_ROWS and x.dtype == weight.dtype \
+        and out.shape == (x.shape[0], weight.shape[0]) and out.dtype == x.dtype and out.device == x.device \
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
 
 
 # From this many rows (encoder batches, prompts) a CPU product with a GELU runs oneDNN's inner product with the bias
@@ -46,9 +61,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 FUSED_GELU_ROWS = 64
 
 
-def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, approximate: str) -> torch.Tensor:
+def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, approximate: str,
+                out: torch.Tensor | None = None) -> torch.Tensor:
     """gelu(x @ W^T + b). On CPU, fewer rows than FUSED_GELU_ROWS: the bias rides in the matmul (addmm), which
-    beats a separate fused pass, then torch's GELU."""
+    beats a separate fused pass, then torch's GELU. Given a buffer `out` (as `linear`), the product writes into it
+    and the GELU runs in place: bert-base's [4089, 768] x [768, 3072] 84 against 104 ms for oneDNN's fused
+    epilogue into a new (page-faulting) tensor; all-MiniLM-L6-v2's [4683, 384] x [384, 1536] 28.5 against 28.2."""
+    if _into(out, x, weight):
+        return torch.ops.aten.gelu_(linear(x, weight, bias, out), approximate=approximate)
     records = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)  # oneDNN's op has no backward
     if x.device.type == "cpu" and x.dim() == 2 and x.shape[0] >= FUSED_GELU_ROWS and x.is_contiguous() \
             and x.dtype == weight.dtype and x.dtype in (torch.float32, torch.bfloat16) and not records \

@@ -116,3 +116,10 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return _normalize(x, weight, None, eps, rms=True)
+
+
+def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, bias: torch.Tensor | None, weight: torch.Tensor,
+                   beta: torch.Tensor, eps: float) -> torch.Tensor:
+    """As kernels.elementwise.add_layer_norm: the sums in torch (a GPU's GEMM takes the bias in its epilogue anyway),
+    the normalization in Triton."""
+    return layer_norm(x + residual if bias is None else (x + bias) + residual, weight, beta, eps)

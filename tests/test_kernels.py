@@ -181,6 +181,32 @@ def test_linear_matches_f_linear(rows, bias):
     assert (out - torch.nn.functional.linear(x, weight, b)).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("rows", [63, 64, 200])
+@pytest.mark.parametrize("gelu", [None, "none", "tanh"])
+def test_products_write_into_the_steps_buffer(rows, gelu):
+    """From BUFFERED_ROWS rows a product given its role's buffer writes into it (fewer rows: a new tensor), with
+    F.linear's (then torch's GELU's) result; the next layer's product of the role reuses the same memory."""
+    from energon_hf.batch import StepBuffers
+    from energon_hf.kernels.linear import BUFFERED_ROWS
+
+    x, weight, bias = torch.randn(rows, 24), torch.randn(40, 24), torch.randn(40)
+    expected = torch.nn.functional.linear(x, weight, bias)
+    if gelu is not None:
+        expected = torch.nn.functional.gelu(expected, approximate=gelu)
+    buffers = StepBuffers()
+    with torch.inference_mode():
+        held = []
+        for _layer in range(2):
+            buffer = buffers.take("mlp", rows, 40, x)
+            out = kernels.linear(x, weight, bias, buffer) if gelu is None else \
+                kernels.linear_gelu(x, weight, bias, gelu, buffer)
+            assert (out.data_ptr() == buffer.data_ptr()) == (rows >= BUFFERED_ROWS)
+            assert (out - expected).abs().max() < 1e-5
+            held.append(buffer.data_ptr())
+        assert held[0] == held[1]
+    assert buffers.take("mlp", rows, 40, x) is None, "autograd records: no shared buffer"
+
+
 def _scattered_cache(context, kv_heads, dim, block_size):
     """A cache holding random keys and values for sequences of `context` tokens, their blocks out of order."""
     blocks = sum(-(-n // block_size) for n in context)
@@ -304,6 +330,37 @@ def test_gemv_kernels_name_bad_arguments():
         ops.int8_gemv(x, torch.zeros(8, 64, dtype=torch.int8), torch.rand(8, 3))
     with pytest.raises(RuntimeError, match="dm must be a contiguous"):
         ops.int4_gemv(x, torch.zeros(8, 32, dtype=torch.uint8), torch.zeros(8, 2, 2), 32)
+
+
+@pytest.mark.skipif(not compiled.available(), reason="no C++ compiler: the compiled CPU ops cannot build here")
+@pytest.mark.parametrize("shape", [(1, 768), (3, 2, 40), (130, 26)])  # a row, 3-D, rows for threads, odd widths
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_compiled_add_layer_norm_equals_torch(shape, with_bias, monkeypatch):
+    """A post-LayerNorm close, LayerNorm((x + bias) + residual), runs one compiled op on CPU in float32 outside
+    autograd: equal to torch's add then F.layer_norm to float32 rounding; half precision and autograd take torch's
+    ops; bad shapes are named."""
+    from energon_hf.kernels import elementwise
+
+    torch.manual_seed(0)
+    x, residual = torch.randn(shape) * 3 + 1, torch.randn(shape)
+    width = shape[-1]
+    weight, beta, bias = torch.randn(width), torch.randn(width), torch.randn(width) if with_bias else None
+    calls = []
+    original = torch.ops.energon_hf.add_layer_norm
+    monkeypatch.setattr(torch.ops.energon_hf, "add_layer_norm", lambda *a: calls.append(1) or original(*a))
+    total = x + residual if bias is None else (x + bias) + residual
+    expected = torch.nn.functional.layer_norm(total, (width,), weight, beta, 1e-12)
+    assert (elementwise.add_layer_norm(x, residual, bias, weight, beta, 1e-12) - expected).abs().max() < 1e-5
+    assert len(calls) == 1
+    half = elementwise.add_layer_norm(x.bfloat16(), residual.bfloat16(), None, weight.bfloat16(), beta.bfloat16(), 1e-5)
+    assert half.dtype == torch.bfloat16 and len(calls) == 1
+    leaf = x.clone().requires_grad_()
+    elementwise.add_layer_norm(leaf, residual, bias, weight, beta, 1e-12).sum().backward()
+    assert len(calls) == 1 and leaf.grad is not None
+    with pytest.raises(RuntimeError, match="residual must be a contiguous float32 tensor of x's shape"):
+        original(x, residual[..., :-1].contiguous(), bias, weight, beta, 1e-5)
+    with pytest.raises(RuntimeError, match="bias must be a contiguous float32"):
+        original(x, residual, torch.randn(width + 1), weight, beta, 1e-5)
 
 
 @pytest.mark.skipif(not compiled.available(), reason="no C++ compiler: the compiled CPU ops cannot build here")

@@ -106,6 +106,12 @@ def test_layer_norm_and_rms_norm(width, rows):
                                                                                     keepdim=True) + 1e-5)
     assert (got.double() - (naive * weight.double() + bias.double())).abs().max() < 1e-4
     assert (got - kernels.elementwise.layer_norm(x, weight, bias, 1e-5)).abs().max() < 1e-5
+    residual, proj_bias = torch.randn(rows, width, device=DEVICE), torch.randn(width, device=DEVICE)
+    for extra in (None, proj_bias):
+        got = kernels.add_layer_norm(x, residual, extra, weight, bias, 1e-5)
+        expected = kernels.elementwise.add_layer_norm(x.cpu(), residual.cpu(), None if extra is None else extra.cpu(),
+                                                      weight.cpu(), bias.cpu(), 1e-5)
+        assert (got.cpu() - expected).abs().max() < 1e-5
     got = kernels.rms_norm(x, weight, 1e-6)
     naive = x.double() / torch.sqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6) * weight.double()
     assert (got.double() - naive).abs().max() < 1e-4

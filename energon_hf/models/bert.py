@@ -16,7 +16,7 @@ from transformers.modeling_outputs import (
 from energon_hf.batch import PackedBatch
 from energon_hf.nn import Linear, Linear1D_Col, Linear1D_Row, VocabParallelEmbedding, attend
 from energon_hf.nn.lm_head import rows_for_logits, untied_head, vocab_logits
-from energon_hf.nn.norm import LayerNorm
+from energon_hf.nn.norm import LayerNorm, add_and_norm
 from energon_hf.parallel import divide
 
 from .staged import StagedModel
@@ -35,18 +35,19 @@ class BertLayer(nn.Module):
         self.head_dim = hidden // config.num_attention_heads
         self.layer_idx = layer_idx
         self.causal = bool(config.is_decoder)
-        self.qkv = Linear1D_Col(hidden, 3 * hidden, parts=(hidden,) * 3)
+        self.qkv = Linear1D_Col(hidden, 3 * hidden, parts=(hidden,) * 3, step_buffer="qkv")
         self.attn_out = Linear1D_Row(hidden, hidden)
         self.attn_norm = LayerNorm(hidden, eps=eps)
-        self.fc = Linear1D_Col(hidden, config.intermediate_size, activation=config.hidden_act, feeds_product=True)
+        self.fc = Linear1D_Col(hidden, config.intermediate_size, activation=config.hidden_act, feeds_product=True,
+                               step_buffer="mlp")
         self.out = Linear1D_Row(config.intermediate_size, hidden)
         self.out_norm = LayerNorm(hidden, eps=eps)
 
     def forward(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
-        q, k, v = self.qkv(x).view(x.shape[0], 3, self.num_heads, self.head_dim).unbind(1)
+        q, k, v = self.qkv(x, batch.buffers).view(x.shape[0], 3, self.num_heads, self.head_dim).unbind(1)
         ctx = attend(q, k, v, batch.attn, self.layer_idx, causal=self.causal, scale=None)
-        x = self.attn_norm(x + self.attn_out(ctx.reshape(x.shape[0], -1)))
-        return self.out_norm(x + self.out(self.fc(x)))
+        x = add_and_norm(self.attn_norm, self.attn_out, ctx.reshape(x.shape[0], -1), x)
+        return add_and_norm(self.out_norm, self.out, self.fc(x, batch.buffers), x)
 
 
 class BertModel(StagedModel):

@@ -30,11 +30,12 @@ class GPT2Attention(nn.Module):
         if config.scale_attn_by_inverse_layer_idx:
             self.scale /= float(layer_idx + 1)
         hidden = config.hidden_size
-        self.qkv = Linear1D_Col(hidden, 3 * hidden, parts=(hidden,) * 3)  # HF's fused c_attn, kept fused
+        # HF's fused c_attn, kept fused
+        self.qkv = Linear1D_Col(hidden, 3 * hidden, parts=(hidden,) * 3, step_buffer="qkv")
         self.proj = Linear1D_Row(hidden, hidden)
 
     def forward(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
-        q, k, v = self.qkv(x).view(x.shape[0], 3, self.num_heads, self.head_dim).unbind(1)
+        q, k, v = self.qkv(x, batch.buffers).view(x.shape[0], 3, self.num_heads, self.head_dim).unbind(1)
         out = attend(q, k, v, batch.attn, self.layer_idx, causal=True, scale=self.scale)
         return self.proj(out.reshape(x.shape[0], -1))
 
@@ -47,12 +48,13 @@ class GPT2Block(nn.Module):
         self.ln_1 = LayerNorm(config.hidden_size, eps=eps)
         self.attn = GPT2Attention(config, layer_idx)
         self.ln_2 = LayerNorm(config.hidden_size, eps=eps)
-        self.fc = Linear1D_Col(config.hidden_size, inner, activation=config.activation_function, feeds_product=True)
+        self.fc = Linear1D_Col(config.hidden_size, inner, activation=config.activation_function, feeds_product=True,
+                               step_buffer="mlp")
         self.proj = Linear1D_Row(inner, config.hidden_size)
 
     def forward(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), batch)
-        return x + self.proj(self.fc(self.ln_2(x)))
+        return x + self.proj(self.fc(self.ln_2(x), batch.buffers))
 
 
 class GPT2Model(StagedModel):

@@ -10,7 +10,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from energon_hf import kernels
-from energon_hf.batch import PackedBatch
+from energon_hf.batch import PackedBatch, StepBuffers
 from energon_hf.nn import Linear1D_Col, Linear1D_Row, VocabParallelEmbedding, attend
 from energon_hf.nn.lm_head import rows_for_logits, untied_head, vocab_logits
 from energon_hf.nn.norm import RMSNorm
@@ -39,12 +39,12 @@ class LlamaAttention(nn.Module):
         q_size = config.num_attention_heads * self.head_dim
         kv_size = config.num_key_value_heads * self.head_dim
         self.qkv = Linear1D_Col(config.hidden_size, q_size + 2 * kv_size, bias=config.attention_bias,
-                                parts=(q_size, kv_size, kv_size))
+                                parts=(q_size, kv_size, kv_size), step_buffer="qkv")
         self.qk_width = (self.num_heads + self.num_kv_heads) * self.head_dim
         self.o_proj = Linear1D_Row(q_size, config.hidden_size, bias=config.attention_bias)
 
     def forward(self, x: torch.Tensor, batch: PackedBatch, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        qkv = self.qkv(x)
+        qkv = self.qkv(x, batch.buffers)
         tokens = x.shape[0]
         # q and k sit side by side in qkv: one rotary pass over both heads
         qk = apply_rotary(qkv[:, : self.qk_width].view(tokens, -1, self.head_dim), *cos_sin)
@@ -63,13 +63,14 @@ class LlamaMLP(nn.Module):
         super().__init__()
         size = config.intermediate_size
         self.intermediate = divide(size, "intermediate_size")  # this rank's gate and up halves
-        self.gate_up = Linear1D_Col(config.hidden_size, 2 * size, bias=config.mlp_bias, parts=(size, size))
+        self.gate_up = Linear1D_Col(config.hidden_size, 2 * size, bias=config.mlp_bias, parts=(size, size),
+                                    step_buffer="mlp")
         self.down_proj = Linear1D_Row(size, config.hidden_size, bias=config.mlp_bias)
         self.fused_silu = config.hidden_act == "silu"  # the common case gets the fused kernel
         self.act = get_activation(config.hidden_act)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up(x)
+    def forward(self, x: torch.Tensor, buffers: StepBuffers | None = None) -> torch.Tensor:
+        gate_up = self.gate_up(x, buffers)
         if self.fused_silu:
             return self.down_proj(kernels.silu_and_mul(gate_up))
         gate, up = gate_up.split(self.intermediate, dim=-1)
@@ -86,7 +87,7 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: PackedBatch, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), batch, cos_sin)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x), batch.buffers)
 
 
 class LlamaModel(nn.Module):

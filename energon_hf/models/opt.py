@@ -33,20 +33,21 @@ class OPTDecoderLayer(nn.Module):
         self.layer_idx = layer_idx
         self.pre_norm = config.do_layer_norm_before
         self.self_attn_layer_norm = LayerNorm(hidden, elementwise_affine=affine)
-        self.qkv = Linear1D_Col(hidden, 3 * hidden, bias=bias, parts=(hidden,) * 3)
+        self.qkv = Linear1D_Col(hidden, 3 * hidden, bias=bias, parts=(hidden,) * 3, step_buffer="qkv")
         self.out_proj = Linear1D_Row(hidden, hidden, bias=bias)
         self.final_layer_norm = LayerNorm(hidden, elementwise_affine=affine)
-        self.fc1 = Linear1D_Col(hidden, config.ffn_dim, bias=bias, activation=config.activation_function)
+        self.fc1 = Linear1D_Col(hidden, config.ffn_dim, bias=bias, activation=config.activation_function,
+                                step_buffer="mlp")
         self.fc2 = Linear1D_Row(config.ffn_dim, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
         h = self.self_attn_layer_norm(x) if self.pre_norm else x
-        q, k, v = self.qkv(h).view(x.shape[0], 3, self.num_heads, self.head_dim).unbind(1)
+        q, k, v = self.qkv(h, batch.buffers).view(x.shape[0], 3, self.num_heads, self.head_dim).unbind(1)
         x = x + self.out_proj(attend(q, k, v, batch.attn, self.layer_idx, causal=True, scale=None).flatten(1))
         if not self.pre_norm:
             x = self.self_attn_layer_norm(x)
         h = self.final_layer_norm(x) if self.pre_norm else x
-        x = x + self.fc2(self.fc1(h))
+        x = x + self.fc2(self.fc1(h, batch.buffers))
         return x if self.pre_norm else self.final_layer_norm(x)
 
 

@@ -27,17 +27,20 @@ class ViTLayer(nn.Module):
         self.head_dim = hidden // config.num_attention_heads
         self.layer_idx = layer_idx
         self.norm_before = LayerNorm(hidden, eps=eps)
-        self.qkv = Linear1D_Col(hidden, 3 * hidden, bias=config.qkv_bias, parts=(hidden,) * 3)
+        self.qkv = Linear1D_Col(hidden, 3 * hidden, bias=config.qkv_bias, parts=(hidden,) * 3,
+                                step_buffer="qkv")
         self.attn_out = Linear1D_Row(hidden, hidden)
         self.norm_after = LayerNorm(hidden, eps=eps)
-        self.fc = Linear1D_Col(hidden, config.intermediate_size, activation=config.hidden_act, feeds_product=True)
+        self.fc = Linear1D_Col(hidden, config.intermediate_size, activation=config.hidden_act, feeds_product=True,
+                               step_buffer="mlp")
         self.out = Linear1D_Row(config.intermediate_size, hidden)
 
     def forward(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
-        q, k, v = self.qkv(self.norm_before(x)).view(x.shape[0], 3, self.num_heads, self.head_dim).unbind(1)
+        qkv = self.qkv(self.norm_before(x), batch.buffers)
+        q, k, v = qkv.view(x.shape[0], 3, self.num_heads, self.head_dim).unbind(1)
         ctx = attend(q, k, v, batch.attn, self.layer_idx, causal=False, scale=None)
         x = x + self.attn_out(ctx.reshape(x.shape[0], -1))
-        return x + self.out(self.fc(self.norm_after(x)))
+        return x + self.out(self.fc(self.norm_after(x), batch.buffers))
 
 
 class ViTModel(StagedModel):

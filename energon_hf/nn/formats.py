@@ -78,15 +78,17 @@ class DenseWeight:
         self.gemv = weight.device.type == "cpu" and weight.dtype == torch.float16 and q.gemv_available()
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None, gelu: str | None = None,
-                 keep_compute_dtype: bool = False) -> torch.Tensor:
+                 keep_compute_dtype: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
         """x @ W^T (+ bias), then GELU ("none": erf, "tanh") if asked: in oneDNN's epilogue where the weight is
         packed. `keep_compute_dtype`: a product that computes in another dtype than x's may return its output in
-        that dtype (the quantized formats' expansions: bfloat16); this one computes in x's."""
+        that dtype (the quantized formats' expansions: bfloat16); this one computes in x's. `out`: a buffer the
+        plain weight's product of many rows writes into (batch.StepBuffers); the other forms, and the quantized
+        formats, which compute elsewhere, return a new tensor."""
         if self.gemv and x.numel() <= q.FLOAT16_GEMV_ROWS * self.in_features and not q.records_grad(x):
             return _bias_gelu(q.gemv(torch.ops.energon_hf.float_gemv, x, self.weight), bias, gelu)
         if self.packed is None:
-            return kernels.linear(x, self.weight, bias) if gelu is None else \
-                kernels.linear_gelu(x, self.weight, bias, gelu)
+            return kernels.linear(x, self.weight, bias, out) if gelu is None else \
+                kernels.linear_gelu(x, self.weight, bias, gelu, out)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none" if gelu is None else "gelu", [],
                                                   "" if gelu is None else gelu)
 
@@ -160,7 +162,7 @@ class Int8Weight:
         return cls(*q.quantize_int8(weight))
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None, gelu: str | None = None,
-                 keep_compute_dtype: bool = False) -> torch.Tensor:
+                 keep_compute_dtype: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
         records = q.records_grad(x)
         if self.expands and (x.numel() >= q.INT8_DENSE_ROWS * self.in_features or records):
             return q.int8_dense_matmul(x, self.q, self.expansion_scale, bias, gelu, keep_compute_dtype)
@@ -215,7 +217,7 @@ class Int4Weight:
         return cls(*q.quantize_int4(weight, group_size))
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None, gelu: str | None = None,
-                 keep_compute_dtype: bool = False) -> torch.Tensor:
+                 keep_compute_dtype: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
         if self.nibbles is not None:
             many = x.numel() >= q.INT4_DENSE_ROWS * self.in_features and q.fast_bfloat16_gemm()
             if many or q.records_grad(x):
@@ -259,9 +261,9 @@ class RowSplitWeight:
         self.out_features, self.in_features = few.out_features, few.in_features
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None, gelu: str | None = None,
-                 keep_compute_dtype: bool = False) -> torch.Tensor:
+                 keep_compute_dtype: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
         return (self.few if x.numel() < self.rows * self.in_features else self.many)(x, bias, gelu,
-                                                                                      keep_compute_dtype)
+                                                                                      keep_compute_dtype, out)
 
     @property
     def nbytes(self) -> int:

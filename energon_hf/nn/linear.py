@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from energon_hf import kernels
+from energon_hf.batch import StepBuffers
 
 from .formats import FormatPlan, LinearWeight, linear_format
 
@@ -20,6 +21,9 @@ class Linear(nn.Linear):
     A GELU activation runs fused with the bias add where the device has the kernel (Triton on CUDA);
     any other activation is HF's own module applied after the projection.
 
+    `step_buffer`: a role ("qkv", "mlp") whose output is dead before the next layer's product of the same role:
+    given the step's buffers, the product may write into the role's buffer (batch.StepBuffers says why).
+
     `feeds_product`: the (GELU) output only ever enters another linear product (an MLP's up-projection): a
     quantized weight's product, which computes in bfloat16 on CPU, then returns it in bfloat16, which the next
     product would have rounded it to anyway: the same numbers, without converting [tokens, 4 * hidden] to float32
@@ -27,9 +31,10 @@ class Linear(nn.Linear):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, activation: str | None = None,
-                 feeds_product: bool = False, **kwargs):
+                 feeds_product: bool = False, step_buffer: str | None = None, **kwargs):
         super().__init__(in_features, out_features, bias=bias, **kwargs)
         self.feeds_product = feeds_product
+        self.step_buffer = step_buffer
         self.gelu = GELU_FORMS.get(activation) if activation else None
         self.act = None
         if activation and self.gelu is None:
@@ -53,14 +58,18 @@ class Linear(nn.Linear):
                                  f"[{self.out_features}, {self.in_features}] layer")
             self.format, self.weight = weight, None
 
-    def project(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """x @ W^T (+ bias), without the activation."""
-        return kernels.linear(x, self.weight, bias) if self.format is None else self.format(x, bias)
+    def project(self, x: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ W^T (+ bias), without the activation (`out`: a buffer the product may write into)."""
+        return kernels.linear(x, self.weight, bias, out) if self.format is None else self.format(x, bias, out=out)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, buffers: StepBuffers | None = None) -> torch.Tensor:
+        """`buffers`: the step's (a layer with a `step_buffer` role writes into its role's buffer)."""
+        out = None
+        if buffers is not None and self.step_buffer is not None and x.dim() == 2:
+            out = buffers.take(self.step_buffer, x.shape[0], self.out_features, x)
         if self.gelu is not None:
             if self.format is None:
-                return kernels.linear_gelu(x, self.weight, self.bias, self.gelu)
-            return self.format(x, self.bias, self.gelu, self.feeds_product)
-        out = self.project(x, self.bias)
+                return kernels.linear_gelu(x, self.weight, self.bias, self.gelu, out)
+            return self.format(x, self.bias, self.gelu, self.feeds_product, out)
+        out = self.project(x, self.bias, out)
         return out if self.act is None else self.act(out)

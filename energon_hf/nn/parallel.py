@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from energon_hf import kernels
+from energon_hf.batch import StepBuffers
 from energon_hf.parallel import Shard, state, tp_all_gather, tp_all_reduce
 
 from .formats import DenseWeight, FormatPlan, LinearWeight
@@ -66,9 +67,10 @@ class Linear1D_Col(ShardedMixin, Linear):  # noqa: N801 (EnergonAI's name)
     def shard_for(self, param: str) -> Shard | None:
         return self._shard  # weight [out, in] and bias [out] both split along dim 0
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = super().forward(x)
-        return tp_all_gather(out, dim=-1) if self.gather_output else out
+    def forward(self, x: torch.Tensor, buffers: StepBuffers | None = None) -> torch.Tensor:
+        if self.gather_output:
+            return tp_all_gather(super().forward(x), dim=-1)
+        return super().forward(x, buffers)
 
 
 class Linear1D_Row(ShardedMixin, Linear):  # noqa: N801 (EnergonAI's name)
@@ -90,14 +92,15 @@ class Linear1D_Row(ShardedMixin, Linear):  # noqa: N801 (EnergonAI's name)
     def shard_for(self, param: str) -> Shard | None:
         return self._shard if param == "weight" else None  # the bias is whole on every rank
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, add_bias: bool = True) -> torch.Tensor:
+        """`add_bias=False`: the caller adds the bias (nn/norm.add_and_norm, in the same pass as a residual)."""
         st = state()
         if st.tp_size == 1:
-            return super().forward(x)
+            return super().forward(x) if add_bias else self.project(x, None)
         if not self.parallel_input:
             x = x.narrow(-1, st.tp_rank * self.in_features, self.in_features)
         out = tp_all_reduce(self.project(x, None))
-        return out if self.bias is None else out + self.bias
+        return out if self.bias is None or not add_bias else out + self.bias
 
 
 class VocabParallelEmbedding(ShardedMixin, nn.Module):

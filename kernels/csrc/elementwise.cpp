@@ -2,7 +2,7 @@
 // mul, about 25 us a call for one SmolLM2 row in float32 and 50 us in half precision with its two casts, twice
 // per layer), SiLU(gate) * up (chunk, silu, mul) and rotary positions (mul, roll, mul, add). float32, float16 or
 // bfloat16 tensors; half precision is computed in float32 and rounded where torch's op sequence (HF's formulas)
-// rounds.
+// rounds. And an encoder's residual add with LayerNorm (float32), one pass instead of three.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -196,6 +196,42 @@ void rotary_rows(const T* x, int64_t token_stride, const T* cos, const T* sin, T
   });
 }
 
+// out = LayerNorm((x + bias) + residual) over each row, float32: a post-LayerNorm encoder layer's close (BERT:
+// LayerNorm(dense(h) + input)), with the projection's bias added here instead of in its GEMM. One pass over memory
+// where torch takes three (addmm's bias broadcast, the add, LayerNorm: 4.2 + 5.6 + 5.2 ms per [4089, 768] in
+// bert-base at batch 32); each row stays in L1 between its sum, its variance and its output. `bias` may be null.
+void add_layer_norm_rows(const float* xp, const float* rp, const float* bp, const float* wp, const float* betap,
+                         float* op, int64_t rows, int64_t width, float eps) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* x = xp + r * width;
+      const float* res = rp + r * width;
+      float* dst = op + r * width;
+      float sum = 0.f;
+      if (bp) {
+#pragma omp simd reduction(+ : sum)
+        for (int64_t i = 0; i < width; ++i) {
+          dst[i] = (x[i] + bp[i]) + res[i];
+          sum += dst[i];
+        }
+      } else {
+#pragma omp simd reduction(+ : sum)
+        for (int64_t i = 0; i < width; ++i) {
+          dst[i] = x[i] + res[i];
+          sum += dst[i];
+        }
+      }
+      const float mean = sum / static_cast<float>(width);
+      float squares = 0.f;
+#pragma omp simd reduction(+ : squares)
+      for (int64_t i = 0; i < width; ++i) squares += (dst[i] - mean) * (dst[i] - mean);
+      const float rstd = 1.f / std::sqrt(squares / static_cast<float>(width) + eps);
+#pragma omp simd
+      for (int64_t i = 0; i < width; ++i) dst[i] = (dst[i] - mean) * rstd * wp[i] + betap[i];
+    }
+  });
+}
+
 // f(T{}) for the tensor dtype's element type T (the dtypes `supported` lets through).
 template <class F>
 void dispatch(at::ScalarType dtype, F f) {
@@ -244,6 +280,29 @@ at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
   return out;
 }
 
+at::Tensor add_layer_norm(const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& bias,
+                          const at::Tensor& weight, const at::Tensor& beta, double eps) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() >= 1,
+              "add_layer_norm: x must be a contiguous float32 tensor");
+  const int64_t width = x.size(-1), rows = width ? x.numel() / width : 0;
+  TORCH_CHECK(residual.scalar_type() == at::kFloat && residual.is_contiguous() && residual.sizes() == x.sizes(),
+              "add_layer_norm: residual must be a contiguous float32 tensor of x's shape");
+  for (const at::Tensor* t : {&weight, &beta})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 1 && t->size(0) == width,
+                "add_layer_norm: weight and beta must be contiguous float32 [", width, "] tensors");
+  const float* bp = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->dim() == 1 &&
+                    bias->size(0) == width,
+                "add_layer_norm: bias must be a contiguous float32 [", width, "] tensor");
+    bp = bias->data_ptr<float>();
+  }
+  at::Tensor out = at::empty_like(x);
+  add_layer_norm_rows(x.data_ptr<float>(), residual.data_ptr<float>(), bp, weight.data_ptr<float>(),
+                      beta.data_ptr<float>(), out.data_ptr<float>(), rows, width, static_cast<float>(eps));
+  return out;
+}
+
 // x [..., 2I] (gate, then up: Llama's fused gate_up projection) -> silu(gate) * up [..., I].
 at::Tensor silu_and_mul(const at::Tensor& x) {
   TORCH_CHECK(supported(x) && x.is_contiguous() && x.dim() >= 1 && x.size(-1) % 2 == 0,
@@ -265,10 +324,12 @@ TORCH_LIBRARY_FRAGMENT(energon_hf, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("silu_and_mul(Tensor x) -> Tensor");
   m.def("rotary(Tensor x, Tensor cos, Tensor signed_sin) -> Tensor");
+  m.def("add_layer_norm(Tensor x, Tensor residual, Tensor? bias, Tensor weight, Tensor beta, float eps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(energon_hf, CPU, m) {
   m.impl("rms_norm", &rms_norm);
   m.impl("silu_and_mul", &silu_and_mul);
   m.impl("rotary", &rotary);
+  m.impl("add_layer_norm", &add_layer_norm);
 }
