@@ -222,6 +222,16 @@ class SentenceTransformer:
         outputs, cu_seqlens = self.model.run_packed(sequences)
         return list(outputs["last_hidden_state"].split(torch.diff(cu_seqlens).tolist()))
 
+    def prompted(self, texts: Sequence[str], prompt_name: str | None = None,
+                 prompt: str | None = None) -> tuple[list[str], int]:
+        """`texts` with the prompt encode() puts in front of them (`prompt`, else `prompt_name`'s, else the folder's
+        default_prompt_name's; none without them), and the prompt's token count (pooled or not as modules.json's
+        include_prompt says): embed_sequences' `prompt_length`."""
+        prompt = self._prompt(prompt_name, prompt)
+        if prompt is None:
+            return list(texts), 0
+        return [prompt + text for text in texts], self._prompt_length(prompt)
+
     def _prompt(self, prompt_name: str | None, prompt: str | None) -> str | None:
         if prompt is None:
             prompt_name = prompt_name or self.default_prompt_name
@@ -262,11 +272,7 @@ class SentenceTransformer:
                 raise ValueError(f"sentence {i} is a {type(text).__name__}, not a str")
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        prompt = self._prompt(prompt_name, prompt)
-        prompt_length = 0
-        if prompt is not None:
-            texts = [prompt + text for text in texts]
-            prompt_length = self._prompt_length(prompt)
+        texts, prompt_length = self.prompted(texts, prompt_name, prompt)
         batches = range(0, len(texts), batch_size)
         results: list[torch.Tensor] = []
         for start in tqdm(batches, desc="Batches", disable=not show_progress_bar):
@@ -296,22 +302,23 @@ class SentenceTransformer:
     @staticmethod
     def _finish(vectors: list[torch.Tensor], single: bool, precision: str, to_numpy: bool, to_tensor: bool,
                 normalize: bool, truncate_dim: int | None) -> np.ndarray | torch.Tensor | list[torch.Tensor]:
-        """Truncate, normalize, pack bits and convert, in sentence-transformers' order."""
+        """Truncate, normalize, pack bits and convert, in sentence-transformers' order and dtypes: tensors keep the
+        model's dtype, numpy arrays too except bfloat16 (which numpy lacks), which becomes float32."""
         if not vectors:
             return torch.tensor([]) if to_tensor else np.array([]) if to_numpy else []
-        stacked = torch.stack(vectors).float()
+        stacked = torch.stack(vectors)
         if truncate_dim:
             stacked = stacked[:, :truncate_dim]
         if normalize:
             stacked = F.normalize(stacked, p=2, dim=-1)
         if precision != "float32":
-            bits = np.packbits(stacked.cpu().numpy() > 0, axis=-1)
+            bits = np.packbits((stacked > 0).cpu().numpy(), axis=-1)
             stacked = torch.from_numpy(bits if precision == "ubinary" else (bits.astype(np.int16) - 128)
                                        .astype(np.int8))
         if to_tensor:
             return stacked[0] if single else stacked
         if to_numpy:
-            array = stacked.cpu().numpy()
+            array = (stacked.float() if stacked.dtype == torch.bfloat16 else stacked).cpu().numpy()
             return array[0] if single else array
         return stacked[0] if single else list(stacked)
 

@@ -147,6 +147,47 @@ def test_half_precision_and_the_servers_path(prompt_model):
         assert abs(vectors[0].float().norm().item() - 1) < 1e-2
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_outputs_have_sentence_transformers_dtypes(minilm_path, dtype):
+    """Tensors keep the model's half-precision dtype, numpy arrays too except bfloat16 (which numpy lacks: float32),
+    as sentence-transformers returns them from the same model in that dtype; the vectors agree."""
+    reference = Reference(str(minilm_path), device="cpu", model_kwargs={"dtype": getattr(torch, dtype)})
+    texts = SENTENCES[:4]
+    with SentenceTransformer(minilm_path, dtype=dtype) as ours:
+        for kwargs in [{}, {"convert_to_tensor": True}, {"convert_to_numpy": False},
+                       {"convert_to_tensor": True, "normalize_embeddings": True, "truncate_dim": 8},
+                       {"precision": "ubinary"}]:
+            expected, got = reference.encode(texts, **kwargs), ours.encode(texts, **kwargs)
+            assert type(got) is type(expected), kwargs
+            expected, got = (torch.stack(v) if isinstance(v, list) else torch.as_tensor(v) for v in (expected, got))
+            assert got.dtype == expected.dtype and got.shape == expected.shape, kwargs
+            if "precision" not in kwargs:
+                assert torch.nn.functional.cosine_similarity(got.double(), expected.double()).min() > 0.99, kwargs
+
+
+def test_the_embeddings_server_applies_the_folders_default_prompt(tmp_path, prompt_model):
+    """A folder whose config names a default_prompt_name: /v1/embeddings embeds each text behind that prompt (left
+    out of the pooling, as include_prompt: false says), as sentence-transformers' encode() does."""
+    import httpx
+    from test_server_routes import ThreadedServer
+
+    from energon_hf.serve.state import ServeSettings
+
+    folder = tmp_path / "st"
+    shutil.copytree(prompt_model, folder)
+    config = folder / "config_sentence_transformers.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "default_prompt_name": "query"}))
+    texts = SENTENCES[:3]
+    expected = torch.from_numpy(Reference(str(folder), device="cpu").encode(texts))
+    assert (expected - torch.from_numpy(Reference(str(prompt_model), device="cpu").encode(texts))).abs().max() > 1e-3
+    model = EnergonModel.from_pretrained(folder)
+    with ThreadedServer(model, transformers.AutoTokenizer.from_pretrained(folder), ServeSettings("st")) as server:
+        body = httpx.post(server.url + "/v1/embeddings", json={"model": "st", "input": texts, "normalize": False},
+                          timeout=60).json()
+    got = torch.tensor([d["embedding"] for d in body["data"]])
+    assert got.shape == expected.shape and (got - expected).abs().max() <= 1e-5
+
+
 def test_a_transformer_in_a_subfolder(tmp_path, cls_max_dense):
     """Older sentence-transformers folders keep the model in 0_Transformer: modules.json says where."""
     folder = tmp_path / "old"

@@ -102,7 +102,9 @@ def _served(model: EnergonModel, tokenizer, settings: ServeSettings, embed_runne
         if task == "feature-extraction" and model.architecture.name.endswith("Model"):  # a base encoder
             sentences = _sentence_embeddings(model)
         if sentences is not None:
-            run_batch = embed_runner or functools.partial(sentences.embed_sequences, normalize=False)
+            # the folder's default prompt, as encode() applies it: every request has the same one
+            run_batch = embed_runner or functools.partial(sentences.embed_sequences,
+                                                          prompt_length=sentences.prompted([])[1], normalize=False)
             batch_tokens = ENCODER_BATCH_TOKENS if settings.max_batch_tokens is None else settings.max_batch_tokens
             encoder = DynamicBatcher(run_batch, batch_tokens,
                                      settings.embed_policy, settings.max_wait_ms / 1000)

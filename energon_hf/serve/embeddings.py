@@ -31,6 +31,12 @@ def encode_vector(vector: torch.Tensor, encoding_format: str) -> list[float] | s
     return vector.float().tolist()
 
 
+def tokenize(served: Served, texts: list[str]) -> list[list[int]]:
+    """The texts' token ids behind the folder's default prompt (config_sentence_transformers.json's
+    default_prompt_name), as SentenceTransformer.encode() tokenizes them."""
+    return served.sentences.tokenize(served.sentences.prompted(texts)[0])
+
+
 def answer_json(served: Served, vectors: list[torch.Tensor], body: EmbeddingRequest, tokens: int) -> bytes:
     if body.normalize:
         vectors = list(torch.nn.functional.normalize(torch.stack(vectors).float(), dim=-1))
@@ -54,7 +60,7 @@ async def embeddings(body: EmbeddingRequest, http: HTTPRequest):
         raise APIError(400, "input must be non-empty strings", param="input")
     served.check_queue(len(served.encoder.waiting))
     started = time.perf_counter()
-    sequences = await served.offload(served.sentences.tokenize, texts)
+    sequences = await served.offload(tokenize, served, texts)
     tokens = sum(len(s) for s in sequences)
     served.check_inputs(len(texts), tokens)
     try:
