@@ -34,7 +34,26 @@ from .modeling import EnergonModel
 from .pooling import Pooling
 
 SIMILARITIES = ("cosine", "dot", "euclidean", "manhattan")
+# sentence_bert_config.json's keyword sets for the transformer's loaders, under sentence-transformers' current names
+# and (before 5.0) the old ones; hub settings in them are the caller's business, attn_implementation is moot here
+_LOADER_KWARGS = {"processor_kwargs": "tokenizer_args", "model_kwargs": "model_args", "config_kwargs": "config_args"}
+_IGNORED_KWARGS = {"revision", "token", "cache_dir", "local_files_only", "trust_remote_code", "attn_implementation"}
 PRECISIONS = ("float32", "binary", "ubinary")
+
+
+def loader_kwargs(settings: dict) -> tuple[dict, dict]:
+    """From sentence_bert_config.json: the tokenizer's keyword arguments (model_max_length, ...) and the model's
+    dtype as from_pretrained arguments. Any other model or config setting would change the model without our
+    applying it, so it is refused by name (before a model loads)."""
+    found = {new: {**settings.get(old, {}), **settings.get(new, {})} for new, old in _LOADER_KWARGS.items()}
+    tokenizer, model, config = ({k: v for k, v in found[name].items() if k not in _IGNORED_KWARGS}
+                                for name in _LOADER_KWARGS)
+    dtype = model.pop("dtype", None) or model.pop("torch_dtype", None)
+    refused = [f"model_kwargs[{k!r}]" for k in sorted(model)] + [f"config_kwargs[{k!r}]" for k in sorted(config)]
+    if refused:
+        raise UnsupportedModelError(f"sentence_bert_config.json sets {', '.join(refused)}, which energon_hf does "
+                                    "not apply")
+    return tokenizer, {} if dtype is None else {"dtype": str(dtype).removeprefix("torch.")}
 
 
 def _read_json(path: Path) -> dict:
@@ -158,9 +177,10 @@ class SentenceTransformer:
         task = settings.get("transformer_task", "feature-extraction")
         if task != "feature-extraction":
             raise UnsupportedModelError(f"sentence-transformers transformer_task {task!r} is not supported")
+        tokenizer_kwargs, model_kwargs = loader_kwargs(settings)
         if self._owns_model:
             self.model = EnergonModel.from_pretrained(transformer if self.modules.transformer_path else
-                                                      model_name_or_path, **load_kwargs)
+                                                      model_name_or_path, **{**model_kwargs, **load_kwargs})
         else:
             self.model = model_name_or_path
         if "last_hidden_state" not in self.model.model.token_outputs:
@@ -169,8 +189,9 @@ class SentenceTransformer:
                                         f"{self.model.architecture.name} computes {self.model.model.token_outputs}")
         for dense in self.modules.dense:
             dense.to(self.model.device)
-        self.tokenizer = AutoTokenizer.from_pretrained(transformer)
-        self.max_seq_length = self._max_seq_length(settings.get("max_seq_length"))
+        self.tokenizer = AutoTokenizer.from_pretrained(transformer, **tokenizer_kwargs)
+        self.max_seq_length = self._max_seq_length(settings.get("max_seq_length"),
+                                                   capped="model_max_length" not in tokenizer_kwargs)
         if settings.get("do_lower_case"):
             _lowercase(self.tokenizer)
         config = _read_json(folder / "config_sentence_transformers.json")
@@ -179,12 +200,12 @@ class SentenceTransformer:
         self.similarity_fn_name = config.get("similarity_fn_name") or "cosine"
         self.truncate_dim = truncate_dim
 
-    def _max_seq_length(self, configured: int | None) -> int:
-        """sentence_bert_config.json's max_seq_length where it gives one, else the tokenizer's model_max_length
-        capped at the model's max_position_embeddings (sentence-transformers' rule)."""
+    def _max_seq_length(self, configured: int | None, capped: bool = True) -> int:
+        """sentence_bert_config.json's max_seq_length where it gives one, else the tokenizer's model_max_length,
+        capped at the model's max_position_embeddings unless the config set it (sentence-transformers' rules)."""
         if configured is not None:
             return int(configured)
-        limit = getattr(self.model.config, "max_position_embeddings", None)
+        limit = getattr(self.model.config, "max_position_embeddings", None) if capped else None
         return min(self.tokenizer.model_max_length, limit) if limit else self.tokenizer.model_max_length
 
     def get_embedding_dimension(self) -> int:

@@ -204,6 +204,29 @@ def test_a_transformer_in_a_subfolder(tmp_path, cls_max_dense):
         assert ours.max_seq_length == 48 and np.abs(ours.encode(SENTENCES) - expected).max() <= 1e-5
 
 
+def test_loader_settings_of_sentence_bert_config(tmp_path, cls_max_dense):
+    """sentence_bert_config.json's tokenizer arguments (old name tokenizer_args) reach the tokenizer (a
+    model_max_length of 20, uncapped, truncates as sentence-transformers does) and its model dtype the model; a
+    model setting we would not apply is refused by name."""
+    folder = tmp_path / "st"
+    shutil.copytree(cls_max_dense, folder)
+    path = folder / "sentence_bert_config.json"
+    settings = {key: value for key, value in json.loads(path.read_text()).items() if key != "max_seq_length"}
+    path.write_text(json.dumps({**settings, "tokenizer_args": {"model_max_length": 20},
+                                "model_args": {"torch_dtype": "bfloat16"}}))
+    expected = Reference(str(folder), device="cpu").encode(SENTENCES)
+    with SentenceTransformer(folder) as ours:
+        assert ours.max_seq_length == 20 and ours.model.dtype == torch.bfloat16
+        got = ours.encode(SENTENCES)
+    assert torch.nn.functional.cosine_similarity(torch.from_numpy(got), torch.from_numpy(expected)).min() > 0.99
+    with SentenceTransformer(folder, dtype="float32") as ours:  # the caller's dtype wins, as in sentence-transformers
+        assert np.abs(ours.encode(SENTENCES) - Reference(str(folder), device="cpu", model_kwargs={
+            "dtype": torch.float32}).encode(SENTENCES)).max() <= 1e-5
+    path.write_text(json.dumps({**settings, "model_kwargs": {"device_map": "auto", "attn_implementation": "eager"}}))
+    with pytest.raises(UnsupportedModelError, match=r"model_kwargs\['device_map'\]"):
+        SentenceTransformer(folder)
+
+
 def test_refused_folders(tmp_path, cls_max_dense, tiny):
     folder = tmp_path / "odd"
     shutil.copytree(cls_max_dense, folder)
