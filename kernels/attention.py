@@ -45,7 +45,11 @@ def check_paged(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q) -
 # 1.3x, 1.04x, 0.96x. Causal (prompts), SmolLM2's 9 / 3 heads of 64: 4.5x at 16, 1.6x at 128, 1.4x at 256, 1.2x
 # at about 500. Whole forwards, interleaved A/B: MiniLM on 306 passages of 6-48 words 1.08x (float32), 1.15x
 # (int8); batch 32 of U[16, 240] tokens, float32: bert-base 1.01x, MiniLM 0.98x at 64 (0.96x at 128).
-COMPILED_VARLEN_TOKENS = {False: 64, True: 512}
+# Since the op's softmax runs on 16 lanes and its scores on two key tiles (16 sequences of L and L/2 tokens, 12
+# heads: head size 32 at L = 128 1.4x SDPA, 240 1.1x, 384 0.99x; head size 64 1.1x, 0.97x, 0.9x), and whole
+# forwards leave SDPA's per-sequence calls and their q/k/v copies behind: batch 32 of U[16, 240], interleaved, up to
+# 64 / 128 / 256 tokens: MiniLM 2.10x / 2.18x / 2.29x transformers, bert-base 1.96x / 2.07x / 2.14x.
+COMPILED_VARLEN_TOKENS = {False: 256, True: 512}
 
 
 def _compiled_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:

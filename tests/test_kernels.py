@@ -106,10 +106,13 @@ def test_varlen_attention(lengths, causal, heads, kv_heads, attention_backend):
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2)])
 def test_compiled_varlen_attention_in_registers(dim, causal, heads, kv_heads):
-    """The compiled op's register-tiled path (head sizes 32 and 64: blocks of query rows, 16 keys at a time), on q, k
-    and v sliced from one fused qkv row as the models pass them, at lengths around the block and tile edges; a
-    sequence past COMPILED_VARLEN_TOKENS (not causal) runs SDPA into the same output."""
-    lengths = [1, 7, 8, 9, 16, 17, 33, 70, 130]
+    """The compiled op's register-tiled path (head sizes 32 and 64: blocks of query rows, two tiles of 16 keys at a
+    time), on q, k and v sliced from one fused qkv row as the models pass them, at lengths around the block and tile
+    edges; a sequence past COMPILED_VARLEN_TOKENS (not causal: 256) runs SDPA into the same output."""
+    from energon_hf.kernels.attention import COMPILED_VARLEN_TOKENS
+
+    lengths = [1, 7, 8, 9, 16, 17, 31, 32, 33, 70, 130, 257]
+    assert COMPILED_VARLEN_TOKENS[False] < 257 <= COMPILED_VARLEN_TOKENS[True]
     total = sum(lengths)
     qkv = torch.randn(total, heads + 2 * kv_heads, dim)
     q, k, v = qkv[:, :heads], qkv[:, heads:heads + kv_heads], qkv[:, heads + kv_heads:]

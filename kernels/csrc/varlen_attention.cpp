@@ -23,6 +23,16 @@ namespace {
 inline float exp_shifted(float* p, int64_t n, float max) {
   int64_t i = 0;
   float sum = 0.f;
+#if defined(__AVX512F__)
+  __m512 wide = _mm512_setzero_ps();
+  const __m512 shift16 = _mm512_set1_ps(max);
+  for (; i + 16 <= n; i += 16) {
+    const __m512 e = energon_hf::exp16(_mm512_sub_ps(_mm512_loadu_ps(p + i), shift16));
+    _mm512_storeu_ps(p + i, e);
+    wide = _mm512_add_ps(wide, e);
+  }
+  sum = _mm512_reduce_add_ps(wide);
+#endif
 #if defined(__AVX2__) && defined(__FMA__)
   __m256 acc = _mm256_setzero_ps();
   const __m256 shift = _mm256_set1_ps(max);
@@ -78,15 +88,15 @@ void attend_head(const float* q, const float* k, const float* v, float* out, int
 
 #if defined(__AVX512F__)
 // The same head with its arithmetic in registers, for head sizes of CHUNKS x 16: blocks of R query rows. Scores:
-// for each feature c, one load of 16 transposed keys serves the R rows (R accumulators). Values: for each key, its
-// CHUNKS vectors serve the R rows (R x CHUNKS accumulators, at most 16).
+// for each feature c, two loads of 16 transposed keys serve the R rows (2R accumulators). Softmax on 16 lanes.
+// Values: for each key, its CHUNKS vectors serve the R rows (R x CHUNKS accumulators, at most 16).
 template <int CHUNKS>
 void attend_head_tiled(const float* q, const float* k, const float* v, float* out, int64_t len, int64_t token_stride_q,
                        int64_t token_stride_kv, int64_t out_stride, bool causal, float scale,
                        std::vector<float>& keys_t, std::vector<float>& scores) {
   constexpr int64_t D = CHUNKS * 16;
   constexpr int64_t R = CHUNKS <= 2 ? 8 : 16 / CHUNKS;
-  const int64_t padded = (len + 15) / 16 * 16;
+  const int64_t padded = (len + 31) / 32 * 32;  // whole pairs of 16-key tiles
   keys_t.assign(static_cast<size_t>(D * padded), 0.f);
   scores.resize(static_cast<size_t>(R * padded));
   for (int64_t j = 0; j < len; ++j)
@@ -94,26 +104,38 @@ void attend_head_tiled(const float* q, const float* k, const float* v, float* ou
   for (int64_t i0 = 0; i0 < len; i0 += R) {
     const int64_t rows = std::min(R, len - i0);
     const int64_t n = causal ? i0 + rows : len;  // keys any row of the block sees
-    for (int64_t j = 0; j < n; j += 16) {
-      __m512 acc[R];
-      for (int64_t r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+    // Two tiles of 16 keys at a time: each broadcast q feature serves 2 FMAs (R broadcasts and 2 loads per 2R
+    // FMAs, where one tile took R + 1 loads per R): 16 sequences of 64-128 tokens, 12 heads of 32, 1.18x -> 1.38x
+    // SDPA's speed.
+    for (int64_t j = 0; j < n; j += 32) {
+      __m512 lo[R], hi[R];
+      for (int64_t r = 0; r < R; ++r) lo[r] = hi[r] = _mm512_setzero_ps();
       for (int64_t c = 0; c < D; ++c) {
-        const __m512 kc = _mm512_loadu_ps(keys_t.data() + c * padded + j);
-        for (int64_t r = 0; r < R; ++r)  // all R rows (constant bounds: registers); past `rows`, repeats
-          acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(q[std::min(i0 + r, len - 1) * token_stride_q + c]), kc, acc[r]);
+        const __m512 k0 = _mm512_loadu_ps(keys_t.data() + c * padded + j);
+        const __m512 k1 = _mm512_loadu_ps(keys_t.data() + c * padded + j + 16);
+        for (int64_t r = 0; r < R; ++r) {  // all R rows (constant bounds: registers); past `rows`, repeats
+          const __m512 qc = _mm512_set1_ps(q[std::min(i0 + r, len - 1) * token_stride_q + c]);
+          lo[r] = _mm512_fmadd_ps(qc, k0, lo[r]);
+          hi[r] = _mm512_fmadd_ps(qc, k1, hi[r]);
+        }
       }
-      for (int64_t r = 0; r < rows; ++r) _mm512_storeu_ps(scores.data() + r * padded + j, acc[r]);
+      for (int64_t r = 0; r < rows; ++r) {
+        _mm512_storeu_ps(scores.data() + r * padded + j, _mm512_mul_ps(lo[r], _mm512_set1_ps(scale)));
+        _mm512_storeu_ps(scores.data() + r * padded + j + 16, _mm512_mul_ps(hi[r], _mm512_set1_ps(scale)));
+      }
     }
-    for (int64_t r = 0; r < rows; ++r) {  // softmax of each row over its keys; the keys it does not see weigh 0
+    // Softmax of each row over its keys, on 16 lanes (the scalar loops took about as long as the products at 240
+    // tokens); the keys a causal row does not see weigh 0. The 1 / sum multiplies the row's output instead.
+    float inverse[R];
+    for (int64_t r = 0; r < rows; ++r) {
       float* p = scores.data() + r * padded;
       const int64_t seen = causal ? i0 + r + 1 : len;
-      float max = -std::numeric_limits<float>::infinity();
-      for (int64_t j = 0; j < seen; ++j) {
-        p[j] *= scale;
-        max = std::max(max, p[j]);
-      }
-      const float inverse = 1.f / exp_shifted(p, seen, max);
-      for (int64_t j = 0; j < seen; ++j) p[j] *= inverse;
+      __m512 top = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+      int64_t j = 0;
+      for (; j + 16 <= seen; j += 16) top = _mm512_max_ps(top, _mm512_loadu_ps(p + j));
+      if (j < seen)
+        top = _mm512_max_ps(top, _mm512_mask_loadu_ps(top, static_cast<__mmask16>((1u << (seen - j)) - 1), p + j));
+      inverse[r] = 1.f / exp_shifted(p, seen, _mm512_reduce_max_ps(top));
       std::fill(p + seen, p + n, 0.f);
     }
     __m512 acc[R][CHUNKS];
@@ -127,8 +149,9 @@ void attend_head_tiled(const float* q, const float* k, const float* v, float* ou
         for (int c = 0; c < CHUNKS; ++c) acc[r][c] = _mm512_fmadd_ps(p, vj[c], acc[r][c]);
       }
     }
-    for (int64_t r = 0; r < rows; ++r)
-      for (int c = 0; c < CHUNKS; ++c) _mm512_storeu_ps(out + (i0 + r) * out_stride + c * 16, acc[r][c]);
+    for (int64_t r = 0; r < rows; ++r)  // the softmax's 1 / sum
+      for (int c = 0; c < CHUNKS; ++c)
+        _mm512_storeu_ps(out + (i0 + r) * out_stride + c * 16, _mm512_mul_ps(acc[r][c], _mm512_set1_ps(inverse[r])));
   }
 }
 #endif

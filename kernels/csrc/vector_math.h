@@ -29,5 +29,25 @@ inline __m256 exp8(__m256 given) {
   return _mm256_andnot_ps(underflow, e);
 }
 
+#if defined(__AVX512F__)
+// exp8 on 16 lanes, the same polynomial and clamps (the attention softmax over long rows).
+inline __m512 exp16(__m512 given) {
+  const __m512 x = _mm512_min_ps(_mm512_set1_ps(88.3f), _mm512_max_ps(_mm512_set1_ps(-87.3f), given));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  const __m512i scale = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  __m512 e = _mm512_mul_ps(p, _mm512_castsi512_ps(scale));
+  e = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(given, _mm512_set1_ps(88.3f), _CMP_GT_OQ), e,
+                           _mm512_set1_ps(INFINITY));
+  return _mm512_maskz_mov_ps(~_mm512_cmp_ps_mask(given, _mm512_set1_ps(-87.3f), _CMP_LT_OQ), e);  // NaN kept
+}
+#endif
+
 }  // namespace energon_hf
 #endif
