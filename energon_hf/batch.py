@@ -52,7 +52,7 @@ class StepBuffers:
 
     def take(self, role: str, rows: int, features: int, like: torch.Tensor) -> torch.Tensor | None:
         """A [rows, features] buffer of `like`'s dtype for `role`; None off CPU (CUDA's caching allocator already
-        reuses memory) or while autograd records (a recorded product keeps its output)."""
+        reuses memory) or in grad mode (a product autograd records keeps its output)."""
         if like.device.type != "cpu" or torch.is_grad_enabled():
             return None
         numel = rows * features
@@ -71,7 +71,7 @@ class PackedBatch:
     pixel_values: torch.Tensor | None = None  # [B, C, H, W] for vision models (their tokens are patches)
     # Only these token rows go through an LM head (generation needs the last token of each sequence).
     logits_indices: torch.Tensor | None = None
-    buffers: StepBuffers = field(default_factory=StepBuffers, repr=False)
+    buffers: StepBuffers = field(default_factory=StepBuffers, repr=False, compare=False)
 
     def to(self, device: torch.device | str) -> PackedBatch:
         move = lambda t: t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t

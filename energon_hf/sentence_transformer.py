@@ -6,10 +6,10 @@
     embeddings = model.encode(sentences, batch_size=32, normalize_embeddings=True)
 
 The model folder's modules.json says what runs after the transformer, as sentence-transformers reads it:
-Transformer (its sentence_bert_config.json: max_seq_length, do_lower_case), Pooling (energon_hf.pooling),
-Dense and Normalize. A folder without modules.json gets sentence-transformers' default, mean pooling.
-Any other module is refused by name at load. The tokens of a batch are packed (no padding is computed)
-and pooled as they come out of the model.
+Transformer (its sentence_bert_config.json: max_seq_length, do_lower_case, the tokenizer's arguments and the
+model's dtype), Pooling (energon_hf.pooling), Dense and Normalize. A folder without modules.json gets
+sentence-transformers' default, mean pooling. Any other module is refused by name at load. The tokens of a
+batch are packed (no padding is computed) and pooled as they come out of the model.
 """
 
 from __future__ import annotations
@@ -45,10 +45,12 @@ def loader_kwargs(settings: dict) -> tuple[dict, dict]:
     """From sentence_bert_config.json: the tokenizer's keyword arguments (model_max_length, ...) and the model's
     dtype as from_pretrained arguments. Any other model or config setting would change the model without our
     applying it, so it is refused by name (before a model loads)."""
-    found = {new: {**settings.get(old, {}), **settings.get(new, {})} for new, old in _LOADER_KWARGS.items()}
+    # an old name's set replaces the new one's, as in sentence-transformers
+    found = {new: settings.get(old, settings.get(new, {})) for new, old in _LOADER_KWARGS.items()}
     tokenizer, model, config = ({k: v for k, v in found[name].items() if k not in _IGNORED_KWARGS}
                                 for name in _LOADER_KWARGS)
-    dtype = model.pop("dtype", None) or model.pop("torch_dtype", None)
+    dtype, torch_dtype = model.pop("dtype", None), model.pop("torch_dtype", None)
+    dtype = dtype or torch_dtype
     refused = [f"model_kwargs[{k!r}]" for k in sorted(model)] + [f"config_kwargs[{k!r}]" for k in sorted(config)]
     if refused:
         raise UnsupportedModelError(f"sentence_bert_config.json sets {', '.join(refused)}, which energon_hf does "
@@ -84,10 +86,12 @@ class Dense:
         return cls(linear.eval(), _activation(config.get("activation_function", "torch.nn.modules.activation.Tanh")),
                    residual, bool(config.get("use_residual")))
 
-    def to(self, device: torch.device) -> Dense:
-        self.linear.to(device)
+    def to(self, device: torch.device, dtype: torch.dtype) -> Dense:
+        """On the model's device and in its dtype, as sentence-transformers casts the modules after the
+        transformer."""
+        self.linear.to(device, dtype)
         if self.residual is not None:
-            self.residual.to(device)
+            self.residual.to(device, dtype)
         return self
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -178,6 +182,14 @@ class SentenceTransformer:
         if task != "feature-extraction":
             raise UnsupportedModelError(f"sentence-transformers transformer_task {task!r} is not supported")
         tokenizer_kwargs, model_kwargs = loader_kwargs(settings)
+        config = _read_json(folder / "config_sentence_transformers.json")
+        self.prompts = {**config.get("prompts", {}), **(prompts or {})}
+        self.default_prompt_name = default_prompt_name or config.get("default_prompt_name")
+        if self.default_prompt_name is not None and self.default_prompt_name not in self.prompts:
+            raise UnsupportedModelError(f"default prompt name {self.default_prompt_name!r} is not one of the "
+                                        f"configured prompts {sorted(self.prompts)}")
+        self.similarity_fn_name = config.get("similarity_fn_name") or "cosine"
+        self.truncate_dim = truncate_dim
         if self._owns_model:
             self.model = EnergonModel.from_pretrained(transformer if self.modules.transformer_path else
                                                       model_name_or_path, **{**model_kwargs, **load_kwargs})
@@ -188,17 +200,14 @@ class SentenceTransformer:
             raise UnsupportedModelError(f"sentence embeddings need a base model's token embeddings; "
                                         f"{self.model.architecture.name} computes {self.model.model.token_outputs}")
         for dense in self.modules.dense:
-            dense.to(self.model.device)
+            dense.to(self.model.device, self.model.dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(transformer, **tokenizer_kwargs)
-        self.max_seq_length = self._max_seq_length(settings.get("max_seq_length"),
-                                                   capped="model_max_length" not in tokenizer_kwargs)
+        # sentence-transformers: the tokenizer arguments' model_max_length wins over max_seq_length, uncapped
+        from_tokenizer = "model_max_length" in tokenizer_kwargs
+        self.max_seq_length = self._max_seq_length(None if from_tokenizer else settings.get("max_seq_length"),
+                                                   capped=not from_tokenizer)
         if settings.get("do_lower_case"):
             _lowercase(self.tokenizer)
-        config = _read_json(folder / "config_sentence_transformers.json")
-        self.prompts = {**config.get("prompts", {}), **(prompts or {})}
-        self.default_prompt_name = default_prompt_name or config.get("default_prompt_name")
-        self.similarity_fn_name = config.get("similarity_fn_name") or "cosine"
-        self.truncate_dim = truncate_dim
 
     def _max_seq_length(self, configured: int | None, capped: bool = True) -> int:
         """sentence_bert_config.json's max_seq_length where it gives one, else the tokenizer's model_max_length,
@@ -225,8 +234,8 @@ class SentenceTransformer:
     def embed_sequences(self, sequences: list[list[int]], prompt_length: int = 0,
                         normalize: bool | None = None) -> list[torch.Tensor]:
         """Token sequences -> one sentence embedding each (pooling and Dense as modules.json says), in the model's
-        dtype. `normalize`: None as the folder's Normalize module says; the embeddings server's batches pass
-        False and normalize as each request asks (TEI's `normalize`)."""
+        dtype (a Dense module computes in it too). `normalize`: None as the folder's Normalize module says; the
+        embeddings server's batches pass False and normalize as each request asks (TEI's `normalize`)."""
         outputs, cu_seqlens = self.model.run_packed(sequences)
         vectors = self.modules.pooling(outputs["last_hidden_state"], cu_seqlens, prompt_length)
         for dense in self.modules.after:

@@ -40,16 +40,26 @@ def check_paged(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q) -
 
 
 # The longest sequence the compiled varlen op takes (longer ones run SDPA, whose blocked kernel wins on them), by
-# measurement on the 2-core Xeon, ~4096 tokens of lengths U[L/2, L], the op's speed over one SDPA call per sequence:
-# encoders (not causal), head size 32: 5.4x at L = 16, 2.0x at 64, 1.2x at 128, 0.82x at 192; head size 64: 3.5x,
-# 1.3x, 1.04x, 0.96x. Causal (prompts), SmolLM2's 9 / 3 heads of 64: 4.5x at 16, 1.6x at 128, 1.4x at 256, 1.2x
-# at about 500. Whole forwards, interleaved A/B: MiniLM on 306 passages of 6-48 words 1.08x (float32), 1.15x
-# (int8); batch 32 of U[16, 240] tokens, float32: bert-base 1.01x, MiniLM 0.98x at 64 (0.96x at 128).
-# Since the op's softmax runs on 16 lanes and its scores on two key tiles (16 sequences of L and L/2 tokens, 12
-# heads: head size 32 at L = 128 1.4x SDPA, 240 1.1x, 384 0.99x; head size 64 1.1x, 0.97x, 0.9x), and whole
-# forwards leave SDPA's per-sequence calls and their q/k/v copies behind: batch 32 of U[16, 240], interleaved, up to
-# 64 / 128 / 256 tokens: MiniLM 2.10x / 2.18x / 2.29x transformers, bert-base 1.96x / 2.07x / 2.14x.
+# measurement on the 2-core Xeon. Head sizes the op tiles in registers (TILED_HEAD_SIZES, on AVX-512 hosts), with its
+# softmax on 16 lanes and two key tiles per q feature (16 sequences of L and L/2 tokens, 12 heads, against one SDPA
+# call per sequence): head size 32 at L = 128 1.4x, 240 1.1x, 384 0.99x; head size 64 1.1x, 0.97x, 0.9x. Whole
+# forwards also leave SDPA's per-sequence calls and their q/k/v copies behind: batch 32 of U[16, 240], interleaved,
+# limit 64 / 128 / 256: MiniLM 2.10x / 2.18x / 2.29x transformers, bert-base 1.96x / 2.07x / 2.14x. Equal lengths
+# too: ViT-base's 197 tokens x 32 images 1.1x SDPA's one batched call (8 images 1.2x). Causal (prompts),
+# SmolLM2's 9 / 3 heads of 64 (before the rework): 4.5x at 16, 1.6x at 128, 1.4x at 256, 1.2x at about 500.
 COMPILED_VARLEN_TOKENS = {False: 256, True: 512}
+TILED_HEAD_SIZES = (32, 64)
+# Other head sizes and hosts run the op's portable loops: the limits measured before the tiles were reworked (head
+# size 32 then: 2.0x SDPA at 64 tokens, 1.2x at 128), not re-measured.
+PORTABLE_VARLEN_TOKENS = {False: 64, True: 512}
+
+
+def _compiled_limit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> int:
+    """The longest sequence the compiled varlen op takes for these (0: none)."""
+    if not _compiled_varlen(q, k, v):
+        return 0
+    tiled = q.shape[-1] in TILED_HEAD_SIZES and "avx512f" in compiled.cpu_flags()
+    return (COMPILED_VARLEN_TOKENS if tiled else PORTABLE_VARLEN_TOKENS)[causal]
 
 
 def _compiled_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -77,14 +87,15 @@ def varlen_attention(
 
     One SDPA call per sequence: it does exactly sum(len_i^2) work and lets SDPA pick its fused CPU
     kernel (no mask tensor needed), which measured faster than one padded call with a mask. Float32 sequences of
-    up to COMPILED_VARLEN_TOKENS tokens on CPU run the compiled op instead (csrc/varlen_attention.cpp): one call
+    up to COMPILED_VARLEN_TOKENS tokens (PORTABLE_VARLEN_TOKENS for untiled head sizes) on CPU run the compiled op
+    instead (csrc/varlen_attention.cpp): one call
     for them all, where SDPA's fixed cost per call dominated short sequences (all-MiniLM-L6-v2, 128 sequences of
     8-64 tokens: 4.9 against 12.1 ms a layer). Longer ones still run SDPA, into the same output.
     """
     check_qkv(q, k, v)
     gqa = q.shape[1] != k.shape[1]
     batch = cu_seqlens.shape[0] - 1
-    compiled_len = COMPILED_VARLEN_TOKENS[causal] if _compiled_varlen(q, k, v) else 0
+    compiled_len = _compiled_limit(q, k, v, causal)
     compiled_scale = q.shape[-1] ** -0.5 if scale is None else scale
     if max_seqlen <= compiled_len:  # every sequence (no length limit: the output is never left unwritten)
         return torch.ops.energon_hf.varlen_attention(q, k, v, cu_seqlens, causal, compiled_scale, q.shape[0])

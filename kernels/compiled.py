@@ -45,6 +45,17 @@ def available() -> bool:
     return enabled() and _load()
 
 
+@cache
+def cpu_flags() -> frozenset[str]:
+    """This CPU's instruction-set flags (x86 /proc/cpuinfo; empty elsewhere): what the -march=native build has."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    return frozenset(line.partition(":")[2].split())
+
+
 def _build_tag() -> str:
     """A short hash of the CPU (its model and instruction sets: the build is -march=native, so a cache directory
     that travels to another kind of CPU must not hand it a library with instructions it lacks) and of the torch

@@ -51,13 +51,19 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, bias: torch.Tensor | None, weight: torch.Tensor,
                    beta: torch.Tensor, eps: float) -> torch.Tensor:
     """LayerNorm((x + bias) + residual): a post-LayerNorm layer's close, with its projection's bias (None: x has
-    it). One compiled pass on CPU in float32 (csrc/elementwise.cpp: bert-base's [4089, 768] 3 passes of about
-    5 ms each in torch), torch's ops otherwise."""
+    it). One compiled pass where `add_layer_norm_compiles` (csrc/elementwise.cpp says what it saves), torch's ops
+    otherwise."""
     parts = (x, residual, weight, beta) if bias is None else (x, residual, weight, beta, bias)
     if x.dtype == torch.float32 and _compiled(*parts):
         return torch.ops.energon_hf.add_layer_norm(x, residual, bias, weight, beta, eps)
     total = x + residual if bias is None else (x + bias) + residual
     return F.layer_norm(total, x.shape[-1:], weight, beta, eps)
+
+
+def add_layer_norm_compiles(residual: torch.Tensor) -> bool:
+    """Whether add_layer_norm runs its compiled pass for a residual like this one: float32 on CPU, outside
+    autograd (a caller that adds the bias itself otherwise keeps it in its product)."""
+    return residual.dtype == torch.float32 and _compiled(residual)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -13,23 +13,18 @@ Prefill-sized inputs and other devices keep F.linear.
 
 from __future__ import annotations
 
-from functools import cache
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
+
+from . import compiled
 
 SMALL_BATCH_ROWS = range(2, 65)
 
 
-@cache
 def amx_cpu() -> bool:
     """Whether this CPU has AMX tiles (Intel Sapphire Rapids and later): the hosts where F.linear on the plain
     float32 weight is the fastest small product (above)."""
-    try:
-        return "amx_tile" in Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
+    return "amx_tile" in compiled.cpu_flags()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -45,7 +40,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 # From this many rows a product writes into the buffer it is given (below it, decode steps keep their own paths).
-BUFFERED_ROWS = 64
+BUFFERED_ROWS = SMALL_BATCH_ROWS.stop
 
 
 def _into(out: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor) -> bool:

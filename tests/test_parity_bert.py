@@ -1,11 +1,14 @@
 """BERT against transformers on the same weights, tiny configs and the real all-MiniLM-L6-v2."""
 
+import importlib
+
 import pytest
 import torch
 import transformers
 from helpers import ATOL, MIXED_LENGTHS, first_real_index, max_diff_on_real, padded_batch
 
 from energon_hf import EnergonModel
+from energon_hf.nn import formats
 
 VOCAB = 100
 
@@ -28,6 +31,31 @@ def test_token_outputs_match_transformers(tiny, arch, side):
     field = "last_hidden_state" if arch == "BertModel" else "logits"
     assert getattr(got, field).shape == getattr(expected, field).shape
     assert max_diff_on_real(getattr(got, field), getattr(expected, field), inputs["attention_mask"]) <= ATOL
+
+
+def test_layers_write_their_products_into_the_steps_buffers(tiny, monkeypatch):
+    """A forward of 178 tokens: each layer's q/k/v and up-projection write into the step's buffers (float32 weights
+    kept plain, as on this project's AMX hosts, where oneDNN packing would ignore the buffer), still transformers'
+    output."""
+    linear_module = importlib.import_module("energon_hf.kernels.linear")
+    monkeypatch.setattr(formats, "onednn_packing_pays", lambda dtype: False)
+    written, into = set(), linear_module._into  # products (weights) that wrote into a buffer
+
+    def spy(out, x, weight):
+        if into(out, x, weight):
+            written.add(weight.data_ptr())
+            return True
+        return False
+
+    monkeypatch.setattr(linear_module, "_into", spy)
+    ours, hf = EnergonModel.from_pretrained(tiny.make("BertModel")), tiny.hf("BertModel")
+    inputs = _inputs("right")
+    got = ours(**inputs)
+    layers = ours.model.layers
+    assert written == {proj.format.weight.data_ptr() for layer in layers for proj in (layer.qkv, layer.fc)}
+    with torch.no_grad():
+        expected = hf(**inputs)
+    assert max_diff_on_real(got.last_hidden_state, expected.last_hidden_state, inputs["attention_mask"]) <= ATOL
 
 
 @pytest.mark.parametrize("side", ["left", "right"])

@@ -147,13 +147,15 @@ def test_half_precision_and_the_servers_path(prompt_model):
         assert abs(vectors[0].float().norm().item() - 1) < 1e-2
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_half_precision_outputs_have_sentence_transformers_dtypes(minilm_path, dtype):
-    """Tensors keep the model's half-precision dtype, numpy arrays too except bfloat16 (which numpy lacks: float32),
-    as sentence-transformers returns them from the same model in that dtype; the vectors agree."""
-    reference = Reference(str(minilm_path), device="cpu", model_kwargs={"dtype": getattr(torch, dtype)})
+@pytest.mark.parametrize("folder,dtype", [("minilm_path", "float16"), ("prompt_model", "bfloat16")])
+def test_half_precision_outputs_have_sentence_transformers_dtypes(folder, dtype, request):
+    """Tensors keep the model's half-precision dtype (a Dense module computes in it, as sentence-transformers casts
+    the modules after the transformer), numpy arrays too except bfloat16 (which numpy lacks: float32), as
+    sentence-transformers returns them from the same model in that dtype; the vectors agree."""
+    folder = request.getfixturevalue(folder)
+    reference = Reference(str(folder), device="cpu", model_kwargs={"dtype": getattr(torch, dtype)})
     texts = SENTENCES[:4]
-    with SentenceTransformer(minilm_path, dtype=dtype) as ours:
+    with SentenceTransformer(folder, dtype=dtype) as ours:
         for kwargs in [{}, {"convert_to_tensor": True}, {"convert_to_numpy": False},
                        {"convert_to_tensor": True, "normalize_embeddings": True, "truncate_dim": 8},
                        {"precision": "ubinary"}]:
@@ -206,25 +208,26 @@ def test_a_transformer_in_a_subfolder(tmp_path, cls_max_dense):
 
 def test_loader_settings_of_sentence_bert_config(tmp_path, cls_max_dense):
     """sentence_bert_config.json's tokenizer arguments (old name tokenizer_args) reach the tokenizer (a
-    model_max_length of 20, uncapped, truncates as sentence-transformers does) and its model dtype the model; a
-    model setting we would not apply is refused by name."""
+    model_max_length of 20 wins over the config's max_seq_length of 48, uncapped, and truncates as
+    sentence-transformers does) and its model dtype the model (dtype beside torch_dtype); a model setting we would
+    not apply is refused by name."""
     folder = tmp_path / "st"
     shutil.copytree(cls_max_dense, folder)
     path = folder / "sentence_bert_config.json"
-    settings = {key: value for key, value in json.loads(path.read_text()).items() if key != "max_seq_length"}
+    settings = {**json.loads(path.read_text()), "max_seq_length": 48}  # as sentence-transformers < 6 wrote it
     path.write_text(json.dumps({**settings, "tokenizer_args": {"model_max_length": 20},
-                                "model_args": {"torch_dtype": "bfloat16"}}))
-    expected = Reference(str(folder), device="cpu").encode(SENTENCES)
+                                "model_args": {"torch_dtype": "bfloat16", "dtype": "bfloat16"}}))
     with SentenceTransformer(folder) as ours:
         assert ours.max_seq_length == 20 and ours.model.dtype == torch.bfloat16
-        got = ours.encode(SENTENCES)
-    assert torch.nn.functional.cosine_similarity(torch.from_numpy(got), torch.from_numpy(expected)).min() > 0.99
     with SentenceTransformer(folder, dtype="float32") as ours:  # the caller's dtype wins, as in sentence-transformers
         assert np.abs(ours.encode(SENTENCES) - Reference(str(folder), device="cpu", model_kwargs={
             "dtype": torch.float32}).encode(SENTENCES)).max() <= 1e-5
     path.write_text(json.dumps({**settings, "model_kwargs": {"device_map": "auto", "attn_implementation": "eager"}}))
     with pytest.raises(UnsupportedModelError, match=r"model_kwargs\['device_map'\]"):
         SentenceTransformer(folder)
+    path.write_text(json.dumps(settings))
+    with pytest.raises(UnsupportedModelError, match="default prompt name 'passage' is not one of"):
+        SentenceTransformer(folder, default_prompt_name="passage")
 
 
 def test_refused_folders(tmp_path, cls_max_dense, tiny):

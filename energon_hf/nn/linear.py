@@ -64,12 +64,12 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor, buffers: StepBuffers | None = None) -> torch.Tensor:
         """`buffers`: the step's (a layer with a `step_buffer` role writes into its role's buffer)."""
-        out = None
+        buffer = None
         if buffers is not None and self.step_buffer is not None and x.dim() == 2:
-            out = buffers.take(self.step_buffer, x.shape[0], self.out_features, x)
+            buffer = buffers.take(self.step_buffer, x.shape[0], self.out_features, x)
         if self.gelu is not None:
             if self.format is None:
-                return kernels.linear_gelu(x, self.weight, self.bias, self.gelu, out)
-            return self.format(x, self.bias, self.gelu, self.feeds_product, out)
-        out = self.project(x, self.bias, out)
+                return kernels.linear_gelu(x, self.weight, self.bias, self.gelu, buffer)
+            return self.format(x, self.bias, self.gelu, self.feeds_product, buffer)
+        out = self.project(x, self.bias, buffer)
         return out if self.act is None else self.act(out)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from energon_hf import kernels
-from energon_hf.kernels import compiled
+from energon_hf.kernels.elementwise import add_layer_norm_compiles
 
 if TYPE_CHECKING:
     from .parallel import Linear1D_Row
@@ -34,13 +34,11 @@ class LayerNorm(nn.LayerNorm):
 
 
 def add_and_norm(norm: LayerNorm, proj: Linear1D_Row, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    """norm(proj(h) + residual): a post-LayerNorm layer's close (BERT). In float32 on CPU the projection leaves its
-    bias to the compiled add-and-normalize pass (kernels.add_layer_norm): bert-base's [4089, 768] closes, twice per
-    layer, took addmm's bias broadcast, the add and LayerNorm (about 4 + 5.5 + 5 ms). Elsewhere (half precision,
-    where the bias would round once more) the projection keeps its bias."""
-    fused = residual.dtype == torch.float32 and residual.is_cpu and norm.weight is not None \
-        and not torch.is_grad_enabled() and compiled.available()
-    if fused:  # a quantized product fed bfloat16 (Linear's feeds_product) returns it: float32 holds it exactly
+    """norm(proj(h) + residual): a post-LayerNorm layer's close (BERT). Where the compiled add-and-normalize pass
+    runs (float32 on CPU: kernels.add_layer_norm) the projection leaves its bias to it, which saves addmm's bias
+    broadcast too. Elsewhere (half precision, where the bias would round once more) the projection keeps it."""
+    if norm.weight is not None and add_layer_norm_compiles(residual):
+        # a quantized product fed bfloat16 (Linear's feeds_product) returns it: float32 holds it exactly
         out = proj(h, add_bias=False).to(residual.dtype)
         return kernels.add_layer_norm(out, residual, proj.bias, norm.weight, norm.bias, norm.eps)
     return norm(proj(h) + residual)

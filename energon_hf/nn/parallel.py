@@ -92,7 +92,7 @@ class Linear1D_Row(ShardedMixin, Linear):  # noqa: N801 (EnergonAI's name)
     def shard_for(self, param: str) -> Shard | None:
         return self._shard if param == "weight" else None  # the bias is whole on every rank
 
-    def forward(self, x: torch.Tensor, add_bias: bool = True) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, add_bias: bool = True) -> torch.Tensor:
         """`add_bias=False`: the caller adds the bias (nn/norm.add_and_norm, in the same pass as a residual)."""
         st = state()
         if st.tp_size == 1:
