@@ -8,6 +8,7 @@ from torch import nn
 
 from energon_hf import kernels
 from energon_hf.batch import StepBuffers
+from energon_hf.kernels.linear import BUFFERED_ROWS
 
 from .formats import FormatPlan, LinearWeight, linear_format
 
@@ -64,8 +65,8 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor, buffers: StepBuffers | None = None) -> torch.Tensor:
         """`buffers`: the step's (a layer with a `step_buffer` role writes into its role's buffer)."""
-        buffer = None
-        if buffers is not None and self.step_buffer is not None and x.dim() == 2:
+        buffer = None  # decode steps' few rows never write into one (kernels.linear): no buffer on their hot path
+        if buffers is not None and self.step_buffer is not None and x.dim() == 2 and x.shape[0] >= BUFFERED_ROWS:
             buffer = buffers.take(self.step_buffer, x.shape[0], self.out_features, x)
         if self.gelu is not None:
             if self.format is None:
