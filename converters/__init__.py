@@ -8,7 +8,6 @@ from .bert import (
 )
 from .checkpoint import CheckpointReader, find_weight_files
 from .gpt2 import gpt2_lm_head_specs, gpt2_model_specs
-from .llama import llama_causal_lm_specs
 from .loader import load_weights
 from .opt import opt_causal_lm_specs
 from .vit import vit_image_classification_specs, vit_model_specs
@@ -24,7 +23,6 @@ __all__ = [
     "find_weight_files",
     "gpt2_lm_head_specs",
     "gpt2_model_specs",
-    "llama_causal_lm_specs",
     "load_weights",
     "opt_causal_lm_specs",
     "vit_image_classification_specs",

@@ -22,8 +22,16 @@ from .gguf_blocks import block_map, write_block_map
 if TYPE_CHECKING:
     from gguf import GGUFReader
 
-# GGUF `general.architecture` -> the HF model_type we implement for it.
-GGUF_ARCHITECTURES = {"llama": "llama", "gpt2": "gpt2", "bert": "bert"}
+
+def gguf_architectures() -> tuple[str, ...]:
+    """The GGUF `general.architecture` names we load: those that transformers' GGUF reader reads and that name a
+    model_type of ours (llama.cpp's names are transformers' model types; Mistral files say "llama")."""
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    from energon_hf.models import SUPPORTED_MODEL_TYPES
+
+    return tuple(arch for arch in SUPPORTED_MODEL_TYPES if arch in GGUF_CONFIG_MAPPING)
+
 # Part of the cache key: a folder written by an older layout is converted again (2: gguf_blocks.json, 3: with
 # the Q8_0 tensors).
 CACHE_VERSION = 3
@@ -67,9 +75,9 @@ def convert_gguf(path: str | os.PathLike) -> Path:
         return folder
     reader = open_gguf(path)
     arch = gguf_architecture(reader)
-    if arch not in GGUF_ARCHITECTURES:
+    if arch not in gguf_architectures():
         raise UnsupportedModelError(
-            f"GGUF architecture {arch!r} in {path.name} is not supported; supported: {', '.join(GGUF_ARCHITECTURES)}"
+            f"GGUF architecture {arch!r} in {path.name} is not supported; supported: {', '.join(gguf_architectures())}"
         )
     import torch
     from safetensors.torch import save_file

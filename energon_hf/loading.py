@@ -166,9 +166,7 @@ def load_model(folder: Path, dtype: torch.dtype, device: torch.device | str,
     loaded (the others stay on the meta device). Each layer's weight is then held as `quantization` asks,
     and packed for the device's fastest product unless `pack` is off (weights that are to be saved).
     """
-    config = load_config(folder)
-    architecture = architecture_for(config)
-    model = empty_model(config)
+    model = empty_model(load_config(folder))
     st = state()
     wanted = None
     if st.pp_size > 1:
@@ -179,6 +177,6 @@ def load_model(folder: Path, dtype: torch.dtype, device: torch.device | str,
     if manifest is not None:  # pre-sharded by energon_hf.convert: this rank's own file
         load_rank(model, folder, manifest, st.rank, dtype, torch.device(device), wanted, plan)
     else:
-        load_weights(model, architecture.weight_specs(config), CheckpointReader(folder), dtype, torch.device(device),
-                     base_prefix=architecture.model_cls.base_prefix, wanted=wanted, plan=plan)
+        load_weights(model, model.weight_specs(), CheckpointReader(folder), dtype, torch.device(device),
+                     base_prefix=model.base_prefix, wanted=wanted, plan=plan)
     return model.eval().requires_grad_(False)

@@ -82,8 +82,10 @@ def varlen_attention(
     max_seqlen: int,
     causal: bool,
     scale: float | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """q [T, Hq, D], k/v [T, Hkv, D] packed; returns [T, Hq, D].
+    """q [T, Hq, D], k/v [T, Hkv, D] packed; returns [T, Hq, D]. `window`: sliding-window attention (causal
+    only), each query sees its own and the window - 1 keys before it (`window_mask`).
 
     One SDPA call per sequence: it does exactly sum(len_i^2) work and lets SDPA pick its fused CPU
     kernel (no mask tensor needed), which measured faster than one padded call with a mask. Float32 sequences of
@@ -93,6 +95,8 @@ def varlen_attention(
     8-64 tokens: 4.9 against 12.1 ms a layer). Longer ones still run SDPA, into the same output.
     """
     check_qkv(q, k, v)
+    if binds(window, max_seqlen):
+        return _windowed_varlen(q, k, v, cu_seqlens, max_seqlen, causal, scale, window)
     gqa = q.shape[1] != k.shape[1]
     batch = cu_seqlens.shape[0] - 1
     compiled_len = _compiled_limit(q, k, v, causal)
@@ -119,6 +123,40 @@ def varlen_attention(
     return out
 
 
+def binds(window: int | None, longest: int) -> bool:
+    """Whether a sliding window hides any key from a query of sequences up to `longest` keys (else the windowed
+    attention is the full one, and runs the full one's faster paths)."""
+    return window is not None and longest > window
+
+
+def window_mask(query_pos: torch.Tensor, keys: int, window: int | None) -> torch.Tensor:
+    """[..., keys] bool: which key positions 0..keys-1 each query position sees, causally and within the
+    sliding window as transformers draws it (key > query - window)."""
+    key_pos = torch.arange(keys, device=query_pos.device)
+    visible = key_pos <= query_pos[..., None]
+    return visible if window is None else visible & (key_pos > query_pos[..., None] - window)
+
+
+def _windowed_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                     max_seqlen: int, causal: bool, scale: float | None, window: int) -> torch.Tensor:
+    """varlen_attention where the window binds: one SDPA call per sequence with the window's mask (a window
+    mask depends only on the distance between positions, so every sequence takes a corner of the longest's)."""
+    if not causal:
+        raise ValueError("sliding-window attention is causal only")
+    mask = window_mask(torch.arange(max_seqlen, device=q.device), max_seqlen, window)
+    gqa = q.shape[1] != k.shape[1]
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        if end == start:
+            continue
+        qi, ki, vi = (t[start:end].transpose(0, 1)[None] for t in (q, k, v))
+        n = end - start
+        oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask[:n, :n], scale=scale, enable_gqa=gqa)
+        out[start:end] = oi[0].transpose(0, 1)
+    return out
+
+
 def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -129,8 +167,9 @@ def paged_attention(
     max_seqlen_q: int,
     scale: float | None = None,
     scratch: dict | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """Causal attention of new tokens to the cache.
+    """Causal attention of new tokens to the cache (within a sliding `window`, as varlen_attention's).
 
     q [T, Hq, D] packed new tokens (their K/V already written to the cache); k_cache/v_cache
     [num_blocks, block_size, Hkv, D]; block_tables [B, max_blocks]; context_lens [B] = tokens in the
@@ -141,22 +180,26 @@ def paged_attention(
     the mask) is computed by the first layer and reused by the others: at one token per step every op counts
     (SmolLM2 runs this 30 times per token).
     """
-    plan = step_plan(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_seqlen_q, scratch)
+    plan = step_plan(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_seqlen_q, scratch, window)
     return plan.attend(q, k_cache, v_cache, scale)
 
 
 def step_plan(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-              context_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, max_seqlen_q: int, scratch: dict | None):
+              context_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, max_seqlen_q: int, scratch: dict | None,
+              window: int | None = None):
     """The step's attention plan (its `.attend(q, k_cache, v_cache, scale)`), checked and made by the first layer
-    and kept in `scratch` for the others (paged_attention's arguments; Llama's decode loop asks for it too)."""
-    plan = None if scratch is None else scratch.get("paged_attention")
+    and kept in `scratch` for the others (paged_attention's arguments; Llama's decode loop asks for it too). Layers
+    with another window (Gemma's local and global ones) have their own plan."""
+    key = ("paged_attention", window)
+    plan = None if scratch is None else scratch.get(key)
     if plan is None:
         check_paged(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q)
         block_size = k_cache.shape[1]
-        plan = decode_plan(block_tables, context_lens, block_size, q.dtype) if max_seqlen_q == 1 else \
-            _MixedPlan(block_tables, context_lens, cu_seqlens_q, block_size, q.dtype)
+        window = window if binds(window, int(context_lens.max())) else None
+        plan = decode_plan(block_tables, context_lens, block_size, q.dtype, window) if max_seqlen_q == 1 else \
+            _MixedPlan(block_tables, context_lens, cu_seqlens_q, block_size, q.dtype, window)
         if scratch is not None:
-            scratch["paged_attention"] = plan
+            scratch[key] = plan
     return plan
 
 
@@ -172,7 +215,8 @@ class _DecodePlan:
     """The per-step part of attention for sequences with one new token each: which cache blocks to gather
     and which slots each sequence sees."""
 
-    def __init__(self, block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int):
+    def __init__(self, block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int,
+                 window: int | None = None):
         self.batch = block_tables.shape[0]
         self.max_ctx = block_tables.shape[1] * block_size
         # index_select on the flat block list: ~6x faster than advanced indexing with the 2-D table.
@@ -180,11 +224,10 @@ class _DecodePlan:
         self.first_block = _first_of_consecutive(self.blocks) if self.batch == 1 else None
         ctx = context_lens.long()
         self.keys = int(ctx.max())  # gathered slots past the longest context are never looked at
-        # Only slots past a shorter context are hidden; with one sequence (or equal contexts) none are, and SDPA
-        # runs without a mask (faster).
-        equal = int(ctx.min()) == self.keys
-        key_pos = torch.arange(self.keys, device=ctx.device)
-        self.mask = None if equal else (key_pos[None, :] < ctx[:, None])[:, None, None, :]
+        # Only slots past a shorter context (or before a sliding window) are hidden; with one sequence (or equal
+        # contexts) and no window none are, and SDPA runs without a mask (faster).
+        equal = int(ctx.min()) == self.keys and window is None
+        self.mask = None if equal else window_mask(ctx - 1, self.keys, window)[:, None, None, :]
 
     def keys_values(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """This step's keys and values [batch, kv heads, keys, D], in block-table order."""
@@ -237,12 +280,13 @@ class _GroupedDecodePlan:
     its own longest context, instead of every sequence padded to the step's longest."""
 
     def __init__(self, block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int,
-                 groups: list[list[int]]):
+                 groups: list[list[int]], window: int | None = None):
         self.parts = []
         for rows in groups:
             index = torch.tensor(rows, dtype=torch.long, device=block_tables.device)
             width = -(-int(context_lens[index].max()) // block_size)
-            self.parts.append((index, _DecodePlan(block_tables[index, :width], context_lens[index], block_size)))
+            self.parts.append((index, _DecodePlan(block_tables[index, :width], context_lens[index], block_size,
+                                                  window)))
 
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                scale: float | None) -> torch.Tensor:
@@ -270,25 +314,27 @@ class _InPlaceDecodePlan:
 
 
 def decode_plan(block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int,
-                dtype: torch.dtype = torch.float32):
+                dtype: torch.dtype = torch.float32, window: int | None = None):
     """The plan for a step's one-token sequences: read in place by the compiled kernel where it is available
     (CPU, float32), else gathered in one padded batch, or in groups by length when that gathers fewer key slots
     (`length_groups`).
 
     Half-precision caches keep the gathering path: the kernel accumulates their scores and weights in float32,
     no less exactly than SDPA, but differently enough from transformers' bfloat16 SDPA that greedy agreement
-    with it fell below that test's 90 % bound (81-89 %) on the tiny random models of test_half_precision."""
-    if block_tables.device.type == "cpu" and dtype == torch.float32 and compiled.available():
+    with it fell below that test's 90 % bound (81-89 %) on the tiny random models of test_half_precision.
+    A sliding `window` that binds (`binds`) is masked on the gathering path (the kernel reads whole contexts)."""
+    if block_tables.device.type == "cpu" and dtype == torch.float32 and compiled.available() and window is None:
         return _InPlaceDecodePlan(block_tables, context_lens)
-    return gathering_decode_plan(block_tables, context_lens, block_size)
+    return gathering_decode_plan(block_tables, context_lens, block_size, window)
 
 
-def gathering_decode_plan(block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int):
+def gathering_decode_plan(block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int,
+                          window: int | None = None):
     """The torch-only plan: one padded batch, or groups by length when that gathers fewer key slots."""
     groups = length_groups(context_lens.tolist(), block_size, DECODE_GROUP_COST) if block_tables.shape[0] > 1 else []
     if len(groups) <= 1:
-        return _DecodePlan(block_tables, context_lens, block_size)
-    return _GroupedDecodePlan(block_tables, context_lens, block_size, groups)
+        return _DecodePlan(block_tables, context_lens, block_size, window)
+    return _GroupedDecodePlan(block_tables, context_lens, block_size, groups, window)
 
 
 class _MixedPlan:
@@ -298,11 +344,12 @@ class _MixedPlan:
     (a padded batch of one 256-token chunk and 63 decodes would attend 64 x 256 query rows)."""
 
     def __init__(self, block_tables: torch.Tensor, context_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                 block_size: int, dtype: torch.dtype):
+                 block_size: int, dtype: torch.dtype, window: int | None = None):
         bounds = cu_seqlens_q.tolist()
         single = [i for i in range(len(bounds) - 1) if bounds[i + 1] - bounds[i] == 1]
         self.single_rows = torch.tensor([bounds[i] for i in single], dtype=torch.long, device=block_tables.device)
-        self.singles = decode_plan(block_tables[single], context_lens[single], block_size, dtype) if single else None
+        self.singles = decode_plan(block_tables[single], context_lens[single], block_size, dtype, window) \
+            if single else None
         self.chunks = []  # (first row, end row, its keys' plan, mask or None for a chunk that is its whole context)
         for i in range(len(bounds) - 1):
             start, end = bounds[i], bounds[i + 1]
@@ -310,8 +357,7 @@ class _MixedPlan:
                 continue
             ctx = int(context_lens[i])
             query_pos = torch.arange(ctx - (end - start), ctx, device=block_tables.device)
-            mask = None if ctx == end - start else \
-                torch.arange(ctx, device=block_tables.device)[None, :] <= query_pos[:, None]
+            mask = None if ctx == end - start and not binds(window, ctx) else window_mask(query_pos, ctx, window)
             self.chunks.append((start, end, _DecodePlan(block_tables[i:i + 1], context_lens[i:i + 1], block_size),
                                 mask))
 

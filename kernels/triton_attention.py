@@ -23,10 +23,10 @@ LOG2E = 1.4426950408889634
 @triton.jit
 def _flash_attention(
     Q, K, V, Out, cu_seqlens_q, context_lens, block_tables,
-    qk_scale, head_dim, block_size,
+    qk_scale, head_dim, block_size, window,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kt, stride_kh, stride_kb, stride_bt,
-    GROUP: tl.constexpr, CAUSAL: tl.constexpr, PAGED: tl.constexpr,
+    GROUP: tl.constexpr, CAUSAL: tl.constexpr, PAGED: tl.constexpr, WINDOWED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     m_block = tl.program_id(0)
@@ -54,11 +54,15 @@ def _flash_attention(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    key_begin = 0
     key_end = ctx
     if CAUSAL:  # keys past this block's last query are masked for every row: skip them
         last_token = tl.minimum((m_block + 1) * BLOCK_M - 1, q_len * GROUP - 1) // GROUP
         key_end = tl.minimum(ctx, ctx - q_len + last_token + 1)
-    for key_start in range(0, key_end, BLOCK_N):
+    if WINDOWED:  # and keys before the first query's window, from the key block that holds its first
+        first_token = (m_block * BLOCK_M) // GROUP
+        key_begin = tl.maximum(ctx - q_len + first_token - window + 1, 0) // BLOCK_N * BLOCK_N
+    for key_start in range(key_begin, key_end, BLOCK_N):
         key_pos = key_start + tl.arange(0, BLOCK_N)
         key_ok = key_pos < ctx
         if PAGED:
@@ -75,21 +79,29 @@ def _flash_attention(
         visible = key_ok[None, :]
         if CAUSAL:
             visible = visible & (key_pos[None, :] <= query_pos[:, None])
+        if WINDOWED:
+            visible = visible & (key_pos[None, :] > query_pos[:, None] - window)
         scores = tl.where(visible, scores, float("-inf"))
-        # Every real row sees key 0 in the first block, so m_new is finite for it from then on.
+        # Without a window every real row sees key 0 in the first block, so m_new is finite for it from then on;
+        # a window may hide a whole block from a row: it then subtracts 0 (p = 0, alpha = 1 until a key shows).
         m_new = tl.maximum(m_i, tl.max(scores, 1))
-        p = tl.exp2(scores - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
+        m_shift = m_new
+        if WINDOWED:
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(scores - m_shift[:, None])
+        alpha = tl.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
+    if WINDOWED:  # rows past the sequence (not stored) may see no key in the window: no 0 / 0 for them
+        l_i = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_i[:, None]
     o_offsets = (q_start + token).to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :]
     tl.store(Out + o_offsets, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
 
 
-def _launch(q, k, v, cu_seqlens_q, context_lens, block_tables, max_seqlen_q, causal, paged, scale):
+def _launch(q, k, v, cu_seqlens_q, context_lens, block_tables, max_seqlen_q, causal, paged, scale, window):
     """Shared launcher; k/v are [T, Hkv, D] (varlen) or [num_blocks, block_size, Hkv, D] (paged)."""
     q = q.contiguous()
     out = torch.empty_like(q)
@@ -107,24 +119,27 @@ def _launch(q, k, v, cu_seqlens_q, context_lens, block_tables, max_seqlen_q, cau
     _flash_attention[grid](
         q, k, v, out, cu_seqlens_q.to(torch.int32), context_lens.to(torch.int32) if paged else cu_seqlens_q,
         block_tables.contiguous() if paged else cu_seqlens_q,
-        scale * LOG2E, head_dim, k.shape[1] if paged else 1,
+        scale * LOG2E, head_dim, k.shape[1] if paged else 1, window or 0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k.stride(-3), k.stride(-2), k.stride(0) if paged else 0, block_tables.stride(0) if paged else 0,
-        GROUP=group, CAUSAL=causal, PAGED=paged, BLOCK_M=block_m, BLOCK_N=block_n,
+        GROUP=group, CAUSAL=causal, PAGED=paged, WINDOWED=window is not None, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 keeps fp32 products (parity)
     )
     return out
 
 
-def varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal, scale=None) -> torch.Tensor:
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal, scale=None, window=None) -> torch.Tensor:
     """Same contract as kernels.attention.varlen_attention."""
     check_qkv(q, k, v)
-    return _launch(q, k, v, cu_seqlens, None, None, max_seqlen, causal, False, scale)
+    if window is not None and not causal:
+        raise ValueError("sliding-window attention is causal only")
+    return _launch(q, k, v, cu_seqlens, None, None, max_seqlen, causal, False, scale, window)
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_seqlen_q, scale=None,
-                    scratch=None):
+                    scratch=None, window=None):
     """Same contract as kernels.attention.paged_attention (one launch per layer: nothing to share in `scratch`)."""
     check_paged(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q)
-    return _launch(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, max_seqlen_q, True, True, scale)
+    return _launch(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, max_seqlen_q, True, True, scale,
+                   window)

@@ -60,14 +60,18 @@ def test_padding_errors():
         kernels.rebuild_padding(torch.zeros(3, 4), torch.tensor([0, 1]), 1, 4)
 
 
-def _naive_attention(q, k, v, causal, scale):
-    """Per-sequence softmax(q k^T * scale) v with grouped kv heads repeated: [L, H, D]."""
+def _naive_attention(q, k, v, causal, scale, window=None):
+    """Per-sequence softmax(q k^T * scale) v with grouped kv heads repeated: [L, H, D]; `window`: each query sees
+    its last `window` keys (itself included), as transformers' sliding-window mask."""
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
     scores = torch.einsum("qhd,khd->hqk", q.double(), k.double()) * scale
     if causal:
         n_q, n_k = q.shape[0], k.shape[0]
-        allowed = torch.arange(n_k)[None, :] <= torch.arange(n_q)[:, None] + (n_k - n_q)
+        query_pos = torch.arange(n_q)[:, None] + (n_k - n_q)
+        allowed = torch.arange(n_k)[None, :] <= query_pos
+        if window is not None:
+            allowed &= torch.arange(n_k)[None, :] > query_pos - window
         scores = scores.masked_fill(~allowed, float("-inf"))
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v.double())
 
@@ -146,6 +150,44 @@ def test_paged_attention_reads_the_cache_through_block_tables(new_tokens, contex
     for seq in range(3):
         start, end = cu[seq].item(), cu[seq + 1].item()
         ref = _naive_attention(q[start:end], keys[seq], values[seq], True, 1 / math.sqrt(dim))
+        assert (out[start:end].double() - ref).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("window", [1, 5, 16])
+def test_varlen_attention_sliding_window(window, attention_backend):
+    """Sequences shorter and longer than the window (a window at least as long as every sequence is full
+    attention); query heads in groups."""
+    lengths, heads, kv_heads, dim = [1, 9, 4, 17, 6], 6, 2, 12
+    total = sum(lengths)
+    q, k, v = torch.randn(total, heads, dim), torch.randn(total, kv_heads, dim), torch.randn(total, kv_heads, dim)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    out = kernels.varlen_attention(q, k, v, cu, max(lengths), True, scale=0.3, window=window)
+    for start, end in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+        ref = _naive_attention(q[start:end], k[start:end], v[start:end], True, 0.3, window)
+        assert (out[start:end].double() - ref).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("new_tokens", [[1, 1, 1], [3, 1, 5], [6, 1, 21]], ids=["decode", "chunks", "first-chunk"])
+@pytest.mark.parametrize("window", [3, 16])
+def test_paged_attention_sliding_window(new_tokens, window, attention_backend):
+    """Decodes and prompt chunks whose contexts pass the window (and one that does not), blocks out of order."""
+    heads, kv_heads, dim, block_size, context = 6, 2, 8, 4, [40, 5, 21]
+    cache = KVCache(1, 32, block_size, kv_heads, dim, torch.float32, "cpu")
+    allocator = BlockAllocator(32, block_size)
+    for seq in (2, 0, 1):
+        allocator.reserve(seq, context[seq])
+    tables = allocator.block_table_tensor([0, 1, 2], "cpu")
+    keys = [torch.randn(n, kv_heads, dim) for n in context]
+    values = [torch.randn(n, kv_heads, dim) for n in context]
+    for seq, n in enumerate(context):
+        cache.write(0, keys[seq], values[seq], slot_mapping(tables, torch.full((n,), seq), torch.arange(n), block_size))
+    q = torch.randn(sum(new_tokens), heads, dim)
+    cu = torch.tensor([0, *torch.tensor(new_tokens).cumsum(0).tolist()], dtype=torch.int32)
+    out = kernels.paged_attention(q, cache.k[0], cache.v[0], tables, torch.tensor(context, dtype=torch.int32),
+                                  cu, max(new_tokens), scale=1 / math.sqrt(dim), window=window)
+    for seq in range(3):
+        start, end = cu[seq].item(), cu[seq + 1].item()
+        ref = _naive_attention(q[start:end], keys[seq], values[seq], True, 1 / math.sqrt(dim), window)
         assert (out[start:end].double() - ref).abs().max() < 1e-5
 
 

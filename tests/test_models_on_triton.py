@@ -1,6 +1,6 @@
 """The models through the Triton kernels (the CUDA path), run by Triton's interpreter on CPU: the same parity
 with transformers as the torch path, for an encoder (exact GELU, bidirectional), GPT-2 (tanh GELU, learned
-positions, paged decode) and Llama (GQA, RMSNorm, SiLU-and-multiply, rotary)."""
+positions, paged decode), Llama (GQA, RMSNorm, SiLU-and-multiply, rotary) and Mistral (sliding windows)."""
 
 import pytest
 import torch
@@ -38,6 +38,17 @@ def test_llama_gqa_forward_and_greedy(tmp_path):
     transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA_TINY)).save_pretrained(tmp_path)
     ours = EnergonModel.from_pretrained(tmp_path)
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    ids, mask = padded_batch(LENGTHS, 128, "left")
+    assert_forward_matches(ours, hf, ids, mask)
+    assert_greedy_matches(ours, hf, ids, mask, max_new_tokens=6)
+
+
+def test_mistral_sliding_window_forward_and_greedy(tmp_path):
+    """Every layer slides over 12 keys, shorter than the 17-token prompt and its decodes."""
+    from test_parity_llama_family import save_tiny
+
+    hf = save_tiny(tmp_path, "MistralForCausalLM")
+    ours = EnergonModel.from_pretrained(tmp_path)
     ids, mask = padded_batch(LENGTHS, 128, "left")
     assert_forward_matches(ours, hf, ids, mask)
     assert_greedy_matches(ours, hf, ids, mask, max_new_tokens=6)

@@ -9,6 +9,7 @@ import torch
 import transformers
 from helpers import MIXED_LENGTHS, assert_forward_matches, assert_greedy_matches, padded_batch
 from test_parity_llama import LLAMA_TINY
+from test_parity_llama_family import FAMILY, save_tiny
 from test_parity_opt import OPT_TINY
 from test_parity_vit import VIT_TINY
 
@@ -95,6 +96,19 @@ def test_gpt2_uneven_stages_and_tied_head(tiny, tp, pp):
 @pytest.mark.parametrize("tp,pp", GRID)
 def test_llama_gqa(tmp_path_factory, tp, pp):
     path, hf = _saved(tmp_path_factory, transformers.LlamaForCausalLM, transformers.LlamaConfig(**LLAMA_TINY))
+    with _engine(path, tp, pp) as ours:
+        ids, mask = padded_batch(LENGTHS, 128, "left")
+        assert_forward_matches(ours, hf, ids, mask)
+        assert_greedy_matches(ours, hf, ids, mask, max_new_tokens=12)
+
+
+@pytest.mark.parametrize("arch", list(FAMILY))
+@pytest.mark.parametrize("tp,pp", GRID[:2])
+def test_llama_family(tmp_path_factory, arch, tp, pp):
+    """Qwen2 (q/k/v biases split by head, a sliding layer), Qwen3 (per-head q/k norms), Mistral (every layer
+    sliding): tp=2 and pp=2."""
+    path = tmp_path_factory.mktemp(arch)
+    hf = save_tiny(path, arch)
     with _engine(path, tp, pp) as ours:
         ids, mask = padded_batch(LENGTHS, 128, "left")
         assert_forward_matches(ours, hf, ids, mask)

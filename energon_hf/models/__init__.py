@@ -1,59 +1,53 @@
-"""The model zoo: which HF architecture maps to which packed implementation and converter."""
+"""The model zoo: which HF architecture maps to which packed implementation.
+
+Adding an architecture is one model file (a Llama-like one: a `LlamaForCausalLM` subclass with its
+`decoder_options`) and one line here; its weight map is the model's own `weight_specs`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
-from torch import nn
 from transformers import PretrainedConfig
 
-from energon_hf.converters import (
-    WeightSpec,
-    bert_masked_lm_specs,
-    bert_model_specs,
-    bert_sequence_classification_specs,
-    bert_token_classification_specs,
-    gpt2_lm_head_specs,
-    gpt2_model_specs,
-    llama_causal_lm_specs,
-    opt_causal_lm_specs,
-    vit_image_classification_specs,
-    vit_model_specs,
-)
 from energon_hf.errors import UnsupportedModelError
 
-from . import bert, gpt2, llama, opt, vit
+from . import bert, gpt2, llama, mistral, opt, qwen2, qwen3, vit
+from .staged import StagedModel
 
 
 @dataclass(frozen=True)
 class Architecture:
-    name: str
-    model_cls: type[nn.Module]
-    weight_specs: Callable[[PretrainedConfig], dict[str, WeightSpec]]
+    name: str  # as config.json's architectures names it
+    model_type: str  # config.json's model_type
+    model_cls: type[StagedModel]
     can_generate: bool = False
 
 
+# The first architecture listed for a model_type is the one used when config.json names none, as
+# AutoModelForCausalLM / AutoModel would choose.
 ARCHITECTURES: dict[str, Architecture] = {
     a.name: a
     for a in (
-        Architecture("GPT2LMHeadModel", gpt2.GPT2LMHeadModel, gpt2_lm_head_specs, can_generate=True),
-        Architecture("GPT2Model", gpt2.GPT2Model, gpt2_model_specs),
-        Architecture("BertModel", bert.BertModel, bert_model_specs),
-        Architecture("BertForMaskedLM", bert.BertForMaskedLM, bert_masked_lm_specs),
-        Architecture("BertForSequenceClassification", bert.BertForSequenceClassification,
-                     bert_sequence_classification_specs),
-        Architecture("BertForTokenClassification", bert.BertForTokenClassification, bert_token_classification_specs),
-        Architecture("LlamaForCausalLM", llama.LlamaForCausalLM, llama_causal_lm_specs, can_generate=True),
-        Architecture("OPTForCausalLM", opt.OPTForCausalLM, opt_causal_lm_specs, can_generate=True),
-        Architecture("ViTModel", vit.ViTModel, vit_model_specs),
-        Architecture("ViTForImageClassification", vit.ViTForImageClassification, vit_image_classification_specs),
+        Architecture("GPT2LMHeadModel", "gpt2", gpt2.GPT2LMHeadModel, can_generate=True),
+        Architecture("GPT2Model", "gpt2", gpt2.GPT2Model),
+        Architecture("BertModel", "bert", bert.BertModel),
+        Architecture("BertForMaskedLM", "bert", bert.BertForMaskedLM),
+        Architecture("BertForSequenceClassification", "bert", bert.BertForSequenceClassification),
+        Architecture("BertForTokenClassification", "bert", bert.BertForTokenClassification),
+        Architecture("LlamaForCausalLM", "llama", llama.LlamaForCausalLM, can_generate=True),
+        Architecture("MistralForCausalLM", "mistral", mistral.MistralForCausalLM, can_generate=True),
+        Architecture("OPTForCausalLM", "opt", opt.OPTForCausalLM, can_generate=True),
+        Architecture("Qwen2ForCausalLM", "qwen2", qwen2.Qwen2ForCausalLM, can_generate=True),
+        Architecture("Qwen3ForCausalLM", "qwen3", qwen3.Qwen3ForCausalLM, can_generate=True),
+        Architecture("ViTModel", "vit", vit.ViTModel),
+        Architecture("ViTForImageClassification", "vit", vit.ViTForImageClassification),
     )
 }
 
-# Used when config.json names no architecture, as AutoModelForCausalLM / AutoModel would choose.
-DEFAULT_ARCHITECTURE = {"gpt2": "GPT2LMHeadModel", "bert": "BertModel", "llama": "LlamaForCausalLM",
-                        "opt": "OPTForCausalLM", "vit": "ViTModel"}
+DEFAULT_ARCHITECTURE: dict[str, str] = {}
+for _a in ARCHITECTURES.values():
+    DEFAULT_ARCHITECTURE.setdefault(_a.model_type, _a.name)
 SUPPORTED_MODEL_TYPES = tuple(DEFAULT_ARCHITECTURE)
 
 

@@ -14,6 +14,13 @@ from transformers.modeling_outputs import (
 )
 
 from energon_hf.batch import PackedBatch
+from energon_hf.converters import (
+    WeightSpec,
+    bert_masked_lm_specs,
+    bert_model_specs,
+    bert_sequence_classification_specs,
+    bert_token_classification_specs,
+)
 from energon_hf.nn import Linear, Linear1D_Col, Linear1D_Row, VocabParallelEmbedding, attend
 from energon_hf.nn.lm_head import rows_for_logits, untied_head, vocab_logits
 from energon_hf.nn.norm import LayerNorm, add_and_norm
@@ -68,6 +75,9 @@ class BertModel(StagedModel):
         self.layers = nn.ModuleList(BertLayer(config, i) for i in range(config.num_hidden_layers))
         self.pooler = Linear(hidden, hidden) if add_pooling_layer else None
 
+    def weight_specs(self) -> dict[str, WeightSpec]:
+        return bert_model_specs(self.config, pooler=self.pooler is not None)
+
     def embed(self, batch: PackedBatch) -> torch.Tensor:
         token_types = batch.token_type_ids
         if token_types is None:
@@ -106,6 +116,9 @@ class BertForMaskedLM(StagedModel):
         self.decoder = untied_head(config)
         self.decoder_bias = nn.Parameter(torch.zeros(config.vocab_size))
 
+    def weight_specs(self) -> dict[str, WeightSpec]:
+        return bert_masked_lm_specs(self.config)
+
     def embed(self, batch: PackedBatch) -> torch.Tensor:
         return self.bert.embed(batch)
 
@@ -131,6 +144,9 @@ class BertForSequenceClassification(StagedModel):
         self.bert = BertModel(config, add_pooling_layer=True)
         self.classifier = Linear(config.hidden_size, config.num_labels)
 
+    def weight_specs(self) -> dict[str, WeightSpec]:
+        return bert_sequence_classification_specs(self.config)
+
     def embed(self, batch: PackedBatch) -> torch.Tensor:
         return self.bert.embed(batch)
 
@@ -151,6 +167,9 @@ class BertForTokenClassification(StagedModel):
         self.config = config
         self.bert = BertModel(config, add_pooling_layer=False)
         self.classifier = Linear(config.hidden_size, config.num_labels)
+
+    def weight_specs(self) -> dict[str, WeightSpec]:
+        return bert_token_classification_specs(self.config)
 
     def embed(self, batch: PackedBatch) -> torch.Tensor:
         return self.bert.embed(batch)

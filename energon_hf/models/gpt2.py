@@ -9,6 +9,7 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions, CausalLMOutputWithCrossAttentions
 
 from energon_hf.batch import PackedBatch
+from energon_hf.converters import WeightSpec, gpt2_lm_head_specs, gpt2_model_specs
 from energon_hf.nn import Linear1D_Col, Linear1D_Row, VocabParallelEmbedding, attend
 from energon_hf.nn.lm_head import rows_for_logits, untied_head, vocab_logits
 from energon_hf.nn.norm import LayerNorm
@@ -75,6 +76,9 @@ class GPT2Model(StagedModel):
         self.h = nn.ModuleList(GPT2Block(config, i) for i in range(config.num_hidden_layers))
         self.ln_f = LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
 
+    def weight_specs(self) -> dict[str, WeightSpec]:
+        return gpt2_model_specs(self.config)
+
     def embed(self, batch: PackedBatch) -> torch.Tensor:
         x = self.wte(batch.input_ids) + self.wpe(batch.positions)
         if batch.token_type_ids is not None:  # HF GPT-2 embeds token types with the word embeddings
@@ -98,6 +102,9 @@ class GPT2LMHeadModel(StagedModel):
         self.config = config
         self.transformer = GPT2Model(config)
         self.lm_head = untied_head(config)
+
+    def weight_specs(self) -> dict[str, WeightSpec]:
+        return gpt2_lm_head_specs(self.config)
 
     def embed(self, batch: PackedBatch) -> torch.Tensor:
         return self.transformer.embed(batch)

@@ -1,8 +1,11 @@
 """Llama-family decoders on packed tokens (LlamaForCausalLM): RMSNorm, rotary positions, SwiGLU,
-grouped-query attention."""
+grouped-query attention, sliding windows where the config sets them. Variants that differ from Llama only in a
+few switches (Qwen2's q/k/v bias, Qwen3's q/k norms) are a subclass that reads its `DecoderOptions` from its
+config: one small file each."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -21,51 +24,79 @@ from .llama_decode import LlamaDecodeLoop
 from .staged import StagedModel
 
 if TYPE_CHECKING:
-    from transformers import LlamaConfig
+    from transformers import LlamaConfig, PretrainedConfig
 
 
-def head_dim(config: LlamaConfig) -> int:
+@dataclass(frozen=True)
+class DecoderOptions:
+    """Where a Llama-like architecture's layers differ from Llama's (`LlamaForCausalLM.decoder_options`)."""
+
+    qkv_bias: bool = False  # biases on the q, k and v projections
+    o_bias: bool = False  # a bias on the output projection
+    mlp_bias: bool = False  # biases on gate, up and down
+    qk_norm: bool = False  # an RMSNorm over each query and key head before the rotary (Qwen3)
+
+
+def head_dim(config: PretrainedConfig) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+def layer_window(config: PretrainedConfig, layer_idx: int) -> int | None:
+    """The layer's sliding attention window as transformers applies it: config.sliding_window on the layers that
+    config.layer_types calls "sliding_attention" (Qwen2, Qwen3), on every layer where a config lists no layer
+    types (Mistral); None (full attention) where the config has no window."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if window is None or (layer_types is not None and layer_types[layer_idx] != "sliding_attention"):
+        return None
+    return window
+
+
 class LlamaAttention(nn.Module):
-    def __init__(self, config: LlamaConfig, layer_idx: int):
+    def __init__(self, config: LlamaConfig, layer_idx: int, options: DecoderOptions):
         super().__init__()
         # This rank's heads: query and key/value heads are both split (GQA groups stay whole).
         self.num_heads = divide(config.num_attention_heads, "attention heads")
         self.num_kv_heads = divide(config.num_key_value_heads, "key/value heads")
         self.head_dim = head_dim(config)
         self.layer_idx = layer_idx
+        self.window = layer_window(config, layer_idx)
         q_size = config.num_attention_heads * self.head_dim
         kv_size = config.num_key_value_heads * self.head_dim
-        self.qkv = Linear1D_Col(config.hidden_size, q_size + 2 * kv_size, bias=config.attention_bias,
+        self.qkv = Linear1D_Col(config.hidden_size, q_size + 2 * kv_size, bias=options.qkv_bias,
                                 parts=(q_size, kv_size, kv_size), step_buffer="qkv")
         self.qk_width = (self.num_heads + self.num_kv_heads) * self.head_dim
-        self.o_proj = Linear1D_Row(q_size, config.hidden_size, bias=config.attention_bias)
+        self.o_proj = Linear1D_Row(q_size, config.hidden_size, bias=options.o_bias)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if options.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if options.qk_norm else None
 
     def forward(self, x: torch.Tensor, batch: PackedBatch, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         qkv = self.qkv(x, batch.buffers)
         tokens = x.shape[0]
         # q and k sit side by side in qkv: one rotary pass over both heads
-        qk = apply_rotary(qkv[:, : self.qk_width].view(tokens, -1, self.head_dim), *cos_sin)
+        qk = qkv[:, : self.qk_width].view(tokens, -1, self.head_dim)
+        if self.q_norm is not None:
+            qk = torch.cat((self.q_norm(qk[:, : self.num_heads]), self.k_norm(qk[:, self.num_heads:])), dim=1)
+        qk = apply_rotary(qk, *cos_sin)
         q, k = qk.split((self.num_heads, self.num_kv_heads), dim=1)
         v = qkv[:, self.qk_width:].view(tokens, self.num_kv_heads, self.head_dim)
-        out = attend(q, k, v, batch.attn, self.layer_idx, causal=True, scale=self.head_dim**-0.5)
+        out = attend(q, k, v, batch.attn, self.layer_idx, causal=True, scale=self.head_dim**-0.5,
+                     window=self.window)
         return self.o_proj(out.reshape(x.shape[0], -1))
 
 
 class LlamaMLP(nn.Module):
     """SwiGLU with gate and up fused into one projection."""
 
-    def __init__(self, config: LlamaConfig):
+    def __init__(self, config: LlamaConfig, options: DecoderOptions):
         from transformers.activations import get_activation  # slow to import (see nn/linear.py): only here
 
         super().__init__()
         size = config.intermediate_size
         self.intermediate = divide(size, "intermediate_size")  # this rank's gate and up halves
-        self.gate_up = Linear1D_Col(config.hidden_size, 2 * size, bias=config.mlp_bias, parts=(size, size),
+        self.gate_up = Linear1D_Col(config.hidden_size, 2 * size, bias=options.mlp_bias, parts=(size, size),
                                     step_buffer="mlp")
-        self.down_proj = Linear1D_Row(size, config.hidden_size, bias=config.mlp_bias)
+        self.down_proj = Linear1D_Row(size, config.hidden_size, bias=options.mlp_bias)
         self.fused_silu = config.hidden_act == "silu"  # the common case gets the fused kernel
         self.act = get_activation(config.hidden_act)
 
@@ -78,12 +109,12 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: LlamaConfig, layer_idx: int):
+    def __init__(self, config: LlamaConfig, layer_idx: int, options: DecoderOptions):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config, layer_idx)
+        self.self_attn = LlamaAttention(config, layer_idx, options)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = LlamaMLP(config)
+        self.mlp = LlamaMLP(config, options)
 
     def forward(self, x: torch.Tensor, batch: PackedBatch, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), batch, cos_sin)
@@ -93,10 +124,10 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     """The body's parameters under HF's `model.` names; LlamaForCausalLM runs them stage by stage."""
 
-    def __init__(self, config: LlamaConfig):
+    def __init__(self, config: LlamaConfig, options: DecoderOptions):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, options) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config, head_dim(config))
 
@@ -107,13 +138,20 @@ class LlamaForCausalLM(StagedModel):
     base_prefix = "model."
     layers_path = "model.layers"
     head_modules = ("model.norm", "lm_head")
+    packed_modules = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config)
+        self.model = LlamaModel(config, self.decoder_options(config))
         self.lm_head = untied_head(config)
         self.decode_loop: LlamaDecodeLoop | None = None  # built at the first decode step it applies to
+
+    @staticmethod
+    def decoder_options(config: LlamaConfig) -> DecoderOptions:
+        """The switches this architecture's config sets (a variant overrides this, and refuses what it lacks)."""
+        return DecoderOptions(qkv_bias=config.attention_bias, o_bias=config.attention_bias,
+                              mlp_bias=config.mlp_bias)
 
     def embed(self, batch: PackedBatch) -> torch.Tensor:
         return self.model.embed_tokens(batch.input_ids)

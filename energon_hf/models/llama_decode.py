@@ -45,8 +45,8 @@ class LlamaDecodeLoop:
 
     def products(self, rows: int, dtype: torch.dtype) -> list[tuple[Product, ...] | None]:
         """Per layer: its four products (qkv, o_proj, gate_up, down_proj) for `rows` rows of `dtype`, or None
-        where a layer needs its module (a bias, another activation, norms in another dtype, a weight not loaded
-        in a format: another pipeline stage's layer, or a subclass's own forward)."""
+        where a layer needs its module (a bias, q/k norms, another activation, norms in another dtype, a weight not
+        loaded in a format: another pipeline stage's layer, or a subclass's own forward)."""
         key = (rows, dtype)
         if key not in self._products:
             self._products[key] = [_layer_products(layer, rows, dtype) for layer in self.layers]
@@ -57,7 +57,7 @@ class LlamaDecodeLoop:
         """`indices`' layers on x [rows, hidden] (callers check `applies` first)."""
         products = self.products(x.shape[0], x.dtype)
         attn, cos, sin = batch.attn, *cos_sin
-        cache, slots, plan = attn.kv_cache, attn.slot_mapping, None
+        cache, slots, plans = attn.kv_cache, attn.slot_mapping, {}
         ops = torch.ops.energon_hf
         for i in indices:
             layer, bare = self.layers[i], products[i]
@@ -72,9 +72,10 @@ class LlamaDecodeLoop:
             cache.write(attention.layer_idx, qk[:, heads:],
                         fused[:, attention.qk_width:].view(rows, kv_heads, head_dim), slots)
             q, keys, values = qk[:, :heads], *cache.layer(attention.layer_idx)
-            if plan is None:  # kernels.paged_attention's plan for the step, shared with layers running modules
-                plan = step_plan(q, keys, values, attn.block_tables, attn.context_lens, attn.cu_seqlens, 1,
-                                 attn.scratch)
+            plan = plans.get(attention.window)
+            if plan is None:  # kernels.paged_attention's plan for the step (per window), shared with the modules
+                plan = plans[attention.window] = step_plan(q, keys, values, attn.block_tables, attn.context_lens,
+                                                           attn.cu_seqlens, 1, attn.scratch, attention.window)
             context = plan.attend(q, keys, values, head_dim**-0.5)
             x = x + o_proj(context.reshape(rows, -1))
             hidden = ops.rms_norm(x, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.eps)
@@ -92,7 +93,7 @@ def _layer_products(layer: LlamaDecoderLayer, rows: int, dtype: torch.dtype) -> 
         return None
     linears = (attention.qkv, attention.o_proj, mlp.gate_up, mlp.down_proj)
     norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
-    if not mlp.fused_silu or any(m.bias is not None or m.format is None for m in linears) \
-            or any(w.dtype != dtype for w in norms):
+    if not mlp.fused_silu or attention.q_norm is not None \
+            or any(m.bias is not None or m.format is None for m in linears) or any(w.dtype != dtype for w in norms):
         return None
     return tuple(m.format.bare_product(rows, dtype) for m in linears)

@@ -10,6 +10,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from energon_hf.batch import PackedBatch
+from energon_hf.converters import WeightSpec, opt_causal_lm_specs
 from energon_hf.nn import Linear, Linear1D_Col, Linear1D_Row, VocabParallelEmbedding, attend
 from energon_hf.nn.lm_head import rows_for_logits, untied_head, vocab_logits
 from energon_hf.nn.norm import LayerNorm
@@ -72,6 +73,9 @@ class OPTForCausalLM(StagedModel):
                                  if final_norm else None)
         self.project_out = Linear(hidden, width, bias=False) if width != hidden else None
         self.lm_head = untied_head(config, width)
+
+    def weight_specs(self) -> dict[str, WeightSpec]:
+        return opt_causal_lm_specs(self.config)
 
     def embed(self, batch: PackedBatch) -> torch.Tensor:
         x = self.embed_tokens(batch.input_ids)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from energon_hf.batch import PackedBatch
+from energon_hf.converters import WeightSpec
 
 
 class StagedModel(nn.Module):
@@ -23,6 +24,8 @@ class StagedModel(nn.Module):
     main_input: str = "input_ids"  # "pixel_values" for image models
     learned_positions: bool = False  # position ids end at max_position_embeddings (rotary ones do not)
     positions_count_real_tokens: bool = False  # forward numbers positions by the mask's cumsum (OPT), not columns
+    # our fused module -> the checkpoint's separate modules beside it, concatenated in this order
+    packed_modules: dict[str, tuple[str, ...]] = {}
 
     def embed(self, batch: PackedBatch) -> torch.Tensor:
         raise NotImplementedError
@@ -33,6 +36,23 @@ class StagedModel(nn.Module):
 
     def finish(self, x: torch.Tensor, batch: PackedBatch) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def weight_specs(self) -> dict[str, WeightSpec]:
+        """Each parameter's source in an HF checkpoint. By default the parameter's own name, or for a module named
+        in `packed_modules` the concatenation of the checkpoint's modules beside it (as nano-vllm's
+        packed_modules_mapping: "qkv" <- q_proj, k_proj, v_proj), so a model that keeps HF's names declares
+        nothing more. Architectures whose names differ from their checkpoints' (GPT-2, BERT, OPT, ViT) return
+        their converter's map instead."""
+        specs = {}
+        for name, _ in self.named_parameters():
+            module, _, param = name.rpartition(".")
+            parent, _, leaf = module.rpartition(".")
+            parts = self.packed_modules.get(leaf)
+            if parts is None:
+                specs[name] = WeightSpec(name)
+            else:
+                specs[name] = WeightSpec(tuple(f"{parent}.{part}.{param}".lstrip(".") for part in parts), "concat")
+        return specs
 
     def tied_embedding(self) -> str | None:
         """The embedding module a tied head reads (the last stage needs it too)."""

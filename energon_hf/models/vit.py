@@ -9,6 +9,7 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 
 from energon_hf.batch import PackedBatch
+from energon_hf.converters import WeightSpec, vit_image_classification_specs, vit_model_specs
 from energon_hf.nn import Linear, Linear1D_Col, Linear1D_Row, attend
 from energon_hf.nn.norm import LayerNorm
 from energon_hf.parallel import divide
@@ -67,6 +68,9 @@ class ViTModel(StagedModel):
     def tokens_per_image(self) -> int:
         return self.num_patches + 1
 
+    def weight_specs(self) -> dict[str, WeightSpec]:
+        return vit_model_specs(self.config, pooler=self.pooler is not None)
+
     def embed(self, batch: PackedBatch) -> torch.Tensor:
         """Every image gives the same number of tokens, so packing is a reshape: [B*(P+1), H]."""
         patches = self.patch_embed(batch.pixel_values.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)
@@ -101,6 +105,9 @@ class ViTForImageClassification(StagedModel):
     @property
     def tokens_per_image(self) -> int:
         return self.vit.tokens_per_image
+
+    def weight_specs(self) -> dict[str, WeightSpec]:
+        return vit_image_classification_specs(self.config)
 
     def embed(self, batch: PackedBatch) -> torch.Tensor:
         return self.vit.embed(batch)
