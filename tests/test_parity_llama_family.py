@@ -1,4 +1,4 @@
-"""Llama-like architectures (Qwen2, Qwen3, Mistral) against transformers on the same weights: forward within 1e-4
+"""Llama-like architectures (Qwen2, Qwen3, Mistral, Phi-3) against transformers on the same weights: forward within 1e-4
 on real tokens and equal greedy tokens for 32 new tokens on mixed-length batches, sliding windows included.
 tp=2 and pp=2 runs are in test_parallel_parity.py."""
 
@@ -11,6 +11,7 @@ from test_parity_llama import LLAMA_TINY
 from energon_hf import EnergonModel
 from energon_hf.loading import empty_model
 from energon_hf.models import ARCHITECTURES
+from energon_hf.models.phi3 import Phi3ForCausalLM
 
 VOCAB = LLAMA_TINY["vocab_size"]
 # Each architecture's tiny config: Llama's sizes, with what sets the variant apart switched on. The windows are
@@ -20,8 +21,14 @@ FAMILY = {
     "Qwen2ForCausalLM": dict(use_sliding_window=True, sliding_window=8, max_window_layers=1),
     "Qwen3ForCausalLM": dict(head_dim=32, attention_bias=True),
     "MistralForCausalLM": dict(head_dim=32, sliding_window=12),
+    # longrope past 32 positions, on half of each 16-feature head
+    "Phi3ForCausalLM": dict(rope_parameters={
+        "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+        "original_max_position_embeddings": 32, "short_factor": [1.0, 1.5, 2.0, 3.0],
+        "long_factor": [2.0, 4.0, 6.0, 9.0]}),
 }
-WINDOWS = {"Qwen2ForCausalLM": [None, 8], "Qwen3ForCausalLM": [None, None], "MistralForCausalLM": [12, 12]}
+WINDOWS = {"Qwen2ForCausalLM": [None, 8], "Qwen3ForCausalLM": [None, None], "MistralForCausalLM": [12, 12],
+           "Phi3ForCausalLM": [None, None]}
 
 
 def tiny_config(arch: str, **overrides) -> transformers.PretrainedConfig:
@@ -69,11 +76,22 @@ def test_variant_layers_are_built(family):
     ours, hf, _ = family
     attention = ours.model.model.layers[0].self_attn
     name = type(hf).__name__
-    assert (attention.qkv.bias is not None) == (name != "MistralForCausalLM")
+    assert (attention.qkv.bias is not None) == (name in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"))
     assert (attention.o_proj.bias is not None) == (name == "Qwen3ForCausalLM")
     assert (attention.q_norm is not None) == (name == "Qwen3ForCausalLM")
     assert [layer.self_attn.window for layer in ours.model.model.layers] == WINDOWS[name]
     assert ARCHITECTURES[name].model_cls is type(ours.model)
+
+
+def test_phi3_longrope_switches_past_the_original_length(tmp_path):
+    """Phi-3's longrope takes the short factors while every position of a step is within
+    original_max_position_embeddings (32) and the long ones from the step that passes it, as transformers: prompts
+    of up to 28 tokens, whose generation crosses 32 positions."""
+    hf = save_tiny(tmp_path, "Phi3ForCausalLM")
+    ours = EnergonModel.from_pretrained(tmp_path)
+    ids, mask = padded_batch([28, 20, 9], VOCAB, "left", seed=3)
+    assert_forward_matches(ours, hf, ids, mask)
+    assert_greedy_matches(ours, hf, ids, mask, max_new_tokens=12)
 
 
 def test_default_weight_map_reads_fused_projections(family):
@@ -81,10 +99,13 @@ def test_default_weight_map_reads_fused_projections(family):
     their checkpoint parts in order, everything else its own name."""
     model = empty_model(family[1].config)  # as loading builds it (a loaded layer's weight is held in a format)
     specs = model.weight_specs()
+    parts = {"qkv": [f"{p}_proj" for p in "qkv"], "gate_up": ["gate_proj", "up_proj"]}
+    if isinstance(model, Phi3ForCausalLM):  # stored fused
+        parts = {"qkv": ["qkv_proj"], "gate_up": ["gate_up_proj"]}
     assert specs["model.layers.1.self_attn.qkv.weight"].names == tuple(
-        f"model.layers.1.self_attn.{p}_proj.weight" for p in "qkv")
-    assert specs["model.layers.0.mlp.gate_up.weight"].names == (
-        "model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight")
+        f"model.layers.1.self_attn.{p}.weight" for p in parts["qkv"])
+    assert specs["model.layers.0.mlp.gate_up.weight"].names == tuple(
+        f"model.layers.0.mlp.{p}.weight" for p in parts["gate_up"])
     assert specs["model.norm.weight"].names == ("model.norm.weight",)
     assert set(specs) == {n for n, _ in model.named_parameters()}
 

@@ -60,8 +60,7 @@ def test_unsupported_gguf_architecture_is_named(tmp_path):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(UnsupportedModelError,
-                       match="GGUF architecture 'rwkv6'.*supported: gpt2, llama, mistral, qwen2, qwen3"):
+    with pytest.raises(UnsupportedModelError, match="GGUF architecture 'rwkv6'.*supported: .*llama, mistral"):
         EnergonModel.from_pretrained(path)
 
 

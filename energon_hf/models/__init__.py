@@ -12,7 +12,7 @@ from transformers import PretrainedConfig
 
 from energon_hf.errors import UnsupportedModelError
 
-from . import bert, gpt2, llama, mistral, opt, qwen2, qwen3, vit
+from . import bert, gpt2, llama, mistral, opt, phi3, qwen2, qwen3, vit
 from .staged import StagedModel
 
 
@@ -38,6 +38,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture("LlamaForCausalLM", "llama", llama.LlamaForCausalLM, can_generate=True),
         Architecture("MistralForCausalLM", "mistral", mistral.MistralForCausalLM, can_generate=True),
         Architecture("OPTForCausalLM", "opt", opt.OPTForCausalLM, can_generate=True),
+        Architecture("Phi3ForCausalLM", "phi3", phi3.Phi3ForCausalLM, can_generate=True),
         Architecture("Qwen2ForCausalLM", "qwen2", qwen2.Qwen2ForCausalLM, can_generate=True),
         Architecture("Qwen3ForCausalLM", "qwen3", qwen3.Qwen3ForCausalLM, can_generate=True),
         Architecture("ViTModel", "vit", vit.ViTModel),

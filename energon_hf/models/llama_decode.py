@@ -61,12 +61,12 @@ class LlamaDecodeLoop:
         ops = torch.ops.energon_hf
         for i in indices:
             layer, bare = self.layers[i], products[i]
-            if bare is None:
+            attention, rows = layer.self_attn, x.shape[0]
+            heads, kv_heads, head_dim = attention.num_heads, attention.num_kv_heads, attention.head_dim
+            if bare is None or cos.shape[-1] != head_dim:  # (a partial rotary: the module's apply_rotary)
                 x = layer(x, batch, cos_sin)
                 continue
             qkv, o_proj, gate_up, down_proj = bare
-            attention, rows = layer.self_attn, x.shape[0]
-            heads, kv_heads, head_dim = attention.num_heads, attention.num_kv_heads, attention.head_dim
             fused = qkv(ops.rms_norm(x, layer.input_layernorm.weight, layer.input_layernorm.eps))
             qk = ops.rotary(fused[:, : attention.qk_width].view(rows, -1, head_dim), cos, sin)
             cache.write(attention.layer_idx, qk[:, heads:],

@@ -9,9 +9,9 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from energon_hf import kernels
 from energon_hf.errors import UnsupportedModelError
 
-# Scalings whose frequencies are fixed at load time. "dynamic" and "longrope" change them with the
-# sequence length, which a packed batch of mixed lengths cannot share.
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+# Scalings whose frequencies are fixed at load time, and "longrope" (Phi-3), which switches between two fixed sets
+# per step. "dynamic" recomputes them from the sequence length, which a packed batch of mixed lengths cannot share.
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
 
 
 def rope_parameters(config: PretrainedConfig) -> dict:
@@ -29,25 +29,42 @@ def check_rope(config: PretrainedConfig) -> None:
 
 
 class RotaryEmbedding:
-    """cos/sin tables looked up by each packed token's position; applied with HF's rotate-half layout."""
+    """cos/sin tables looked up by each packed token's position; applied with HF's rotate-half layout to the first
+    `partial_rotary_factor` of each head's features (all of them by default)."""
 
     def __init__(self, config: PretrainedConfig, head_dim: int):
         check_rope(config)
         params = rope_parameters(config)
+        rotary_dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
         if params["rope_type"] == "default":
             base = params.get("rope_theta", getattr(config, "default_theta", 10000.0))
-            inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+            inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float) / rotary_dim))
             self.scaling = 1.0
         else:
             inv_freq, self.scaling = ROPE_INIT_FUNCTIONS[params["rope_type"]](config, "cpu")
         self.inv_freq = inv_freq
+        # longrope: the short factors' frequencies up to original_max_position_embeddings, the long factors' past it
+        self.long_after, self.long_inv_freq = None, None
+        if params["rope_type"] == "longrope":
+            self.long_after = params["original_max_position_embeddings"]
+            self.long_inv_freq, _ = ROPE_INIT_FUNCTIONS["longrope"](config, "cpu", seq_len=self.long_after + 1)
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """[T] positions -> cos and signed sin of shape [T, 1, head_dim] (broadcast over heads), for
-        `apply_rotary`: the sin's first half is negated, so that rotate-half becomes a roll."""
+    def frequencies(self, positions: torch.Tensor) -> torch.Tensor:
+        """The step's inverse frequencies. longrope takes the long factors for the whole step once any position
+        passes original_max_position_embeddings, as transformers does for the batch of each forward (keys cached
+        by earlier steps keep their rotation); vLLM decides per step the same way."""
+        if self.long_inv_freq is not None and positions.numel() and int(positions.max()) + 1 > self.long_after:
+            if self.long_inv_freq.device != positions.device:
+                self.long_inv_freq = self.long_inv_freq.to(positions.device)
+            return self.long_inv_freq
         if self.inv_freq.device != positions.device:
             self.inv_freq = self.inv_freq.to(positions.device)
-        freqs = positions[:, None].float() * self.inv_freq[None, :]
+        return self.inv_freq
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """[T] positions -> cos and signed sin of shape [T, 1, rotary_dim] (broadcast over heads), for
+        `apply_rotary`: the sin's first half is negated, so that rotate-half becomes a roll."""
+        freqs = positions[:, None].float() * self.frequencies(positions)[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         sin = emb.sin() * self.scaling
         sin[:, : freqs.shape[1]].neg_()
@@ -56,5 +73,9 @@ class RotaryEmbedding:
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """x [T, heads, head_dim] rotated by its token's angle (`RotaryEmbedding.cos_sin`'s tables), HF's rotate-half
-    layout: kernels.rotary."""
-    return kernels.rotary(x, cos, signed_sin)
+    layout: kernels.rotary. Tables narrower than the heads (a partial_rotary_factor) turn the first features;
+    the others pass unchanged, as transformers' Phi-3."""
+    rotary_dim = cos.shape[-1]
+    if rotary_dim == x.shape[-1]:
+        return kernels.rotary(x, cos, signed_sin)
+    return torch.cat((kernels.rotary(x[..., :rotary_dim], cos, signed_sin), x[..., rotary_dim:]), dim=-1)
