@@ -83,9 +83,11 @@ def varlen_attention(
     causal: bool,
     scale: float | None = None,
     window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """q [T, Hq, D], k/v [T, Hkv, D] packed; returns [T, Hq, D]. `window`: sliding-window attention (causal
-    only), each query sees its own and the window - 1 keys before it (`window_mask`).
+    only), each query sees its own and the window - 1 keys before it (`window_mask`). `softcap`: scores capped
+    as softcap * tanh(scores / softcap) before the mask (Gemma 2; `attention`).
 
     One SDPA call per sequence: it does exactly sum(len_i^2) work and lets SDPA pick its fused CPU
     kernel (no mask tensor needed), which measured faster than one padded call with a mask. Float32 sequences of
@@ -96,17 +98,17 @@ def varlen_attention(
     """
     check_qkv(q, k, v)
     if binds(window, max_seqlen):
-        return _windowed_varlen(q, k, v, cu_seqlens, max_seqlen, causal, scale, window)
+        return _windowed_varlen(q, k, v, cu_seqlens, max_seqlen, causal, scale, window, softcap)
     gqa = q.shape[1] != k.shape[1]
     batch = cu_seqlens.shape[0] - 1
-    compiled_len = _compiled_limit(q, k, v, causal)
+    compiled_len = _compiled_limit(q, k, v, causal) if softcap is None else 0
     compiled_scale = q.shape[-1] ** -0.5 if scale is None else scale
     if max_seqlen <= compiled_len:  # every sequence (no length limit: the output is never left unwritten)
         return torch.ops.energon_hf.varlen_attention(q, k, v, cu_seqlens, causal, compiled_scale, q.shape[0])
     if batch * max_seqlen == q.shape[0]:
         # All sequences have the same length (images, unpadded batches): one batched call.
         qb, kb, vb = (t.view(batch, max_seqlen, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(qb, kb, vb, is_causal=causal, scale=scale, enable_gqa=gqa)
+        out = attention(qb, kb, vb, is_causal=causal, scale=scale, softcap=softcap, enable_gqa=gqa)
         return out.transpose(1, 2).reshape(q.shape)
     if compiled_len:  # the short sequences; the loop below runs the others
         out = torch.ops.energon_hf.varlen_attention(q, k, v, cu_seqlens, causal, compiled_scale, compiled_len)
@@ -118,9 +120,29 @@ def varlen_attention(
             continue
         # 4-D [1, heads, len, dim]: SDPA's fused CPU kernel only takes batched inputs (3-D runs the math path).
         qi, ki, vi = (t[start:end].transpose(0, 1)[None] for t in (q, k, v))
-        oi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=causal, scale=scale, enable_gqa=gqa)
+        oi = attention(qi, ki, vi, is_causal=causal, scale=scale, softcap=softcap, enable_gqa=gqa)
         out[start:end] = oi[0].transpose(0, 1)
     return out
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+              is_causal: bool = False, scale: float | None = None, softcap: float | None = None,
+              enable_gqa: bool = False) -> torch.Tensor:
+    """torch's SDPA (`mask`: True where a key is seen), or with soft-capped logits (Gemma 2's
+    softcap * tanh(scores / softcap) before the mask) the same in explicit ops, as transformers' eager attention
+    computes them (SDPA has no cap; its softmax in float32)."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
+                                              enable_gqa=enable_gqa)
+    if enable_gqa and q.shape[-3] != k.shape[-3]:
+        k, v = (t.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3) for t in (k, v))
+    scores = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    scores = torch.tanh(scores / softcap) * softcap
+    if is_causal:  # top-left aligned, as SDPA's
+        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(scores.softmax(-1, dtype=torch.float32).to(q.dtype), v)
 
 
 def binds(window: int | None, longest: int) -> bool:
@@ -138,7 +160,8 @@ def window_mask(query_pos: torch.Tensor, keys: int, window: int | None) -> torch
 
 
 def _windowed_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                     max_seqlen: int, causal: bool, scale: float | None, window: int) -> torch.Tensor:
+                     max_seqlen: int, causal: bool, scale: float | None, window: int,
+                     softcap: float | None) -> torch.Tensor:
     """varlen_attention where the window binds: one SDPA call per sequence with the window's mask (a window
     mask depends only on the distance between positions, so every sequence takes a corner of the longest's)."""
     if not causal:
@@ -152,7 +175,7 @@ def _windowed_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
             continue
         qi, ki, vi = (t[start:end].transpose(0, 1)[None] for t in (q, k, v))
         n = end - start
-        oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask[:n, :n], scale=scale, enable_gqa=gqa)
+        oi = attention(qi, ki, vi, mask[:n, :n], scale=scale, softcap=softcap, enable_gqa=gqa)
         out[start:end] = oi[0].transpose(0, 1)
     return out
 
@@ -168,8 +191,9 @@ def paged_attention(
     scale: float | None = None,
     scratch: dict | None = None,
     window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """Causal attention of new tokens to the cache (within a sliding `window`, as varlen_attention's).
+    """Causal attention of new tokens to the cache (`window` and `softcap` as varlen_attention's).
 
     q [T, Hq, D] packed new tokens (their K/V already written to the cache); k_cache/v_cache
     [num_blocks, block_size, Hkv, D]; block_tables [B, max_blocks]; context_lens [B] = tokens in the
@@ -180,24 +204,25 @@ def paged_attention(
     the mask) is computed by the first layer and reused by the others: at one token per step every op counts
     (SmolLM2 runs this 30 times per token).
     """
-    plan = step_plan(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_seqlen_q, scratch, window)
+    plan = step_plan(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_seqlen_q, scratch, window,
+                     softcap)
     return plan.attend(q, k_cache, v_cache, scale)
 
 
 def step_plan(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
               context_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, max_seqlen_q: int, scratch: dict | None,
-              window: int | None = None):
+              window: int | None = None, softcap: float | None = None):
     """The step's attention plan (its `.attend(q, k_cache, v_cache, scale)`), checked and made by the first layer
     and kept in `scratch` for the others (paged_attention's arguments; Llama's decode loop asks for it too). Layers
     with another window (Gemma's local and global ones) have their own plan."""
-    key = ("paged_attention", window)
+    key = ("paged_attention", window, softcap)
     plan = None if scratch is None else scratch.get(key)
     if plan is None:
         check_paged(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q)
         block_size = k_cache.shape[1]
         window = window if binds(window, int(context_lens.max())) else None
-        plan = decode_plan(block_tables, context_lens, block_size, q.dtype, window) if max_seqlen_q == 1 else \
-            _MixedPlan(block_tables, context_lens, cu_seqlens_q, block_size, q.dtype, window)
+        plan = decode_plan(block_tables, context_lens, block_size, q.dtype, window, softcap) if max_seqlen_q == 1 \
+            else _MixedPlan(block_tables, context_lens, cu_seqlens_q, block_size, q.dtype, window, softcap)
         if scratch is not None:
             scratch[key] = plan
     return plan
@@ -216,8 +241,8 @@ class _DecodePlan:
     and which slots each sequence sees."""
 
     def __init__(self, block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int,
-                 window: int | None = None):
-        self.batch = block_tables.shape[0]
+                 window: int | None = None, softcap: float | None = None):
+        self.batch, self.softcap = block_tables.shape[0], softcap
         self.max_ctx = block_tables.shape[1] * block_size
         # index_select on the flat block list: ~6x faster than advanced indexing with the 2-D table.
         self.blocks = block_tables.flatten()
@@ -247,7 +272,7 @@ class _DecodePlan:
         keys, values = self.keys_values(k_cache, v_cache)
         kv_heads = k_cache.shape[2]
         grouped = q.view(self.batch, kv_heads, q.shape[1] // kv_heads, q.shape[2])
-        return F.scaled_dot_product_attention(grouped, keys, values, attn_mask=self.mask, scale=scale).view(q.shape)
+        return attention(grouped, keys, values, self.mask, scale=scale, softcap=self.softcap).view(q.shape)
 
 
 # What one more group of decodes costs, in key slots (gathered and attended): two gathers, one SDPA call and the
@@ -280,13 +305,13 @@ class _GroupedDecodePlan:
     its own longest context, instead of every sequence padded to the step's longest."""
 
     def __init__(self, block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int,
-                 groups: list[list[int]], window: int | None = None):
+                 groups: list[list[int]], window: int | None = None, softcap: float | None = None):
         self.parts = []
         for rows in groups:
             index = torch.tensor(rows, dtype=torch.long, device=block_tables.device)
             width = -(-int(context_lens[index].max()) // block_size)
             self.parts.append((index, _DecodePlan(block_tables[index, :width], context_lens[index], block_size,
-                                                  window)))
+                                                  window, softcap)))
 
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                scale: float | None) -> torch.Tensor:
@@ -314,7 +339,7 @@ class _InPlaceDecodePlan:
 
 
 def decode_plan(block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int,
-                dtype: torch.dtype = torch.float32, window: int | None = None):
+                dtype: torch.dtype = torch.float32, window: int | None = None, softcap: float | None = None):
     """The plan for a step's one-token sequences: read in place by the compiled kernel where it is available
     (CPU, float32), else gathered in one padded batch, or in groups by length when that gathers fewer key slots
     (`length_groups`).
@@ -322,19 +347,21 @@ def decode_plan(block_tables: torch.Tensor, context_lens: torch.Tensor, block_si
     Half-precision caches keep the gathering path: the kernel accumulates their scores and weights in float32,
     no less exactly than SDPA, but differently enough from transformers' bfloat16 SDPA that greedy agreement
     with it fell below that test's 90 % bound (81-89 %) on the tiny random models of test_half_precision.
-    A sliding `window` that binds (`binds`) is masked on the gathering path (the kernel reads whole contexts)."""
-    if block_tables.device.type == "cpu" and dtype == torch.float32 and compiled.available() and window is None:
+    A sliding `window` that binds (`binds`), or a softcap, runs the gathering path (the kernel reads whole contexts,
+    uncapped)."""
+    if block_tables.device.type == "cpu" and dtype == torch.float32 and compiled.available() and window is None \
+            and softcap is None:
         return _InPlaceDecodePlan(block_tables, context_lens)
-    return gathering_decode_plan(block_tables, context_lens, block_size, window)
+    return gathering_decode_plan(block_tables, context_lens, block_size, window, softcap)
 
 
 def gathering_decode_plan(block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int,
-                          window: int | None = None):
+                          window: int | None = None, softcap: float | None = None):
     """The torch-only plan: one padded batch, or groups by length when that gathers fewer key slots."""
     groups = length_groups(context_lens.tolist(), block_size, DECODE_GROUP_COST) if block_tables.shape[0] > 1 else []
     if len(groups) <= 1:
-        return _DecodePlan(block_tables, context_lens, block_size, window)
-    return _GroupedDecodePlan(block_tables, context_lens, block_size, groups, window)
+        return _DecodePlan(block_tables, context_lens, block_size, window, softcap)
+    return _GroupedDecodePlan(block_tables, context_lens, block_size, groups, window, softcap)
 
 
 class _MixedPlan:
@@ -344,12 +371,13 @@ class _MixedPlan:
     (a padded batch of one 256-token chunk and 63 decodes would attend 64 x 256 query rows)."""
 
     def __init__(self, block_tables: torch.Tensor, context_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                 block_size: int, dtype: torch.dtype, window: int | None = None):
+                 block_size: int, dtype: torch.dtype, window: int | None = None, softcap: float | None = None):
         bounds = cu_seqlens_q.tolist()
         single = [i for i in range(len(bounds) - 1) if bounds[i + 1] - bounds[i] == 1]
         self.single_rows = torch.tensor([bounds[i] for i in single], dtype=torch.long, device=block_tables.device)
-        self.singles = decode_plan(block_tables[single], context_lens[single], block_size, dtype, window) \
-            if single else None
+        self.singles = decode_plan(block_tables[single], context_lens[single], block_size, dtype, window,
+                                   softcap) if single else None
+        self.softcap = softcap
         self.chunks = []  # (first row, end row, its keys' plan, mask or None for a chunk that is its whole context)
         for i in range(len(bounds) - 1):
             start, end = bounds[i], bounds[i + 1]
@@ -369,7 +397,7 @@ class _MixedPlan:
         gqa = q.shape[1] != k_cache.shape[2]
         for start, end, plan, mask in self.chunks:
             keys, values = plan.keys_values(k_cache, v_cache)
-            chunk = F.scaled_dot_product_attention(q[start:end].transpose(0, 1)[None], keys, values, attn_mask=mask,
-                                                   is_causal=mask is None, scale=scale, enable_gqa=gqa)
+            chunk = attention(q[start:end].transpose(0, 1)[None], keys, values, mask, is_causal=mask is None,
+                              scale=scale, softcap=self.softcap, enable_gqa=gqa)
             out[start:end] = chunk[0].transpose(0, 1)
         return out

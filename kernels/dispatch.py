@@ -95,16 +95,17 @@ def rebuild_padding(packed: torch.Tensor, indices: torch.Tensor, batch: int, seq
     return get_kernel("rebuild_padding", packed.device)(packed, indices, batch, seqlen)
 
 
-def varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal, scale=None, window=None) -> torch.Tensor:
-    """`window`: sliding-window attention (each query sees its last `window` keys, itself included)."""
-    return get_kernel("varlen_attention", q.device)(q, k, v, cu_seqlens, max_seqlen, causal, scale, window)
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal, scale=None, window=None, softcap=None) -> torch.Tensor:
+    """`window`: sliding-window attention (each query sees its last `window` keys, itself included); `softcap`:
+    scores capped as softcap * tanh(scores / softcap)."""
+    return get_kernel("varlen_attention", q.device)(q, k, v, cu_seqlens, max_seqlen, causal, scale, window, softcap)
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_seqlen_q, scale=None,
-                    scratch=None, window=None):
+                    scratch=None, window=None, softcap=None):
     """`scratch`: a dict living for one model step, where the kernel may keep what every layer shares."""
     return get_kernel("paged_attention", q.device)(
-        q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_seqlen_q, scale, scratch, window
+        q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_seqlen_q, scale, scratch, window, softcap
     )
 
 

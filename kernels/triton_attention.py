@@ -23,10 +23,10 @@ LOG2E = 1.4426950408889634
 @triton.jit
 def _flash_attention(
     Q, K, V, Out, cu_seqlens_q, context_lens, block_tables,
-    qk_scale, head_dim, block_size, window,
+    qk_scale, head_dim, block_size, window, log2_softcap,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kt, stride_kh, stride_kb, stride_bt,
-    GROUP: tl.constexpr, CAUSAL: tl.constexpr, PAGED: tl.constexpr, WINDOWED: tl.constexpr,
+    GROUP: tl.constexpr, CAUSAL: tl.constexpr, PAGED: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     m_block = tl.program_id(0)
@@ -76,6 +76,9 @@ def _flash_attention(
         v = tl.load(V + kv_offsets, mask=kv_mask, other=0.0)
 
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if SOFTCAP:  # softcap * tanh(s / softcap), in the log2(e)-scaled units (tanh(y) = 2 / (1 + e^-2y) - 1)
+            capped = scores / log2_softcap
+            scores = (2.0 / (1.0 + tl.exp(-2.0 * capped)) - 1.0) * log2_softcap
         visible = key_ok[None, :]
         if CAUSAL:
             visible = visible & (key_pos[None, :] <= query_pos[:, None])
@@ -101,7 +104,8 @@ def _flash_attention(
     tl.store(Out + o_offsets, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
 
 
-def _launch(q, k, v, cu_seqlens_q, context_lens, block_tables, max_seqlen_q, causal, paged, scale, window):
+def _launch(q, k, v, cu_seqlens_q, context_lens, block_tables, max_seqlen_q, causal, paged, scale, window,
+            softcap=None):
     """Shared launcher; k/v are [T, Hkv, D] (varlen) or [num_blocks, block_size, Hkv, D] (paged)."""
     q = q.contiguous()
     out = torch.empty_like(q)
@@ -119,27 +123,28 @@ def _launch(q, k, v, cu_seqlens_q, context_lens, block_tables, max_seqlen_q, cau
     _flash_attention[grid](
         q, k, v, out, cu_seqlens_q.to(torch.int32), context_lens.to(torch.int32) if paged else cu_seqlens_q,
         block_tables.contiguous() if paged else cu_seqlens_q,
-        scale * LOG2E, head_dim, k.shape[1] if paged else 1, window or 0,
+        scale * LOG2E, head_dim, k.shape[1] if paged else 1, window or 0, (softcap or 1.0) * LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k.stride(-3), k.stride(-2), k.stride(0) if paged else 0, block_tables.stride(0) if paged else 0,
-        GROUP=group, CAUSAL=causal, PAGED=paged, WINDOWED=window is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+        GROUP=group, CAUSAL=causal, PAGED=paged, WINDOWED=window is not None, SOFTCAP=softcap is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 keeps fp32 products (parity)
     )
     return out
 
 
-def varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal, scale=None, window=None) -> torch.Tensor:
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal, scale=None, window=None, softcap=None) -> torch.Tensor:
     """Same contract as kernels.attention.varlen_attention."""
     check_qkv(q, k, v)
     if window is not None and not causal:
         raise ValueError("sliding-window attention is causal only")
-    return _launch(q, k, v, cu_seqlens, None, None, max_seqlen, causal, False, scale, window)
+    return _launch(q, k, v, cu_seqlens, None, None, max_seqlen, causal, False, scale, window, softcap)
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_seqlen_q, scale=None,
-                    scratch=None, window=None):
+                    scratch=None, window=None, softcap=None):
     """Same contract as kernels.attention.paged_attention (one launch per layer: nothing to share in `scratch`)."""
     check_paged(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q)
     return _launch(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, max_seqlen_q, True, True, scale,
-                   window)
+                   window, softcap)

@@ -60,12 +60,15 @@ def test_padding_errors():
         kernels.rebuild_padding(torch.zeros(3, 4), torch.tensor([0, 1]), 1, 4)
 
 
-def _naive_attention(q, k, v, causal, scale, window=None):
+def _naive_attention(q, k, v, causal, scale, window=None, softcap=None):
     """Per-sequence softmax(q k^T * scale) v with grouped kv heads repeated: [L, H, D]; `window`: each query sees
-    its last `window` keys (itself included), as transformers' sliding-window mask."""
+    its last `window` keys (itself included), as transformers' sliding-window mask; `softcap`: scores capped as
+    softcap * tanh(scores / softcap)."""
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
     scores = torch.einsum("qhd,khd->hqk", q.double(), k.double()) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     if causal:
         n_q, n_k = q.shape[0], k.shape[0]
         query_pos = torch.arange(n_q)[:, None] + (n_k - n_q)
@@ -153,24 +156,26 @@ def test_paged_attention_reads_the_cache_through_block_tables(new_tokens, contex
         assert (out[start:end].double() - ref).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("window", [1, 5, 16])
-def test_varlen_attention_sliding_window(window, attention_backend):
+@pytest.mark.parametrize("window,softcap", [(1, None), (5, None), (16, None), (None, 2.0), (5, 2.0)])
+@pytest.mark.parametrize("lengths", [[1, 9, 4, 17, 6], [6, 6]], ids=["mixed", "equal"])
+def test_varlen_attention_sliding_window_and_softcap(lengths, window, softcap, attention_backend):
     """Sequences shorter and longer than the window (a window at least as long as every sequence is full
-    attention); query heads in groups."""
-    lengths, heads, kv_heads, dim = [1, 9, 4, 17, 6], 6, 2, 12
+    attention), logits capped at 2 (scores of these sizes reach about 10); query heads in groups."""
+    heads, kv_heads, dim = 6, 2, 12
     total = sum(lengths)
     q, k, v = torch.randn(total, heads, dim), torch.randn(total, kv_heads, dim), torch.randn(total, kv_heads, dim)
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-    out = kernels.varlen_attention(q, k, v, cu, max(lengths), True, scale=0.3, window=window)
+    out = kernels.varlen_attention(q, k, v, cu, max(lengths), True, scale=0.9, window=window, softcap=softcap)
     for start, end in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
-        ref = _naive_attention(q[start:end], k[start:end], v[start:end], True, 0.3, window)
+        ref = _naive_attention(q[start:end], k[start:end], v[start:end], True, 0.9, window, softcap)
         assert (out[start:end].double() - ref).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("new_tokens", [[1, 1, 1], [3, 1, 5], [6, 1, 21]], ids=["decode", "chunks", "first-chunk"])
-@pytest.mark.parametrize("window", [3, 16])
-def test_paged_attention_sliding_window(new_tokens, window, attention_backend):
-    """Decodes and prompt chunks whose contexts pass the window (and one that does not), blocks out of order."""
+@pytest.mark.parametrize("window,softcap", [(3, None), (16, None), (None, 2.0), (3, 2.0)])
+def test_paged_attention_sliding_window_and_softcap(new_tokens, window, softcap, attention_backend):
+    """Decodes and prompt chunks whose contexts pass the window (and one that does not), blocks out of order;
+    capped logits."""
     heads, kv_heads, dim, block_size, context = 6, 2, 8, 4, [40, 5, 21]
     cache = KVCache(1, 32, block_size, kv_heads, dim, torch.float32, "cpu")
     allocator = BlockAllocator(32, block_size)
@@ -184,10 +189,10 @@ def test_paged_attention_sliding_window(new_tokens, window, attention_backend):
     q = torch.randn(sum(new_tokens), heads, dim)
     cu = torch.tensor([0, *torch.tensor(new_tokens).cumsum(0).tolist()], dtype=torch.int32)
     out = kernels.paged_attention(q, cache.k[0], cache.v[0], tables, torch.tensor(context, dtype=torch.int32),
-                                  cu, max(new_tokens), scale=1 / math.sqrt(dim), window=window)
+                                  cu, max(new_tokens), scale=1.0, window=window, softcap=softcap)
     for seq in range(3):
         start, end = cu[seq].item(), cu[seq + 1].item()
-        ref = _naive_attention(q[start:end], keys[seq], values[seq], True, 1 / math.sqrt(dim), window)
+        ref = _naive_attention(q[start:end], keys[seq], values[seq], True, 1.0, window, softcap)
         assert (out[start:end].double() - ref).abs().max() < 1e-5
 
 

@@ -1,6 +1,7 @@
 """The models through the Triton kernels (the CUDA path), run by Triton's interpreter on CPU: the same parity
 with transformers as the torch path, for an encoder (exact GELU, bidirectional), GPT-2 (tanh GELU, learned
-positions, paged decode), Llama (GQA, RMSNorm, SiLU-and-multiply, rotary) and Mistral (sliding windows)."""
+positions, paged decode), Llama (GQA, RMSNorm, SiLU-and-multiply, rotary), Mistral (sliding windows) and Gemma 2
+(capped scores)."""
 
 import pytest
 import torch
@@ -48,6 +49,17 @@ def test_mistral_sliding_window_forward_and_greedy(tmp_path):
     from test_parity_llama_family import save_tiny
 
     hf = save_tiny(tmp_path, "MistralForCausalLM")
+    ours = EnergonModel.from_pretrained(tmp_path)
+    ids, mask = padded_batch(LENGTHS, 128, "left")
+    assert_forward_matches(ours, hf, ids, mask)
+    assert_greedy_matches(ours, hf, ids, mask, max_new_tokens=6)
+
+
+def test_gemma2_capped_logits_forward_and_greedy(tmp_path):
+    """Soft-capped attention scores in the kernel, local layers sliding over 8 keys."""
+    from test_parity_llama_family import save_tiny
+
+    hf = save_tiny(tmp_path, "Gemma2ForCausalLM")
     ours = EnergonModel.from_pretrained(tmp_path)
     ids, mask = padded_batch(LENGTHS, 128, "left")
     assert_forward_matches(ours, hf, ids, mask)

@@ -1,6 +1,6 @@
-"""Llama-like architectures (Qwen2, Qwen3, Mistral, Phi-3) against transformers on the same weights: forward within 1e-4
-on real tokens and equal greedy tokens for 32 new tokens on mixed-length batches, sliding windows included.
-tp=2 and pp=2 runs are in test_parallel_parity.py."""
+"""Llama-like architectures (Qwen2, Qwen3, Mistral, Phi-3, Gemma 2, Gemma 3) against transformers on the same
+weights: forward within 1e-4 on real tokens and equal greedy tokens for 32 new tokens on mixed-length batches,
+sliding windows, capped logits and rope variants included. tp=2 and pp=2 runs are in test_parallel_parity.py."""
 
 import pytest
 import torch
@@ -26,13 +26,22 @@ FAMILY = {
         "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
         "original_max_position_embeddings": 32, "short_factor": [1.0, 1.5, 2.0, 3.0],
         "long_factor": [2.0, 4.0, 6.0, 9.0]}),
+    # local (sliding) and global layers, scores scaled by query_pre_attn_scalar, capped logits, a tied head
+    "Gemma2ForCausalLM": dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=8, attn_logit_softcapping=3.0,
+                              final_logit_softcapping=8.0, tie_word_embeddings=True),
+    "Gemma3ForCausalLM": dict(head_dim=16, query_pre_attn_scalar=12, sliding_window=8,
+                              layer_types=["sliding_attention", "full_attention"],
+                              rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                               "full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                                  "rope_theta": 1000000.0}}),
 }
 WINDOWS = {"Qwen2ForCausalLM": [None, 8], "Qwen3ForCausalLM": [None, None], "MistralForCausalLM": [12, 12],
-           "Phi3ForCausalLM": [None, None]}
+           "Phi3ForCausalLM": [None, None], "Gemma2ForCausalLM": [8, None], "Gemma3ForCausalLM": [8, None]}
+CONFIGS = {"Gemma3ForCausalLM": transformers.Gemma3TextConfig}
 
 
 def tiny_config(arch: str, **overrides) -> transformers.PretrainedConfig:
-    config_cls = getattr(transformers, arch.replace("ForCausalLM", "Config"))
+    config_cls = CONFIGS.get(arch) or getattr(transformers, arch.replace("ForCausalLM", "Config"))
     return config_cls(**{**LLAMA_TINY, **FAMILY[arch], **overrides})
 
 
@@ -78,7 +87,7 @@ def test_variant_layers_are_built(family):
     name = type(hf).__name__
     assert (attention.qkv.bias is not None) == (name in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"))
     assert (attention.o_proj.bias is not None) == (name == "Qwen3ForCausalLM")
-    assert (attention.q_norm is not None) == (name == "Qwen3ForCausalLM")
+    assert (attention.q_norm is not None) == (name in ("Qwen3ForCausalLM", "Gemma3ForCausalLM"))
     assert [layer.self_attn.window for layer in ours.model.model.layers] == WINDOWS[name]
     assert ARCHITECTURES[name].model_cls is type(ours.model)
 

@@ -12,7 +12,7 @@ from transformers import PretrainedConfig
 
 from energon_hf.errors import UnsupportedModelError
 
-from . import bert, gpt2, llama, mistral, opt, phi3, qwen2, qwen3, vit
+from . import bert, gemma2, gemma3, gpt2, llama, mistral, opt, phi3, qwen2, qwen3, vit
 from .staged import StagedModel
 
 
@@ -35,6 +35,8 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture("BertForMaskedLM", "bert", bert.BertForMaskedLM),
         Architecture("BertForSequenceClassification", "bert", bert.BertForSequenceClassification),
         Architecture("BertForTokenClassification", "bert", bert.BertForTokenClassification),
+        Architecture("Gemma2ForCausalLM", "gemma2", gemma2.Gemma2ForCausalLM, can_generate=True),
+        Architecture("Gemma3ForCausalLM", "gemma3_text", gemma3.Gemma3ForCausalLM, can_generate=True),
         Architecture("LlamaForCausalLM", "llama", llama.LlamaForCausalLM, can_generate=True),
         Architecture("MistralForCausalLM", "mistral", mistral.MistralForCausalLM, can_generate=True),
         Architecture("OPTForCausalLM", "opt", opt.OPTForCausalLM, can_generate=True),

@@ -34,7 +34,11 @@ class DecoderOptions:
     qkv_bias: bool = False  # biases on the q, k and v projections
     o_bias: bool = False  # a bias on the output projection
     mlp_bias: bool = False  # biases on gate, up and down
-    qk_norm: bool = False  # an RMSNorm over each query and key head before the rotary (Qwen3)
+    qk_norm: bool = False  # an RMSNorm over each query and key head before the rotary (Qwen3, Gemma 3)
+    norm: type[RMSNorm] = RMSNorm  # every RMSNorm's class (Gemma's weights are offsets from 1)
+    activation: str | None = None  # the MLP's gate activation (None: config.hidden_act)
+    attention_scale: float | None = None  # the scores' scale (None: head_dim ** -0.5)
+    softcap: float | None = None  # attention logits capped as softcap * tanh(scores / softcap) (Gemma 2)
 
 
 def head_dim(config: PretrainedConfig) -> int:
@@ -67,8 +71,10 @@ class LlamaAttention(nn.Module):
                                 parts=(q_size, kv_size, kv_size), step_buffer="qkv")
         self.qk_width = (self.num_heads + self.num_kv_heads) * self.head_dim
         self.o_proj = Linear1D_Row(q_size, config.hidden_size, bias=options.o_bias)
-        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if options.qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if options.qk_norm else None
+        self.q_norm = options.norm(self.head_dim, config.rms_norm_eps) if options.qk_norm else None
+        self.k_norm = options.norm(self.head_dim, config.rms_norm_eps) if options.qk_norm else None
+        self.scale = options.attention_scale or self.head_dim**-0.5
+        self.softcap = options.softcap
 
     def forward(self, x: torch.Tensor, batch: PackedBatch, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         qkv = self.qkv(x, batch.buffers)
@@ -80,8 +86,8 @@ class LlamaAttention(nn.Module):
         qk = apply_rotary(qk, *cos_sin)
         q, k = qk.split((self.num_heads, self.num_kv_heads), dim=1)
         v = qkv[:, self.qk_width:].view(tokens, self.num_kv_heads, self.head_dim)
-        out = attend(q, k, v, batch.attn, self.layer_idx, causal=True, scale=self.head_dim**-0.5,
-                     window=self.window)
+        out = attend(q, k, v, batch.attn, self.layer_idx, causal=True, scale=self.scale, window=self.window,
+                     softcap=self.softcap)
         return self.o_proj(out.reshape(x.shape[0], -1))
 
 
@@ -97,8 +103,9 @@ class LlamaMLP(nn.Module):
         self.gate_up = Linear1D_Col(config.hidden_size, 2 * size, bias=options.mlp_bias, parts=(size, size),
                                     step_buffer="mlp")
         self.down_proj = Linear1D_Row(size, config.hidden_size, bias=options.mlp_bias)
-        self.fused_silu = config.hidden_act == "silu"  # the common case gets the fused kernel
-        self.act = get_activation(config.hidden_act)
+        activation = options.activation or config.hidden_act
+        self.fused_silu = activation == "silu"  # the common case gets the fused kernel
+        self.act = get_activation(activation)
 
     def forward(self, x: torch.Tensor, buffers: StepBuffers | None = None) -> torch.Tensor:
         gate_up = self.gate_up(x, buffers)
@@ -111,9 +118,9 @@ class LlamaMLP(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: LlamaConfig, layer_idx: int, options: DecoderOptions):
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm = options.norm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = LlamaAttention(config, layer_idx, options)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = options.norm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LlamaMLP(config, options)
 
     def forward(self, x: torch.Tensor, batch: PackedBatch, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -124,12 +131,11 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     """The body's parameters under HF's `model.` names; LlamaForCausalLM runs them stage by stage."""
 
-    def __init__(self, config: LlamaConfig, options: DecoderOptions):
+    def __init__(self, config: LlamaConfig, options: DecoderOptions, layer_cls: type[LlamaDecoderLayer]):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, options) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary = RotaryEmbedding(config, head_dim(config))
+        self.layers = nn.ModuleList(layer_cls(config, i, options) for i in range(config.num_hidden_layers))
+        self.norm = options.norm(config.hidden_size, config.rms_norm_eps)
 
 
 class LlamaForCausalLM(StagedModel):
@@ -139,11 +145,13 @@ class LlamaForCausalLM(StagedModel):
     layers_path = "model.layers"
     head_modules = ("model.norm", "lm_head")
     packed_modules = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
+    layer_cls: type[LlamaDecoderLayer] = LlamaDecoderLayer  # a variant with another residual layout has its own
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, self.decoder_options(config))
+        self.model = LlamaModel(config, self.decoder_options(config), self.layer_cls)
+        self.rotary = self.rotary_embedding(config)
         self.lm_head = untied_head(config)
         self.decode_loop: LlamaDecodeLoop | None = None  # built at the first decode step it applies to
 
@@ -153,11 +161,16 @@ class LlamaForCausalLM(StagedModel):
         return DecoderOptions(qkv_bias=config.attention_bias, o_bias=config.attention_bias,
                               mlp_bias=config.mlp_bias)
 
+    @staticmethod
+    def rotary_embedding(config: LlamaConfig) -> RotaryEmbedding:
+        """The rotary tables every layer shares (`layer_args` hands the step's to each layer)."""
+        return RotaryEmbedding(config, head_dim(config))
+
     def embed(self, batch: PackedBatch) -> torch.Tensor:
         return self.model.embed_tokens(batch.input_ids)
 
     def layer_args(self, batch: PackedBatch, x: torch.Tensor) -> tuple:
-        return (self.model.rotary.cos_sin(batch.positions, x.dtype),)  # once per step, shared by every layer
+        return (self.rotary.cos_sin(batch.positions, x.dtype),)  # once per step, shared by every layer
 
     def run_layers(self, x: torch.Tensor, batch: PackedBatch, extra: tuple, indices: range) -> torch.Tensor:
         """Decode steps on CPU run as one loop of the ops the modules would pick (llama_decode.py)."""

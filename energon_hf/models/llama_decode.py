@@ -21,6 +21,7 @@ from energon_hf.batch import PackedBatch
 from energon_hf.kernels import backend_for, compiled
 from energon_hf.kernels.attention import step_plan
 from energon_hf.nn.formats import Product
+from energon_hf.nn.norm import RMSNorm
 from energon_hf.parallel import state
 
 if TYPE_CHECKING:
@@ -90,6 +91,9 @@ def _layer_products(layer: LlamaDecoderLayer, rows: int, dtype: torch.dtype) -> 
     # the loop is these classes' forward: a subclass that changes one (q/k norms, another residual) runs its own
     if (type(layer).forward, type(attention).forward, type(mlp).forward) != \
             (LlamaDecoderLayer.forward, LlamaAttention.forward, LlamaMLP.forward):
+        return None
+    if type(layer.input_layernorm) is not RMSNorm or attention.softcap is not None \
+            or attention.scale != attention.head_dim**-0.5:  # Gemma's norms, capped or rescaled scores
         return None
     linears = (attention.qkv, attention.o_proj, mlp.gate_up, mlp.down_proj)
     norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)

@@ -14,14 +14,17 @@ from energon_hf.errors import UnsupportedModelError
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
 
 
-def rope_parameters(config: PretrainedConfig) -> dict:
-    params = dict(getattr(config, "rope_parameters", None) or {})
+def rope_parameters(config: PretrainedConfig, layer_type: str | None = None) -> dict:
+    """The config's rope parameters, or those of one layer type where they differ by type (Gemma 3's local and
+    global layers)."""
+    params = getattr(config, "rope_parameters", None) or {}
+    params = dict(params[layer_type] if layer_type is not None else params)
     params.setdefault("rope_type", "default")
     return params
 
 
-def check_rope(config: PretrainedConfig) -> None:
-    rope_type = rope_parameters(config)["rope_type"]
+def check_rope(config: PretrainedConfig, layer_type: str | None = None) -> None:
+    rope_type = rope_parameters(config, layer_type)["rope_type"]
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise UnsupportedModelError(
             f"rope_scaling type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
@@ -32,22 +35,23 @@ class RotaryEmbedding:
     """cos/sin tables looked up by each packed token's position; applied with HF's rotate-half layout to the first
     `partial_rotary_factor` of each head's features (all of them by default)."""
 
-    def __init__(self, config: PretrainedConfig, head_dim: int):
-        check_rope(config)
-        params = rope_parameters(config)
+    def __init__(self, config: PretrainedConfig, head_dim: int, layer_type: str | None = None):
+        check_rope(config, layer_type)
+        params = rope_parameters(config, layer_type)
         rotary_dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
         if params["rope_type"] == "default":
             base = params.get("rope_theta", getattr(config, "default_theta", 10000.0))
             inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float) / rotary_dim))
             self.scaling = 1.0
         else:
-            inv_freq, self.scaling = ROPE_INIT_FUNCTIONS[params["rope_type"]](config, "cpu")
+            inv_freq, self.scaling = ROPE_INIT_FUNCTIONS[params["rope_type"]](config, "cpu", layer_type=layer_type)
         self.inv_freq = inv_freq
         # longrope: the short factors' frequencies up to original_max_position_embeddings, the long factors' past it
         self.long_after, self.long_inv_freq = None, None
         if params["rope_type"] == "longrope":
             self.long_after = params["original_max_position_embeddings"]
-            self.long_inv_freq, _ = ROPE_INIT_FUNCTIONS["longrope"](config, "cpu", seq_len=self.long_after + 1)
+            self.long_inv_freq, _ = ROPE_INIT_FUNCTIONS["longrope"](config, "cpu", seq_len=self.long_after + 1,
+                                                                    layer_type=layer_type)
 
     def frequencies(self, positions: torch.Tensor) -> torch.Tensor:
         """The step's inverse frequencies. longrope takes the long factors for the whole step once any position
