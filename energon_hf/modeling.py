@@ -15,6 +15,7 @@ from transformers.utils import ModelOutput
 from energon_hf import kernels
 from energon_hf.batch import AttentionMetadata, PackedBatch, packed_layout
 from energon_hf.engine.batcher import ContinuousBatcher
+from energon_hf.engine.hooks import StreamerSink, stop_test
 from energon_hf.engine.multiprocess import MultiProcessRunner
 from energon_hf.engine.params import GenerationParams
 from energon_hf.engine.runner import LocalRunner
@@ -241,14 +242,20 @@ class EnergonModel:
         return result if return_dict else result.to_tuple()
 
     def generate(self, input_ids=None, attention_mask=None, generator: torch.Generator | None = None,
-                  **kwargs) -> torch.Tensor:
-        """HF generate semantics: returns [B, S + new] = the input as given, then the new tokens;
-        a sequence that finished early is filled with pad_token_id. The prompts run on the model's batcher as
-        one group, batched with whatever else runs there (other generate calls, a server's requests)."""
+                  streamer=None, tokenizer=None, **kwargs) -> torch.Tensor:
+        """HF generate semantics: returns [B * num_return_sequences, S + new] = the input as given, then the new
+        tokens; a sequence that finished early is filled with pad_token_id. The prompts run on the model's batcher
+        as one group, batched with whatever else runs there (other generate calls, a server's requests).
+        `streamer` (batches of one, as transformers' TextStreamer) gets the prompt, then each token; `tokenizer`
+        is what stop_strings are matched with (transformers asks for it too)."""
         if not self.architecture.can_generate:
             raise ValueError(f"{self.architecture.name} has no language-model head and cannot generate")
         ids = self._as_batch(input_ids)
         params = GenerationParams.resolve(self.generation_config, ids.shape[1], kwargs)
+        for word in params.bad_words_ids:
+            self._check_range(torch.tensor(word), self.config.vocab_size, "bad_words_ids contain token id",
+                              "(the vocabulary size)")
+        stops = stop_test(params.stop_strings, tokenizer)
         mask = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask
         mask = kernels.check_attention_mask(torch.as_tensor(mask), tuple(ids.shape)).to(ids.device)
         prompts = [row[keep] for row, keep in zip(ids.cpu(), mask.cpu(), strict=True)]
@@ -263,8 +270,21 @@ class EnergonModel:
                              f"the model's max_position_embeddings ({self.position_limit})")
         if generator is None and params.seed is not None:
             generator = torch.Generator(self.device).manual_seed(params.seed)
+        if params.num_return_sequences > 1:  # each prompt's copies side by side, as transformers expands them
+            n = params.num_return_sequences
+            ids, prompts = ids.repeat_interleave(n, dim=0), [p for p in prompts for _ in range(n)]
+        sink = None
+        if streamer is not None:
+            if len(prompts) != 1:
+                raise ValueError(f"a streamer takes a batch of one sequence (as transformers' TextStreamer), got "
+                                 f"{len(prompts)}")
+            streamer.put(ids.cpu())
+            sink = StreamerSink(streamer)
         batcher = self.batcher
-        new_tokens = batcher.wait(batcher.submit_group([p.tolist() for p in prompts], params, generator))
+        new_tokens = batcher.wait(batcher.submit_group([p.tolist() for p in prompts], params, generator,
+                                                       events=sink, stops=stops))
+        if streamer is not None:
+            streamer.end()
         width = max(len(t) for t in new_tokens)
         tail = torch.full((len(prompts), width), params.pad_token_id, dtype=torch.long)
         for row, tokens in enumerate(new_tokens):

@@ -141,21 +141,22 @@ class ContinuousBatcher:
 
     def submit_group(self, prompts: list[list[int]], params: GenerationParams,
                      generator: torch.Generator | None = None, logprobs: int | None = None,
-                     events: queue.Queue | None = None, hf_draws: bool = True) -> list[Request]:
+                     events: queue.Queue | None = None, hf_draws: bool = True,
+                     stops: Callable[[list[int]], bool] | None = None) -> list[Request]:
         """Queue prompts that sample together, as the rows of one HF generate call: each step, one sampler
         draws the tokens of the group's rows in that step in one call, in row order. A seeded group whose
         rows stay in step (prompts admitted in one step, no preemption) thus equals transformers'
-        torch.manual_seed + generate on the same batch. All are queued, or none (ValueError)."""
+        torch.manual_seed + generate on the same batch. `stops` tests a request's tokens after each new one (its
+        stop strings). All are queued, or none (ValueError)."""
         eos = frozenset(params.eos_token_ids)
         key = next(self._groups)
-        requests = [Request(next(self._ids), list(p), params.max_new_tokens, eos, group=key, row=row,
+        requests = [Request(next(self._ids), list(p), params.max_new_tokens, eos, stops=stops, group=key, row=row,
                             logprobs=logprobs) for row, p in enumerate(prompts)]
         for request in requests:
             if events is not None:
                 request.events = events
-        penalized = params.repetition_penalty != 1.0
         spec = SamplerSpec(key, params, self.vocab_size, generator, hf_draws,
-                           [list(p) for p in prompts] if penalized else None)
+                           [list(p) for p in prompts] if params.reads_history else None)
         with self._wake:
             if self._stopped:
                 raise RuntimeError("the batcher is stopped")

@@ -8,10 +8,10 @@ from transformers import GenerationConfig
 
 # HF's defaults for the parameters we support (GenerationConfig leaves them None and generate fills these).
 _HF_DEFAULTS = {"max_length": 20, "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
-                "repetition_penalty": 1.0, "min_new_tokens": 0}
+                "repetition_penalty": 1.0, "min_new_tokens": 0, "no_repeat_ngram_size": 0, "num_return_sequences": 1}
 # Accepted and ignored: they change nothing for a decoder-only model here.
 _IGNORED = {"use_cache", "return_dict_in_generate", "output_scores", "output_logits", "output_attentions",
-            "output_hidden_states", "bos_token_id", "num_return_sequences"}
+            "output_hidden_states", "bos_token_id"}
 
 
 @dataclass
@@ -26,6 +26,16 @@ class GenerationParams:
     eos_token_ids: list[int] = field(default_factory=list)
     pad_token_id: int = 0
     seed: int | None = None
+    no_repeat_ngram_size: int = 0  # HF's NoRepeatNGramLogitsProcessor: no n-gram of a row occurs twice
+    bad_words_ids: list[list[int]] = field(default_factory=list)  # HF's NoBadWordsLogitsProcessor
+    num_return_sequences: int = 1  # samples per prompt (generate expands the batch, as HF)
+    stop_strings: list[str] = field(default_factory=list)  # HF's StopStringCriteria (needs the tokenizer)
+
+    @property
+    def reads_history(self) -> bool:
+        """Whether sampling reads each row's tokens (prompt included): the repetition penalty, n-gram and
+        multi-token bans."""
+        return self.repetition_penalty != 1.0 or self.no_repeat_ngram_size > 0 or bool(self.bad_words_ids)
 
     @classmethod
     def resolve(cls, model_defaults: GenerationConfig | None, prompt_length: int, kwargs: dict) -> GenerationParams:
@@ -34,10 +44,9 @@ class GenerationParams:
         cfg = GenerationConfig.from_dict(model_defaults.to_dict()) if model_defaults else GenerationConfig()
         if isinstance(kwargs.get("generation_config"), GenerationConfig):
             cfg = kwargs.pop("generation_config")
-        num_return = kwargs.get("num_return_sequences", None) or 1
         num_beams = kwargs.pop("num_beams", None) or cfg.num_beams or 1
-        if num_beams != 1 or num_return != 1:
-            raise ValueError("beam search and num_return_sequences > 1 are not supported; use num_beams=1")
+        if num_beams != 1:
+            raise ValueError("beam search is not supported; use num_beams=1")
         ours = {f.name for f in fields(cls)} | {"max_length", "eos_token_id"}
         unknown = sorted(set(kwargs) - ours - _IGNORED)
         if unknown:
@@ -57,11 +66,16 @@ class GenerationParams:
         pad = kwargs.get("pad_token_id", cfg.pad_token_id)
         if pad is None:  # HF falls back to the (first) EOS token
             pad = eos_ids[0] if eos_ids else 0
+        stop = pick("stop_strings") or []
         params = cls(
             max_new_tokens=int(max_new), do_sample=bool(pick("do_sample")), temperature=float(pick("temperature")),
             top_k=int(pick("top_k")), top_p=float(pick("top_p")),
             repetition_penalty=float(pick("repetition_penalty")), min_new_tokens=int(pick("min_new_tokens")),
             eos_token_ids=eos_ids, pad_token_id=int(pad), seed=kwargs.get("seed"),
+            no_repeat_ngram_size=int(pick("no_repeat_ngram_size")),
+            bad_words_ids=_bad_words(pick("bad_words_ids"), eos_ids),
+            num_return_sequences=int(pick("num_return_sequences")),
+            stop_strings=[stop] if isinstance(stop, str) else list(stop),
         )
         params.validate()
         return params
@@ -77,3 +91,22 @@ class GenerationParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.no_repeat_ngram_size < 0:
+            raise ValueError(f"no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}")
+        if self.num_return_sequences < 1:
+            raise ValueError(f"num_return_sequences must be >= 1, got {self.num_return_sequences}")
+        if self.num_return_sequences > 1 and not self.do_sample:  # HF's own check
+            raise ValueError("Greedy methods without beam search do not support `num_return_sequences` different "
+                             f"than 1 (got {self.num_return_sequences}); set do_sample=True")
+
+
+def _bad_words(value, eos_ids: list[int]) -> list[list[int]]:
+    """bad_words_ids checked as HF's NoBadWordsLogitsProcessor checks them (a non-empty list of non-empty lists
+    of non-negative ints), without the single-token entries that are an EOS token (HF filters those)."""
+    if value is None:
+        return []
+    if not isinstance(value, list | tuple) or not value or any(
+            not isinstance(word, list | tuple) or not word
+            or any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in word) for word in value):
+        raise ValueError(f"`bad_words_ids` has to be a non-empty list of lists of positive integers, got {value}")
+    return [list(word) for word in value if not (len(word) == 1 and word[0] in eos_ids)]

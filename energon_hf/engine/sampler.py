@@ -3,10 +3,10 @@
 A `Sampler` holds what one HF generate call would: its parameters, its generator and the tokens each of its
 rows has seen (for the repetition penalty). A step's rows may come from many samplers (a server's requests,
 concurrent generate calls); `sample` processes them all with one pass of tensor ops, each row under its own
-parameters, and draws once per generator. The processing is HF's, op for op: repetition penalty, EOS held back
-before min_new_tokens, then when sampling temperature, top-k and top-p as TemperatureLogitsWarper,
-TopKLogitsWarper and TopPLogitsWarper compute them, then softmax and a multinomial draw (an inverse-CDF draw for
-rows that need not reproduce transformers' random stream), or argmax.
+parameters, and draws once per generator. The processing is HF's, op for op: repetition penalty, n-gram and
+bad-word bans, EOS held back before min_new_tokens, then when sampling temperature, top-k and top-p as
+TemperatureLogitsWarper, TopKLogitsWarper and TopPLogitsWarper compute them, then softmax and a multinomial draw
+(an inverse-CDF draw for rows that need not reproduce transformers' random stream), or argmax.
 """
 
 from __future__ import annotations
@@ -40,17 +40,43 @@ class Sampler:
         self.generator = generator
         self.hf_draws = hf_draws or generator is not None
         self.seen: torch.Tensor | None = None
+        self.history: list[list[int]] | None = None  # each row's tokens, where a ban reads them
+        self.single_bans = [w[0] for w in params.bad_words_ids if len(w) == 1]
+        self.sequence_bans = [w for w in params.bad_words_ids if len(w) > 1]
+        self.bans = params.no_repeat_ngram_size > 0 or bool(params.bad_words_ids)
         self.vocab_size = vocab_size
         self.device = device
         self.temperature = max(params.temperature, MIN_TEMPERATURE)
         self.eos = torch.tensor(params.eos_token_ids, dtype=torch.long, device=device)
 
     def observe_prompts(self, prompt_ids: list[torch.Tensor]) -> None:
+        if self.bans:
+            self.history = [ids.tolist() for ids in prompt_ids]
         if self.params.repetition_penalty == 1.0:
             return
         self.seen = torch.zeros(len(prompt_ids), self.vocab_size, dtype=torch.bool, device=self.device)
         for row, ids in enumerate(prompt_ids):
             self.seen[row, ids.to(self.device)] = True
+
+    def banned(self, row: int) -> list[int]:
+        """The tokens row `row` may not draw next: those that would repeat one of its n-grams (HF's
+        NoRepeatNGramLogitsProcessor), the bad words of one token, and the last token of each longer bad word whose
+        other tokens end the row (HF's NoBadWordsLogitsProcessor)."""
+        tokens, n = self.history[row], self.params.no_repeat_ngram_size
+        banned = list(self.single_bans)
+        if n > 0 and len(tokens) + 1 >= n:
+            prefix = tokens[len(tokens) + 1 - n:]
+            banned += [tokens[i + n - 1] for i in range(len(tokens) - n + 1) if tokens[i:i + n - 1] == prefix]
+        banned += [w[-1] for w in self.sequence_bans if len(w) - 1 <= len(tokens)
+                   and tokens[len(tokens) - len(w) + 1:] == w[:-1]]
+        return banned
+
+    def observe(self, row: int, token: int) -> None:
+        """Row `row` drew `token`."""
+        if self.seen is not None:
+            self.seen[row, token] = True
+        if self.history is not None:
+            self.history[row].append(token)
 
     def draws(self, rows: torch.Tensor, generated: torch.Tensor | int) -> list[Draw]:
         counts = torch.as_tensor(generated).expand(len(rows)).tolist()
@@ -84,14 +110,20 @@ def process(logits: torch.Tensor, draws: list[Draw]) -> torch.Tensor:
     The caller's logits are never changed; they are copied only where a row is changed in place."""
     scores = logits.float()
     penalized = [i for i, d in enumerate(draws) if d.sampler.seen is not None]
+    banning = [i for i, d in enumerate(draws) if d.sampler.bans]
     held_back = [i for i, d in enumerate(draws)  # EOS held back before min_new_tokens
                  if d.generated < d.params.min_new_tokens and d.sampler.eos.numel()]
     sampling = [i for i, d in enumerate(draws) if d.params.do_sample]
     every_row = len(sampling) == len(draws)
-    if (penalized or held_back or (sampling and not every_row)) and scores.data_ptr() == logits.data_ptr():
+    if (penalized or banning or held_back or (sampling and not every_row)) \
+            and scores.data_ptr() == logits.data_ptr():
         scores = scores.clone()
     if penalized:
         _penalize_repetition(scores, draws, penalized)
+    for i in banning:
+        banned = draws[i].sampler.banned(draws[i].row)
+        if banned:
+            scores[i, banned] = -float("inf")
     for i in held_back:
         scores[i, draws[i].sampler.eos] = -float("inf")
     if every_row:
@@ -105,7 +137,7 @@ def sample(logits: torch.Tensor, draws: list[Draw]) -> torch.Tensor:
     """Next tokens [n]: argmax for greedy rows; one multinomial draw per generator for the rows that sample
     as HF does (a generate call's rows draw together, as HF's batch does), one inverse-CDF draw for the
     others; each sampler's seen tokens updated."""
-    if all(not d.params.do_sample and d.sampler.seen is None for d in draws):
+    if all(not d.params.do_sample and d.sampler.seen is None and not d.sampler.bans for d in draws):
         return _greedy(logits, draws)
     scores = process(logits, draws)
     greedy, quick, by_generator = [], [], {}
@@ -131,9 +163,8 @@ def sample(logits: torch.Tensor, draws: list[Draw]) -> torch.Tensor:
     for rows in by_generator.values():
         generator = draws[rows[0]].sampler.generator
         tokens[rows] = torch.multinomial(probs[id(rows)], 1, generator=generator).squeeze(1)
-    for i, draw in enumerate(draws):
-        if draw.sampler.seen is not None:
-            draw.sampler.seen[draw.row, tokens[i]] = True
+    for draw, token in zip(draws, tokens.tolist(), strict=True):
+        draw.sampler.observe(draw.row, token)
     return tokens
 
 

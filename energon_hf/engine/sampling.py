@@ -28,7 +28,7 @@ class TokenLogprob:
 @dataclass(frozen=True)
 class SamplerSpec:
     """What builds a group's Sampler where the logits are. `prompts` (each row's prompt) only where the
-    repetition penalty reads them."""
+    repetition penalty or a ban reads them (GenerationParams.reads_history)."""
 
     key: int
     params: GenerationParams

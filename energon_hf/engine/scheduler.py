@@ -16,6 +16,7 @@ running decodes for more than one budget's worth of tokens, and new requests joi
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from energon_hf.kv_cache import BlockAllocator
@@ -30,8 +31,9 @@ class Sequence:
     max_new_tokens: int
     eos_token_ids: frozenset[int] = frozenset()
     tokens: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" (EOS), "length", "cancelled" or "error"
+    finish_reason: str | None = None  # "stop" (EOS, or `stops`), "length", "cancelled" or "error"
     num_cached: int = 0  # context tokens whose keys and values the cache holds
+    stops: Callable[[list[int]], bool] | None = None  # the caller's test of the context after each token
 
     @property
     def context(self) -> list[int]:
@@ -163,6 +165,9 @@ class Scheduler:
                 left.append(sequence)
             elif len(sequence.tokens) >= sequence.max_new_tokens:
                 self._retire(sequence, "length")
+                left.append(sequence)
+            elif sequence.stops is not None and sequence.stops(sequence.context):
+                self._retire(sequence, "stop")
                 left.append(sequence)
         return left
 

@@ -1,0 +1,127 @@
+"""HF generate's options beyond sampling parameters, each against transformers on the same weights: n-gram and
+bad-word bans, num_return_sequences, stop strings (with the tokenizer) and streamers, through generate and the
+text-generation pipeline."""
+
+import pytest
+import torch
+import transformers
+from helpers import assert_greedy_matches, padded_batch
+
+from energon_hf import EnergonModel, pipeline
+
+LENGTHS = [3, 9, 5]
+
+
+@pytest.fixture(scope="module")
+def gpt2(tiny):
+    return EnergonModel.from_pretrained(tiny.make("GPT2LMHeadModel")), tiny.hf("GPT2LMHeadModel")
+
+
+@pytest.fixture(scope="module")
+def chat(chat_llama):
+    tokenizer = transformers.AutoTokenizer.from_pretrained(chat_llama)
+    hf = transformers.LlamaForCausalLM.from_pretrained(chat_llama).eval()
+    return EnergonModel.from_pretrained(chat_llama), hf, tokenizer
+
+
+def test_no_repeat_ngram_size_equals_transformers(gpt2):
+    """Greedy decoding of the tiny model repeats itself: the bans bind. Prompts without padding: transformers' n-grams
+    also cover a padded prompt's pad tokens (as its repetition penalty does; ours count real tokens only)."""
+    ours, hf = gpt2
+    ids, mask = padded_batch([7, 7, 7], 128, "left", seed=4)
+    free = assert_greedy_matches(ours, hf, ids, mask, max_new_tokens=24)
+    for n in (2, 3):
+        banned = assert_greedy_matches(ours, hf, ids, mask, max_new_tokens=24, no_repeat_ngram_size=n)
+        assert not torch.equal(banned, free)
+
+
+def test_bad_words_ids_equal_transformers(gpt2):
+    """Banned: a token greedy decoding picks, and a two-token sequence it produces (its second token only
+    after its first); the EOS token as a bad word is ignored, as transformers ignores it."""
+    ours, hf = gpt2
+    ids, mask = padded_batch(LENGTHS, 128, "left", seed=5)
+    free = assert_greedy_matches(ours, hf, ids, mask, max_new_tokens=16)
+    new = free[0, ids.shape[1]:].tolist()
+    bad = [[new[3]], new[6:8], [2]]
+    banned = assert_greedy_matches(ours, hf, ids, mask, max_new_tokens=16, bad_words_ids=bad, eos_token_id=2)
+    assert not torch.equal(banned, free)
+    with pytest.raises(ValueError, match="bad_words_ids"):
+        ours.generate(ids, attention_mask=mask, bad_words_ids=[[]], max_new_tokens=2)
+    with pytest.raises(ValueError, match="bad_words_ids contain token id 128"):
+        ours.generate(ids, attention_mask=mask, bad_words_ids=[[128]], max_new_tokens=2)
+
+
+def test_num_return_sequences_samples_as_transformers(gpt2):
+    """Each prompt's copies sample side by side: seeded, the tokens of transformers' manual_seed + generate."""
+    ours, hf = gpt2
+    ids = torch.randint(3, 128, (2, 6), generator=torch.Generator().manual_seed(6))
+    kwargs = dict(do_sample=True, num_return_sequences=3, max_new_tokens=10, top_k=0, pad_token_id=0,
+                  eos_token_id=None)
+    torch.manual_seed(11)
+    with torch.no_grad():
+        expected = hf.generate(ids, **kwargs)
+    torch.manual_seed(11)
+    got = ours.generate(ids, **kwargs)
+    assert got.shape == (6, 16) and torch.equal(got, expected)
+    with pytest.raises(ValueError, match="Greedy methods without beam search do not support `num_return_sequences`"):
+        ours.generate(ids, num_return_sequences=2, max_new_tokens=2)
+
+
+def test_stop_strings_stop_where_transformers_stops(chat):
+    """A stop string cut from the middle of the greedy answer (spanning tokens) ends generation at the same token
+    as transformers' StopStringCriteria; without the tokenizer it is transformers' error."""
+    ours, hf, tokenizer = chat
+    ids = tokenizer(["The capital of France is"], return_tensors="pt").input_ids
+    kwargs = dict(max_new_tokens=20, do_sample=False, pad_token_id=2, eos_token_id=None)
+    free = ours.generate(ids, **kwargs)
+    text = tokenizer.decode(free[0, ids.shape[1]:])
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    with torch.no_grad():
+        expected = hf.generate(ids, stop_strings=[stop], tokenizer=tokenizer, **kwargs)
+    got = ours.generate(ids, stop_strings=[stop], tokenizer=tokenizer, **kwargs)
+    assert torch.equal(got, expected) and got.shape[1] < free.shape[1]
+    with pytest.raises(ValueError, match="you must pass the model's tokenizer"):
+        ours.generate(ids, stop_strings=[stop], **kwargs)
+
+
+class Recorder:
+    """A streamer that keeps what generate hands it."""
+
+    def __init__(self):
+        self.puts, self.ended = [], False
+
+    def put(self, value):
+        self.puts.append(value.tolist())
+
+    def end(self):
+        self.ended = True
+
+
+def test_streamers_get_what_transformers_hands_them(chat):
+    ours, hf, tokenizer = chat
+    ids = tokenizer(["Once upon a time"], return_tensors="pt").input_ids
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=2, eos_token_id=None)
+    theirs, mine = Recorder(), Recorder()
+    with torch.no_grad():
+        hf.generate(ids, streamer=theirs, **kwargs)
+    ours.generate(ids, streamer=mine, **kwargs)
+    assert mine.puts == theirs.puts and mine.ended and len(mine.puts) == 9
+    text = transformers.TextIteratorStreamer(tokenizer, skip_prompt=True)
+    out = ours.generate(ids, streamer=text, **kwargs)
+    assert "".join(text) == tokenizer.decode(out[0, ids.shape[1]:])
+    with pytest.raises(ValueError, match="a streamer takes a batch of one"):
+        ours.generate(torch.cat([ids, ids]), streamer=Recorder(), **kwargs)
+
+
+def test_text_generation_pipeline_takes_the_options(chat):
+    ours, hf, tokenizer = chat
+    pipe = pipeline("text-generation", model=ours, tokenizer=tokenizer)
+    theirs = transformers.pipeline("text-generation", model=hf, tokenizer=tokenizer)
+    kwargs = dict(max_new_tokens=12, do_sample=False, no_repeat_ngram_size=2)
+    assert pipe("Once upon a time", **kwargs) == theirs("Once upon a time", **kwargs)
+    free = pipe("Once upon a time", max_new_tokens=12, do_sample=False)[0]["generated_text"]
+    stop = free[len("Once upon a time") + 4:][:3]
+    kwargs = dict(max_new_tokens=12, do_sample=False, stop_sequence=stop)
+    assert pipe("Once upon a time", **kwargs) == theirs("Once upon a time", **kwargs)
+    sampled = pipe(["Hello", "Goodbye"], do_sample=True, num_return_sequences=2, max_new_tokens=4)
+    assert [len(answers) for answers in sampled] == [2, 2]
