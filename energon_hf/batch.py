@@ -72,6 +72,8 @@ class PackedBatch:
     # Only these token rows go through an LM head (generation needs the last token of each sequence).
     logits_indices: torch.Tensor | None = None
     buffers: StepBuffers = field(default_factory=StepBuffers, repr=False, compare=False)
+    # (source, destination) cache blocks to copy before the step writes: a shared block made a sequence's own
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
 
     def to(self, device: torch.device | str) -> PackedBatch:
         move = lambda t: t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t
@@ -82,7 +84,7 @@ class PackedBatch:
             is_prefill=self.attn.is_prefill,
         )
         return PackedBatch(move(self.input_ids), move(self.positions), attn, move(self.token_type_ids),
-                           move(self.pixel_values), move(self.logits_indices))
+                           move(self.pixel_values), move(self.logits_indices), block_copies=self.block_copies)
 
 
 def packed_layout(lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -50,6 +50,13 @@ class KVCache:
         """K and V blocks [num_blocks, block_size, kv_heads, head_dim] of model layer `layer`."""
         return self.k[layer - self.first_layer], self.v[layer - self.first_layer]
 
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy each (source, destination) block, in every layer (a shared block a sequence is about to write)."""
+        if copies:
+            src, dst = (torch.tensor(ids, device=self.k.device) for ids in zip(*copies, strict=True))
+            self.k[:, dst] = self.k[:, src]
+            self.v[:, dst] = self.v[:, src]
+
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """Store the packed new tokens' K/V [T, kv_heads, head_dim] at their slots."""
         keys, values = self.layer(layer)
@@ -58,13 +65,18 @@ class KVCache:
 
 
 class BlockAllocator:
-    """Hands out cache block ids per sequence; raises when the cache is full."""
+    """Hands out cache block ids per sequence; raises when the cache is full.
+
+    Sequences may share blocks (beam search: a beam's continuations share their parent's context): a block is
+    free again when no table holds it, and a sequence about to write into a shared block gets its own copy first
+    (`writable`: copy-on-write)."""
 
     def __init__(self, num_blocks: int, block_size: int):
         self.block_size = block_size
         self.num_blocks_total = num_blocks
         self._free: deque[int] = deque(range(num_blocks))
         self.tables: dict[int, list[int]] = {}
+        self._shared: dict[int, int] = {}  # block -> tables holding it, for blocks held by more than one
 
     @property
     def num_free(self) -> int:
@@ -88,9 +100,43 @@ class BlockAllocator:
         return table
 
     def release(self, seq_id: int) -> None:
-        self._free.extend(self.tables.pop(seq_id, []))
+        self._drop(self.tables.pop(seq_id, []))
         if not self.tables:  # all free: hand blocks out in order again, so a lone sequence's are consecutive
-            self._free = deque(range(self.num_blocks_total))
+            self._free, self._shared = deque(range(self.num_blocks_total)), {}
+
+    def share(self, tables: dict[int, list[int]]) -> None:
+        """Set the named sequences' tables to `tables` (built from blocks that tables hold now: a beam takes its
+        parent's), then free the blocks no table holds any more."""
+        for table in tables.values():
+            for block in table:
+                self._shared[block] = self._shared.get(block, 1) + 1
+        for seq_id in tables:
+            self._drop(self.tables.pop(seq_id, []))
+        self.tables.update((seq_id, list(table)) for seq_id, table in tables.items())
+
+    def writable(self, seq_id: int, position: int) -> tuple[int, int] | None:
+        """Make the block that holds `position` of `seq_id` its own before it is written: a shared block is
+        replaced by a fresh one; returns (shared block, fresh block), whose contents the cache must copy before
+        the step writes, or None."""
+        table = self.tables[seq_id]
+        index = position // self.block_size
+        block = table[index]
+        if block not in self._shared:
+            return None
+        if not self._free:
+            raise MemoryError("KV cache full: no block to copy a shared one into")
+        table[index] = fresh = self._free.popleft()
+        self._drop([block])
+        return block, fresh
+
+    def _drop(self, blocks: list[int]) -> None:
+        """One holder fewer for each block: free those that no table holds."""
+        for block in blocks:
+            holders = self._shared.pop(block, 1) - 1
+            if holders > 1:
+                self._shared[block] = holders
+            elif holders == 0:
+                self._free.append(block)
 
     def block_table_tensor(self, seq_ids: list[int], device: torch.device | str) -> torch.Tensor:
         width = max(len(self.tables[s]) for s in seq_ids)

@@ -15,6 +15,7 @@ from transformers.utils import ModelOutput
 from energon_hf import kernels
 from energon_hf.batch import AttentionMetadata, PackedBatch, packed_layout
 from energon_hf.engine.batcher import ContinuousBatcher
+from energon_hf.engine.beam_search import BeamSettings
 from energon_hf.engine.hooks import StreamerSink, stop_test
 from energon_hf.engine.multiprocess import MultiProcessRunner
 from energon_hf.engine.params import GenerationParams
@@ -270,23 +271,36 @@ class EnergonModel:
                              f"the model's max_position_embeddings ({self.position_limit})")
         if generator is None and params.seed is not None:
             generator = torch.Generator(self.device).manual_seed(params.seed)
-        if params.num_return_sequences > 1:  # each prompt's copies side by side, as transformers expands them
-            n = params.num_return_sequences
-            ids, prompts = ids.repeat_interleave(n, dim=0), [p for p in prompts for _ in range(n)]
+        beams = None
+        if params.num_beams > 1:
+            beams = BeamSettings(params.num_beams, params.max_new_tokens, tuple(params.eos_token_ids),
+                                 params.length_penalty, params.early_stopping, params.num_return_sequences)
+        n = params.num_return_sequences
+        if n > 1 and beams is None:  # each prompt's copies side by side, as transformers expands them
+            prompts = [p for p in prompts for _ in range(n)]
+        ids = ids.repeat_interleave(n, dim=0)
         sink = None
         if streamer is not None:
+            if beams is not None:  # transformers' own refusal
+                raise ValueError("`streamer` cannot be used with beam search (yet!). Make sure that `num_beams` is set "
+                                 "to 1.")
             if len(prompts) != 1:
                 raise ValueError(f"a streamer takes a batch of one sequence (as transformers' TextStreamer), got "
                                  f"{len(prompts)}")
             streamer.put(ids.cpu())
             sink = StreamerSink(streamer)
         batcher = self.batcher
-        new_tokens = batcher.wait(batcher.submit_group([p.tolist() for p in prompts], params, generator,
-                                                       events=sink, stops=stops))
+        requests = batcher.submit_group([p.tolist() for p in prompts], params, generator, events=sink, stops=stops,
+                                        beams=beams)
+        new_tokens = batcher.wait(requests)
+        fill = params.pad_token_id
+        if beams is not None:  # the finished hypotheses; transformers fills shorter ones with pad_token_id or EOS
+            new_tokens = requests[0].beams.results()
+            fill = (params.pad_token_id or params.eos_token_ids[0]) if params.eos_token_ids else -1
         if streamer is not None:
             streamer.end()
         width = max(len(t) for t in new_tokens)
-        tail = torch.full((len(prompts), width), params.pad_token_id, dtype=torch.long)
+        tail = torch.full((len(new_tokens), width), fill, dtype=torch.long)
         for row, tokens in enumerate(new_tokens):
             tail[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
         return torch.cat([ids.cpu(), tail], dim=1).to(ids.device)

@@ -1,6 +1,6 @@
 """HF generate's options beyond sampling parameters, each against transformers on the same weights: n-gram and
-bad-word bans, num_return_sequences, stop strings (with the tokenizer) and streamers, through generate and the
-text-generation pipeline."""
+bad-word bans, num_return_sequences, stop strings (with the tokenizer), streamers and beam search, through generate
+and the text-generation pipeline."""
 
 import pytest
 import torch
@@ -125,3 +125,79 @@ def test_text_generation_pipeline_takes_the_options(chat):
     assert pipe("Once upon a time", **kwargs) == theirs("Once upon a time", **kwargs)
     sampled = pipe(["Hello", "Goodbye"], do_sample=True, num_return_sequences=2, max_new_tokens=4)
     assert [len(answers) for answers in sampled] == [2, 2]
+    kwargs = dict(max_new_tokens=8, num_beams=3, num_return_sequences=2, do_sample=False)
+    assert pipe("Once upon a time", **kwargs) == theirs("Once upon a time", **kwargs)
+
+
+BEAMS = {
+    "two": dict(num_beams=2),
+    "return-two-of-three": dict(num_beams=3, num_return_sequences=2),
+    "eos-short-penalty": dict(num_beams=3, eos_token_id=6, length_penalty=0.5),
+    "two-eos-early": dict(num_beams=4, eos_token_id=[6, 61], early_stopping=True),
+    "never-long-penalty": dict(num_beams=2, eos_token_id=6, early_stopping="never", length_penalty=2.0),
+    "ngram-bans": dict(num_beams=3, eos_token_id=6, no_repeat_ngram_size=2, repetition_penalty=1.3),
+}
+
+
+@pytest.mark.parametrize("options", list(BEAMS))
+def test_beam_search_equals_transformers(gpt2, options):
+    """Left-padded prompts, beams finishing early on EOS (token 6 is frequent here), length penalties, early
+    stopping modes, returned hypotheses, processors reading each beam's own tokens (on prompts without padding:
+    transformers' n-grams cover pad tokens)."""
+    ours, hf = gpt2
+    ids, mask = padded_batch([7, 7, 7] if "no_repeat_ngram_size" in BEAMS[options] else LENGTHS, 128, "left", seed=4)
+    kwargs = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": 0, "eos_token_id": None, **BEAMS[options]}
+    with torch.no_grad():
+        expected = hf.generate(ids, attention_mask=mask, **kwargs)
+    assert torch.equal(ours.generate(ids, attention_mask=mask, **kwargs), expected)
+
+
+def test_beams_share_the_prompt_and_copy_blocks_on_write(tmp_path, monkeypatch):
+    """A Llama (its decode loop) with beams past a cache block: each prompt is computed once (the first step runs
+    exactly the prompts' tokens), and the beams' shared blocks are copied before one writes into them."""
+    from test_parity_llama import LLAMA_TINY
+
+    from energon_hf.engine.runner import LocalRunner
+    from energon_hf.kv_cache import KVCache
+
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA_TINY)).save_pretrained(tmp_path)
+    ours, hf = EnergonModel.from_pretrained(tmp_path), transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    steps, copies = [], []
+    run, copy = LocalRunner.run, KVCache.copy_blocks
+    monkeypatch.setattr(LocalRunner, "run", lambda self, batch, *a, **k: steps.append(batch.input_ids.numel())
+                        or run(self, batch, *a, **k))
+    monkeypatch.setattr(KVCache, "copy_blocks", lambda self, pairs: copies.extend(pairs) or copy(self, pairs))
+    ids, mask = padded_batch([14, 5], 128, "left", seed=7)
+    kwargs = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None, num_beams=3)
+    with torch.no_grad():
+        expected = hf.generate(ids, attention_mask=mask, **kwargs)
+    assert torch.equal(ours.generate(ids, attention_mask=mask, **kwargs), expected)
+    assert steps[0] == 14 + 5 and set(steps[1:]) == {6}  # the prompts once, then 2 x 3 beams a step
+    assert copies  # the 14-token prompt's beams write past position 16 in a block they shared
+
+
+def test_beam_search_refusals(gpt2):
+    ours, _ = gpt2
+    ids = torch.tensor([[5, 6, 7]])
+    with pytest.raises(ValueError, match="beam sampling"):
+        ours.generate(ids, num_beams=2, do_sample=True, max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"`num_return_sequences` \(3\) has to be smaller or equal to `num_beams`"):
+        ours.generate(ids, num_beams=2, num_return_sequences=3, max_new_tokens=2)
+    with pytest.raises(ValueError, match="`streamer` cannot be used with beam search"):
+        ours.generate(ids, num_beams=2, streamer=Recorder(), max_new_tokens=2)
+
+
+def test_block_allocator_shares_and_copies_on_write():
+    from energon_hf.kv_cache import BlockAllocator
+
+    allocator = BlockAllocator(8, 4)
+    parent = list(allocator.reserve(0, 6))  # blocks 0, 1: the second holds positions 4, 5
+    allocator.share({1: parent, 2: parent})  # two beams continue it
+    assert allocator.num_free == 6 and allocator.writable(0, 5) is not None  # the parent's own copy of block 1
+    src, dst = allocator.writable(1, 6)  # position 6 is in block 1, still shared by beams 1 and 2
+    assert src == parent[1] and dst not in parent and allocator.writable(2, 6) is None  # beam 2 holds it alone now
+    assert allocator.writable(1, 2) is not None  # block 0 is shared by all three
+    for seq in (0, 1, 2):
+        allocator.release(seq)
+    assert allocator.num_free == 8

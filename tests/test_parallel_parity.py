@@ -115,6 +115,19 @@ def test_llama_family(tmp_path_factory, arch, tp, pp):
         assert_greedy_matches(ours, hf, ids, mask, max_new_tokens=12)
 
 
+def test_beam_search_on_the_engine(tmp_path_factory):
+    """tp=2 x pp=2: the output rank sends each beam's best tokens back; the beams' shared cache blocks are copied
+    on every rank (the first micro-batch carries the copies); the prompts cross a cache block."""
+    path, hf = _saved(tmp_path_factory, transformers.LlamaForCausalLM, transformers.LlamaConfig(**LLAMA_TINY))
+    ids, mask = padded_batch([14, 5, 9], 128, "left", seed=7)
+    kwargs = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None, num_beams=3,
+                  num_return_sequences=2, length_penalty=0.7)
+    with torch.no_grad():
+        expected = hf.generate(ids, attention_mask=mask, **kwargs)
+    with _engine(path, 2, 2) as ours:
+        assert torch.equal(ours.generate(ids, attention_mask=mask, **kwargs), expected)
+
+
 @pytest.mark.parametrize("tp,pp", GRID)
 def test_bert_masked_lm(tiny, tp, pp):
     with _engine(tiny.make("BertForMaskedLM"), tp, pp) as ours:

@@ -9,7 +9,9 @@ runs the steps on a thread of its own, which sleeps while there is nothing to do
 callers waiting on them.
 
 Every generation runs here: the server's requests, and `EnergonModel.generate` (so the pipelines too), whose
-prompts are one group of requests sharing a sampler. Concurrent calls batch together.
+prompts are one group of requests sharing a sampler. Concurrent calls batch together. A beam search's beams are
+requests of one group too: each step they get their best tokens back instead of a drawn one, and the group's
+BeamGroup (engine/beam_search.py) chooses how they continue (Scheduler.branch).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 from energon_hf.batch import PackedBatch, cached_batch, prefill_batch
 from energon_hf.kv_cache import BLOCK_SIZE
 
+from .beam_search import BeamGroup, BeamSettings
 from .params import GenerationParams
 from .sampling import SampleRow, SamplerSpec, SamplingPlan, TokenLogprob
 from .scheduler import Scheduler, Sequence, Step
@@ -43,6 +46,7 @@ class Request(Sequence):
     row: int = 0  # this request's row in its group
     logprobs: int | None = None  # None: none; k: the chosen token's and the k most likely tokens'
     token_logprobs: list[TokenLogprob] = field(default_factory=list)
+    beams: BeamGroup | None = None  # a beam search's requests: its beams, and where its results are
     error: BaseException | None = None
     events: queue.Queue = field(default_factory=queue.Queue, repr=False)
     _done: threading.Event = field(default_factory=threading.Event, repr=False)
@@ -101,6 +105,8 @@ class ContinuousBatcher:
         self._live: dict[int, int] = {}  # per group, its requests not done
         self._gone: list[int] = []  # groups the runner's samplers may forget
         self._reset = True  # the next plan clears the runner's samplers (groups of an earlier batcher)
+        self._beams: dict[int, BeamGroup] = {}  # beam searches in flight, by group key
+        self._reorders: dict[int, list[tuple[int, int, int]]] = {}  # their choices the samplers have not heard
         self._wake = threading.Condition()
         self._stepping = threading.Lock()  # one step at a time
         self._stopped = False
@@ -142,16 +148,29 @@ class ContinuousBatcher:
     def submit_group(self, prompts: list[list[int]], params: GenerationParams,
                      generator: torch.Generator | None = None, logprobs: int | None = None,
                      events: queue.Queue | None = None, hf_draws: bool = True,
-                     stops: Callable[[list[int]], bool] | None = None) -> list[Request]:
+                     stops: Callable[[list[int]], bool] | None = None, beams: BeamSettings | None = None
+                     ) -> list[Request]:
         """Queue prompts that sample together, as the rows of one HF generate call: each step, one sampler
         draws the tokens of the group's rows in that step in one call, in row order. A seeded group whose
         rows stay in step (prompts admitted in one step, no preemption) thus equals transformers'
         torch.manual_seed + generate on the same batch. `stops` tests a request's tokens after each new one (its
-        stop strings). All are queued, or none (ValueError)."""
+        stop strings). With `beams`, each prompt runs a beam search: num_beams requests (rows p * num_beams + j),
+        the first queued, the others running from the first choice on; their results are the BeamGroup's. All are
+        queued, or none (ValueError)."""
         eos = frozenset(params.eos_token_ids)
         key = next(self._groups)
+        if beams is not None:
+            if not self.grow:  # a fixed cache may preempt a beam, whose parent's blocks its siblings share
+                raise ValueError("beam search runs on a model's own generate batcher, not on a server's")
+            prompts = [p for p in prompts for _ in range(beams.num_beams)]
         requests = [Request(next(self._ids), list(p), params.max_new_tokens, eos, stops=stops, group=key, row=row,
                             logprobs=logprobs) for row, p in enumerate(prompts)]
+        queued = requests
+        if beams is not None:
+            group = BeamGroup(requests, beams, stops)
+            for request in requests:
+                request.beams = group
+            queued = requests[::beams.num_beams]
         for request in requests:
             if events is not None:
                 request.events = events
@@ -162,7 +181,9 @@ class ContinuousBatcher:
                 raise RuntimeError("the batcher is stopped")
             if self.grow:
                 self.scheduler.allocator.grow(self.scheduler.blocks_wanted(*requests))
-            self.scheduler.add(*requests)  # refuses an empty prompt or one the cache could never hold
+            self.scheduler.add(*queued)  # refuses an empty prompt or one the cache could never hold
+            if beams is not None:
+                self._beams[key] = requests[0].beams
             self._unsent[key] = spec
             self._live[key] = len(requests)
             self._wake.notify()
@@ -193,10 +214,15 @@ class ContinuousBatcher:
                     self._finish(request)
 
     def cancel(self, request: Request) -> None:
-        """Stop a request (a client that went away): it leaves the batch at the next step."""
+        """Stop a request (a client that went away): it leaves the batch at the next step (a beam search's
+        beams that were not running yet, now)."""
         with self._wake:
             self.scheduler.cancel(request)
+            parked = request.beams is not None and request not in self.scheduler.running \
+                and request not in self.scheduler.waiting and not request.done
             self._wake.notify()
+        if parked:
+            self._finish(request)
 
     def close(self) -> None:
         """Stop: the requests left end cancelled, after the step in flight, if any (a background loop ends
@@ -211,7 +237,7 @@ class ContinuousBatcher:
 
     def _cancel_left(self) -> None:
         with self._stepping, self._wake:
-            left = self.scheduler.abort("cancelled")
+            left = self._with_parked_beams(self.scheduler.abort("cancelled"), "cancelled")
         for request in left:
             self._finish(request)
 
@@ -279,7 +305,10 @@ class ContinuousBatcher:
                     request.token_logprobs.append(logprob)
                 if request.group in sampled.errors:
                     request.finish_reason, request.error = "error", sampled.errors[request.group]
-            left = self.scheduler.postprocess(step, tokens)
+            managed = frozenset(r.seq_id for r in step.sequences if r.beams is not None)
+            left = self.scheduler.postprocess(step, tokens, managed)
+            if managed:
+                left += self._advance_beams(step, sampled.candidates)
         for request, token in zip(step.sequences, tokens, strict=True):
             if token is not None and not request.done:
                 request.events.put((request, token))
@@ -295,20 +324,62 @@ class ContinuousBatcher:
         plan of a batcher clears the runner's samplers (a runner serves one batcher at a time: its group keys
         start at 0 again)."""
         with self._wake:
-            rows = [None if (r := step.sequences[i]).finished else SampleRow(r.group, r.row, len(r.tokens), r.logprobs)
+            rows = [None if (r := step.sequences[i]).finished else
+                    SampleRow(r.group, r.row, len(r.tokens), r.logprobs, r.beams.settings.keep if r.beams else 0)
                     for i in step.sampled_rows]
             new = [self._unsent.pop(key) for key in dict.fromkeys(r.key for r in rows if r is not None)
                    if key in self._unsent]
-            plan = SamplingPlan(rows, new, self._gone, self._reset)
-            self._gone, self._reset = [], False
+            plan = SamplingPlan(rows, new, self._gone, self._reset, self._reorders)
+            self._gone, self._reset, self._reorders = [], False, {}
         return plan
 
     def _fail(self, error: BaseException) -> None:
         with self._wake:
-            failed = self.scheduler.abort("error")
+            failed = self._with_parked_beams(self.scheduler.abort("error"), "error")
         for request in failed:
             request.error = request.error or error
             self._finish(request)
+
+    def _advance_beams(self, step: Step, candidates: dict[int, tuple[list[int], list[float]]]) -> list[Request]:
+        """Each beam search of the step takes its beams' candidates (step rows in `candidates`, by index among
+        the step's sampled rows) and chooses: the chosen beams branch from their parents (Scheduler.branch), the
+        samplers hear the choice with the next plan, and a prompt whose search is done retires its beams.
+        Returns the requests that left."""
+        by_prompt: dict[tuple[int, int], dict[int, tuple[list[int], list[float]]]] = {}
+        for n, i in enumerate(step.sampled_rows):
+            request = step.sequences[i]
+            if request.beams is not None and not request.finished and n in candidates:
+                k = request.beams.settings.num_beams
+                by_prompt.setdefault((request.group, request.row // k), {})[request.row % k] = candidates[n]
+        left: list[Request] = []
+        for (key, prompt), beams in by_prompt.items():
+            group = self._beams[key]
+            search, members = group.prompts[prompt], group.members(prompt)
+            if len(beams) != (1 if search.generated == 0 else len(members)):  # a beam was cancelled: the search ends
+                self.scheduler.retire(members, "cancelled")
+                left += members
+                search.done = True
+                continue
+            ordered = [beams[j] for j in sorted(beams)]
+            moves = search.advance([ids for ids, _ in ordered], [scores for _, scores in ordered])
+            if search.done:
+                self.scheduler.retire(members, "stop")
+                left += members
+                continue
+            self.scheduler.branch([(members[j], members[parent], token) for j, (parent, token) in enumerate(moves)])
+            self._reorders.setdefault(key, []).extend(
+                (members[j].row, members[parent].row, token) for j, (parent, token) in enumerate(moves))
+        for key in [key for key, group in self._beams.items() if group.done]:
+            del self._beams[key]
+        return left
+
+    def _with_parked_beams(self, finished: list[Request], reason: str) -> list[Request]:
+        """`finished` and the beams of their searches that were not running yet, finished too."""
+        parked = [r for group in self._beams.values() for r in group.requests if not r.finished and r not in finished]
+        for request in parked:
+            request.finish_reason = reason
+        self._beams.clear()
+        return finished + parked
 
     def _batch(self, step: Step) -> PackedBatch:
         """The step's tokens: whole prompts attend within themselves (prefill_batch); decodes and prompt
@@ -322,7 +393,9 @@ class ContinuousBatcher:
                   for token in r.context[start:start + n]]
         tables = [allocator.tables[r.seq_id] for r in step.sequences]
         rows = None if step.kind == "decode" else step.sampled_rows
-        return cached_batch(tokens, step.lengths, step.starts, tables, block_size, rows)
+        batch = cached_batch(tokens, step.lengths, step.starts, tables, block_size, rows)
+        batch.block_copies = step.block_copies
+        return batch
 
     def _finish(self, request: Request) -> None:
         if request.done:

@@ -8,7 +8,8 @@ from transformers import GenerationConfig
 
 # HF's defaults for the parameters we support (GenerationConfig leaves them None and generate fills these).
 _HF_DEFAULTS = {"max_length": 20, "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
-                "repetition_penalty": 1.0, "min_new_tokens": 0, "no_repeat_ngram_size": 0, "num_return_sequences": 1}
+                "repetition_penalty": 1.0, "min_new_tokens": 0, "no_repeat_ngram_size": 0, "num_return_sequences": 1,
+                "num_beams": 1, "length_penalty": 1.0, "early_stopping": False}
 # Accepted and ignored: they change nothing for a decoder-only model here.
 _IGNORED = {"use_cache", "return_dict_in_generate", "output_scores", "output_logits", "output_attentions",
             "output_hidden_states", "bos_token_id"}
@@ -30,6 +31,9 @@ class GenerationParams:
     bad_words_ids: list[list[int]] = field(default_factory=list)  # HF's NoBadWordsLogitsProcessor
     num_return_sequences: int = 1  # samples per prompt (generate expands the batch, as HF)
     stop_strings: list[str] = field(default_factory=list)  # HF's StopStringCriteria (needs the tokenizer)
+    num_beams: int = 1  # beam search (engine/beam_search.py) above 1
+    length_penalty: float = 1.0  # a finished beam's score is its log-probability / generated length ** this
+    early_stopping: bool | str = False  # HF's: True, False (its heuristic) or "never"
 
     @property
     def reads_history(self) -> bool:
@@ -44,9 +48,6 @@ class GenerationParams:
         cfg = GenerationConfig.from_dict(model_defaults.to_dict()) if model_defaults else GenerationConfig()
         if isinstance(kwargs.get("generation_config"), GenerationConfig):
             cfg = kwargs.pop("generation_config")
-        num_beams = kwargs.pop("num_beams", None) or cfg.num_beams or 1
-        if num_beams != 1:
-            raise ValueError("beam search is not supported; use num_beams=1")
         ours = {f.name for f in fields(cls)} | {"max_length", "eos_token_id"}
         unknown = sorted(set(kwargs) - ours - _IGNORED)
         if unknown:
@@ -75,7 +76,8 @@ class GenerationParams:
             no_repeat_ngram_size=int(pick("no_repeat_ngram_size")),
             bad_words_ids=_bad_words(pick("bad_words_ids"), eos_ids),
             num_return_sequences=int(pick("num_return_sequences")),
-            stop_strings=[stop] if isinstance(stop, str) else list(stop),
+            stop_strings=[stop] if isinstance(stop, str) else list(stop), num_beams=int(pick("num_beams")),
+            length_penalty=float(pick("length_penalty")), early_stopping=pick("early_stopping"),
         )
         params.validate()
         return params
@@ -95,7 +97,16 @@ class GenerationParams:
             raise ValueError(f"no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}")
         if self.num_return_sequences < 1:
             raise ValueError(f"num_return_sequences must be >= 1, got {self.num_return_sequences}")
-        if self.num_return_sequences > 1 and not self.do_sample:  # HF's own check
+        if self.num_beams < 1:
+            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
+        if self.num_beams > 1 and self.do_sample:
+            raise ValueError("beam sampling (num_beams > 1 with do_sample=True) is not supported; use do_sample=False")
+        if self.num_return_sequences > self.num_beams > 1:  # HF's own check
+            raise ValueError(f"`num_return_sequences` ({self.num_return_sequences}) has to be smaller or equal to "
+                             f"`num_beams` ({self.num_beams}).")
+        if self.early_stopping not in (True, False, "never"):
+            raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+        if self.num_return_sequences > 1 and not self.do_sample and self.num_beams == 1:  # HF's own check
             raise ValueError("Greedy methods without beam search do not support `num_return_sequences` different "
                              f"than 1 (got {self.num_return_sequences}); set do_sample=True")
 

@@ -44,7 +44,7 @@ def _sequences(batch: PackedBatch, first: int, end: int) -> PackedBatch:
                                  seqs(attn.block_tables), seqs(attn.context_lens), attn.is_prefill)
     return PackedBatch(batch.input_ids[lo:hi] if batch.input_ids.numel() else batch.input_ids,
                        batch.positions[lo:hi], sub_attn, tokens(batch.token_type_ids), seqs(batch.pixel_values),
-                       logits_indices)
+                       logits_indices, block_copies=batch.block_copies if first == 0 else [])  # copied once
 
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.bool)

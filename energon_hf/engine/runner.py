@@ -61,6 +61,7 @@ class LocalRunner:
         with self._lock:
             if use_cache:
                 batch.attn.kv_cache = self.kv_cache
+                self.kv_cache.copy_blocks(batch.block_copies)
             if self.layers is None:
                 return self.model(batch)
             return self.model(batch, hidden=hidden, layers=self.layers, last=last)

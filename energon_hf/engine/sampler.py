@@ -78,6 +78,19 @@ class Sampler:
         if self.history is not None:
             self.history[row].append(token)
 
+    def reorder(self, moves: list[tuple[int, int, int]]) -> None:
+        """Beam search chose its beams: each (row, parent, token) makes `row` what row `parent` was, then `token`."""
+        if self.seen is not None:
+            parents = torch.tensor([parent for _, parent, _ in moves], device=self.device)
+            rows = torch.tensor([row for row, _, _ in moves], device=self.device)
+            self.seen[rows] = self.seen[parents]
+        if self.history is not None:
+            old = [list(tokens) for tokens in self.history]
+            for row, parent, _ in moves:
+                self.history[row] = list(old[parent])
+        for row, _, token in moves:
+            self.observe(row, token)
+
     def draws(self, rows: torch.Tensor, generated: torch.Tensor | int) -> list[Draw]:
         counts = torch.as_tensor(generated).expand(len(rows)).tolist()
         return [Draw(self, row, count) for row, count in zip(rows.tolist(), counts, strict=True)]
@@ -166,6 +179,13 @@ def sample(logits: torch.Tensor, draws: list[Draw]) -> torch.Tensor:
     for draw, token in zip(draws, tokens.tolist(), strict=True):
         draw.sampler.observe(draw.row, token)
     return tokens
+
+
+def beam_candidates(logits: torch.Tensor, draws: list[Draw], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Beam search's view of each row: the k best tokens and their scores [n, k], the scores being transformers'
+    for beams: log_softmax of the float32 logits, then the row's processing (penalty, bans, EOS held back)."""
+    scores = process(torch.log_softmax(logits.float(), dim=-1), draws)
+    return torch.topk(scores, k, dim=-1)
 
 
 def _greedy(logits: torch.Tensor, draws: list[Draw]) -> torch.Tensor:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .params import GenerationParams
-from .sampler import Draw, Sampler, sample
+from .sampler import Draw, Sampler, beam_candidates, sample
 
 
 @dataclass
@@ -52,24 +52,28 @@ class SamplerSpec:
 
 @dataclass(frozen=True)
 class SampleRow:
-    """A logits row to sample: row `row` of group `key`, `generated` tokens so far; `logprobs` as Request's."""
+    """A logits row to sample: row `row` of group `key`, `generated` tokens so far; `logprobs` as Request's;
+    `beam`: the number of best tokens a beam wants back with their scores (sampler.beam_candidates), instead of a
+    drawn token."""
 
     key: int
     row: int
     generated: int
     logprobs: int | None = None
+    beam: int = 0
 
 
 @dataclass
 class SamplingPlan:
     """`rows`: one entry per logits row of the step, None for a row to skip (its request finished while the
     step was made); `new` groups are built before, `dropped` ones forgotten; `reset` forgets every group first
-    (a new batcher's first plan)."""
+    (a new batcher's first plan); `reorders`: beam groups' choices since their last step (Sampler.reorder)."""
 
     rows: list[SampleRow | None]
     new: list[SamplerSpec] = field(default_factory=list)
     dropped: list[int] = field(default_factory=list)
     reset: bool = False
+    reorders: dict[int, list[tuple[int, int, int]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -80,6 +84,7 @@ class Sampled:
     tokens: list[int | None]
     logprobs: list[TokenLogprob | None]
     errors: dict[int, BaseException] = field(default_factory=dict)
+    candidates: dict[int, tuple[list[int], list[float]]] = field(default_factory=dict)  # beam rows: tokens, scores
 
 
 class Samplers:
@@ -93,7 +98,9 @@ class Samplers:
         """Tokens for the plan's rows: one batched pass for the whole step; if that fails, group by group, so
         a group's bad parameters end that group alone, with the error."""
         self._update(plan)
-        live = sorted((i for i, r in enumerate(plan.rows) if r is not None), key=lambda i: plan.rows[i].row)
+        candidates = self._beams(logits, plan.rows)
+        live = sorted((i for i, r in enumerate(plan.rows) if r is not None and not r.beam),
+                      key=lambda i: plan.rows[i].row)
         errors: dict[int, BaseException] = {}
         try:
             drawn = dict(zip(live, self._draw(logits, plan.rows, live), strict=True)) if live else {}
@@ -105,7 +112,16 @@ class Samplers:
                 except RuntimeError as e:  # these sampling parameters: the other groups go on
                     errors[key] = e
         tokens = [drawn.get(i) for i in range(len(plan.rows))]
-        return Sampled(tokens, _logprobs(logits, plan.rows, tokens), errors)
+        return Sampled(tokens, _logprobs(logits, plan.rows, tokens), errors, candidates)
+
+    def _beams(self, logits: torch.Tensor, rows: list[SampleRow | None]) -> dict[int, tuple[list[int], list[float]]]:
+        """The beam rows' best tokens and scores, one pass for all (their groups' beams want the same count)."""
+        beams = [i for i, r in enumerate(rows) if r is not None and r.beam]
+        if not beams:
+            return {}
+        draws = [Draw(self.groups[rows[i].key], rows[i].row, rows[i].generated) for i in beams]
+        values, ids = beam_candidates(logits[beams], draws, max(rows[i].beam for i in beams))
+        return {i: (ids[n].tolist(), values[n].tolist()) for n, i in enumerate(beams)}
 
     def _update(self, plan: SamplingPlan) -> None:
         if plan.reset:
@@ -114,6 +130,8 @@ class Samplers:
             self.groups.pop(key, None)
         for spec in plan.new:
             self.groups[spec.key] = spec.build(self.device)
+        for key, moves in plan.reorders.items():
+            self.groups[key].reorder(moves)
 
     def _draw(self, logits: torch.Tensor, rows: list[SampleRow | None], members: list[int]) -> list[int]:
         """The tokens of the rows at `members` (each group's rows in row order)."""

@@ -63,6 +63,7 @@ class Step:
     starts: list[int] = field(default_factory=list)
     samples: list[bool] = field(default_factory=list)
     retired: list[Sequence] = field(default_factory=list)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write before the step writes
 
     def add(self, sequence: Sequence, length: int) -> int:
         """Run `length` of the sequence's uncached tokens in this step; returns `length`."""
@@ -134,6 +135,8 @@ class Scheduler:
         decoding = [s for s in self.running if s.uncached == 1]
         for sequence in decoding:  # the last token is not cached yet: it is this step's input
             self.allocator.reserve(sequence.seq_id, len(sequence.context))
+            if (copy := self.allocator.writable(sequence.seq_id, len(sequence.context) - 1)) is not None:
+                step.block_copies.append(copy)
             step.add(sequence, 1)
         budget -= len(decoding)
         for sequence in [s for s in self.running if s.uncached > 1]:  # prompts part-way through, oldest first
@@ -144,13 +147,18 @@ class Scheduler:
             budget -= step.add(sequence, min(sequence.uncached, budget))
         return step if step.sequences or step.retired else None
 
-    def postprocess(self, step: Step, tokens: list[int | None]) -> list[Sequence]:
+    def postprocess(self, step: Step, tokens: list[int | None], managed: frozenset[int] = frozenset()
+                    ) -> list[Sequence]:
         """Count each sequence's chunk as cached, append the token of each that sampled one (None: it produced
         none, e.g. its sampling failed and it was finished with an error) and retire the ones that finished.
+        Sequences in `managed` (ids) only count their chunk: the caller picks their tokens (beam search: `branch`).
         Returns every sequence that left."""
         left = []
         for sequence, length, samples, token in zip(step.sequences, step.lengths, step.samples, tokens,
                                                     strict=True):
+            if sequence.seq_id in managed and not sequence.finished:
+                sequence.num_cached += length
+                continue
             if sequence.finished or (samples and token is None):  # cancelled while the step ran, or failed
                 if sequence in self.running:
                     self._retire(sequence, sequence.finish_reason or "error")
@@ -170,6 +178,25 @@ class Scheduler:
                 self._retire(sequence, "stop")
                 left.append(sequence)
         return left
+
+    def branch(self, moves: list[tuple[Sequence, Sequence, int]]) -> None:
+        """Beam search's choice: each (sequence, parent, token) makes `sequence` its parent's tokens and cached
+        context, sharing the parent's cache blocks, then `token` (its next input); one not running yet (a beam
+        before the first choice) starts running."""
+        before = {id(parent): (list(parent.tokens), parent.num_cached) for _, parent, _ in moves}
+        self.allocator.share({s.seq_id: self.allocator.tables[parent.seq_id] for s, parent, _ in moves})
+        for sequence, parent, token in moves:
+            tokens, cached = before[id(parent)]
+            sequence.tokens, sequence.num_cached = tokens + [token], cached
+            if sequence not in self.running:
+                self.running.append(sequence)
+
+    def retire(self, sequences: list[Sequence], reason: str) -> None:
+        """Finish these sequences now (a beam search that is done), running or not."""
+        for sequence in sequences:
+            if sequence in self.running:
+                self.running.remove(sequence)
+            self._finish(sequence, reason)
 
     def abort(self, reason: str) -> list[Sequence]:
         """Finish every sequence (the engine failed, or it is stopping); returns them."""
