@@ -258,6 +258,27 @@ def test_n_choices_streamed_and_whole(server, local):
     assert [texts[0], texts[1]] == [c["text"] for c in sampled[0]["choices"]]
 
 
+def test_best_of_answers_the_completions_with_the_best_logprob_per_token(server):
+    """best_of=4 generates the four seeded choices that n=4 answers, and answers the n of them with the highest mean
+    log-probability per token (OpenAI's "best"), best first; their logprobs only where asked; all four count as
+    completion tokens."""
+    body = dict(prompt=[5, 17, 99, 1000, 3], max_tokens=6, temperature=1.0, seed=11)
+    every = complete(server, n=4, logprobs=0, **body).json()
+    mean = lambda c: sum(c["logprobs"]["token_logprobs"]) / len(c["logprobs"]["token_logprobs"])  # noqa: E731
+    ranked = sorted(every["choices"], key=mean, reverse=True)
+    best = complete(server, n=1, best_of=4, **body).json()
+    assert [(c["index"], c["text"], c["logprobs"]) for c in best["choices"]] == [(0, ranked[0]["text"], None)]
+    assert best["usage"] == every["usage"]
+    two = complete(server, n=2, best_of=4, logprobs=0, **body).json()["choices"]
+    assert [c["text"] for c in two] == [c["text"] for c in ranked[:2]] and [mean(c) for c in two] == \
+        [mean(c) for c in ranked[:2]]
+    for extra, message in ((dict(n=3, best_of=2), "best_of (2) must be at least n (3)"),
+                           (dict(best_of=2, stream=True), "cannot be streamed")):
+        response = complete(server, **{**body, **extra})
+        assert response.status_code == 400 and message in response.json()["error"]["message"]
+        assert response.json()["error"]["param"] == "best_of"
+
+
 def test_logprobs_are_transformers_log_softmax(server, chat_llama):
     """Completions' logprobs (with the 3 most likely tokens) and chat's (through the openai client) are the
     model's log-probabilities, as transformers computes them on the same weights."""

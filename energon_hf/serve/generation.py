@@ -102,7 +102,7 @@ def generation_params(served: Served, body: _Request, prompt_len: int, default_t
         if given is not None and given >= served.context:
             raise APIError(400, f"{name} is {given}; the model's context is {served.context} tokens", param=name)
     limit = getattr(body, "max_completion_tokens", None) or body.max_tokens
-    served.check_queue(len(served.batcher.waiting), body.n)
+    served.check_queue(len(served.batcher.waiting), body.choices)
     return GenerationParams(max_new_tokens=min(limit or default_tokens, served.context - prompt_len),
                             do_sample=body.temperature > 0, temperature=body.temperature or 1.0, top_k=0,
                             top_p=body.top_p, eos_token_ids=[] if body.ignore_eos else served.eos_ids, seed=body.seed)
@@ -110,12 +110,13 @@ def generation_params(served: Served, body: _Request, prompt_len: int, default_t
 
 def submit_choices(served: Served, body: _Request, prompt: list[int], params: GenerationParams,
                    logprobs: int | None, chat: bool) -> list[Choice]:
-    """The n choices of one request; seed s gives choice i the seed s + i, so choices differ when sampling."""
+    """The n (or best_of) choices of one request; seed s gives choice i the seed s + i, so choices differ when
+    sampling."""
     events = LoopEvents()
     served.metrics.prompt_tokens.inc(len(prompt))
     choices: list[Choice] = []
     try:
-        for i in range(body.n):
+        for i in range(body.choices):
             generator = None
             if params.seed is not None:
                 generator = torch.Generator(served.model.device).manual_seed((params.seed + i) % (1 << 64))
@@ -219,9 +220,15 @@ STREAMED = {200: {"content": {"application/json": {}, "text/event-stream": {}},
 @router.post("/v1/completions", responses=STREAMED)
 async def completions(body: CompletionRequest, http: HTTPRequest):
     served = _served(http)
+    if body.best_of is not None and body.best_of < body.n:
+        raise APIError(400, f"best_of ({body.best_of}) must be at least n ({body.n})", param="best_of")
+    if body.stream and body.choices > body.n:
+        raise APIError(400, "best_of completions cannot be streamed (as OpenAI's)", param="best_of")
     prompt = await _prompt_tokens(served, body)
     params = generation_params(served, body, len(prompt), DEFAULT_COMPLETION_TOKENS)
-    return await _respond(served, http, "completions", body, prompt, params, body.logprobs, chat=False)
+    # ranking best_of completions reads each token's log-probability, asked for whether the client wants them or not
+    logprobs = body.logprobs if body.choices == body.n or body.logprobs is not None else 0
+    return await _respond(served, http, "completions", body, prompt, params, logprobs, chat=False)
 
 
 @router.post("/v1/chat/completions", responses=STREAMED)
@@ -248,13 +255,18 @@ async def _respond(served: Served, http: HTTPRequest, endpoint: str, body: _Requ
         return StreamingResponse(_stream(served, choices, head, endpoint, chat, len(prompt), include_usage,
                                          started), media_type="text/event-stream")
     results = await collect_choices(served, http, choices, endpoint, started)
+    completion = sum(len(tokens) for _, tokens, _ in results)  # best_of's unanswered completions count too
+    answered = list(zip(choices, results, strict=True))
+    if len(choices) > body.n:  # best_of: the n with the highest mean log-probability per token, best first
+        answered = sorted(answered, key=lambda a: -sum(lp.logprob for lp in a[1][2]) / max(len(a[1][2]), 1))
+        answered = answered[: body.n]
+    show_logprobs = len(choices) == body.n or getattr(body, "logprobs", None) is not None
     out = []
-    for choice, (text, tokens, lps) in zip(choices, results, strict=True):
-        entry = {"index": choice.index, "finish_reason": choice.finish,
-                 "logprobs": choice.logprobs.format(tokens, lps) if choice.logprobs else None}
+    for index, (choice, (text, tokens, lps)) in enumerate(answered):
+        entry = {"index": index, "finish_reason": choice.finish,
+                 "logprobs": choice.logprobs.format(tokens, lps) if choice.logprobs and show_logprobs else None}
         entry.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
         out.append(entry)
-    completion = sum(len(tokens) for _, tokens, _ in results)
     served.metrics.answered(endpoint, 200, started, completion)
     return {**head, "object": "chat.completion" if chat else "text_completion", "choices": out,
             "usage": _usage(len(prompt), completion)}

@@ -92,10 +92,21 @@ class _Request(Body):
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
+    @property
+    def choices(self) -> int:
+        """The completions generated (more than answered with best_of)."""
+        return self.n
+
 
 class CompletionRequest(_Request):
     prompt: NonEmptyText | Annotated[list[integer(ge=0)], Field(min_length=1)]
     logprobs: integer(ge=0, le=MAX_TOP_LOGPROBS) | None = None  # the k most likely tokens and theirs
+    # OpenAI's: generate best_of completions, answer the n with the highest log-probability per token (not streamed)
+    best_of: integer(ge=1, le=MAX_CHOICES) | None = None
+
+    @property
+    def choices(self) -> int:
+        return self.best_of or self.n
 
 
 class ChatMessage(Body):
