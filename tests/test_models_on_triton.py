@@ -8,6 +8,7 @@ import torch
 import transformers
 from helpers import assert_forward_matches, assert_greedy_matches, padded_batch
 from test_parity_llama import LLAMA_TINY
+from test_parity_llama_family import save_tiny
 
 from energon_hf import EnergonModel
 
@@ -44,22 +45,11 @@ def test_llama_gqa_forward_and_greedy(tmp_path):
     assert_greedy_matches(ours, hf, ids, mask, max_new_tokens=6)
 
 
-def test_mistral_sliding_window_forward_and_greedy(tmp_path):
-    """Every layer slides over 12 keys, shorter than the 17-token prompt and its decodes."""
-    from test_parity_llama_family import save_tiny
-
-    hf = save_tiny(tmp_path, "MistralForCausalLM")
-    ours = EnergonModel.from_pretrained(tmp_path)
-    ids, mask = padded_batch(LENGTHS, 128, "left")
-    assert_forward_matches(ours, hf, ids, mask)
-    assert_greedy_matches(ours, hf, ids, mask, max_new_tokens=6)
-
-
-def test_gemma2_capped_logits_forward_and_greedy(tmp_path):
-    """Soft-capped attention scores in the kernel, local layers sliding over 8 keys."""
-    from test_parity_llama_family import save_tiny
-
-    hf = save_tiny(tmp_path, "Gemma2ForCausalLM")
+@pytest.mark.parametrize("arch", ["MistralForCausalLM", "Gemma2ForCausalLM"])
+def test_windowed_and_capped_attention_forward_and_greedy(tmp_path, arch):
+    """Mistral: every layer slides over 12 keys, shorter than the 17-token prompt and its decodes. Gemma 2:
+    soft-capped scores in the kernel, local layers sliding over 8 keys."""
+    hf = save_tiny(tmp_path, arch)
     ours = EnergonModel.from_pretrained(tmp_path)
     ids, mask = padded_batch(LENGTHS, 128, "left")
     assert_forward_matches(ours, hf, ids, mask)
