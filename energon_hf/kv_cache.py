@@ -114,6 +114,11 @@ class BlockAllocator:
             self._drop(self.tables.pop(seq_id, []))
         self.tables.update((seq_id, list(table)) for seq_id, table in tables.items())
 
+    @property
+    def sharing(self) -> bool:
+        """Whether any block is shared (else no write needs a copy)."""
+        return bool(self._shared)
+
     def writable(self, seq_id: int, position: int) -> tuple[int, int] | None:
         """Make the block that holds `position` of `seq_id` its own before it is written: a shared block is
         replaced by a fresh one; returns (shared block, fresh block), whose contents the cache must copy before

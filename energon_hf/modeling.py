@@ -316,7 +316,8 @@ class EnergonModel:
                 # No step budget or running limit: a call's prompts are admitted, and prefilled whole, in one
                 # step, as the loop this replaced did, so its rows sample together (seeded parity) from the start.
                 self._batcher = ContinuousBatcher(self.runner, self.config.vocab_size, max_batch_tokens=UNLIMITED,
-                                                  max_running=UNLIMITED, grow=True, background=False)
+                                                  max_running=UNLIMITED, grow=True, background=False,
+                                                  recompute_at=self.model.recompute_at())
             return self._batcher
 
     def start_batcher(self, num_blocks: int, *, block_size: int = BLOCK_SIZE, max_batch_tokens: int = 4096,
@@ -327,7 +328,7 @@ class EnergonModel:
             if self._batcher is not None:
                 self._batcher.close()
             self._batcher = ContinuousBatcher(self.runner, self.config.vocab_size, num_blocks, block_size,
-                                              max_batch_tokens, max_running)
+                                              max_batch_tokens, max_running, recompute_at=self.model.recompute_at())
             return self._batcher
 
     # -- lifetime ---------------------------------------------------------------------------------

@@ -220,7 +220,7 @@ def step_plan(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blo
     if plan is None:
         check_paged(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q)
         block_size = k_cache.shape[1]
-        window = window if binds(window, int(context_lens.max())) else None
+        window = window if window is not None and binds(window, int(context_lens.max())) else None
         plan = decode_plan(block_tables, context_lens, block_size, q.dtype, window, softcap) if max_seqlen_q == 1 \
             else _MixedPlan(block_tables, context_lens, cu_seqlens_q, block_size, q.dtype, window, softcap)
         if scratch is not None:

@@ -189,6 +189,7 @@ def test_beam_search_refusals(gpt2):
 
 
 def test_block_allocator_shares_and_copies_on_write():
+    """Blocks shared by beams stay held until their last holder lets go; a copy is made only for a shared block."""
     from energon_hf.kv_cache import BlockAllocator
 
     allocator = BlockAllocator(8, 4)
@@ -198,6 +199,38 @@ def test_block_allocator_shares_and_copies_on_write():
     src, dst = allocator.writable(1, 6)  # position 6 is in block 1, still shared by beams 1 and 2
     assert src == parent[1] and dst not in parent and allocator.writable(2, 6) is None  # beam 2 holds it alone now
     assert allocator.writable(1, 2) is not None  # block 0 is shared by all three
-    for seq in (0, 1, 2):
-        allocator.release(seq)
+    allocator.release(2)  # its block 1 goes; block 0 is still the parent's
+    assert parent[1] in allocator._free and parent[0] not in allocator._free
+    assert len(set(allocator._free)) == len(allocator._free) == 8 - 4  # parent: 2 blocks, beam 1: 2 (no duplicates)
+    allocator.share({1: allocator.tables[0]})  # beam 1 takes the parent's blocks: its own two are free again
+    assert len(set(allocator._free)) == len(allocator._free) == 6 and allocator.sharing
+    allocator.release(0)  # beam 1 holds the blocks alone: nothing to copy, nothing freed
+    assert not allocator.sharing and allocator.writable(1, 6) is None and allocator.num_free == 6
+    allocator.release(1)
     assert allocator.num_free == 8
+
+
+def test_an_abandoned_beam_search_leaves_nothing_behind(gpt2):
+    """Cancelled before a step (beams not running yet) and after one (beams running): every request finishes, the
+    batcher forgets the search, and the next generate is transformers' again."""
+    from energon_hf.engine.beam_search import BeamSettings
+    from energon_hf.engine.params import GenerationParams
+
+    ours, hf = gpt2
+    batcher = ours.batcher
+    params = GenerationParams(max_new_tokens=8, num_beams=3)
+    for steps in (0, 2):
+        requests = batcher.submit_group([[5, 6, 7], [9, 10]], params, beams=BeamSettings(3, 8))
+        for _ in range(steps):
+            batcher.step()
+        for request in requests:
+            batcher.cancel(request)
+        while batcher.step():
+            pass
+        assert all(r.done for r in requests) and not batcher._beams and not batcher._reorders
+        assert not batcher.running and not batcher.waiting and not batcher.allocator.tables
+    ids, mask = padded_batch(LENGTHS, 128, "left", seed=4)
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None, num_beams=3)
+    with torch.no_grad():
+        expected = hf.generate(ids, attention_mask=mask, **kwargs)
+    assert torch.equal(ours.generate(ids, attention_mask=mask, **kwargs), expected)

@@ -105,8 +105,8 @@ def test_llama_gqa(tmp_path_factory, tp, pp):
 @pytest.mark.parametrize("arch", list(FAMILY))
 @pytest.mark.parametrize("tp,pp", GRID[:2])
 def test_llama_family(tmp_path_factory, arch, tp, pp):
-    """Qwen2 (q/k/v biases split by head, a sliding layer), Qwen3 (per-head q/k norms), Mistral (every layer
-    sliding): tp=2 and pp=2."""
+    """Every Llama-like architecture (test_parity_llama_family.FAMILY: q/k/v biases and q/k norms split by head,
+    sliding and capped attention, Phi-3's fused checkpoint projections split per rank): tp=2 and pp=2."""
     path = tmp_path_factory.mktemp(arch)
     hf = save_tiny(path, arch)
     with _engine(path, tp, pp) as ours:

@@ -21,10 +21,10 @@ FAMILY = {
     "Qwen2ForCausalLM": dict(use_sliding_window=True, sliding_window=8, max_window_layers=1),
     "Qwen3ForCausalLM": dict(head_dim=32, attention_bias=True),
     "MistralForCausalLM": dict(head_dim=32, sliding_window=12),
-    # longrope past 32 positions, on half of each 16-feature head
-    "Phi3ForCausalLM": dict(rope_parameters={
+    # longrope on half of each 16-feature head; its short factors here (the long ones: test_phi3_longrope_*)
+    "Phi3ForCausalLM": dict(original_max_position_embeddings=256, rope_parameters={
         "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
-        "original_max_position_embeddings": 32, "short_factor": [1.0, 1.5, 2.0, 3.0],
+        "original_max_position_embeddings": 256, "short_factor": [1.0, 1.5, 2.0, 3.0],
         "long_factor": [2.0, 4.0, 6.0, 9.0]}),
     # local (sliding) and global layers, scores scaled by query_pre_attn_scalar, capped logits, a tied head
     "Gemma2ForCausalLM": dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=8, attn_logit_softcapping=3.0,
@@ -92,15 +92,42 @@ def test_variant_layers_are_built(family):
     assert ARCHITECTURES[name].model_cls is type(ours.model)
 
 
+def long_after(positions: int) -> dict:
+    """Phi-3's tiny config with the long factors past `positions` (Phi3Config's own original_max_position_embeddings
+    wins over rope_parameters': both are set)."""
+    rope = {**FAMILY["Phi3ForCausalLM"]["rope_parameters"], "original_max_position_embeddings": positions}
+    return dict(original_max_position_embeddings=positions, rope_parameters=rope)
+
+
 def test_phi3_longrope_switches_past_the_original_length(tmp_path):
-    """Phi-3's longrope takes the short factors while every position of a step is within
-    original_max_position_embeddings (32) and the long ones from the step that passes it, as transformers: prompts
-    of up to 28 tokens, whose generation crosses 32 positions."""
-    hf = save_tiny(tmp_path, "Phi3ForCausalLM")
+    """Long factors past 32 positions: a 28-token prompt starts with the short ones and its generation crosses into
+    the long ones, as transformers (the keys cached before keep their rotation); a left-padded batch runs every row
+    to the last column, where transformers' choice for the batch and ours per sequence agree. Without the switch
+    the tokens differ."""
+    hf = save_tiny(tmp_path, "Phi3ForCausalLM", **long_after(32))
     ours = EnergonModel.from_pretrained(tmp_path)
-    ids, mask = padded_batch([28, 20, 9], VOCAB, "left", seed=3)
+    ids, mask = padded_batch([40, 20, 9], VOCAB, "left", seed=3)
     assert_forward_matches(ours, hf, ids, mask)
-    assert_greedy_matches(ours, hf, ids, mask, max_new_tokens=12)
+    prompt = ids[1:2, -28:]
+    got = assert_greedy_matches(ours, hf, prompt, torch.ones_like(prompt), max_new_tokens=12)
+    ours.model.rotary.long_inv_freq = None  # short factors throughout
+    assert not torch.equal(ours.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0,
+                                         eos_token_id=None), got)
+
+
+def test_phi3_longrope_decides_per_sequence(tmp_path):
+    """In a packed step each sequence takes the long factors by its own length: a 40-token prompt (past 32) beside a
+    10-token one generate what transformers generates for each alone."""
+    hf = save_tiny(tmp_path, "Phi3ForCausalLM", **long_after(32))
+    ours = EnergonModel.from_pretrained(tmp_path)
+    ids, mask = padded_batch([40, 10], VOCAB, "left", seed=8)
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+    got = ours.generate(ids, attention_mask=mask, **kwargs)
+    for row in range(2):
+        prompt = ids[row][mask[row].bool()][None]
+        with torch.no_grad():
+            alone = hf.generate(prompt, **kwargs)
+        assert torch.equal(got[row, -8:], alone[0, -8:])
 
 
 def test_default_weight_map_reads_fused_projections(family):

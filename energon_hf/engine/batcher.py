@@ -95,9 +95,9 @@ class ContinuousBatcher:
 
     def __init__(self, runner, vocab_size: int, num_blocks: int = 0, block_size: int = BLOCK_SIZE,
                  max_batch_tokens: int = 4096, max_running: int = 256,
-                 grow: bool = False, background: bool = True):
+                 grow: bool = False, background: bool = True, recompute_at: int | None = None):
         self.runner, self.vocab_size, self.grow = runner, vocab_size, grow
-        self.scheduler = Scheduler(num_blocks, block_size, max_batch_tokens, max_running)
+        self.scheduler = Scheduler(num_blocks, block_size, max_batch_tokens, max_running, recompute_at)
         self._cache_blocks = 0  # blocks the runner's cache holds (allocated by the thread that runs steps)
         self._ids = itertools.count()
         self._groups = itertools.count()  # sampler keys
@@ -217,9 +217,9 @@ class ContinuousBatcher:
         """Stop a request (a client that went away): it leaves the batch at the next step (a beam search's
         beams that were not running yet, now)."""
         with self._wake:
+            parked = request.beams is not None and not request.finished and request not in self.scheduler.running \
+                and request not in self.scheduler.waiting
             self.scheduler.cancel(request)
-            parked = request.beams is not None and request not in self.scheduler.running \
-                and request not in self.scheduler.waiting and not request.done
             self._wake.notify()
         if parked:
             self._finish(request)
@@ -355,7 +355,7 @@ class ContinuousBatcher:
         for (key, prompt), beams in by_prompt.items():
             group = self._beams[key]
             search, members = group.prompts[prompt], group.members(prompt)
-            if len(beams) != (1 if search.generated == 0 else len(members)):  # a beam was cancelled: the search ends
+            if any(member.finished for member in members):  # a beam was cancelled: the search ends
                 self.scheduler.retire(members, "cancelled")
                 left += members
                 search.done = True
@@ -369,9 +369,7 @@ class ContinuousBatcher:
             self.scheduler.branch([(members[j], members[parent], token) for j, (parent, token) in enumerate(moves)])
             self._reorders.setdefault(key, []).extend(
                 (members[j].row, members[parent].row, token) for j, (parent, token) in enumerate(moves))
-        for key in [key for key, group in self._beams.items() if group.done]:
-            del self._beams[key]
-        return left
+        return left  # (a group leaves _beams when its last request finishes: _finish)
 
     def _with_parked_beams(self, finished: list[Request], reason: str) -> list[Request]:
         """`finished` and the beams of their searches that were not running yet, finished too."""
@@ -398,13 +396,16 @@ class ContinuousBatcher:
         return batch
 
     def _finish(self, request: Request) -> None:
-        if request.done:
-            return
-        with self._wake:  # the last request of its group: its sampler may go
+        """Once per request, whichever thread comes first (a canceller, the stepping thread)."""
+        with self._wake:
+            if request.done:
+                return
+            request._done.set()
             self._live[request.group] -= 1
-            if not self._live[request.group]:
+            if not self._live[request.group]:  # the last request of its group: its sampler may go
                 del self._live[request.group]
+                self._beams.pop(request.group, None)
+                self._reorders.pop(request.group, None)
                 if self._unsent.pop(request.group, None) is None:
                     self._gone.append(request.group)
-        request._done.set()
         request.events.put((request, DONE))

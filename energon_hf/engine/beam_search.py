@@ -124,10 +124,6 @@ class BeamGroup:
         k = self.settings.num_beams
         return self.requests[prompt * k:(prompt + 1) * k]
 
-    @property
-    def done(self) -> bool:
-        return all(search.done for search in self.prompts)
-
     def results(self) -> list[list[int]]:
         """num_return_sequences token lists per prompt, prompt by prompt."""
         return [tokens for search in self.prompts for tokens in search.results()]

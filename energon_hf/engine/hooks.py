@@ -25,7 +25,8 @@ def stop_test(stop_strings: list[str], tokenizer: Any) -> Callable[[list[int]], 
     from transformers.generation.stopping_criteria import StopStringCriteria
 
     criteria = StopStringCriteria(tokenizer=tokenizer, stop_strings=stop_strings)
-    return lambda tokens: bool(criteria(torch.tensor([tokens]), None)[0])
+    tail = criteria.maximum_token_len  # the most tokens a match can span: all it reads of a sequence
+    return lambda tokens: bool(criteria(torch.tensor([tokens[-tail:]]), None)[0])
 
 
 class StreamerSink:

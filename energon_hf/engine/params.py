@@ -112,12 +112,13 @@ class GenerationParams:
 
 
 def _bad_words(value, eos_ids: list[int]) -> list[list[int]]:
-    """bad_words_ids checked as HF's NoBadWordsLogitsProcessor checks them (a non-empty list of non-empty lists
-    of non-negative ints), without the single-token entries that are an EOS token (HF filters those)."""
+    """bad_words_ids as transformers' NoBadWordsLogitsProcessor takes them (its checks and messages; single-token
+    entries that are an EOS token dropped), and no empty word (transformers would fail on it mid-generate)."""
     if value is None:
         return []
-    if not isinstance(value, list | tuple) or not value or any(
-            not isinstance(word, list | tuple) or not word
-            or any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in word) for word in value):
-        raise ValueError(f"`bad_words_ids` has to be a non-empty list of lists of positive integers, got {value}")
-    return [list(word) for word in value if not (len(word) == 1 and word[0] in eos_ids)]
+    from transformers.generation.logits_process import NoBadWordsLogitsProcessor
+
+    words = [list(word) for word in NoBadWordsLogitsProcessor(value, eos_token_id=eos_ids or None).sequence_bias]
+    if not all(words):
+        raise ValueError(f"`bad_words_ids` holds an empty list: {value}")
+    return words

@@ -131,7 +131,8 @@ class Samplers:
         for spec in plan.new:
             self.groups[spec.key] = spec.build(self.device)
         for key, moves in plan.reorders.items():
-            self.groups[key].reorder(moves)
+            if key in self.groups:  # (a group dropped with its last choice still on the way)
+                self.groups[key].reorder(moves)
 
     def _draw(self, logits: torch.Tensor, rows: list[SampleRow | None], members: list[int]) -> list[int]:
         """The tokens of the rows at `members` (each group's rows in row order)."""

@@ -87,9 +87,14 @@ class Step:
 
 
 class Scheduler:
-    def __init__(self, num_blocks: int, block_size: int, max_batch_tokens: int = 4096, max_running: int = 256):
+    """`recompute_at`: a running sequence whose context reaches this length, its cache holding one token fewer,
+    runs its whole context again (StagedModel.recompute_at: Phi-3 switches its rotary factors there)."""
+
+    def __init__(self, num_blocks: int, block_size: int, max_batch_tokens: int = 4096, max_running: int = 256,
+                 recompute_at: int | None = None):
         self.allocator = BlockAllocator(num_blocks, block_size)
         self.max_batch_tokens, self.max_running = max_batch_tokens, max_running
+        self.recompute_at = recompute_at
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.preemptions = 0
@@ -131,11 +136,14 @@ class Scheduler:
         """The next step, or None when there is nothing to run (every sequence left is retired)."""
         step = Step(retired=self.drop_cancelled())
         self._make_room()
+        if self.recompute_at is not None:
+            self._recompute(step)
         budget = self.max_batch_tokens
         decoding = [s for s in self.running if s.uncached == 1]
         for sequence in decoding:  # the last token is not cached yet: it is this step's input
             self.allocator.reserve(sequence.seq_id, len(sequence.context))
-            if (copy := self.allocator.writable(sequence.seq_id, len(sequence.context) - 1)) is not None:
+            if self.allocator.sharing and \
+                    (copy := self.allocator.writable(sequence.seq_id, len(sequence.context) - 1)) is not None:
                 step.block_copies.append(copy)
             step.add(sequence, 1)
         budget -= len(decoding)
@@ -194,9 +202,7 @@ class Scheduler:
     def retire(self, sequences: list[Sequence], reason: str) -> None:
         """Finish these sequences now (a beam search that is done), running or not."""
         for sequence in sequences:
-            if sequence in self.running:
-                self.running.remove(sequence)
-            self._finish(sequence, reason)
+            self._retire(sequence, reason)
 
     def abort(self, reason: str) -> list[Sequence]:
         """Finish every sequence (the engine failed, or it is stopping); returns them."""
@@ -208,7 +214,8 @@ class Scheduler:
 
     # -- internals -------------------------------------------------------------------------------
     def _retire(self, sequence: Sequence, reason: str) -> None:
-        self.running.remove(sequence)
+        if sequence in self.running:  # (a beam not running yet is retired with its search)
+            self.running.remove(sequence)
         self._finish(sequence, reason)
 
     def _finish(self, sequence: Sequence, reason: str) -> None:
@@ -238,6 +245,18 @@ class Scheduler:
         self.allocator.reserve(sequence.seq_id, len(sequence.context) + 1)
         self.running.append(self.waiting.popleft())
         return sequence
+
+    def _recompute(self, step: Step) -> None:
+        """Sequences reaching `recompute_at` run from their first token again; blocks they share (beams) are
+        copied first, as every position is written."""
+        for sequence in self.running:
+            if len(sequence.context) == self.recompute_at and sequence.num_cached == self.recompute_at - 1:
+                self.allocator.reserve(sequence.seq_id, len(sequence.context))
+                if self.allocator.sharing:
+                    for position in range(0, len(sequence.context), self.block_size):
+                        if (copy := self.allocator.writable(sequence.seq_id, position)) is not None:
+                            step.block_copies.append(copy)
+                sequence.num_cached = 0
 
     def _make_room(self) -> None:
         """Preempt the newest running sequences until every one can cache its next token."""

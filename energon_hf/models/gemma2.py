@@ -50,7 +50,7 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
         return DecoderOptions(qkv_bias=config.attention_bias, o_bias=config.attention_bias, norm=GemmaRMSNorm,
                               activation=config.hidden_activation,
                               attention_scale=config.query_pre_attn_scalar**-0.5,
-                              softcap=config.attn_logit_softcapping)
+                              softcap=config.attn_logit_softcapping, sliding="layer types")
 
     def embed(self, batch: PackedBatch) -> torch.Tensor:
         x = super().embed(batch)

@@ -24,8 +24,9 @@ class LayerTypeRotary:
     def __init__(self, config: Gemma3TextConfig):
         self.tables = {t: RotaryEmbedding(config, head_dim(config), t) for t in sorted(set(config.layer_types))}
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        return {t: table.cos_sin(positions, dtype) for t, table in self.tables.items()}
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype,
+                cu_seqlens: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {t: table.cos_sin(positions, dtype, cu_seqlens) for t, table in self.tables.items()}
 
 
 class Gemma3DecoderLayer(Gemma2DecoderLayer):

@@ -6,7 +6,7 @@ config: one small file each."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
@@ -39,19 +39,22 @@ class DecoderOptions:
     activation: str | None = None  # the MLP's gate activation (None: config.hidden_act)
     attention_scale: float | None = None  # the scores' scale (None: head_dim ** -0.5)
     softcap: float | None = None  # attention logits capped as softcap * tanh(scores / softcap) (Gemma 2)
+    # where config.sliding_window applies, as each architecture's transformers class applies it: None (Llama: never),
+    # "every layer" (Mistral, Phi-3), "layer types" (the layers config.layer_types calls "sliding_attention")
+    sliding: Literal["every layer", "layer types"] | None = None
 
 
 def head_dim(config: PretrainedConfig) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def layer_window(config: PretrainedConfig, layer_idx: int) -> int | None:
-    """The layer's sliding attention window as transformers applies it: config.sliding_window on the layers that
-    config.layer_types calls "sliding_attention" (Qwen2, Qwen3), on every layer where a config lists no layer
-    types (Mistral); None (full attention) where the config has no window."""
+def layer_window(config: PretrainedConfig, layer_idx: int, sliding: str | None) -> int | None:
+    """The layer's sliding attention window (DecoderOptions.sliding says where the config's applies); None: full
+    attention."""
     window = getattr(config, "sliding_window", None)
-    layer_types = getattr(config, "layer_types", None)
-    if window is None or (layer_types is not None and layer_types[layer_idx] != "sliding_attention"):
+    if sliding is None or window is None:
+        return None
+    if sliding == "layer types" and config.layer_types[layer_idx] != "sliding_attention":
         return None
     return window
 
@@ -64,7 +67,7 @@ class LlamaAttention(nn.Module):
         self.num_kv_heads = divide(config.num_key_value_heads, "key/value heads")
         self.head_dim = head_dim(config)
         self.layer_idx = layer_idx
-        self.window = layer_window(config, layer_idx)
+        self.window = layer_window(config, layer_idx, options.sliding)
         q_size = config.num_attention_heads * self.head_dim
         kv_size = config.num_key_value_heads * self.head_dim
         self.qkv = Linear1D_Col(config.hidden_size, q_size + 2 * kv_size, bias=options.qkv_bias,
@@ -170,11 +173,12 @@ class LlamaForCausalLM(StagedModel):
         return self.model.embed_tokens(batch.input_ids)
 
     def layer_args(self, batch: PackedBatch, x: torch.Tensor) -> tuple:
-        return (self.rotary.cos_sin(batch.positions, x.dtype),)  # once per step, shared by every layer
+        return (self.rotary.cos_sin(batch.positions, x.dtype, batch.attn.cu_seqlens),)  # once per step, every layer
 
     def run_layers(self, x: torch.Tensor, batch: PackedBatch, extra: tuple, indices: range) -> torch.Tensor:
-        """Decode steps on CPU run as one loop of the ops the modules would pick (llama_decode.py)."""
-        if LlamaDecodeLoop.applies(x, batch):
+        """Decode steps on CPU run as one loop of the ops the modules would pick (llama_decode.py), for Llama's own
+        layers (a variant with another layer, Gemma's, runs its modules)."""
+        if self.layer_cls is LlamaDecoderLayer and LlamaDecodeLoop.applies(x, batch):
             if self.decode_loop is None:
                 self.decode_loop = LlamaDecodeLoop(self.model.layers)
             return self.decode_loop.run(x, batch, *extra, indices)

@@ -13,4 +13,4 @@ if TYPE_CHECKING:
 class MistralForCausalLM(LlamaForCausalLM):
     @staticmethod
     def decoder_options(config: MistralConfig) -> DecoderOptions:
-        return DecoderOptions()
+        return DecoderOptions(sliding="every layer")

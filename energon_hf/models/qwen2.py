@@ -14,4 +14,4 @@ if TYPE_CHECKING:
 class Qwen2ForCausalLM(LlamaForCausalLM):
     @staticmethod
     def decoder_options(config: Qwen2Config) -> DecoderOptions:
-        return DecoderOptions(qkv_bias=True)
+        return DecoderOptions(qkv_bias=True, sliding="layer types")

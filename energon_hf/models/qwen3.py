@@ -13,4 +13,5 @@ if TYPE_CHECKING:
 class Qwen3ForCausalLM(LlamaForCausalLM):
     @staticmethod
     def decoder_options(config: Qwen3Config) -> DecoderOptions:
-        return DecoderOptions(qkv_bias=config.attention_bias, o_bias=config.attention_bias, qk_norm=True)
+        return DecoderOptions(qkv_bias=config.attention_bias, o_bias=config.attention_bias, qk_norm=True,
+                              sliding="layer types")

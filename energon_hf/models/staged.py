@@ -54,6 +54,11 @@ class StagedModel(nn.Module):
                 specs[name] = WeightSpec(tuple(f"{parent}.{part}.{param}".lstrip(".") for part in parts), "concat")
         return specs
 
+    def recompute_at(self) -> int | None:
+        """A context length at which a generated sequence runs again from its first token (Scheduler.recompute_at),
+        or None: never."""
+        return None
+
     def tied_embedding(self) -> str | None:
         """The embedding module a tied head reads (the last stage needs it too)."""
         return None

@@ -53,22 +53,29 @@ class RotaryEmbedding:
             self.long_inv_freq, _ = ROPE_INIT_FUNCTIONS["longrope"](config, "cpu", seq_len=self.long_after + 1,
                                                                     layer_type=layer_type)
 
-    def frequencies(self, positions: torch.Tensor) -> torch.Tensor:
-        """The step's inverse frequencies. longrope takes the long factors for the whole step once any position
-        passes original_max_position_embeddings, as transformers does for the batch of each forward (keys cached
-        by earlier steps keep their rotation); vLLM decides per step the same way."""
-        if self.long_inv_freq is not None and positions.numel() and int(positions.max()) + 1 > self.long_after:
-            if self.long_inv_freq.device != positions.device:
-                self.long_inv_freq = self.long_inv_freq.to(positions.device)
-            return self.long_inv_freq
+    def frequencies(self, positions: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        """Each token's inverse frequencies [T or 1, rotary_dim / 2]. longrope: a sequence takes the long factors
+        once its context passes original_max_position_embeddings (a prompt longer than that throughout), as
+        transformers does for one sequence (keys cached by earlier steps keep their rotation, but for Phi-3's, which
+        transformers recomputes: Phi3ForCausalLM.recompute_at). transformers decides
+        for a whole padded batch from its longest row; a packed step decides per sequence, so a request's tokens do
+        not depend on what runs beside it (a prompt the server splits into chunks decides per chunk)."""
         if self.inv_freq.device != positions.device:
             self.inv_freq = self.inv_freq.to(positions.device)
-        return self.inv_freq
+        if self.long_inv_freq is None or not positions.numel():
+            return self.inv_freq[None, :]
+        if self.long_inv_freq.device != positions.device:
+            self.long_inv_freq = self.long_inv_freq.to(positions.device)
+        ends = positions[cu_seqlens[1:].long() - 1]  # each sequence's last position in the step
+        long = torch.repeat_interleave(ends + 1 > self.long_after, (cu_seqlens[1:] - cu_seqlens[:-1]).long())
+        return torch.where(long[:, None], self.long_inv_freq, self.inv_freq)
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """[T] positions -> cos and signed sin of shape [T, 1, rotary_dim] (broadcast over heads), for
-        `apply_rotary`: the sin's first half is negated, so that rotate-half becomes a roll."""
-        freqs = positions[:, None].float() * self.frequencies(positions)[None, :]
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype,
+                cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[T] positions of the step's sequences (`cu_seqlens`) -> cos and signed sin of shape [T, 1, rotary_dim]
+        (broadcast over heads), for `apply_rotary`: the sin's first half is negated, so that rotate-half becomes a
+        roll."""
+        freqs = positions[:, None].float() * self.frequencies(positions, cu_seqlens)
         emb = torch.cat((freqs, freqs), dim=-1)
         sin = emb.sin() * self.scaling
         sin[:, : freqs.shape[1]].neg_()
