@@ -186,8 +186,8 @@ def test_bad_generate_arguments(gpt2, bert):
         bert.generate(ids, max_new_tokens=2)
     with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
         gpt2.generate(ids, max_new_tokens=0)
-    with pytest.raises(ValueError, match="beam search"):
-        gpt2.generate(ids, max_new_tokens=2, num_beams=2)
+    with pytest.raises(ValueError, match="num_beams must be >= 1"):
+        gpt2.generate(ids, max_new_tokens=2, num_beams=0)
     with pytest.raises(ValueError, match=r"unsupported generate\(\) arguments: \['bogus'\]"):
         gpt2.generate(ids, max_new_tokens=2, bogus=True)
     with pytest.raises(ValueError, match="top_p"):
