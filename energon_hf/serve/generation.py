@@ -220,10 +220,6 @@ STREAMED = {200: {"content": {"application/json": {}, "text/event-stream": {}},
 @router.post("/v1/completions", responses=STREAMED)
 async def completions(body: CompletionRequest, http: HTTPRequest):
     served = _served(http)
-    if body.best_of is not None and body.best_of < body.n:
-        raise APIError(400, f"best_of ({body.best_of}) must be at least n ({body.n})", param="best_of")
-    if body.stream and body.choices > body.n:
-        raise APIError(400, "best_of completions cannot be streamed (as OpenAI's)", param="best_of")
     prompt = await _prompt_tokens(served, body)
     params = generation_params(served, body, len(prompt), DEFAULT_COMPLETION_TOKENS)
     # ranking best_of completions reads each token's log-probability, asked for whether the client wants them or not
@@ -252,24 +248,34 @@ async def _respond(served: Served, http: HTTPRequest, endpoint: str, body: _Requ
             "model": served.settings.served_name}
     if body.stream:
         include_usage = bool((body.stream_options or {}).get("include_usage"))
+        if len(choices) > body.n:
+            return StreamingResponse(_stream_best(served, http, body, choices, head, len(prompt), include_usage,
+                                                  started), media_type="text/event-stream")
         return StreamingResponse(_stream(served, choices, head, endpoint, chat, len(prompt), include_usage,
                                          started), media_type="text/event-stream")
     results = await collect_choices(served, http, choices, endpoint, started)
     completion = sum(len(tokens) for _, tokens, _ in results)  # best_of's unanswered completions count too
-    answered = list(zip(choices, results, strict=True))
-    if len(choices) > body.n:  # best_of: the n with the highest mean log-probability per token, best first
-        answered = sorted(answered, key=lambda a: -sum(lp.logprob for lp in a[1][2]) / max(len(a[1][2]), 1))
-        answered = answered[: body.n]
-    show_logprobs = len(choices) == body.n or getattr(body, "logprobs", None) is not None
     out = []
-    for index, (choice, (text, tokens, lps)) in enumerate(answered):
-        entry = {"index": index, "finish_reason": choice.finish,
-                 "logprobs": choice.logprobs.format(tokens, lps) if choice.logprobs and show_logprobs else None}
+    for index, (choice, text, logprobs) in enumerate(_answered(body, choices, results)):
+        entry = {"index": index, "finish_reason": choice.finish, "logprobs": logprobs}
         entry.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
         out.append(entry)
     served.metrics.answered(endpoint, 200, started, completion)
     return {**head, "object": "chat.completion" if chat else "text_completion", "choices": out,
             "usage": _usage(len(prompt), completion)}
+
+
+def _answered(body: _Request, choices: list[Choice], results: list[tuple[str, list[int], list[TokenLogprob]]]
+              ) -> list[tuple[Choice, str, dict | None]]:
+    """The choices answered, with their text and formatted logprobs (where asked): all of them, or best_of's n with
+    the highest mean log-probability per token, best first."""
+    answered = list(zip(choices, results, strict=True))
+    if len(choices) > body.n:
+        answered = sorted(answered, key=lambda a: -sum(lp.logprob for lp in a[1][2]) / max(len(a[1][2]), 1))
+        answered = answered[: body.n]
+    shown = len(choices) == body.n or getattr(body, "logprobs", None) is not None
+    return [(choice, text, choice.logprobs.format(tokens, lps) if choice.logprobs and shown else None)
+            for choice, (text, tokens, lps) in answered]
 
 
 def _usage(prompt: int, completion: int) -> dict:
@@ -300,45 +306,66 @@ async def collect_choices(served: Served, http: HTTPRequest, choices: list[Choic
     return [("".join(t), k, lp) for t, k, lp in zip(texts, tokens, lps, strict=True)]
 
 
+def _event(payload: dict) -> str:
+    return "data: " + json.dumps(payload) + "\n\n"
+
+
+def _chunk(head: dict, chat: bool, index: int, text: str | None, finish: str | None, logprobs: dict | None = None,
+           role: bool = False) -> str:
+    """One server-sent event of a stream: a choice's text (chat: its delta), finish reason and logprobs."""
+    if chat:
+        delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text is not None else {})
+        choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
+    else:
+        choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
+    return _event({**head, "object": "chat.completion.chunk" if chat else "text_completion", "choices": [choice]})
+
+
+async def _stream_best(served: Served, http: HTTPRequest, body: CompletionRequest, choices: list[Choice], head: dict,
+                       prompt_len: int, include_usage: bool, started: float) -> AsyncIterator[str]:
+    """best_of streamed: the best n are known once every choice is done; each comes as one chunk of its text, then
+    its finish."""
+    try:
+        results = await collect_choices(served, http, choices, "completions", started)
+    except APIError as e:  # the stream's headers are sent: the error goes in the stream
+        yield _event({"error": {"message": e.message, "type": e.kind}})
+        return
+    generated = sum(len(tokens) for _, tokens, _ in results)
+    for index, (choice, text, logprobs) in enumerate(_answered(body, choices, results)):
+        yield _chunk(head, False, index, text, None, logprobs)
+        yield _chunk(head, False, index, None, choice.finish)
+    if include_usage:
+        yield _event({**head, "object": "text_completion", "choices": [], "usage": _usage(prompt_len, generated)})
+    yield "data: [DONE]\n\n"
+    served.metrics.answered("completions", 200, started, generated)
+
+
 async def _stream(served: Served, choices: list[Choice], head: dict, endpoint: str, chat: bool, prompt_len: int,
                   include_usage: bool, started: float) -> AsyncIterator[str]:
     """Server-sent events; when the client goes away the response is cancelled and `finally` frees the
     sequences at once."""
     kind = "chat.completion.chunk" if chat else "text_completion"
-
-    def event(payload: dict) -> str:
-        return "data: " + json.dumps(payload) + "\n\n"
-
-    def chunk(index: int, text: str | None, finish: str | None, logprobs: dict | None = None,
-              role: bool = False) -> str:
-        if chat:
-            delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text is not None else {})
-            choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
-        else:
-            choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
-        return event({**head, "object": kind, "choices": [choice]})
-
     generated = 0
     try:
         if chat:
             for choice in choices:
-                yield chunk(choice.index, None, None, role=True)
+                yield _chunk(head, chat, choice.index, None, None, role=True)
         try:
             async for update in choice_updates(served, choices, started):
                 generated += len(update.tokens)
                 formatter = choices[update.index].logprobs
                 lps = formatter.format(update.tokens, update.logprobs) if formatter and update.tokens else None
                 if update.text or lps:
-                    yield chunk(update.index, update.text, None, lps)
+                    yield _chunk(head, chat, update.index, update.text, None, lps)
                 if update.finish:
-                    yield chunk(update.index, None, update.finish)
+                    yield _chunk(head, chat, update.index, None, update.finish)
         except Exception as e:  # noqa: BLE001 - headers are sent: the error goes in the stream
             message = str(e) if isinstance(e, Cancelled) else f"the engine failed: {e}"
-            yield event({"error": {"message": message, "type": "engine_error"}})
+            yield _event({"error": {"message": message, "type": "engine_error"}})
             served.metrics.answered(endpoint, 503)
             return
         if include_usage:
-            yield event({**head, "object": kind, "choices": [], "usage": _usage(prompt_len, generated)})
+            yield _event({**head, "object": kind, "choices": [], "usage": _usage(prompt_len, generated)})
         yield "data: [DONE]\n\n"
         served.metrics.answered(endpoint, 200, started, generated)
     finally:  # the client went away, or the stream ended: the sequences leave the batch either way

@@ -101,12 +101,13 @@ class _Request(Body):
 class CompletionRequest(_Request):
     prompt: NonEmptyText | Annotated[list[integer(ge=0)], Field(min_length=1)]
     logprobs: integer(ge=0, le=MAX_TOP_LOGPROBS) | None = None  # the k most likely tokens and theirs
-    # OpenAI's: generate best_of completions, answer the n with the highest log-probability per token (not streamed)
+    # OpenAI's: generate best_of completions, answer the n with the highest log-probability per token (a best_of
+    # below n generates n: the schema cannot state the bound, so a schema-valid request is served)
     best_of: integer(ge=1, le=MAX_CHOICES) | None = None
 
     @property
     def choices(self) -> int:
-        return self.best_of or self.n
+        return max(self.best_of or self.n, self.n)
 
 
 class ChatMessage(Body):
