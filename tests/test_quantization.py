@@ -13,6 +13,7 @@ import torch
 import transformers
 from helpers import MIXED_LENGTHS, padded_batch
 from test_parity_llama import LLAMA_TINY
+from test_parity_llama_family import save_tiny
 from test_server import AUTH, start_server
 
 from energon_hf import EnergonModel, pipeline
@@ -308,15 +309,23 @@ def test_tiny_llama_int4_at_tp2_and_pp2_equals_tp1(llama_q):
 @pytest.mark.parametrize("method,dtype,batch", [(None, "float32", 3), ("int8", "float32", 3), ("int4", "float32", 3),
                                                 ("int4", "float32", 12), ("int8", "float32", 17),
                                                 ("int8", "bfloat16", 3), (None, "bfloat16", 3), (None, "float16", 3),
-                                                (None, "float16", 9), ("bias", "float32", 3)])
+                                                (None, "float16", 9), ("bias", "float32", 3), ("qwen2", "float32", 3),
+                                                ("qwen3", "float32", 3)])
 def test_the_decode_loop_gives_the_modules_logits_bit_for_bit(llama_q, tmp_path_factory, method, dtype, batch,
                                                               monkeypatch):
     """Llama's decode steps on CPU run as one loop of bare ops (models/llama_decode.py): every decode step's
     logits equal the modules' exactly, for float32, half precision and both quantized formats, at row counts on
     both sides of each GEMV's threshold (int4 expands from 10 rows, int8 from 16, float16 takes F.linear past 8);
-    layers with biases run their modules inside the loop."""
-    path = saved_llama(tmp_path_factory, attention_bias=True, mlp_bias=True) if method == "bias" else llama_q
-    ours = EnergonModel.from_pretrained(path, quantization=None if method == "bias" else method, dtype=dtype)
+    layers with biases (Llama's options, Qwen2's q/k/v) project with them in the loop, Qwen3's q/k norms run there
+    too, and Qwen2's sliding layer attends through its own window's plan."""
+    path = llama_q
+    if method == "bias":
+        path = saved_llama(tmp_path_factory, attention_bias=True, mlp_bias=True)
+    elif method in ("qwen2", "qwen3"):
+        path = tmp_path_factory.mktemp(method)
+        save_tiny(path, f"{method.capitalize()}ForCausalLM")
+    quantization = None if method in ("bias", "qwen2", "qwen3") else method
+    ours = EnergonModel.from_pretrained(path, quantization=quantization, dtype=dtype)
     ids, mask = padded_batch((MIXED_LENGTHS * 2)[:batch], 128, "left")
     runner, loops = ours.batcher.runner, []
     original_run, original_loop = runner.run, LlamaDecodeLoop.run

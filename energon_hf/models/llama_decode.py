@@ -7,11 +7,12 @@ costing about 10 us in a step (the interpreter runs cold between the weight stre
 loop. This loop calls exactly the ops the layers' modules would pick for the step (RMSNorm, the formats'
 products, rotary, the cache writes, the step's attention plan, SiLU-and-mul), so its results are the modules' bit
 for bit; it applies to decode steps on CPU with the compiled ops (`applies`), and the modules run every other step
-(and any layer with a bias or another activation).
+(and any layer with another activation).
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -46,8 +47,8 @@ class LlamaDecodeLoop:
 
     def products(self, rows: int, dtype: torch.dtype) -> list[tuple[Product, ...] | None]:
         """Per layer: its four products (qkv, o_proj, gate_up, down_proj) for `rows` rows of `dtype`, or None
-        where a layer needs its module (a bias, q/k norms, another activation, norms in another dtype, a weight not
-        loaded in a format: another pipeline stage's layer, or a subclass's own forward)."""
+        where a layer needs its module (another activation, norms in another dtype, a weight not loaded in a format:
+        another pipeline stage's layer, or a subclass's own forward)."""
         key = (rows, dtype)
         if key not in self._products:
             self._products[key] = [_layer_products(layer, rows, dtype) for layer in self.layers]
@@ -69,7 +70,10 @@ class LlamaDecodeLoop:
                 continue
             qkv, o_proj, gate_up, down_proj = bare
             fused = qkv(ops.rms_norm(x, layer.input_layernorm.weight, layer.input_layernorm.eps))
-            qk = ops.rotary(fused[:, : attention.qk_width].view(rows, -1, head_dim), cos, sin)
+            qk = fused[:, : attention.qk_width].view(rows, -1, head_dim)
+            if attention.q_norm is not None:  # Qwen3: as LlamaAttention.forward
+                qk = torch.cat((attention.q_norm(qk[:, :heads]), attention.k_norm(qk[:, heads:])), dim=1)
+            qk = ops.rotary(qk, cos, sin)
             cache.write(attention.layer_idx, qk[:, heads:],
                         fused[:, attention.qk_width:].view(rows, kv_heads, head_dim), slots)
             q, keys, values = qk[:, :heads], *cache.layer(attention.layer_idx)
@@ -97,7 +101,8 @@ def _layer_products(layer: LlamaDecoderLayer, rows: int, dtype: torch.dtype) -> 
         return None
     linears = (attention.qkv, attention.o_proj, mlp.gate_up, mlp.down_proj)
     norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
-    if not mlp.fused_silu or attention.q_norm is not None \
-            or any(m.bias is not None or m.format is None for m in linears) or any(w.dtype != dtype for w in norms):
+    if not mlp.fused_silu or any(m.format is None for m in linears) or any(w.dtype != dtype for w in norms):
         return None
-    return tuple(m.format.bare_product(rows, dtype) for m in linears)
+    # a layer with a bias (Qwen2's q/k/v) projects as its module does, bias included
+    return tuple(m.format.bare_product(rows, dtype) if m.bias is None else partial(m.project, bias=m.bias)
+                 for m in linears)
