@@ -3,11 +3,13 @@ place, against the torch-only path it replaces (each layer gathers its blocks, i
 SDPA) and against transformers' way (a contiguous cache per sequence, padded to the longest, SDPA with a mask).
 
 SmolLM2-135M's attention shapes (9 query heads, 3 key/value heads of 64, 30 layers, block size 16) by default,
-float32 (the kernel's dtype), contexts U[28, 310] (a server's mix of prompts and answers), 4, 16 and 64
-sequences. Every layer has its own cache, so the step streams keys and values as a model's would. The paths
-are checked against each other.
+float32 (`--dtype bfloat16` / `float16` for half-precision caches), contexts U[28, 310] (a server's mix of
+prompts and answers), 4, 16 and 64 sequences. Every layer has its own cache, so the step streams keys and values
+as a model's would. The paths are checked against each other (1e-4 in float32, a few units in the last place of
+the output's magnitude in half precision).
 
     .venv/bin/python -P bench/cpu_attention.py
+    .venv/bin/python -P bench/cpu_attention.py --dtype bfloat16
     .venv/bin/python -P bench/cpu_attention.py --batches 64 --lengths 1000 2000
     .venv/bin/python -P bench/cpu_attention.py --quick   # a smoke run (CI)
 """
@@ -33,7 +35,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def step_inputs(batch: int, layers: int, heads: int, kv_heads: int, dim: int, lengths: tuple[int, int],
-                seed: int) -> dict:
+                seed: int, dtype: torch.dtype = torch.float32) -> dict:
     """Random caches with each sequence's blocks scattered, as a busy allocator leaves them."""
     rng = random.Random(seed)
     context = [rng.randint(*lengths) for _ in range(batch)]
@@ -46,7 +48,8 @@ def step_inputs(batch: int, layers: int, heads: int, kv_heads: int, dim: int, le
         tables[row, :n] = torch.tensor(order[start:start + n])
         start += n
     shape = (layers, sum(blocks), BLOCK_SIZE, kv_heads, dim)
-    return dict(q=torch.randn(batch, heads, dim), k=torch.randn(shape), v=torch.randn(shape), tables=tables,
+    return dict(q=torch.randn(batch, heads, dim, dtype=dtype), k=torch.randn(shape, dtype=dtype),
+                v=torch.randn(shape, dtype=dtype), tables=tables,
                 context=torch.tensor(context, dtype=torch.int32))
 
 
@@ -57,7 +60,8 @@ def padded_caches(x: dict) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tenso
     mask = (torch.arange(longest)[None, :] < x["context"][:, None])[:, None, None, :]
     caches = []
     for layer in range(x["k"].shape[0]):
-        k, v = (torch.zeros(len(context), x["k"].shape[3], longest, x["k"].shape[4]) for _ in range(2))
+        k, v = (torch.zeros(len(context), x["k"].shape[3], longest, x["k"].shape[4], dtype=x["k"].dtype)
+                for _ in range(2))
         for row, n in enumerate(context):
             blocks = x["tables"][row, : -(-n // BLOCK_SIZE)].long()
             k[row, :, :n] = x["k"][layer, blocks].flatten(0, 1)[:n].transpose(0, 1)
@@ -70,7 +74,8 @@ def compare(batch: int, args: argparse.Namespace) -> dict | None:
     """The three paths on one step of `batch` decodes: their times, or None when they disagree."""
     heads, kv_heads, dim = args.heads
     scale = dim**-0.5
-    x = step_inputs(batch, args.layers, heads, kv_heads, dim, tuple(args.lengths), seed=batch)
+    dtype = getattr(torch, args.dtype)
+    x = step_inputs(batch, args.layers, heads, kv_heads, dim, tuple(args.lengths), seed=batch, dtype=dtype)
     hf_layout = padded_caches(x)
 
     def in_place():
@@ -88,10 +93,12 @@ def compare(batch: int, args: argparse.Namespace) -> dict | None:
 
     calls = {"in place": in_place, "gathered": gathered, "transformers": transformers_way}
     outs = {name: call() for name, call in calls.items()}
+    bound = 1e-4 if dtype == torch.float32 else 4 * torch.finfo(dtype).eps * max(o.abs().max().item()
+                                                                                   for o in outs["transformers"])
     for name in ("gathered", "transformers"):
         worst = max((a.float() - b.float()).abs().max().item()
                     for a, b in zip(outs["in place"], outs[name], strict=True))
-        if worst > 1e-4:
+        if worst > bound:
             print(f"batch {batch}: in place and {name} differ by {worst:.2e}", file=sys.stderr)
             return None
     ms = {name: statistics.median(t) * 1e3 for name, t in time_calls(calls, args.warmup, args.repeats).items()}
@@ -106,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--heads", type=int, nargs=3, default=[9, 3, 64], metavar=("Q", "KV", "DIM"))
     parser.add_argument("--lengths", type=int, nargs=2, default=[28, 310])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="2 layers, 2 and 5 sequences of 3-40 tokens: a smoke run")
@@ -127,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{batch:3d} sequences ({row['keys']} keys), {args.layers} layers: in place "
               f"{row['in place ms']:.1f} ms, gathered {row['gathered ms']:.1f} ms ({row['vs gathered']}x), "
               f"transformers' padded SDPA {row['transformers ms']:.1f} ms ({row['vs transformers']}x)")
-    out = args.out or RESULTS / "cpu_attention.json"
+    name = "cpu_attention" if args.dtype == "float32" else f"cpu_attention_{args.dtype}"
+    out = args.out or RESULTS / f"{name}.json"
     write_result(out, results)
     print(f"-> {out}")
     return 0

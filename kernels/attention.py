@@ -338,18 +338,17 @@ class _InPlaceDecodePlan:
         return torch.ops.energon_hf.paged_decode(q, k_cache, v_cache, self.tables, self.lens, scale)
 
 
+# The cache dtypes csrc/paged_decode.cpp reads (a half-precision cache widened to float32 as it is loaded).
+IN_PLACE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def decode_plan(block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int,
                 dtype: torch.dtype = torch.float32, window: int | None = None, softcap: float | None = None):
     """The plan for a step's one-token sequences: read in place by the compiled kernel where it is available
-    (CPU, float32), else gathered in one padded batch, or in groups by length when that gathers fewer key slots
-    (`length_groups`).
-
-    Half-precision caches keep the gathering path: the kernel accumulates their scores and weights in float32,
-    no less exactly than SDPA, but differently enough from transformers' bfloat16 SDPA that greedy agreement
-    with it fell below that test's 90 % bound (81-89 %) on the tiny random models of test_half_precision.
-    A sliding `window` that binds (`binds`), or a softcap, runs the gathering path (the kernel reads whole contexts,
-    uncapped)."""
-    if block_tables.device.type == "cpu" and dtype == torch.float32 and compiled.available() and window is None \
+    (CPU; float32, bfloat16 or float16 caches), else gathered in one padded batch, or in groups by length when that
+    gathers fewer key slots (`length_groups`). A sliding `window` that binds (`binds`), or a softcap, runs the
+    gathering path (the kernel reads whole contexts, uncapped)."""
+    if block_tables.device.type == "cpu" and dtype in IN_PLACE_DTYPES and compiled.available() and window is None \
             and softcap is None:
         return _InPlaceDecodePlan(block_tables, context_lens)
     return gathering_decode_plan(block_tables, context_lens, block_size, window, softcap)

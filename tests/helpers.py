@@ -2,8 +2,6 @@
 
 import torch
 
-from energon_hf.evaluate import agreement
-
 ATOL = 1e-4
 MIXED_LENGTHS = [1, 64, 7, 33, 2, 50, 16, 5]
 
@@ -55,11 +53,21 @@ def assert_forward_matches(ours, hf, ids: torch.Tensor, mask: torch.Tensor, fiel
     return got
 
 
-def greedy_agreement(ours, hf, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> float:
-    """Share of new greedy tokens equal, position by position, to transformers' on the same prompts
-    (reduced precision may flip a near-tie, after which a sequence goes its own way)."""
+def greedy_gap(ours, hf, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> float:
+    """How far our greedy tokens fall below transformers' own choice, judged by transformers: its logits on our
+    generated sequences (teacher-forced, EOS held back as generate holds it), at each new token the largest logit
+    minus our token's, the worst over all. 0 when every token is transformers' argmax; a near-tie that rounded the
+    other way gives a gap within rounding, where free-running agreement would count the rest of the sequence as
+    different."""
     kwargs = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+    new = ours.generate(ids, attention_mask=mask, **kwargs)[:, ids.shape[1]:]
+    full_mask = torch.cat([mask, torch.ones_like(new)], dim=1)
+    positions = (full_mask.cumsum(1) - 1).clamp_min(0)  # as generate numbers a left-padded row's tokens
     with torch.no_grad():
-        expected = hf.generate(ids, attention_mask=mask, **kwargs)[:, ids.shape[1]:]
-    got = ours.generate(ids, attention_mask=mask, **kwargs)[:, ids.shape[1]:]
-    return agreement(got.tolist(), expected.tolist())
+        logits = hf(input_ids=torch.cat([ids, new], dim=1), attention_mask=full_mask,
+                    position_ids=positions).logits[:, ids.shape[1] - 1: -1].float()
+    eos = hf.generation_config.eos_token_id
+    if eos is not None:
+        logits[..., eos] = -float("inf")
+    chosen = logits.gather(-1, new[..., None])[..., 0]
+    return (logits.max(-1).values - chosen).max().item()

@@ -123,13 +123,15 @@ def test_serve_stall(tmp_path):
         assert 0 < run["median_gap_s"] <= run["longest_gap_s"] and run["long_prompt_latency_s"] > 0
 
 
-def test_cpu_attention(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cpu_attention(tmp_path, dtype):
     """The in-place decode kernel, the gathering torch path and transformers' padded layout agree (the script
-    exits 1 otherwise) and are timed; without a compiler the script has nothing to compare."""
+    exits 1 otherwise) and are timed, on float32 and half-precision caches; without a compiler the script has
+    nothing to compare."""
     from energon_hf.kernels import compiled
 
     if not compiled.available():
         pytest.skip("no C++ compiler: the compiled CPU ops cannot build here")
-    result = _run("cpu_attention.py", tmp_path / "attention.json")
-    assert [row["batch"] for row in result["rows"]] == [2, 5]
+    result = _run("cpu_attention.py", tmp_path / "attention.json", "--dtype", dtype)
+    assert result["args"]["dtype"] == dtype and [row["batch"] for row in result["rows"]] == [2, 5]
     assert all(row["in place ms"] > 0 and row["keys"] > 0 for row in result["rows"])

@@ -1,11 +1,14 @@
 """Half precision as a first-class path: checkpoints saved in float16 / bfloat16 load in their own dtype with
 dtype="auto", run in it, and match transformers in the same dtype (a bound of a few units in the last place
-of the logits' magnitude), with greedy agreement measured, at tp=1, tp=2 and pp=2."""
+of the logits' magnitude), at tp=1, tp=2 and pp=2. Greedy tokens are judged by transformers' own logits on them
+(helpers.greedy_gap): free-running agreement with its generate counts a sequence as different from the first
+near-tie that rounds the other way (the in-place decode kernel sums in another order than SDPA: 81 % on the tiny
+bfloat16 model at tp=2, with every token within 0.6 units in the last place of transformers' argmax)."""
 
 import pytest
 import torch
 import transformers
-from helpers import MIXED_LENGTHS, greedy_agreement, max_diff_on_real, padded_batch
+from helpers import MIXED_LENGTHS, greedy_gap, max_diff_on_real, padded_batch
 from test_parity_llama import LLAMA_TINY
 
 from energon_hf import EnergonModel
@@ -15,7 +18,6 @@ HALF = [torch.float16, torch.bfloat16]
 LENGTHS = MIXED_LENGTHS[:5]
 ULPS = 4  # logits within ULPS units in the last place of their largest magnitude
 NEW_TOKENS = 16
-MIN_AGREEMENT = 0.9  # share of greedy tokens equal to transformers' in the same dtype
 
 MODELS = {
     "llama": (transformers.LlamaForCausalLM, transformers.LlamaConfig, LLAMA_TINY, "left"),
@@ -45,8 +47,8 @@ def assert_close_in_dtype(ours, hf, name: str, dtype: torch.dtype) -> None:
     assert got.dtype == expected.dtype == dtype
     bound = ULPS * torch.finfo(dtype).eps * expected[mask.bool()].abs().max().item()
     assert max_diff_on_real(got, expected, mask) <= bound
-    if ours.can_generate():
-        assert greedy_agreement(ours, hf, ids, mask, NEW_TOKENS) >= MIN_AGREEMENT
+    if ours.can_generate():  # every new token within the bound of transformers' largest logit
+        assert greedy_gap(ours, hf, ids, mask, NEW_TOKENS) <= bound
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=str)

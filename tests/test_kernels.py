@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from energon_hf import kernels
 from energon_hf.kernels import compiled, dispatch
@@ -257,16 +258,16 @@ def test_products_write_into_the_steps_buffer(rows, gelu):
     assert buffers.take("mlp", rows, 40, x) is None, "autograd records: no shared buffer"
 
 
-def _scattered_cache(context, kv_heads, dim, block_size):
+def _scattered_cache(context, kv_heads, dim, block_size, dtype=torch.float32):
     """A cache holding random keys and values for sequences of `context` tokens, their blocks out of order."""
     blocks = sum(-(-n // block_size) for n in context)
-    cache = KVCache(1, blocks, block_size, kv_heads, dim, torch.float32, "cpu")
+    cache = KVCache(1, blocks, block_size, kv_heads, dim, dtype, "cpu")
     allocator = BlockAllocator(blocks, block_size)
     for seq in reversed(range(len(context))):
         allocator.reserve(seq, context[seq])
     tables = allocator.block_table_tensor(list(range(len(context))), "cpu")
-    keys = [torch.randn(n, kv_heads, dim) for n in context]
-    values = [torch.randn(n, kv_heads, dim) for n in context]
+    keys = [torch.randn(n, kv_heads, dim).to(dtype) for n in context]
+    values = [torch.randn(n, kv_heads, dim).to(dtype) for n in context]
     for seq, n in enumerate(context):
         cache.write(0, keys[seq], values[seq], slot_mapping(tables, torch.full((n,), seq), torch.arange(n), block_size))
     return cache, tables, keys, values
@@ -326,9 +327,31 @@ def test_in_place_decode_kernel_refuses_tables_outside_the_cache():
         torch.ops.energon_hf.paged_decode(q, cache.k[0], cache.v[0], bad, torch.tensor([3, 9]), 1.0)
     with pytest.raises(RuntimeError, match="does not fit its block table"):
         torch.ops.energon_hf.paged_decode(q, cache.k[0], cache.v[0], tables, torch.tensor([3, 13]), 1.0)
-    with pytest.raises(RuntimeError, match="must be float32"):
-        torch.ops.energon_hf.paged_decode(q.bfloat16(), cache.k[0].bfloat16(), cache.v[0].bfloat16(), tables,
+    with pytest.raises(RuntimeError, match="must share one dtype"):
+        torch.ops.energon_hf.paged_decode(q.bfloat16(), cache.k[0], cache.v[0], tables, torch.tensor([3, 9]), 1.0)
+    with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
+        torch.ops.energon_hf.paged_decode(q.double(), cache.k[0].double(), cache.v[0].double(), tables,
                                           torch.tensor([3, 9]), 1.0)
+
+
+@pytest.mark.skipif(not compiled.available(), reason="no C++ compiler: the compiled CPU ops cannot build here")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("heads,kv_heads,dim", [(6, 2, 64), (6, 2, 12)], ids=["vector", "portable"])
+def test_in_place_decode_kernel_reads_half_precision_caches(dtype, heads, kv_heads, dim):
+    """A bfloat16 or float16 cache is read in place too (widened to float32 as it is loaded; the softmax weights
+    rounded to the cache's dtype before they weigh the values, as SDPA's CPU kernel does), in its dtype, no
+    farther from the float64 formula than SDPA on the same gathered keys, within one unit in the last place."""
+    context = [1, 37, 5, 64, 12]
+    cache, tables, keys, values = _scattered_cache(context, kv_heads, dim, 16, dtype)
+    q = torch.randn(len(context), heads, dim).to(dtype)
+    out = torch.ops.energon_hf.paged_decode(q, cache.k[0], cache.v[0], tables, torch.tensor(context), 0.3)
+    assert out.dtype == dtype and out.shape == q.shape
+    for seq in range(len(context)):
+        ref = _naive_attention(q[seq:seq + 1], keys[seq], values[seq], True, 0.3)
+        sdpa = F.scaled_dot_product_attention(q[seq][:, None], keys[seq].transpose(0, 1), values[seq].transpose(0, 1),
+                                              scale=0.3, enable_gqa=True).transpose(0, 1)
+        ulp = torch.finfo(dtype).eps * ref.abs().max().item()
+        assert (out[seq:seq + 1].double() - ref).abs().max() <= (sdpa.double() - ref).abs().max() + ulp
 
 
 def _gemv_cases(n: int, k: int) -> dict:

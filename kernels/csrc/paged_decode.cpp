@@ -1,10 +1,17 @@
 // Decode attention on CPU that reads the paged KV cache in place: one query token per sequence, every query head
-// of a key/value head together, float32. No block is gathered and nothing is padded or masked.
+// of a key/value head together. No block is gathered and nothing is padded or masked. Caches in float32, bfloat16
+// or float16 (q and the output in the cache's dtype): keys and values are widened to float32 as they are loaded,
+// scores, softmax and sums are float32, and with a half-precision cache the softmax weights are rounded to it
+// before they weigh the values, as SDPA's CPU kernel rounds them for its second product (its sum of the weights
+// stays float32, as here), so the two agree to float32 summation order.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <cmath>
 #include <utility>
 #include <vector>
@@ -25,19 +32,31 @@ constexpr int64_t kMaxGroup = 8;  // query heads per key/value head that the vec
 constexpr int64_t PREFETCH_BLOCKS = 2;  // blocks ahead (prefetch_head)
 
 // The portable loops: any head size, any group (a single 64-wide dot is a chain of dependent FMAs, hence slower).
-inline float dot(const float* q, const float* k, int64_t n) {
+template <typename T>
+inline float dot(const float* q, const T* k, int64_t n) {
   float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < n; ++i) sum += q[i] * k[i];
+  for (int64_t i = 0; i < n; ++i) sum += q[i] * static_cast<float>(k[i]);
   return sum;
 }
 
-inline void add_scaled(float* acc, float p, const float* v, int64_t n) {
+template <typename T>
+inline void add_scaled(float* acc, float p, const T* v, int64_t n) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) acc[i] += p * v[i];
+  for (int64_t i = 0; i < n; ++i) acc[i] += p * static_cast<float>(v[i]);
 }
 
 #if defined(__AVX512F__)
+// 16 cache elements from p, widened to float32 (exactly).
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+inline __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
 // out[i] = the sum of v[i]'s 16 lanes: a transpose tree, 45 instructions for 16 sums where _mm512_reduce_add_ps
 // takes about 8 for each.
 inline __m512 sum16(const __m512* v) {
@@ -58,22 +77,22 @@ inline __m512 sum16(const __m512* v) {
 // The dot products of `n` (at most 16) keys, `stride` floats apart, with each of the group's query heads: 16
 // independent sums per head (the FMA units stay busy), reduced together by sum16. Head sizes that are multiples
 // of 16.
-template <int N>
-inline void tile_scores(const float* query, const float* keys, int64_t stride, int64_t group, int64_t d, float* out,
+template <int N, typename T>
+inline void tile_scores(const float* query, const T* keys, int64_t stride, int64_t group, int64_t d, float* out,
                         int64_t out_stride) {
   for (int64_t g = 0; g < group; ++g) {
     __m512 acc[16];
     for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
     for (int64_t i = 0; i < d; i += 16) {
       const __m512 q = _mm512_loadu_ps(query + g * d + i);
-      for (int j = 0; j < N; ++j) acc[j] = _mm512_fmadd_ps(q, _mm512_loadu_ps(keys + j * stride + i), acc[j]);
+      for (int j = 0; j < N; ++j) acc[j] = _mm512_fmadd_ps(q, load16(keys + j * stride + i), acc[j]);
     }
     _mm512_mask_storeu_ps(out + g * out_stride, static_cast<__mmask16>((1u << N) - 1), sum16(acc));
   }
 }
 
-template <int... N>
-inline void tile_scores_n(int64_t n, const float* query, const float* keys, int64_t stride, int64_t group,
+template <typename T, int... N>
+inline void tile_scores_n(int64_t n, const float* query, const T* keys, int64_t stride, int64_t group,
                           int64_t d, float* out, int64_t out_stride, std::integer_sequence<int, N...>) {
   ((n == N + 1 ? tile_scores<N + 1>(query, keys, stride, group, d, out, out_stride) : void()), ...);
 }
@@ -81,15 +100,15 @@ inline void tile_scores_n(int64_t n, const float* query, const float* keys, int6
 // acc[g * d + i] += sum over a run's n slots j of weights[g * stride + j] * value_j[i], for the V vectors of
 // features from acc and values on: the group's accumulators stay in registers over the run (one load and store of
 // them per run, not per slot).
-template <int G, int V>
-inline void run_values_chunk(const float* weights, int64_t stride, const float* values, int64_t slot_stride,
+template <int G, int V, typename T>
+inline void run_values_chunk(const float* weights, int64_t stride, const T* values, int64_t slot_stride,
                              int64_t n, int64_t d, float* acc) {
   __m512 a[G][V];
   for (int g = 0; g < G; ++g)
     for (int v = 0; v < V; ++v) a[g][v] = _mm512_loadu_ps(acc + g * d + v * 16);
   for (int64_t j = 0; j < n; ++j) {
     __m512 x[V];
-    for (int v = 0; v < V; ++v) x[v] = _mm512_loadu_ps(values + j * slot_stride + v * 16);
+    for (int v = 0; v < V; ++v) x[v] = load16(values + j * slot_stride + v * 16);
     for (int g = 0; g < G; ++g) {
       const __m512 w = _mm512_set1_ps(weights[g * stride + j]);
       for (int v = 0; v < V; ++v) a[g][v] = _mm512_fmadd_ps(w, x[v], a[g][v]);
@@ -99,8 +118,8 @@ inline void run_values_chunk(const float* weights, int64_t stride, const float* 
     for (int v = 0; v < V; ++v) _mm512_storeu_ps(acc + g * d + v * 16, a[g][v]);
 }
 
-template <int G>
-inline void run_values(const float* weights, int64_t stride, const float* values, int64_t slot_stride, int64_t n,
+template <int G, typename T>
+inline void run_values(const float* weights, int64_t stride, const T* values, int64_t slot_stride, int64_t n,
                        int64_t d, float* acc) {
   constexpr int V = G <= 6 ? 4 : 2;  // G x V accumulators, V values and a weight within the 32 vector registers
   int64_t i = 0;
@@ -109,8 +128,8 @@ inline void run_values(const float* weights, int64_t stride, const float* values
   for (; i < d; i += 16) run_values_chunk<G, 1>(weights, stride, values + i, slot_stride, n, d, acc + i);
 }
 
-template <int... G>
-inline void run_values_n(int64_t group, const float* weights, int64_t stride, const float* values,
+template <typename T, int... G>
+inline void run_values_n(int64_t group, const float* weights, int64_t stride, const T* values,
                          int64_t slot_stride, int64_t n, int64_t d, float* acc, std::integer_sequence<int, G...>) {
   ((group == G + 1 ? run_values<G + 1>(weights, stride, values, slot_stride, n, d, acc) : void()), ...);
 }
@@ -122,20 +141,22 @@ inline void run_values_n(int64_t group, const float* weights, int64_t stride, co
 // with the tiled scores alone, 1.41x with prefetching (one block ahead and two measured alike; four no better),
 // 1.51x (41.6 against 62.8 ms, 11 GB/s) with the values' accumulators in registers too; then the softmax's exp
 // on 8 lanes (vector_math.h; it was glibc's scalar expf) another 1.66x (30.5 against 50.7 ms, 15 GB/s).
-inline void prefetch_head(const float* first, int64_t slots, const Shape& s) {
+template <typename T>
+inline void prefetch_head(const T* first, int64_t slots, const Shape& s) {
+  constexpr int64_t line = 64 / sizeof(T);  // elements per cache line
   for (int64_t j = 0; j < slots; ++j)
-    for (int64_t i = 0; i < s.head_dim; i += 16) __builtin_prefetch(first + j * s.kv_heads * s.head_dim + i);
+    for (int64_t i = 0; i < s.head_dim; i += line) __builtin_prefetch(first + j * s.kv_heads * s.head_dim + i);
 }
 
 // fn(t, n, first, stride) for the runs of n consecutive slots (tokens t .. t + n - 1) of a sequence, at most
 // `most` long, walking its block table: the one place that knows the cache's layout [blocks, block_size, kv_heads,
-// head_dim]. `first` is token t's vector of that head, the next ones `stride` floats apart.
-template <typename Fn>
-inline void for_each_run(const float* cache, const int64_t* table, int64_t len, const Shape& s, int64_t kv_head,
+// head_dim]. `first` is token t's vector of that head, the next ones `stride` elements apart.
+template <typename T, typename Fn>
+inline void for_each_run(const T* cache, const int64_t* table, int64_t len, const Shape& s, int64_t kv_head,
                          int64_t most, Fn&& fn) {
   const int64_t slot_stride = s.kv_heads * s.head_dim, block_stride = s.block_size * slot_stride;
   for (int64_t start = 0, blk = 0; start < len; start += s.block_size, ++blk) {
-    const float* slots = cache + table[blk] * block_stride + kv_head * s.head_dim;
+    const T* slots = cache + table[blk] * block_stride + kv_head * s.head_dim;
     const int64_t n = std::min(s.block_size, len - start);
     for (int64_t ahead = blk == 0 ? 1 : PREFETCH_BLOCKS; ahead <= PREFETCH_BLOCKS; ++ahead) {
       const int64_t next = start + ahead * s.block_size;
@@ -147,31 +168,32 @@ inline void for_each_run(const float* cache, const int64_t* table, int64_t len, 
   }
 }
 
-template <typename Fn>
-inline void for_each_slot(const float* cache, const int64_t* table, int64_t len, const Shape& s, int64_t kv_head,
+template <typename T, typename Fn>
+inline void for_each_slot(const T* cache, const int64_t* table, int64_t len, const Shape& s, int64_t kv_head,
                           Fn&& fn) {
-  for_each_run(cache, table, len, s, kv_head, 1, [&](int64_t t, int64_t, const float* slot, int64_t) { fn(t, slot); });
+  for_each_run(cache, table, len, s, kv_head, 1, [&](int64_t t, int64_t, const T* slot, int64_t) { fn(t, slot); });
 }
 
 // One (sequence, key/value head) pair: its `group` query heads against the sequence's keys, block by block; the
 // scores of all its keys, one softmax, then the weighted sum of the values.
-void attend_one(const float* q, const float* k_cache, const float* v_cache, const int64_t* table, int64_t len,
-                float* out, const Shape& s, int64_t kv_head, float scale, std::vector<float>& query,
+template <typename T>
+void attend_one(const T* q, const T* k_cache, const T* v_cache, const int64_t* table, int64_t len, T* out,
+                const Shape& s, int64_t kv_head, float scale, std::vector<float>& query,
                 std::vector<float>& scores, std::vector<float>& acc) {
   const int64_t group = s.q_heads / s.kv_heads, d = s.head_dim;
   [[maybe_unused]] const bool vector_path = d % 16 == 0 && group <= kMaxGroup;
   for (int64_t g = 0; g < group; ++g)
-    for (int64_t i = 0; i < d; ++i) query[g * d + i] = q[(kv_head * group + g) * d + i] * scale;
+    for (int64_t i = 0; i < d; ++i) query[g * d + i] = static_cast<float>(q[(kv_head * group + g) * d + i]) * scale;
   scores.resize(group * len);
 #if defined(__AVX512F__)
   if (vector_path) {
-    for_each_run(k_cache, table, len, s, kv_head, 16, [&](int64_t t, int64_t n, const float* keys, int64_t stride) {
+    for_each_run(k_cache, table, len, s, kv_head, 16, [&](int64_t t, int64_t n, const T* keys, int64_t stride) {
       tile_scores_n(n, query.data(), keys, stride, group, d, &scores[t], len, std::make_integer_sequence<int, 16>{});
     });
   } else
 #endif
   {
-    for_each_slot(k_cache, table, len, s, kv_head, [&](int64_t t, const float* key) {
+    for_each_slot(k_cache, table, len, s, kv_head, [&](int64_t t, const T* key) {
       for (int64_t g = 0; g < group; ++g) scores[g * len + t] = dot(&query[g * d], key, d);
     });
   }
@@ -189,11 +211,13 @@ void attend_one(const float* q, const float* k_cache, const float* v_cache, cons
 #pragma omp simd reduction(+ : sum)
     for (int64_t t = 0; t < len; ++t) sum += row[t];
     inverse_sum[g] = 1.f / sum;
+    if constexpr (!std::is_same_v<T, float>)
+      for (int64_t t = 0; t < len; ++t) row[t] = static_cast<float>(static_cast<T>(row[t]));
   }
   std::fill(acc.begin(), acc.end(), 0.f);
 #if defined(__AVX512F__)
   if (vector_path) {
-    for_each_run(v_cache, table, len, s, kv_head, s.block_size, [&](int64_t t, int64_t n, const float* values,
+    for_each_run(v_cache, table, len, s, kv_head, s.block_size, [&](int64_t t, int64_t n, const T* values,
                                                                     int64_t stride) {
       run_values_n(group, &scores[t], len, values, stride, n, d, acc.data(),
                    std::make_integer_sequence<int, kMaxGroup>{});
@@ -201,12 +225,12 @@ void attend_one(const float* q, const float* k_cache, const float* v_cache, cons
   } else
 #endif
   {
-    for_each_slot(v_cache, table, len, s, kv_head, [&](int64_t t, const float* value) {
+    for_each_slot(v_cache, table, len, s, kv_head, [&](int64_t t, const T* value) {
       for (int64_t g = 0; g < group; ++g) add_scaled(&acc[g * d], scores[g * len + t], value, d);
     });
   }
   for (int64_t g = 0; g < group; ++g)
-    for (int64_t i = 0; i < d; ++i) out[(kv_head * group + g) * d + i] = acc[g * d + i] * inverse_sum[g];
+    for (int64_t i = 0; i < d; ++i) out[(kv_head * group + g) * d + i] = static_cast<T>(acc[g * d + i] * inverse_sum[g]);
 }
 
 // Every block a sequence reads must be in the cache: a bad table would read outside it.
@@ -221,12 +245,30 @@ void check_tables(const int64_t* tables, const int64_t* lens, const Shape& s, in
   }
 }
 
+template <typename T>
+void attend_all(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& tables,
+                const at::Tensor& lens, at::Tensor& out, const Shape& s, float scale) {
+  const T *qp = query.data_ptr<T>(), *kp = k_cache.data_ptr<T>(), *vp = v_cache.data_ptr<T>();
+  const int64_t *tp = tables.data_ptr<int64_t>(), *lp = lens.data_ptr<int64_t>();
+  T* op = out.data_ptr<T>();
+  const int64_t group = s.q_heads / s.kv_heads;
+  at::parallel_for(0, s.batch * s.kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> query_buf(group * s.head_dim), scores, acc(group * s.head_dim);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / s.kv_heads, h = item % s.kv_heads, row = b * s.q_heads * s.head_dim;
+      attend_one(qp + row, kp, vp, tp + b * s.max_blocks, lp[b], op + row, s, h, scale, query_buf, scores, acc);
+    }
+  });
+}
+
 at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                         const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
               "paged_decode: q [B, Hq, D], k_cache and v_cache [blocks, block_size, Hkv, D]");
-  TORCH_CHECK(q.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kFloat &&
-              v_cache.scalar_type() == at::kFloat, "paged_decode: q, k_cache and v_cache must be float32");
+  const auto dtype = k_cache.scalar_type();
+  TORCH_CHECK((dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf) && q.scalar_type() == dtype &&
+                  v_cache.scalar_type() == dtype,
+              "paged_decode: q, k_cache and v_cache must share one dtype, float32, bfloat16 or float16");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "paged_decode: the caches must be contiguous");
   TORCH_CHECK(k_cache.size(2) > 0 && q.size(2) == k_cache.size(3) && q.size(1) % k_cache.size(2) == 0,
               "paged_decode: q's heads and head size do not fit the cache");
@@ -238,18 +280,13 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
   const Shape s{q.size(0), q.size(1), k_cache.size(2), q.size(2), k_cache.size(1), tables.size(1)};
   check_tables(tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), s, k_cache.size(0));
   auto out = at::empty_like(query);
-  const float *qp = query.data_ptr<float>(), *kp = k_cache.data_ptr<float>(), *vp = v_cache.data_ptr<float>();
-  const int64_t *tp = tables.data_ptr<int64_t>(), *lp = lens.data_ptr<int64_t>();
-  float* op = out.data_ptr<float>();
-  const int64_t group = s.q_heads / s.kv_heads;
-  at::parallel_for(0, s.batch * s.kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> query_buf(group * s.head_dim), scores, acc(group * s.head_dim);
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / s.kv_heads, h = item % s.kv_heads, row = b * s.q_heads * s.head_dim;
-      attend_one(qp + row, kp, vp, tp + b * s.max_blocks, lp[b], op + row, s, h, static_cast<float>(scale), query_buf,
-                 scores, acc);
-    }
-  });
+  const float factor = static_cast<float>(scale);
+  if (dtype == at::kFloat)
+    attend_all<float>(query, k_cache, v_cache, tables, lens, out, s, factor);
+  else if (dtype == at::kBFloat16)
+    attend_all<c10::BFloat16>(query, k_cache, v_cache, tables, lens, out, s, factor);
+  else
+    attend_all<c10::Half>(query, k_cache, v_cache, tables, lens, out, s, factor);
   return out;
 }
 
