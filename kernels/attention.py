@@ -326,16 +326,20 @@ class _InPlaceDecodePlan:
     reads its keys and values where they lie: no gathered copy, no padding, no mask. One step of SmolLM2-shaped
     attention (30 layers, 9 query and 3 key/value heads of 64, contexts U[28, 310], float32; bench/cpu_attention.py
     on a 2-core Xeon): 2.2 / 15.3 / 52.5 ms at 4 / 16 / 64 decodes, against 3.7 / 33.3 / 135.7 ms gathered in
-    groups and 3.7 / 18.0 / 70.6 ms for transformers' padded cache with SDPA."""
+    groups and 3.7 / 18.0 / 70.6 ms for transformers' padded cache with SDPA. A sliding `window` reads each
+    sequence's last `window` keys only; a `softcap` caps the scores as varlen_attention's."""
 
-    def __init__(self, block_tables: torch.Tensor, context_lens: torch.Tensor):
+    def __init__(self, block_tables: torch.Tensor, context_lens: torch.Tensor, window: int | None = None,
+                 softcap: float | None = None):
         self.tables = block_tables.long().contiguous()  # once per step; every layer reads the same tables
         self.lens = context_lens.long().contiguous()
+        self.window, self.softcap = window, softcap
 
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                scale: float | None) -> torch.Tensor:
         scale = q.shape[-1] ** -0.5 if scale is None else scale
-        return torch.ops.energon_hf.paged_decode(q, k_cache, v_cache, self.tables, self.lens, scale)
+        return torch.ops.energon_hf.paged_decode(q, k_cache, v_cache, self.tables, self.lens, scale, self.window,
+                                                 self.softcap)
 
 
 # The cache dtypes csrc/paged_decode.cpp reads (a half-precision cache widened to float32 as it is loaded).
@@ -346,11 +350,10 @@ def decode_plan(block_tables: torch.Tensor, context_lens: torch.Tensor, block_si
                 dtype: torch.dtype = torch.float32, window: int | None = None, softcap: float | None = None):
     """The plan for a step's one-token sequences: read in place by the compiled kernel where it is available
     (CPU; float32, bfloat16 or float16 caches), else gathered in one padded batch, or in groups by length when that
-    gathers fewer key slots (`length_groups`). A sliding `window` that binds (`binds`), or a softcap, runs the
-    gathering path (the kernel reads whole contexts, uncapped)."""
-    if block_tables.device.type == "cpu" and dtype in IN_PLACE_DTYPES and compiled.available() and window is None \
-            and softcap is None:
-        return _InPlaceDecodePlan(block_tables, context_lens)
+    gathers fewer key slots (`length_groups`). `window` (where it binds: `binds`) and `softcap` as
+    varlen_attention's."""
+    if block_tables.device.type == "cpu" and dtype in IN_PLACE_DTYPES and compiled.available():
+        return _InPlaceDecodePlan(block_tables, context_lens, window, softcap)
     return gathering_decode_plan(block_tables, context_lens, block_size, window, softcap)
 
 

@@ -318,6 +318,28 @@ def test_in_place_decode_kernel_reads_scattered_blocks(heads, kv_heads, dim, blo
 
 
 @pytest.mark.skipif(not compiled.available(), reason="no C++ compiler: the compiled CPU ops cannot build here")
+@pytest.mark.parametrize("window,softcap", [(3, None), (7, 2.0), (100, None), (None, 0.5)],
+                         ids=["window-in-a-block", "window-capped", "window-past-the-context", "capped"])
+@pytest.mark.parametrize("heads,kv_heads,dim", [(6, 2, 64), (6, 2, 12)], ids=["vector", "portable"])
+def test_in_place_decode_kernel_windows_and_caps(window, softcap, heads, kv_heads, dim):
+    """A sliding window reads each sequence's last `window` keys only, from inside a block on; a softcap caps the
+    scores as transformers' Gemma 2 (softcap * tanh(scores / softcap)): against the formula, with scores large
+    enough (x4 queries) that the cap binds."""
+    context = [1, 37, 5, 64, 12]
+    cache, tables, keys, values = _scattered_cache(context, kv_heads, dim, 5)
+    q = torch.randn(len(context), heads, dim) * 4
+    out = torch.ops.energon_hf.paged_decode(q, cache.k[0], cache.v[0], tables, torch.tensor(context), 0.3, window,
+                                            softcap)
+    for seq in range(len(context)):
+        ref = _naive_attention(q[seq:seq + 1], keys[seq], values[seq], True, 0.3, window, softcap)
+        assert (out[seq:seq + 1].double() - ref).abs().max() < 1e-5
+    with pytest.raises(RuntimeError, match="window must be positive"):
+        torch.ops.energon_hf.paged_decode(q, cache.k[0], cache.v[0], tables, torch.tensor(context), 0.3, 0)
+    with pytest.raises(RuntimeError, match="softcap must be positive"):
+        torch.ops.energon_hf.paged_decode(q, cache.k[0], cache.v[0], tables, torch.tensor(context), 0.3, None, -1.0)
+
+
+@pytest.mark.skipif(not compiled.available(), reason="no C++ compiler: the compiled CPU ops cannot build here")
 def test_in_place_decode_kernel_refuses_tables_outside_the_cache():
     cache, tables, _, _ = _scattered_cache([3, 9], 1, 4, 4)
     q = torch.randn(2, 2, 4)

@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <optional>
 #include <type_traits>
 #include <cmath>
 #include <utility>
@@ -148,89 +149,117 @@ inline void prefetch_head(const T* first, int64_t slots, const Shape& s) {
     for (int64_t i = 0; i < s.head_dim; i += line) __builtin_prefetch(first + j * s.kv_heads * s.head_dim + i);
 }
 
-// fn(t, n, first, stride) for the runs of n consecutive slots (tokens t .. t + n - 1) of a sequence, at most
-// `most` long, walking its block table: the one place that knows the cache's layout [blocks, block_size, kv_heads,
-// head_dim]. `first` is token t's vector of that head, the next ones `stride` elements apart.
+// fn(t, n, first, stride) for the runs of n consecutive slots (tokens t .. t + n - 1) of a sequence's tokens
+// begin .. len - 1, at most `most` long, walking its block table: the one place that knows the cache's layout
+// [blocks, block_size, kv_heads, head_dim]. `first` is token t's vector of that head, the next ones `stride`
+// elements apart.
 template <typename T, typename Fn>
-inline void for_each_run(const T* cache, const int64_t* table, int64_t len, const Shape& s, int64_t kv_head,
-                         int64_t most, Fn&& fn) {
+inline void for_each_run(const T* cache, const int64_t* table, int64_t begin, int64_t len, const Shape& s,
+                         int64_t kv_head, int64_t most, Fn&& fn) {
   const int64_t slot_stride = s.kv_heads * s.head_dim, block_stride = s.block_size * slot_stride;
-  for (int64_t start = 0, blk = 0; start < len; start += s.block_size, ++blk) {
+  const int64_t first_block = begin / s.block_size;
+  for (int64_t blk = first_block, start = blk * s.block_size; start < len; start += s.block_size, ++blk) {
     const T* slots = cache + table[blk] * block_stride + kv_head * s.head_dim;
-    const int64_t n = std::min(s.block_size, len - start);
-    for (int64_t ahead = blk == 0 ? 1 : PREFETCH_BLOCKS; ahead <= PREFETCH_BLOCKS; ++ahead) {
+    const int64_t from = std::max(begin, start) - start, n = std::min(s.block_size, len - start);
+    for (int64_t ahead = blk == first_block ? 1 : PREFETCH_BLOCKS; ahead <= PREFETCH_BLOCKS; ++ahead) {
       const int64_t next = start + ahead * s.block_size;
       if (next < len)
         prefetch_head(cache + table[blk + ahead] * block_stride + kv_head * s.head_dim,
                       std::min(s.block_size, len - next), s);
     }
-    for (int64_t j = 0; j < n; j += most) fn(start + j, std::min(most, n - j), slots + j * slot_stride, slot_stride);
+    for (int64_t j = from; j < n; j += most)
+      fn(start + j, std::min(most, n - j), slots + j * slot_stride, slot_stride);
   }
 }
 
 template <typename T, typename Fn>
-inline void for_each_slot(const T* cache, const int64_t* table, int64_t len, const Shape& s, int64_t kv_head,
-                          Fn&& fn) {
-  for_each_run(cache, table, len, s, kv_head, 1, [&](int64_t t, int64_t, const T* slot, int64_t) { fn(t, slot); });
+inline void for_each_slot(const T* cache, const int64_t* table, int64_t begin, int64_t len, const Shape& s,
+                          int64_t kv_head, Fn&& fn) {
+  for_each_run(cache, table, begin, len, s, kv_head, 1,
+               [&](int64_t t, int64_t, const T* slot, int64_t) { fn(t, slot); });
 }
 
-// One (sequence, key/value head) pair: its `group` query heads against the sequence's keys, block by block; the
-// scores of all its keys, one softmax, then the weighted sum of the values.
+// cap * tanh(x / cap) over a row of scores, as transformers' Gemma 2 caps its attention logits: tanh from exp of
+// -2|x / cap| (no cancellation for large |x|; for small ones an absolute error of about 1e-7 x cap).
+inline void soft_cap(float* row, int64_t n, float cap) {
+  int64_t t = 0;
+#if defined(__AVX512F__)
+  const __m512 inverse = _mm512_set1_ps(1.f / cap), scale = _mm512_set1_ps(cap), one = _mm512_set1_ps(1.f);
+  for (; t + 16 <= n; t += 16) {
+    const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(row + t), inverse);
+    const __m512 e = energon_hf::exp16(_mm512_mul_ps(_mm512_set1_ps(-2.f), _mm512_abs_ps(x)));
+    const __m512 magnitude = _mm512_div_ps(_mm512_sub_ps(one, e), _mm512_add_ps(one, e));
+    const __m512 signed_tanh = _mm512_castsi512_ps(_mm512_or_si512(
+        _mm512_castps_si512(magnitude),
+        _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(static_cast<int>(0x80000000u)))));
+    _mm512_storeu_ps(row + t, _mm512_mul_ps(signed_tanh, scale));
+  }
+#endif
+  for (; t < n; ++t) row[t] = cap * std::tanh(row[t] / cap);
+}
+
+// One (sequence, key/value head) pair: its `group` query heads against the sequence's keys from `begin` on (a
+// sliding window's first key), block by block; the scores of all those keys (soft-capped when `cap` > 0), one
+// softmax, then the weighted sum of the values.
 template <typename T>
-void attend_one(const T* q, const T* k_cache, const T* v_cache, const int64_t* table, int64_t len, T* out,
-                const Shape& s, int64_t kv_head, float scale, std::vector<float>& query,
+void attend_one(const T* q, const T* k_cache, const T* v_cache, const int64_t* table, int64_t begin, int64_t len,
+                T* out, const Shape& s, int64_t kv_head, float scale, float cap, std::vector<float>& query,
                 std::vector<float>& scores, std::vector<float>& acc) {
-  const int64_t group = s.q_heads / s.kv_heads, d = s.head_dim;
+  const int64_t group = s.q_heads / s.kv_heads, d = s.head_dim, count = len - begin;
   [[maybe_unused]] const bool vector_path = d % 16 == 0 && group <= kMaxGroup;
   for (int64_t g = 0; g < group; ++g)
     for (int64_t i = 0; i < d; ++i) query[g * d + i] = static_cast<float>(q[(kv_head * group + g) * d + i]) * scale;
-  scores.resize(group * len);
+  scores.resize(group * count);
 #if defined(__AVX512F__)
   if (vector_path) {
-    for_each_run(k_cache, table, len, s, kv_head, 16, [&](int64_t t, int64_t n, const T* keys, int64_t stride) {
-      tile_scores_n(n, query.data(), keys, stride, group, d, &scores[t], len, std::make_integer_sequence<int, 16>{});
+    for_each_run(k_cache, table, begin, len, s, kv_head, 16, [&](int64_t t, int64_t n, const T* keys,
+                                                                   int64_t stride) {
+      tile_scores_n(n, query.data(), keys, stride, group, d, &scores[t - begin], count,
+                    std::make_integer_sequence<int, 16>{});
     });
   } else
 #endif
   {
-    for_each_slot(k_cache, table, len, s, kv_head, [&](int64_t t, const T* key) {
-      for (int64_t g = 0; g < group; ++g) scores[g * len + t] = dot(&query[g * d], key, d);
+    for_each_slot(k_cache, table, begin, len, s, kv_head, [&](int64_t t, const T* key) {
+      for (int64_t g = 0; g < group; ++g) scores[g * count + t - begin] = dot(&query[g * d], key, d);
     });
   }
   std::vector<float> inverse_sum(group);
   for (int64_t g = 0; g < group; ++g) {
-    float* row = &scores[g * len];
-    const float top = *std::max_element(row, row + len);
+    float* row = &scores[g * count];
+    if (cap > 0.f) soft_cap(row, count, cap);
+    const float top = *std::max_element(row, row + count);
     int64_t t = 0;
 #if defined(__AVX2__) && defined(__FMA__)
-    for (; t + 8 <= len; t += 8)
+    for (; t + 8 <= count; t += 8)
       _mm256_storeu_ps(row + t, energon_hf::exp8(_mm256_sub_ps(_mm256_loadu_ps(row + t), _mm256_set1_ps(top))));
 #endif
-    for (; t < len; ++t) row[t] = std::exp(row[t] - top);
+    for (; t < count; ++t) row[t] = std::exp(row[t] - top);
     float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
-    for (int64_t t = 0; t < len; ++t) sum += row[t];
+    for (int64_t t = 0; t < count; ++t) sum += row[t];
     inverse_sum[g] = 1.f / sum;
     if constexpr (!std::is_same_v<T, float>)
-      for (int64_t t = 0; t < len; ++t) row[t] = static_cast<float>(static_cast<T>(row[t]));
+      for (int64_t t = 0; t < count; ++t) row[t] = static_cast<float>(static_cast<T>(row[t]));
   }
   std::fill(acc.begin(), acc.end(), 0.f);
 #if defined(__AVX512F__)
   if (vector_path) {
-    for_each_run(v_cache, table, len, s, kv_head, s.block_size, [&](int64_t t, int64_t n, const T* values,
-                                                                    int64_t stride) {
-      run_values_n(group, &scores[t], len, values, stride, n, d, acc.data(),
+    for_each_run(v_cache, table, begin, len, s, kv_head, s.block_size, [&](int64_t t, int64_t n, const T* values,
+                                                                           int64_t stride) {
+      run_values_n(group, &scores[t - begin], count, values, stride, n, d, acc.data(),
                    std::make_integer_sequence<int, kMaxGroup>{});
     });
   } else
 #endif
   {
-    for_each_slot(v_cache, table, len, s, kv_head, [&](int64_t t, const T* value) {
-      for (int64_t g = 0; g < group; ++g) add_scaled(&acc[g * d], scores[g * len + t], value, d);
+    for_each_slot(v_cache, table, begin, len, s, kv_head, [&](int64_t t, const T* value) {
+      for (int64_t g = 0; g < group; ++g) add_scaled(&acc[g * d], scores[g * count + t - begin], value, d);
     });
   }
   for (int64_t g = 0; g < group; ++g)
-    for (int64_t i = 0; i < d; ++i) out[(kv_head * group + g) * d + i] = static_cast<T>(acc[g * d + i] * inverse_sum[g]);
+    for (int64_t i = 0; i < d; ++i)
+      out[(kv_head * group + g) * d + i] = static_cast<T>(acc[g * d + i] * inverse_sum[g]);
 }
 
 // Every block a sequence reads must be in the cache: a bad table would read outside it.
@@ -245,9 +274,10 @@ void check_tables(const int64_t* tables, const int64_t* lens, const Shape& s, in
   }
 }
 
+// Every (sequence, key/value head) pair; `window` > 0: each sequence's last `window` keys only.
 template <typename T>
 void attend_all(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& tables,
-                const at::Tensor& lens, at::Tensor& out, const Shape& s, float scale) {
+                const at::Tensor& lens, at::Tensor& out, const Shape& s, float scale, int64_t window, float cap) {
   const T *qp = query.data_ptr<T>(), *kp = k_cache.data_ptr<T>(), *vp = v_cache.data_ptr<T>();
   const int64_t *tp = tables.data_ptr<int64_t>(), *lp = lens.data_ptr<int64_t>();
   T* op = out.data_ptr<T>();
@@ -256,13 +286,16 @@ void attend_all(const at::Tensor& query, const at::Tensor& k_cache, const at::Te
     std::vector<float> query_buf(group * s.head_dim), scores, acc(group * s.head_dim);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / s.kv_heads, h = item % s.kv_heads, row = b * s.q_heads * s.head_dim;
-      attend_one(qp + row, kp, vp, tp + b * s.max_blocks, lp[b], op + row, s, h, scale, query_buf, scores, acc);
+      const int64_t begin = window > 0 ? std::max<int64_t>(0, lp[b] - window) : 0;
+      attend_one(qp + row, kp, vp, tp + b * s.max_blocks, begin, lp[b], op + row, s, h, scale, cap, query_buf, scores,
+                 acc);
     }
   });
 }
 
 at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                        const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
+                        const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
+                        std::optional<int64_t> window, std::optional<double> softcap) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
               "paged_decode: q [B, Hq, D], k_cache and v_cache [blocks, block_size, Hkv, D]");
   const auto dtype = k_cache.scalar_type();
@@ -280,13 +313,16 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
   const Shape s{q.size(0), q.size(1), k_cache.size(2), q.size(2), k_cache.size(1), tables.size(1)};
   check_tables(tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), s, k_cache.size(0));
   auto out = at::empty_like(query);
-  const float factor = static_cast<float>(scale);
+  TORCH_CHECK(!window || *window > 0, "paged_decode: a window must be positive, got ", window.value_or(0));
+  TORCH_CHECK(!softcap || *softcap > 0, "paged_decode: a softcap must be positive, got ", softcap.value_or(0));
+  const float factor = static_cast<float>(scale), cap = static_cast<float>(softcap.value_or(0.0));
+  const int64_t keys = window.value_or(0);
   if (dtype == at::kFloat)
-    attend_all<float>(query, k_cache, v_cache, tables, lens, out, s, factor);
+    attend_all<float>(query, k_cache, v_cache, tables, lens, out, s, factor, keys, cap);
   else if (dtype == at::kBFloat16)
-    attend_all<c10::BFloat16>(query, k_cache, v_cache, tables, lens, out, s, factor);
+    attend_all<c10::BFloat16>(query, k_cache, v_cache, tables, lens, out, s, factor, keys, cap);
   else
-    attend_all<c10::Half>(query, k_cache, v_cache, tables, lens, out, s, factor);
+    attend_all<c10::Half>(query, k_cache, v_cache, tables, lens, out, s, factor, keys, cap);
   return out;
 }
 
@@ -294,7 +330,7 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
 
 TORCH_LIBRARY(energon_hf, m) {
   m.def("paged_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens, "
-        "float scale) -> Tensor");
+        "float scale, int? window=None, float? softcap=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(energon_hf, CPU, m) { m.impl("paged_decode", &paged_decode); }
