@@ -49,6 +49,12 @@ def check_paged(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q) -
 # SmolLM2's 9 / 3 heads of 64 (before the rework): 4.5x at 16, 1.6x at 128, 1.4x at 256, 1.2x at about 500.
 COMPILED_VARLEN_TOKENS = {False: 256, True: 512}
 TILED_HEAD_SIZES = (32, 64)
+# Half precision: SDPA's own kernel multiplies bfloat16 on the matrix units (AMX) where the op widens to float32, so
+# it wins from shorter sequences on: 16 sequences of L and L/2 tokens, bfloat16, SDPA's time over the op's at L = 64
+# / 128 / 256: 12 heads of 32 1.95x / 1.06x / 0.69x, 12 heads of 64 1.31x / 0.73x / 0.43x, causal 9 / 3 heads of 64
+# 1.74x / 0.97x / 0.67x (float32 at the same sizes: 2.41x / 1.62x / 1.25x, 1.80x / 1.31x / 1.00x, 2.41x / 2.05x /
+# 1.53x).
+HALF_VARLEN_TOKENS = 64
 # Other head sizes and hosts run the op's portable loops: the limits measured before the tiles were reworked (head
 # size 32 then: 2.0x SDPA at 64 tokens, 1.2x at 128), not re-measured.
 PORTABLE_VARLEN_TOKENS = {False: 64, True: 512}
@@ -59,13 +65,14 @@ def _compiled_limit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     if not _compiled_varlen(q, k, v):
         return 0
     tiled = q.shape[-1] in TILED_HEAD_SIZES and "avx512f" in compiled.cpu_flags()
-    return (COMPILED_VARLEN_TOKENS if tiled else PORTABLE_VARLEN_TOKENS)[causal]
+    limit = (COMPILED_VARLEN_TOKENS if tiled else PORTABLE_VARLEN_TOKENS)[causal]
+    return limit if q.dtype == torch.float32 else min(limit, HALF_VARLEN_TOKENS)
 
 
 def _compiled_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the compiled varlen op takes these: float32 on CPU, dense head dims, k and v alike, outside
-    autograd (the op has no backward)."""
-    if q.dtype != torch.float32 or not q.is_cpu or k.dtype != q.dtype or v.dtype != q.dtype:
+    """Whether the compiled varlen op takes these: float32, bfloat16 or float16 on CPU, dense head dims, k and v
+    alike, outside autograd (the op has no backward)."""
+    if q.dtype not in compiled.DTYPES or not q.is_cpu or k.dtype != q.dtype or v.dtype != q.dtype:
         return False
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1 or k.stride() != v.stride():
         return False
@@ -342,17 +349,13 @@ class _InPlaceDecodePlan:
                                                  self.softcap)
 
 
-# The cache dtypes csrc/paged_decode.cpp reads (a half-precision cache widened to float32 as it is loaded).
-IN_PLACE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
 def decode_plan(block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int,
                 dtype: torch.dtype = torch.float32, window: int | None = None, softcap: float | None = None):
     """The plan for a step's one-token sequences: read in place by the compiled kernel where it is available
     (CPU; float32, bfloat16 or float16 caches), else gathered in one padded batch, or in groups by length when that
     gathers fewer key slots (`length_groups`). `window` (where it binds: `binds`) and `softcap` as
     varlen_attention's."""
-    if block_tables.device.type == "cpu" and dtype in IN_PLACE_DTYPES and compiled.available():
+    if block_tables.device.type == "cpu" and dtype in compiled.DTYPES and compiled.available():
         return _InPlaceDecodePlan(block_tables, context_lens, window, softcap)
     return gathering_decode_plan(block_tables, context_lens, block_size, window, softcap)
 

@@ -8,8 +8,6 @@ import torch.nn.functional as F
 
 from . import compiled
 
-_COMPILED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
 
 def _compiled(*tensors: torch.Tensor, contiguous: bool = True) -> bool:
     """Whether the compiled CPU ops (csrc/elementwise.cpp) take these tensors: one float dtype on CPU, contiguous
@@ -18,7 +16,7 @@ def _compiled(*tensors: torch.Tensor, contiguous: bool = True) -> bool:
     and 20 us each in torch, 3.2, 8.5 and 3 us compiled; in half precision torch's RMSNorm also casts to float32
     and back (50 us a call)."""
     dtype = tensors[0].dtype
-    if dtype not in _COMPILED_DTYPES:
+    if dtype not in compiled.DTYPES:
         return False
     grad = torch.is_grad_enabled()
     for t in tensors:  # a plain loop: this check runs about 120 times per decode step, at about 1 us

@@ -132,6 +132,27 @@ def test_compiled_varlen_attention_in_registers(dim, causal, heads, kv_heads):
         assert (out[start:end].double() - ref).abs().max() < 1e-5
 
 
+@pytest.mark.skipif(not compiled.available(), reason="no C++ compiler: the compiled CPU ops cannot build here")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("dim", [32, 64, 12], ids=["tiled-32", "tiled-64", "portable"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_compiled_varlen_attention_in_half_precision(dtype, dim, causal):
+    """bfloat16 and float16 q, k, v (slices of a fused qkv) in the compiled op: the output in their dtype, no
+    farther from the float64 formula than SDPA on each sequence, within one unit in the last place."""
+    lengths, heads, kv_heads = [1, 9, 33, 70], 6, 2
+    qkv = torch.randn(sum(lengths), heads + 2 * kv_heads, dim).to(dtype)
+    q, k, v = qkv[:, :heads], qkv[:, heads:heads + kv_heads], qkv[:, heads + kv_heads:]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    out = torch.ops.energon_hf.varlen_attention(q, k, v, cu, causal, 0.2, max(lengths))
+    assert out.dtype == dtype
+    for start, end in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+        ref = _naive_attention(q[start:end], k[start:end], v[start:end], causal, 0.2)
+        sdpa = F.scaled_dot_product_attention(*(t[start:end].transpose(0, 1) for t in (q, k, v)), is_causal=causal,
+                                              scale=0.2, enable_gqa=True).transpose(0, 1)
+        ulp = torch.finfo(dtype).eps * ref.abs().max().item()
+        assert (out[start:end].double() - ref).abs().max() <= (sdpa.double() - ref).abs().max() + ulp
+
+
 @pytest.mark.parametrize("new_tokens", [[1, 1, 1], [3, 1, 5], [6, 1, 4]], ids=["decode", "chunks", "first-chunk"])
 @pytest.mark.parametrize("context", [[6, 1, 11], [40, 5, 21]], ids=["short", "long"])
 def test_paged_attention_reads_the_cache_through_block_tables(new_tokens, context, attention_backend):

@@ -1,14 +1,19 @@
-// Attention of packed sequences within themselves (encoder batches, prompts without a cache) on CPU, float32: one
-// call for the whole batch, a task per (sequence, query head) over the cores. torch's SDPA costs one call per
+// Attention of packed sequences within themselves (encoder batches, prompts without a cache) on CPU, float32,
+// bfloat16 or float16 (widened to float32 as loaded; with half precision the softmax weights are rounded to it
+// before they weigh the values, as SDPA's CPU kernel rounds them, its sum of the weights float32): one call for
+// the whole batch, a task per (sequence, query head) over the cores. torch's SDPA costs one call per
 // sequence, about 80 us for a 37-token all-MiniLM-L6-v2 sequence (12 heads), most of it fixed cost: short
 // sequences are what embedding batches hold.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "vector_math.h"
@@ -52,22 +57,32 @@ inline float exp_shifted(float* p, int64_t n, float max) {
   return sum;
 }
 
+// The softmax weights p[0..n) rounded to T (half precision: as SDPA's CPU kernel rounds them for its product with
+// the values); float32 keeps them.
+template <typename T>
+inline void round_weights(float* p, int64_t n) {
+  if constexpr (!std::is_same_v<T, float>)
+    for (int64_t i = 0; i < n; ++i) p[i] = static_cast<float>(static_cast<T>(p[i]));
+}
+
 // One query head of one sequence: out[i] = softmax(scale * q_i . K^T) V over the sequence's keys (the first i + 1
 // when causal). The keys are transposed once ([d, len]), so each score row is `d` vector updates along the keys.
-void attend_head(const float* q, const float* k, const float* v, float* out, int64_t len, int64_t d,
+template <typename T>
+void attend_head(const T* q, const T* k, const T* v, T* out, int64_t len, int64_t d,
                  int64_t token_stride_q, int64_t token_stride_kv, int64_t out_stride, bool causal, float scale,
                  std::vector<float>& keys_t, std::vector<float>& row) {
   keys_t.resize(static_cast<size_t>(d * len));
   row.resize(static_cast<size_t>(len));
   for (int64_t j = 0; j < len; ++j)
-    for (int64_t c = 0; c < d; ++c) keys_t[c * len + j] = k[j * token_stride_kv + c];
+    for (int64_t c = 0; c < d; ++c) keys_t[c * len + j] = static_cast<float>(k[j * token_stride_kv + c]);
+  std::vector<float> o(static_cast<size_t>(d));
   for (int64_t i = 0; i < len; ++i) {
     const int64_t n = causal ? i + 1 : len;
-    const float* qi = q + i * token_stride_q;
+    const T* qi = q + i * token_stride_q;
     float* p = row.data();
     std::fill(p, p + n, 0.f);
     for (int64_t c = 0; c < d; ++c) {
-      const float qc = qi[c] * scale;
+      const float qc = static_cast<float>(qi[c]) * scale;
       const float* kc = keys_t.data() + c * len;
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j) p[j] += qc * kc[j];
@@ -75,14 +90,16 @@ void attend_head(const float* q, const float* k, const float* v, float* out, int
     float max = -std::numeric_limits<float>::infinity();
     for (int64_t j = 0; j < n; ++j) max = std::max(max, p[j]);
     const float inverse = 1.f / exp_shifted(p, n, max);
-    float* o = out + i * out_stride;
-    std::fill(o, o + d, 0.f);
+    round_weights<T>(p, n);
+    std::fill(o.begin(), o.end(), 0.f);
     for (int64_t j = 0; j < n; ++j) {
-      const float pj = p[j] * inverse;
-      const float* vj = v + j * token_stride_kv;
+      const float pj = p[j];
+      const T* vj = v + j * token_stride_kv;
 #pragma omp simd
-      for (int64_t c = 0; c < d; ++c) o[c] += pj * vj[c];
+      for (int64_t c = 0; c < d; ++c) o[c] += pj * static_cast<float>(vj[c]);
     }
+    T* oi = out + i * out_stride;
+    for (int64_t c = 0; c < d; ++c) oi[c] = static_cast<T>(o[c] * inverse);
   }
 }
 
@@ -90,8 +107,31 @@ void attend_head(const float* q, const float* k, const float* v, float* out, int
 // The same head with its arithmetic in registers, for head sizes of CHUNKS x 16: blocks of R query rows. Scores:
 // for each feature c, two loads of 16 transposed keys serve the R rows (2R accumulators). Softmax on 16 lanes.
 // Values: for each key, its CHUNKS vectors serve the R rows (R x CHUNKS accumulators, at most 16).
-template <int CHUNKS>
-void attend_head_tiled(const float* q, const float* k, const float* v, float* out, int64_t len, int64_t token_stride_q,
+// 16 elements from p, widened to float32; 16 float32 lanes stored as T (rounded to nearest even).
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+inline __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store16(c10::BFloat16* p, __m512 v) {
+#if defined(__AVX512BF16__)
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v));
+#else
+  alignas(64) float lanes[16];
+  _mm512_store_ps(lanes, v);
+  for (int i = 0; i < 16; ++i) p[i] = static_cast<c10::BFloat16>(lanes[i]);
+#endif
+}
+inline void store16(c10::Half* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+template <int CHUNKS, typename T>
+void attend_head_tiled(const T* q, const T* k, const T* v, T* out, int64_t len, int64_t token_stride_q,
                        int64_t token_stride_kv, int64_t out_stride, bool causal, float scale,
                        std::vector<float>& keys_t, std::vector<float>& scores) {
   constexpr int64_t D = CHUNKS * 16;
@@ -100,7 +140,7 @@ void attend_head_tiled(const float* q, const float* k, const float* v, float* ou
   keys_t.assign(static_cast<size_t>(D * padded), 0.f);
   scores.resize(static_cast<size_t>(R * padded));
   for (int64_t j = 0; j < len; ++j)
-    for (int64_t c = 0; c < D; ++c) keys_t[c * padded + j] = k[j * token_stride_kv + c];
+    for (int64_t c = 0; c < D; ++c) keys_t[c * padded + j] = static_cast<float>(k[j * token_stride_kv + c]);
   for (int64_t i0 = 0; i0 < len; i0 += R) {
     const int64_t rows = std::min(R, len - i0);
     const int64_t n = causal ? i0 + rows : len;  // keys any row of the block sees
@@ -114,7 +154,7 @@ void attend_head_tiled(const float* q, const float* k, const float* v, float* ou
         const __m512 k0 = _mm512_loadu_ps(keys_t.data() + c * padded + j);
         const __m512 k1 = _mm512_loadu_ps(keys_t.data() + c * padded + j + 16);
         for (int64_t r = 0; r < R; ++r) {  // all R rows (constant bounds: registers); past `rows`, repeats
-          const __m512 qc = _mm512_set1_ps(q[std::min(i0 + r, len - 1) * token_stride_q + c]);
+          const __m512 qc = _mm512_set1_ps(static_cast<float>(q[std::min(i0 + r, len - 1) * token_stride_q + c]));
           lo[r] = _mm512_fmadd_ps(qc, k0, lo[r]);
           hi[r] = _mm512_fmadd_ps(qc, k1, hi[r]);
         }
@@ -136,6 +176,7 @@ void attend_head_tiled(const float* q, const float* k, const float* v, float* ou
       if (j < seen)
         top = _mm512_max_ps(top, _mm512_mask_loadu_ps(top, static_cast<__mmask16>((1u << (seen - j)) - 1), p + j));
       inverse[r] = 1.f / exp_shifted(p, seen, _mm512_reduce_max_ps(top));
+      round_weights<T>(p, seen);
       std::fill(p + seen, p + n, 0.f);
     }
     __m512 acc[R][CHUNKS];
@@ -143,7 +184,7 @@ void attend_head_tiled(const float* q, const float* k, const float* v, float* ou
       for (int c = 0; c < CHUNKS; ++c) acc[r][c] = _mm512_setzero_ps();
     for (int64_t j = 0; j < n; ++j) {
       __m512 vj[CHUNKS];
-      for (int c = 0; c < CHUNKS; ++c) vj[c] = _mm512_loadu_ps(v + j * token_stride_kv + c * 16);
+      for (int c = 0; c < CHUNKS; ++c) vj[c] = load16(v + j * token_stride_kv + c * 16);
       for (int64_t r = 0; r < R; ++r) {  // rows past `rows` repeat the last one's and are never stored
         const __m512 p = _mm512_set1_ps(scores[std::min(r, rows - 1) * padded + j]);
         for (int c = 0; c < CHUNKS; ++c) acc[r][c] = _mm512_fmadd_ps(p, vj[c], acc[r][c]);
@@ -151,7 +192,7 @@ void attend_head_tiled(const float* q, const float* k, const float* v, float* ou
     }
     for (int64_t r = 0; r < rows; ++r)  // the softmax's 1 / sum
       for (int c = 0; c < CHUNKS; ++c)
-        _mm512_storeu_ps(out + (i0 + r) * out_stride + c * 16, _mm512_mul_ps(acc[r][c], _mm512_set1_ps(inverse[r])));
+        store16(out + (i0 + r) * out_stride + c * 16, _mm512_mul_ps(acc[r][c], _mm512_set1_ps(inverse[r])));
   }
 }
 #endif
@@ -159,45 +200,60 @@ void attend_head_tiled(const float* q, const float* k, const float* v, float* ou
 // q [T, Hq, D], k / v [T, Hkv, D] (any token and head strides, dense head dims: slices of a fused qkv) -> [T, Hq, D].
 // Sequences longer than `max_len` are skipped: their rows of the output are left for the caller to fill (SDPA's
 // blocked kernel is faster on them).
-at::Tensor varlen_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens,
-                            bool causal, double scale, int64_t max_len) {
-  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
-              "varlen_attention: float32 q, k, v");
-  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3 && q.stride(2) == 1 && k.stride(2) == 1 &&
-                  v.stride(2) == 1 && k.strides() == v.strides() && k.sizes() == v.sizes(),
-              "varlen_attention: [tokens, heads, head_dim] with dense head dims, k and v alike");
-  const int64_t q_heads = q.size(1), kv_heads = k.size(1), d = q.size(2);
-  TORCH_CHECK(q_heads % kv_heads == 0 && k.size(2) == d, "varlen_attention: head counts or sizes do not match");
-  const at::Tensor bounds = cu_seqlens.to(at::kLong).contiguous();
-  const int64_t* cu = bounds.data_ptr<int64_t>();
-  const int64_t batch = bounds.numel() - 1;
-  at::Tensor out = at::empty({q.size(0), q_heads, d}, q.options());
-  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const int64_t group = q_heads / kv_heads;
-  const float scale_f = static_cast<float>(scale);
+template <typename T>
+void attend_all(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const int64_t* cu, int64_t batch,
+                bool causal, float scale, int64_t max_len, at::Tensor& out) {
+  const int64_t q_heads = q.size(1), kv_heads = k.size(1), d = q.size(2), group = q_heads / kv_heads;
+  const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>();
+  T* op = out.data_ptr<T>();
   at::parallel_for(0, batch * q_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> keys_t, row;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t s = task / q_heads, h = task % q_heads, start = cu[s], len = cu[s + 1] - cu[s];
       if (len <= 0 || len > max_len) continue;
-      const float* qh = qp + start * q.stride(0) + h * q.stride(1);
-      const float* kh = kp + start * k.stride(0) + (h / group) * k.stride(1);
-      const float* vh = vp + start * v.stride(0) + (h / group) * v.stride(1);
-      float* oh = op + (start * q_heads + h) * d;
+      const T* qh = qp + start * q.stride(0) + h * q.stride(1);
+      const T* kh = kp + start * k.stride(0) + (h / group) * k.stride(1);
+      const T* vh = vp + start * v.stride(0) + (h / group) * v.stride(1);
+      T* oh = op + (start * q_heads + h) * d;
 #if defined(__AVX512F__)
       if (d == 32) {
-        attend_head_tiled<2>(qh, kh, vh, oh, len, q.stride(0), k.stride(0), q_heads * d, causal, scale_f, keys_t, row);
+        attend_head_tiled<2>(qh, kh, vh, oh, len, q.stride(0), k.stride(0), q_heads * d, causal, scale, keys_t, row);
         continue;
       }
       if (d == 64) {
-        attend_head_tiled<4>(qh, kh, vh, oh, len, q.stride(0), k.stride(0), q_heads * d, causal, scale_f, keys_t, row);
+        attend_head_tiled<4>(qh, kh, vh, oh, len, q.stride(0), k.stride(0), q_heads * d, causal, scale, keys_t, row);
         continue;
       }
 #endif
-      attend_head(qh, kh, vh, oh, len, d, q.stride(0), k.stride(0), q_heads * d, causal, scale_f, keys_t, row);
+      attend_head(qh, kh, vh, oh, len, d, q.stride(0), k.stride(0), q_heads * d, causal, scale, keys_t, row);
     }
   });
+}
+
+// q [T, Hq, D], k / v [T, Hkv, D] (any token and head strides, dense head dims: slices of a fused qkv) -> [T, Hq, D].
+// Sequences longer than `max_len` are skipped: their rows of the output are left for the caller to fill (SDPA's
+// blocked kernel is faster on them).
+at::Tensor varlen_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens,
+                            bool causal, double scale, int64_t max_len) {
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK((dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf) && k.scalar_type() == dtype &&
+                  v.scalar_type() == dtype,
+              "varlen_attention: q, k and v must share one dtype, float32, bfloat16 or float16");
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3 && q.stride(2) == 1 && k.stride(2) == 1 &&
+                  v.stride(2) == 1 && k.strides() == v.strides() && k.sizes() == v.sizes(),
+              "varlen_attention: [tokens, heads, head_dim] with dense head dims, k and v alike");
+  TORCH_CHECK(q.size(1) % k.size(1) == 0 && k.size(2) == q.size(2), "varlen_attention: head counts or sizes do not match");
+  const at::Tensor bounds = cu_seqlens.to(at::kLong).contiguous();
+  at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
+  const float factor = static_cast<float>(scale);
+  const int64_t* cu = bounds.data_ptr<int64_t>();
+  const int64_t batch = bounds.numel() - 1;
+  if (dtype == at::kFloat)
+    attend_all<float>(q, k, v, cu, batch, causal, factor, max_len, out);
+  else if (dtype == at::kBFloat16)
+    attend_all<c10::BFloat16>(q, k, v, cu, batch, causal, factor, max_len, out);
+  else
+    attend_all<c10::Half>(q, k, v, cu, batch, causal, factor, max_len, out);
   return out;
 }
 
