@@ -203,15 +203,19 @@ struct Int8Rows {
   int64_t K, group, groups;
 
 #ifdef ENERGON_VECTOR
-  // acc[t] += scale * (x_t . w[k, k + 32)): GGUF's Q8_0 block.
+  // acc[t] += scale * (x_t . q[k, k + 32)): GGUF's Q8_0 block, its scale applied once to the block's sum (scaling
+  // each weight cost a multiply per 8 of them: the embedded SmolLM2's 8-bit head, cold, 2.6 ms a step before).
   template <int T>
   __attribute__((always_inline)) static inline void block_dot(const int8_t* w, float scale, int64_t k, const float* x,
                                                               int64_t ldx, __m256* acc) {
-    const __m256 s = _mm256_set1_ps(scale);
+    __m256 part[T];
+    for (int t = 0; t < T; ++t) part[t] = _mm256_setzero_ps();
     for (int64_t i = 0; i < 32; i += 8) {
-      const __m256 weights = _mm256_mul_ps(bytes_s8(w + k + i), s);
-      for (int t = 0; t < T; ++t) acc[t] = _mm256_fmadd_ps(weights, _mm256_loadu_ps(x + t * ldx + k + i), acc[t]);
+      const __m256 weights = bytes_s8(w + k + i);
+      for (int t = 0; t < T; ++t) part[t] = _mm256_fmadd_ps(weights, _mm256_loadu_ps(x + t * ldx + k + i), part[t]);
     }
+    const __m256 s = _mm256_set1_ps(scale);
+    for (int t = 0; t < T; ++t) acc[t] = _mm256_fmadd_ps(part[t], s, acc[t]);
   }
 #endif
 
