@@ -97,9 +97,9 @@ def varlen_attention(
     as softcap * tanh(scores / softcap) before the mask (Gemma 2; `attention`).
 
     One SDPA call per sequence: it does exactly sum(len_i^2) work and lets SDPA pick its fused CPU
-    kernel (no mask tensor needed), which measured faster than one padded call with a mask. Float32 sequences of
-    up to COMPILED_VARLEN_TOKENS tokens (PORTABLE_VARLEN_TOKENS for untiled head sizes) on CPU run the compiled op
-    instead (csrc/varlen_attention.cpp): one call
+    kernel (no mask tensor needed), which measured faster than one padded call with a mask. Sequences of up to
+    COMPILED_VARLEN_TOKENS tokens in float32 (PORTABLE_VARLEN_TOKENS for untiled head sizes; HALF_VARLEN_TOKENS in
+    bfloat16 and float16) on CPU run the compiled op instead (csrc/varlen_attention.cpp): one call
     for them all, where SDPA's fixed cost per call dominated short sequences (all-MiniLM-L6-v2, 128 sequences of
     8-64 tokens: 4.9 against 12.1 ms a layer). Longer ones still run SDPA, into the same output.
     """

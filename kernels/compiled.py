@@ -33,7 +33,8 @@ OPS = ("paged_decode", "dequantize_int4_into", "dequantize_int8_into", "int4_gem
 # -fno-math-errno: sqrt as a plain instruction (glibc's vector expf is never called: see csrc/elementwise.cpp).
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]
 _lock = threading.Lock()
-# The float dtypes the ops take: half precision is widened to float32 as it is loaded and computed there.
+# The dtypes the elementwise and attention ops take (the GEMV kernels take float32 activations): half precision is
+# widened to float32 as it is loaded and computed there (csrc/half.h).
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 

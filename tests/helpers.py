@@ -61,6 +61,7 @@ def greedy_gap(ours, hf, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: 
     different."""
     kwargs = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
     new = ours.generate(ids, attention_mask=mask, **kwargs)[:, ids.shape[1]:]
+    assert new.shape == (ids.shape[0], max_new_tokens)
     full_mask = torch.cat([mask, torch.ones_like(new)], dim=1)
     positions = (full_mask.cumsum(1) - 1).clamp_min(0)  # as generate numbers a left-padded row's tokens
     with torch.no_grad():

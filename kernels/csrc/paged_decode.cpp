@@ -12,11 +12,11 @@
 
 #include <algorithm>
 #include <optional>
-#include <type_traits>
 #include <cmath>
 #include <utility>
 #include <vector>
 
+#include "half.h"
 #include "vector_math.h"
 
 #if defined(__AVX512F__)
@@ -24,6 +24,12 @@
 #endif
 
 namespace {
+
+using energon_hf::from_float;
+using energon_hf::round_to;
+#if defined(__AVX512F__)
+using energon_hf::load16;
+#endif
 
 struct Shape {
   int64_t batch, q_heads, kv_heads, head_dim, block_size, max_blocks;
@@ -48,16 +54,6 @@ inline void add_scaled(float* acc, float p, const T* v, int64_t n) {
 }
 
 #if defined(__AVX512F__)
-// 16 cache elements from p, widened to float32 (exactly).
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const c10::BFloat16* p) {
-  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
-}
-inline __m512 load16(const c10::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-
 // out[i] = the sum of v[i]'s 16 lanes: a transpose tree, 45 instructions for 16 sums where _mm512_reduce_add_ps
 // takes about 8 for each.
 inline __m512 sum16(const __m512* v) {
@@ -204,7 +200,7 @@ inline void soft_cap(float* row, int64_t n, float cap) {
 template <typename T>
 void attend_one(const T* q, const T* k_cache, const T* v_cache, const int64_t* table, int64_t begin, int64_t len,
                 T* out, const Shape& s, int64_t kv_head, float scale, float cap, std::vector<float>& query,
-                std::vector<float>& scores, std::vector<float>& acc) {
+                std::vector<float>& scores, std::vector<float>& acc, std::vector<T>& scratch) {
   const int64_t group = s.q_heads / s.kv_heads, d = s.head_dim, count = len - begin;
   [[maybe_unused]] const bool vector_path = d % 16 == 0 && group <= kMaxGroup;
   for (int64_t g = 0; g < group; ++g)
@@ -239,8 +235,8 @@ void attend_one(const T* q, const T* k_cache, const T* v_cache, const int64_t* t
 #pragma omp simd reduction(+ : sum)
     for (int64_t t = 0; t < count; ++t) sum += row[t];
     inverse_sum[g] = 1.f / sum;
-    if constexpr (!std::is_same_v<T, float>)
-      for (int64_t t = 0; t < count; ++t) row[t] = static_cast<float>(static_cast<T>(row[t]));
+    scratch.resize(count);
+    round_to(row, scratch.data(), count);
   }
   std::fill(acc.begin(), acc.end(), 0.f);
 #if defined(__AVX512F__)
@@ -257,9 +253,10 @@ void attend_one(const T* q, const T* k_cache, const T* v_cache, const int64_t* t
       for (int64_t g = 0; g < group; ++g) add_scaled(&acc[g * d], scores[g * count + t - begin], value, d);
     });
   }
-  for (int64_t g = 0; g < group; ++g)
-    for (int64_t i = 0; i < d; ++i)
-      out[(kv_head * group + g) * d + i] = static_cast<T>(acc[g * d + i] * inverse_sum[g]);
+  for (int64_t g = 0; g < group; ++g) {
+    for (int64_t i = 0; i < d; ++i) acc[g * d + i] *= inverse_sum[g];
+    from_float(&acc[g * d], out + (kv_head * group + g) * d, d);
+  }
 }
 
 // Every block a sequence reads must be in the cache: a bad table would read outside it.
@@ -284,11 +281,12 @@ void attend_all(const at::Tensor& query, const at::Tensor& k_cache, const at::Te
   const int64_t group = s.q_heads / s.kv_heads;
   at::parallel_for(0, s.batch * s.kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> query_buf(group * s.head_dim), scores, acc(group * s.head_dim);
+    std::vector<T> scratch;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / s.kv_heads, h = item % s.kv_heads, row = b * s.q_heads * s.head_dim;
-      const int64_t begin = window > 0 ? std::max<int64_t>(0, lp[b] - window) : 0;
-      attend_one(qp + row, kp, vp, tp + b * s.max_blocks, begin, lp[b], op + row, s, h, scale, cap, query_buf, scores,
-                 acc);
+      const int64_t first = window > 0 ? std::max<int64_t>(0, lp[b] - window) : 0;
+      attend_one(qp + row, kp, vp, tp + b * s.max_blocks, first, lp[b], op + row, s, h, scale, cap, query_buf, scores,
+                 acc, scratch);
     }
   });
 }

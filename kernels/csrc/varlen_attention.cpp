@@ -16,6 +16,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "half.h"
 #include "vector_math.h"
 
 #if defined(__AVX512F__)
@@ -23,6 +24,13 @@
 #endif
 
 namespace {
+
+using energon_hf::from_float;
+using energon_hf::round_to;
+#if defined(__AVX512F__)
+using energon_hf::load16;
+using energon_hf::store16;
+#endif
 
 // p[0..n) = exp(p - max) in place; returns their sum.
 inline float exp_shifted(float* p, int64_t n, float max) {
@@ -57,25 +65,18 @@ inline float exp_shifted(float* p, int64_t n, float max) {
   return sum;
 }
 
-// The softmax weights p[0..n) rounded to T (half precision: as SDPA's CPU kernel rounds them for its product with
-// the values); float32 keeps them.
-template <typename T>
-inline void round_weights(float* p, int64_t n) {
-  if constexpr (!std::is_same_v<T, float>)
-    for (int64_t i = 0; i < n; ++i) p[i] = static_cast<float>(static_cast<T>(p[i]));
-}
-
 // One query head of one sequence: out[i] = softmax(scale * q_i . K^T) V over the sequence's keys (the first i + 1
 // when causal). The keys are transposed once ([d, len]), so each score row is `d` vector updates along the keys.
 template <typename T>
 void attend_head(const T* q, const T* k, const T* v, T* out, int64_t len, int64_t d,
                  int64_t token_stride_q, int64_t token_stride_kv, int64_t out_stride, bool causal, float scale,
-                 std::vector<float>& keys_t, std::vector<float>& row) {
+                 std::vector<float>& keys_t, std::vector<float>& row, std::vector<float>& o, std::vector<T>& scratch) {
   keys_t.resize(static_cast<size_t>(d * len));
   row.resize(static_cast<size_t>(len));
   for (int64_t j = 0; j < len; ++j)
     for (int64_t c = 0; c < d; ++c) keys_t[c * len + j] = static_cast<float>(k[j * token_stride_kv + c]);
-  std::vector<float> o(static_cast<size_t>(d));
+  o.resize(static_cast<size_t>(d));
+  scratch.resize(static_cast<size_t>(len));
   for (int64_t i = 0; i < len; ++i) {
     const int64_t n = causal ? i + 1 : len;
     const T* qi = q + i * token_stride_q;
@@ -90,7 +91,7 @@ void attend_head(const T* q, const T* k, const T* v, T* out, int64_t len, int64_
     float max = -std::numeric_limits<float>::infinity();
     for (int64_t j = 0; j < n; ++j) max = std::max(max, p[j]);
     const float inverse = 1.f / exp_shifted(p, n, max);
-    round_weights<T>(p, n);
+    round_to(p, scratch.data(), n);
     std::fill(o.begin(), o.end(), 0.f);
     for (int64_t j = 0; j < n; ++j) {
       const float pj = p[j];
@@ -98,8 +99,8 @@ void attend_head(const T* q, const T* k, const T* v, T* out, int64_t len, int64_
 #pragma omp simd
       for (int64_t c = 0; c < d; ++c) o[c] += pj * static_cast<float>(vj[c]);
     }
-    T* oi = out + i * out_stride;
-    for (int64_t c = 0; c < d; ++c) oi[c] = static_cast<T>(o[c] * inverse);
+    for (int64_t c = 0; c < d; ++c) o[c] *= inverse;
+    from_float(o.data(), out + i * out_stride, d);
   }
 }
 
@@ -107,38 +108,16 @@ void attend_head(const T* q, const T* k, const T* v, T* out, int64_t len, int64_
 // The same head with its arithmetic in registers, for head sizes of CHUNKS x 16: blocks of R query rows. Scores:
 // for each feature c, two loads of 16 transposed keys serve the R rows (2R accumulators). Softmax on 16 lanes.
 // Values: for each key, its CHUNKS vectors serve the R rows (R x CHUNKS accumulators, at most 16).
-// 16 elements from p, widened to float32; 16 float32 lanes stored as T (rounded to nearest even).
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const c10::BFloat16* p) {
-  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
-}
-inline __m512 load16(const c10::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-inline void store16(c10::BFloat16* p, __m512 v) {
-#if defined(__AVX512BF16__)
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v));
-#else
-  alignas(64) float lanes[16];
-  _mm512_store_ps(lanes, v);
-  for (int i = 0; i < 16; ++i) p[i] = static_cast<c10::BFloat16>(lanes[i]);
-#endif
-}
-inline void store16(c10::Half* p, __m512 v) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
-
 template <int CHUNKS, typename T>
 void attend_head_tiled(const T* q, const T* k, const T* v, T* out, int64_t len, int64_t token_stride_q,
                        int64_t token_stride_kv, int64_t out_stride, bool causal, float scale,
-                       std::vector<float>& keys_t, std::vector<float>& scores) {
+                       std::vector<float>& keys_t, std::vector<float>& scores, std::vector<T>& scratch) {
   constexpr int64_t D = CHUNKS * 16;
   constexpr int64_t R = CHUNKS <= 2 ? 8 : 16 / CHUNKS;
   const int64_t padded = (len + 31) / 32 * 32;  // whole pairs of 16-key tiles
   keys_t.assign(static_cast<size_t>(D * padded), 0.f);
   scores.resize(static_cast<size_t>(R * padded));
+  scratch.resize(static_cast<size_t>(padded));
   for (int64_t j = 0; j < len; ++j)
     for (int64_t c = 0; c < D; ++c) keys_t[c * padded + j] = static_cast<float>(k[j * token_stride_kv + c]);
   for (int64_t i0 = 0; i0 < len; i0 += R) {
@@ -176,7 +155,7 @@ void attend_head_tiled(const T* q, const T* k, const T* v, T* out, int64_t len, 
       if (j < seen)
         top = _mm512_max_ps(top, _mm512_mask_loadu_ps(top, static_cast<__mmask16>((1u << (seen - j)) - 1), p + j));
       inverse[r] = 1.f / exp_shifted(p, seen, _mm512_reduce_max_ps(top));
-      round_weights<T>(p, seen);
+      round_to(p, scratch.data(), seen);
       std::fill(p + seen, p + n, 0.f);
     }
     __m512 acc[R][CHUNKS];
@@ -197,9 +176,7 @@ void attend_head_tiled(const T* q, const T* k, const T* v, T* out, int64_t len, 
 }
 #endif
 
-// q [T, Hq, D], k / v [T, Hkv, D] (any token and head strides, dense head dims: slices of a fused qkv) -> [T, Hq, D].
-// Sequences longer than `max_len` are skipped: their rows of the output are left for the caller to fill (SDPA's
-// blocked kernel is faster on them).
+// Every (sequence, query head) task of sequences up to `max_len` long, over the cores.
 template <typename T>
 void attend_all(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const int64_t* cu, int64_t batch,
                 bool causal, float scale, int64_t max_len, at::Tensor& out) {
@@ -207,7 +184,8 @@ void attend_all(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
   const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>();
   T* op = out.data_ptr<T>();
   at::parallel_for(0, batch * q_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> keys_t, row;
+    std::vector<float> keys_t, row, o;
+    std::vector<T> scratch;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t s = task / q_heads, h = task % q_heads, start = cu[s], len = cu[s + 1] - cu[s];
       if (len <= 0 || len > max_len) continue;
@@ -217,15 +195,17 @@ void attend_all(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
       T* oh = op + (start * q_heads + h) * d;
 #if defined(__AVX512F__)
       if (d == 32) {
-        attend_head_tiled<2>(qh, kh, vh, oh, len, q.stride(0), k.stride(0), q_heads * d, causal, scale, keys_t, row);
+        attend_head_tiled<2>(qh, kh, vh, oh, len, q.stride(0), k.stride(0), q_heads * d, causal, scale, keys_t, row,
+                              scratch);
         continue;
       }
       if (d == 64) {
-        attend_head_tiled<4>(qh, kh, vh, oh, len, q.stride(0), k.stride(0), q_heads * d, causal, scale, keys_t, row);
+        attend_head_tiled<4>(qh, kh, vh, oh, len, q.stride(0), k.stride(0), q_heads * d, causal, scale, keys_t, row,
+                              scratch);
         continue;
       }
 #endif
-      attend_head(qh, kh, vh, oh, len, d, q.stride(0), k.stride(0), q_heads * d, causal, scale, keys_t, row);
+      attend_head(qh, kh, vh, oh, len, d, q.stride(0), k.stride(0), q_heads * d, causal, scale, keys_t, row, o, scratch);
     }
   });
 }
