@@ -5,7 +5,14 @@ sliding windows, capped logits and rope variants included. tp=2 and pp=2 runs ar
 import pytest
 import torch
 import transformers
-from helpers import MIXED_LENGTHS, assert_forward_matches, assert_greedy_matches, padded_batch
+from helpers import (
+    MIXED_LENGTHS,
+    assert_forward_matches,
+    assert_greedy_matches,
+    greedy_gap,
+    max_diff_on_real,
+    padded_batch,
+)
 from test_parity_llama import LLAMA_TINY
 
 from energon_hf import EnergonModel
@@ -45,9 +52,9 @@ def tiny_config(arch: str, **overrides) -> transformers.PretrainedConfig:
     return config_cls(**{**LLAMA_TINY, **FAMILY[arch], **overrides})
 
 
-def save_tiny(path, arch: str, **overrides) -> torch.nn.Module:
-    """A random model of `arch` saved to `path`; biases and q/k norm weights are drawn too (transformers
-    initializes them to 0 and 1, which would hide a bias or a norm that is not applied)."""
+def save_tiny(path, arch: str, dtype: torch.dtype = torch.float32, **overrides) -> torch.nn.Module:
+    """A random model of `arch` saved to `path` in `dtype`; biases and q/k norm weights are drawn too
+    (transformers initializes them to 0 and 1, which would hide a bias or a norm that is not applied)."""
     torch.manual_seed(0)
     model = getattr(transformers, arch)(tiny_config(arch, **overrides)).eval()
     with torch.no_grad():
@@ -56,7 +63,7 @@ def save_tiny(path, arch: str, **overrides) -> torch.nn.Module:
                 p.normal_(0, 0.2)
             elif name.endswith(("q_norm.weight", "k_norm.weight")):
                 p.normal_(1, 0.3)
-    model.save_pretrained(path)
+    model.to(dtype).save_pretrained(path)
     return getattr(transformers, arch).from_pretrained(path).eval()
 
 
@@ -78,6 +85,24 @@ def test_greedy_generate_equals_transformers(family):
     ours, hf, _ = family
     ids, mask = padded_batch(MIXED_LENGTHS, VOCAB, "left", seed=2)
     assert_greedy_matches(ours, hf, ids, mask, max_new_tokens=32)
+
+
+@pytest.mark.parametrize("arch", list(FAMILY))
+def test_bfloat16_checkpoint_matches_transformers_in_bfloat16(arch, tmp_path):
+    """Each architecture saved in bfloat16 (as hub checkpoints are) loads and runs in it, and matches transformers
+    in bfloat16: logits within 4 units in the last place of their magnitude, and every greedy token within that
+    of transformers' largest logit (helpers.greedy_gap), its windows and caps decoding through the in-place
+    kernel on half-precision caches."""
+    hf = save_tiny(tmp_path, arch, torch.bfloat16)
+    ours = EnergonModel.from_pretrained(tmp_path)
+    assert ours.dtype == torch.bfloat16 and {p.dtype for p in ours.model.parameters()} == {torch.bfloat16}
+    ids, mask = padded_batch(MIXED_LENGTHS[:5], VOCAB, "left")
+    with torch.no_grad():
+        expected = hf(input_ids=ids, attention_mask=mask).logits
+    got = ours(input_ids=ids, attention_mask=mask).logits
+    bound = 4 * torch.finfo(torch.bfloat16).eps * expected[mask.bool()].abs().max().item()
+    assert got.dtype == torch.bfloat16 and max_diff_on_real(got, expected, mask) <= bound
+    assert greedy_gap(ours, hf, ids, mask, 24) <= bound
 
 
 def test_variant_layers_are_built(family):
