@@ -23,6 +23,7 @@
 
 namespace {
 
+using energon_hf::dispatch;
 using energon_hf::from_float;
 using energon_hf::round_to;
 using energon_hf::to_float;
@@ -178,17 +179,6 @@ void add_layer_norm_rows(const float* xp, const float* rp, const float* bp, cons
       for (int64_t i = 0; i < width; ++i) dst[i] = (dst[i] - mean) * rstd * wp[i] + betap[i];
     }
   });
-}
-
-// f(T{}) for the tensor dtype's element type T (the dtypes `supported` lets through).
-template <class F>
-void dispatch(at::ScalarType dtype, F f) {
-  if (dtype == at::kHalf)
-    f(c10::Half{});
-  else if (dtype == at::kBFloat16)
-    f(c10::BFloat16{});
-  else
-    f(float{});
 }
 
 bool supported(const at::Tensor& t) {

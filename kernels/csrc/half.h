@@ -3,6 +3,7 @@
 // where torch's op sequence rounds.
 #pragma once
 
+#include <c10/core/ScalarType.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -71,6 +72,17 @@ inline void round_to(float* row, T* scratch, int64_t n) {
     from_float(row, scratch, n);
     to_float(scratch, row, n);
   }
+}
+
+// f(T{}) for the dtype's element type T: float16, bfloat16, else float32 (the dtypes the ops check for first).
+template <class F>
+void dispatch(c10::ScalarType dtype, F f) {
+  if (dtype == c10::kHalf)
+    f(c10::Half{});
+  else if (dtype == c10::kBFloat16)
+    f(c10::BFloat16{});
+  else
+    f(float{});
 }
 
 #if defined(__AVX512F__)

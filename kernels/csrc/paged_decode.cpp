@@ -301,6 +301,8 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
                   v_cache.scalar_type() == dtype,
               "paged_decode: q, k_cache and v_cache must share one dtype, float32, bfloat16 or float16");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "paged_decode: the caches must be contiguous");
+  TORCH_CHECK(!window || *window > 0, "paged_decode: a window must be positive, got ", window.value_or(0));
+  TORCH_CHECK(!softcap || *softcap > 0, "paged_decode: a softcap must be positive, got ", softcap.value_or(0));
   TORCH_CHECK(k_cache.size(2) > 0 && q.size(2) == k_cache.size(3) && q.size(1) % k_cache.size(2) == 0,
               "paged_decode: q's heads and head size do not fit the cache");
   TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == q.size(0) && context_lens.numel() == q.size(0),
@@ -311,16 +313,12 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
   const Shape s{q.size(0), q.size(1), k_cache.size(2), q.size(2), k_cache.size(1), tables.size(1)};
   check_tables(tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), s, k_cache.size(0));
   auto out = at::empty_like(query);
-  TORCH_CHECK(!window || *window > 0, "paged_decode: a window must be positive, got ", window.value_or(0));
-  TORCH_CHECK(!softcap || *softcap > 0, "paged_decode: a softcap must be positive, got ", softcap.value_or(0));
   const float factor = static_cast<float>(scale), cap = static_cast<float>(softcap.value_or(0.0));
   const int64_t keys = window.value_or(0);
-  if (dtype == at::kFloat)
-    attend_all<float>(query, k_cache, v_cache, tables, lens, out, s, factor, keys, cap);
-  else if (dtype == at::kBFloat16)
-    attend_all<c10::BFloat16>(query, k_cache, v_cache, tables, lens, out, s, factor, keys, cap);
-  else
-    attend_all<c10::Half>(query, k_cache, v_cache, tables, lens, out, s, factor, keys, cap);
+  energon_hf::dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    attend_all<T>(query, k_cache, v_cache, tables, lens, out, s, factor, keys, cap);
+  });
   return out;
 }
 

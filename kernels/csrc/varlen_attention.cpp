@@ -13,7 +13,6 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <type_traits>
 #include <vector>
 
 #include "half.h"
@@ -228,12 +227,10 @@ at::Tensor varlen_attention(const at::Tensor& q, const at::Tensor& k, const at::
   const float factor = static_cast<float>(scale);
   const int64_t* cu = bounds.data_ptr<int64_t>();
   const int64_t batch = bounds.numel() - 1;
-  if (dtype == at::kFloat)
-    attend_all<float>(q, k, v, cu, batch, causal, factor, max_len, out);
-  else if (dtype == at::kBFloat16)
-    attend_all<c10::BFloat16>(q, k, v, cu, batch, causal, factor, max_len, out);
-  else
-    attend_all<c10::Half>(q, k, v, cu, batch, causal, factor, max_len, out);
+  energon_hf::dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    attend_all<T>(q, k, v, cu, batch, causal, factor, max_len, out);
+  });
   return out;
 }
 
