@@ -32,24 +32,21 @@ from . import compiled
 CPU_COMPUTE_DTYPE = torch.bfloat16
 # From this many rows on (prompts, batched decodes), an int8 or int4 product on CPU expands the weight to
 # bfloat16 (the compiled dequantize_int8_into / dequantize_int4_into) into a reused buffer and runs the dense
-# GEMM, where torch's bfloat16 GEMM is oneDNN's; fewer rows run the compiled float32 GEMV. SmolLM2's four
-# matrices of a layer, 2-core Xeon with AMX: expanded + dense int4 0.74 / 0.81 / 0.87 / 3.5 ms at 1 / 16 / 24 /
-# 512 rows (the expansion alone about 0.28 ms); torch's own int4 and int8 kernels cost about a GEMV per row
-# (22.2 and 24.2 ms at 512 rows). The GEMV, warm, per layer: int8 111 / 211 / 428 / 850 us at 1 / 4 / 8 / 16
-# rows (torch's kernel 120 / 209 / 415 / 767); int4 145 / 331 / 641 / 1254 (torch's 124 / 209 / 370 / 693:
-# bfloat16 activations halve its work). Over 30 layers with cold weights, GEMV against expanded at 8 / 12 / 16 /
-# 24 rows: int4 23.0 / 31.4 / 42.8 / - against 25.9 / 27.0 / 26.3 / 29.8 ms, int8 17.0 / 24.1 / 29.6 / 45.1
-# against 28.0 / 28.9 / 28.5 / 29.9 ms, so int4 expands from 10 rows, int8 from 16 (from 24 while int8 expanded
-# through torch's `q * scale`, 56 ms at these row counts). Expanding to float32 instead (an exact product for
-# prompts, as the GEMV's; measured with these loops writing float32) cost 1.5-2.1x the bfloat16 path at 32-512
-# rows (int4 53 / 85 / 137 / 350 against 33 / 41 / 71 / 144 ms at 32 / 64 / 128 / 512): not taken, batched
-# decodes and prompts would pay it.
-INT8_DENSE_ROWS = 16
-INT4_DENSE_ROWS = 10
+# GEMM, where torch's bfloat16 GEMM is oneDNN's; fewer rows run the compiled float32 GEMV, whose four-row
+# 512-bit kernels moved the crossover up. SmolLM2's 120 matrices of 30 layers, cold, 2-core Xeon with AMX,
+# GEMV against expanded (interleaved, 2026-12-07): int4 18.4 / 28.8 / 38.2 / 50.5 / 76.7 / 99.0 ms against
+# 49.2 / 51.8 / 51.7 / 58.2 / 72.2 / 74.8 at 8 / 16 / 24 / 32 / 48 / 64 rows; int8 24.0 / 36.0 / 46.1 / 55.2 /
+# 77.0 against 52.3 / 54.3 / 55.2 / 56.0 / 61.7 at 8 / 16 / 24 / 32 / 48 rows (one expanded matrix, 3072 x
+# 576 at 16 rows: the expansion 157 us, oneDNN's product 233 us with its weight reorder). torch's own int4 and
+# int8 kernels cost about a GEMV per row and round the activations to bfloat16. Expanding to float32 instead (an
+# exact product for prompts, as the GEMV's) cost 1.5-2.1x the bfloat16 path at 32-512 rows (stop 31): not
+# taken, batched decodes and prompts would pay it.
+INT8_DENSE_ROWS = 32
+INT4_DENSE_ROWS = 40
 # A GGUF's 8-bit vocabulary head (converters/loader.py) runs the GEMV below this many rows, F.linear on the float
-# table it keeps for lookups from there (SmolLM2's head, cold: 3.1 against 6.7 ms at 1 row, 16.5 against 12.4 at
-# 32).
-INT8_HEAD_GEMV_ROWS = 24
+# table it keeps for lookups from there (SmolLM2's head, cold: 14.3 against 16.3 ms at 32 rows, 20.9 against 20.0
+# at 48; 5.1 against 20.9 at 8).
+INT8_HEAD_GEMV_ROWS = 40
 # float16 weights take the compiled kernel up to FLOAT16_GEMV_ROWS rows: 114 / 222 / 454 us against F.linear's
 # 230 / 456 / 553 (at 16 rows 924 against 741).
 FLOAT16_GEMV_ROWS = 8

@@ -307,7 +307,8 @@ def test_tiny_llama_int4_at_tp2_and_pp2_equals_tp1(llama_q):
 
 @pytest.mark.skipif(not compiled.available(), reason="no C++ compiler: the decode loop runs on the compiled ops")
 @pytest.mark.parametrize("method,dtype,batch", [(None, "float32", 3), ("int8", "float32", 3), ("int4", "float32", 3),
-                                                ("int4", "float32", 12), ("int8", "float32", 17),
+                                                ("int4", "float32", q.INT4_DENSE_ROWS + 2),
+                                                ("int8", "float32", q.INT8_DENSE_ROWS + 1),
                                                 ("int8", "bfloat16", 3), (None, "bfloat16", 3), (None, "float16", 3),
                                                 (None, "float16", 9), ("bias", "float32", 3), ("qwen2", "float32", 3),
                                                 ("qwen3", "float32", 3)])
@@ -315,7 +316,7 @@ def test_the_decode_loop_gives_the_modules_logits_bit_for_bit(llama_q, tmp_path_
                                                               monkeypatch):
     """Llama's decode steps on CPU run as one loop of bare ops (models/llama_decode.py): every decode step's
     logits equal the modules' exactly, for float32, half precision and both quantized formats, at row counts on
-    both sides of each GEMV's threshold (int4 expands from 10 rows, int8 from 16, float16 takes F.linear past 8);
+    both sides of each GEMV's threshold (int4 expands from 40 rows, int8 from 32, float16 takes F.linear past 8);
     layers with biases (Llama's options, Qwen2's q/k/v) project with them in the loop, Qwen3's q/k norms run there
     too, and Qwen2's sliding layer attends through its own window's plan."""
     path = llama_q
@@ -326,7 +327,7 @@ def test_the_decode_loop_gives_the_modules_logits_bit_for_bit(llama_q, tmp_path_
         save_tiny(path, f"{method.capitalize()}ForCausalLM")
     quantization = None if method in ("bias", "qwen2", "qwen3") else method
     ours = EnergonModel.from_pretrained(path, quantization=quantization, dtype=dtype)
-    ids, mask = padded_batch((MIXED_LENGTHS * 2)[:batch], 128, "left")
+    ids, mask = padded_batch((MIXED_LENGTHS * 6)[:batch], 128, "left")
     runner, loops = ours.batcher.runner, []
     original_run, original_loop = runner.run, LlamaDecodeLoop.run
     monkeypatch.setattr(LlamaDecodeLoop, "run", lambda self, *a: loops.append(1) or original_loop(self, *a))
