@@ -37,7 +37,8 @@ from common import machine_info, read_bandwidth, time_calls, write_result  # noq
 RESULTS = Path(__file__).resolve().parent / "results"
 # variant -> from_pretrained arguments
 VARIANTS = {"float32": dict(dtype="float32"), "bfloat16": dict(dtype="bfloat16"), "float16": dict(dtype="float16"),
-            "int8": dict(dtype="float32", quantization="int8"), "int4": dict(dtype="float32", quantization="int4")}
+            "int8": dict(dtype="float32", quantization="int8"), "int4": dict(dtype="float32", quantization="int4"),
+            "int4-exact": dict(dtype="float32", quantization="int4-exact")}
 # issue 14's targets at batch 1 on SmolLM2, new tokens/s (llama.cpp runs the same Q4_1 file at 101)
 TARGETS = {"int4": 100.0, "int8": 80.0, "float16": 60.0, "float32": 35.0}
 

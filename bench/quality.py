@@ -40,10 +40,13 @@ VARIANTS = {
     "int8": dict(dtype="float32", quantization="int8"),
     "int4 (GGUF Q4_1 blocks)": dict(dtype="float32", quantization="int4"),
     "int4 (quantized from float32)": dict(dtype="float32", quantization="int4", folder="float"),
+    "int8-exact": dict(dtype="float32", quantization="int8-exact"),
+    "int4-exact (GGUF Q4_1 blocks)": dict(dtype="float32", quantization="int4-exact"),
 }
 # issue 14's bounds: perplexity within this fraction of float32's, greedy agreement at least this
 TARGETS = {"int8": (0.01, 0.90), "int4 (GGUF Q4_1 blocks)": (0.005, 0.90),
-           "int4 (quantized from float32)": (0.05, None)}
+           "int4 (quantized from float32)": (0.05, None), "int8-exact": (0.01, 0.90),
+           "int4-exact (GGUF Q4_1 blocks)": (0.005, 0.90)}
 
 
 def float_only_folder(folder: Path, into: Path) -> Path:

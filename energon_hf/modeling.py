@@ -76,7 +76,9 @@ class EnergonModel:
 
         `quantization="int8"` (per output channel) or `"int4"` (groups of 32 input features) stores the
         linear layers' weights quantized as they load (weight-only: activations stay in `dtype`); vocabulary
-        heads and embeddings stay in `dtype`. None keeps the checkpoint's floats.
+        heads and embeddings stay in `dtype`. None keeps the checkpoint's floats. On CPU, products of many rows
+        (prompts) expand the weight to bfloat16; `"int8-exact"` / `"int4-exact"` expand it to float32, so every
+        product is exact to float32 rounding (slower prompts; see formats.EXACT_SUFFIX).
 
         `driver_address="host:port"` starts no workers: tp*pp ranks launched by torchrun on any machines
         (`python -m energon_hf.node --driver host:port`) connect there; the checkpoint path must be

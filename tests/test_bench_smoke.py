@@ -77,7 +77,7 @@ def test_suite_quick(tmp_path):
     assert sizes["int4"] < sizes["int8"] < sizes["bfloat16"] < sizes["float32"]
     for run in decode["runs"].values():
         assert run["float32_same_tokens_as_transformers"] is True
-        assert set(run["variants"]) == {"float32", "bfloat16", "float16", "int8", "int4"}
+        assert set(run["variants"]) == {"float32", "bfloat16", "float16", "int8", "int4", "int4-exact"}
         assert all(v["new_tokens_per_s"] > 0 and 0 <= v["agreement_with_float32"] <= 1
                    for v in run["variants"].values())
     assert all(v["fraction_of_read_bandwidth"] > 0 for v in decode["runs"]["1"]["variants"].values())

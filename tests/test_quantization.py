@@ -116,11 +116,15 @@ def test_int4_products_run_exact_below_dense_rows_and_expand_above(rows, monkeyp
     torch.ops.energon_hf.dequantize_int4_into(fmt.nibbles, fmt.table, 32, expanded)
     assert torch.allclose(expanded.float(), exact, rtol=2**-8, atol=1e-6)  # one bfloat16 rounding
     dense_calls = []
-    monkeypatch.setattr(q, "int4_dense_matmul", lambda *args: dense_calls.append(args) or dense(*args))
+    monkeypatch.setattr(q, "int4_dense_matmul", lambda *args, **kw: dense_calls.append(kw) or dense(*args, **kw))
     got = fmt(x)
     expands = rows >= q.INT4_DENSE_ROWS and q.fast_bfloat16_gemm()
     assert len(dense_calls) == expands  # the threshold picks the path
     assert got.dtype == torch.float32 and relative_error(got, x @ exact.t()) < (BFLOAT16 if expands else EXACT)
+    # "int4-exact": the same turn, to a float32 expansion (exact: the bfloat16 one errs 1e-3 here)
+    exact_fmt, dense_calls[:] = Int4Weight(q4, scale, zero, exact=True), []
+    assert relative_error(exact_fmt(x), x @ exact.t()) < EXACT
+    assert dense_calls == ([{"dtype": torch.float32}] if rows >= q.INT4_DENSE_ROWS else [])
     with pytest.raises(RuntimeError, match="do not split into groups"):
         torch.ops.energon_hf.dequantize_int4_into(fmt.nibbles, fmt.table, 64 * 3, expanded)
 
@@ -140,21 +144,24 @@ def test_int8_without_the_vector_gemv_keeps_torchs_kernel(monkeypatch):
 @pytest.mark.parametrize("cols", [96, 40])  # 40: groups and rows shorter than the 16-wide vector steps
 def test_compiled_expansions_round_once(cols):
     """dequantize_int8_into (per channel, in groups) and dequantize_int4_into give the dequantized weight rounded
-    once to bfloat16 (torch's `q * scale` with a bfloat16 scale rounds twice); wrong targets are named."""
-    dtype = torch.bfloat16
+    once to bfloat16 (torch's `q * scale` with a bfloat16 scale rounds twice), or in float32 (the exact
+    quantizations' expansions); wrong targets are named."""
     torch.manual_seed(0)
     q8 = torch.randint(-127, 128, (33, cols), dtype=torch.int8)
-    for scale in (torch.rand(33, 1) / 100, torch.rand(33, cols // 8) / 100):
-        expanded = torch.empty(33, cols, dtype=dtype)
-        torch.ops.energon_hf.dequantize_int8_into(q8, scale, expanded)
-        assert torch.equal(expanded, q.dequantize_int8(q8, scale).to(dtype))
     weight = torch.randn(33, cols)
-    q4, scale, zero = q.quantize_int4(weight, cols // 4 if cols % 32 else 32)
-    fmt, expanded = Int4Weight(q4, scale, zero), torch.empty(33, cols, dtype=dtype)
-    torch.ops.energon_hf.dequantize_int4_into(fmt.nibbles, fmt.table, fmt.group_size, expanded)
-    exact = q.dequantize_int4(q4, scale, zero)  # (q - 8) * scale + zero: float32 rounding apart from q * scale + min
-    assert torch.allclose(expanded.float(), exact, rtol=2**-8, atol=1e-6)
-    with pytest.raises(RuntimeError, match="weight must be a contiguous .* bfloat16 tensor"):
+    q4, scale4, zero = q.quantize_int4(weight, cols // 4 if cols % 32 else 32)
+    fmt = Int4Weight(q4, scale4, zero)
+    exact = q.dequantize_int4(q4, scale4, zero)  # (q - 8) * scale + zero: float32 rounding apart from q * scale + min
+    for dtype in (torch.bfloat16, torch.float32):
+        for scale in (torch.rand(33, 1) / 100, torch.rand(33, cols // 8) / 100):
+            expanded = torch.empty(33, cols, dtype=dtype)
+            torch.ops.energon_hf.dequantize_int8_into(q8, scale, expanded)
+            assert torch.equal(expanded, q.dequantize_int8(q8, scale).to(dtype))
+        expanded = torch.empty(33, cols, dtype=dtype)
+        torch.ops.energon_hf.dequantize_int4_into(fmt.nibbles, fmt.table, fmt.group_size, expanded)
+        rounding = 2**-8 if dtype == torch.bfloat16 else 1e-6
+        assert torch.allclose(expanded.float(), exact, rtol=rounding, atol=1e-6)
+    with pytest.raises(RuntimeError, match="weight must be a contiguous .* bfloat16 or float32 tensor"):
         torch.ops.energon_hf.dequantize_int8_into(q8, torch.rand(33, 1), torch.empty(33, cols, dtype=torch.float16))
     with pytest.raises(RuntimeError, match="scale must be a contiguous"):
         torch.ops.energon_hf.dequantize_int8_into(q8, torch.rand(33, 7), expanded)
@@ -163,20 +170,22 @@ def test_compiled_expansions_round_once(cols):
 @pytest.mark.parametrize("rows", [1, q.INT8_DENSE_ROWS - 1, q.INT8_DENSE_ROWS])
 def test_int8_products_of_many_rows_expand_the_weight(rows, monkeypatch):
     """int8 takes the same turns as int4, at INT8_DENSE_ROWS (without the compiled ops: torch's int8 kernel below). A
-    grouped `exact` weight (a GGUF Q8_0 head) never expands: every product is float32."""
+    grouped `exact` weight (a GGUF Q8_0 head, "int8-exact" layers) expands to float32: every product is float32."""
     torch.manual_seed(0)
     weight, x = torch.randn(64, 96), torch.randn(rows, 96)
     fmt, dense, calls = Int8Weight.quantize(weight), q.int8_dense_matmul, []
     grouped = Int8Weight(torch.randint(-127, 128, (64, 96), dtype=torch.int8), torch.rand(64, 3), exact=True)
-    monkeypatch.setattr(q, "int8_dense_matmul", lambda *args: calls.append(args) or dense(*args))
+    monkeypatch.setattr(q, "int8_dense_matmul", lambda *args, **kw: calls.append(kw) or dense(*args, **kw))
     got = fmt(x)
     expands = rows >= q.INT8_DENSE_ROWS and q.fast_bfloat16_gemm()
     assert len(calls) == expands
     bound = EXACT if compiled.available() and not expands else BFLOAT16
     assert got.dtype == torch.float32 and relative_error(got, x @ q.dequantize_int8(fmt.q, fmt.scale).t()) < bound
     assert grouped.group_size == 32
+    calls.clear()
     assert relative_error(grouped(x), x @ q.dequantize_int8(grouped.q, grouped.scale).t()) < EXACT
-    assert len(calls) == expands
+    many = rows >= q.INT8_DENSE_ROWS and compiled.available()
+    assert calls == ([{"dtype": torch.float32}] if many else [])
 
 
 def test_products_autograd_records_stay_differentiable():
@@ -231,6 +240,11 @@ def test_expanded_int4_weights_share_one_buffer_safely():
 def test_quantization_names_and_group_errors():
     assert Quantization.parse(None) is None and Quantization.parse("none") is None
     assert Quantization.parse("INT4") == Quantization("int4", 32)
+    exact = Quantization.parse("int4-exact")
+    assert exact == Quantization("int4", 32, exact=True)
+    assert str(exact) == "int4 (groups of 32), exact float32 products" and str(Quantization.parse("int8")) == "int8"
+    with pytest.raises(ValueError, match="each also as '<method>-exact'"):
+        Quantization.parse("int3-exact")
     with pytest.raises(ValueError, match="quantization must be None or one of"):
         Quantization.parse("int3")
     with pytest.raises(ValueError, match="group_size must be one of"):
@@ -270,18 +284,22 @@ def logits_on_real(model, ids, mask):
         return model(input_ids=ids, attention_mask=mask).logits[mask.bool()]
 
 
-@pytest.mark.parametrize("method", ["int8", "int4"])
+@pytest.mark.parametrize("method", ["int8", "int4", "int8-exact", "int4-exact"])
 def test_tiny_llama_computes_its_quantized_weights_within_bounds_of_float32(llama_q, tmp_path_factory, method):
     ours = EnergonModel.from_pretrained(llama_q, quantization=method)
     layer = ours.model.model.layers[0]
-    kind = Int8Weight if method == "int8" else Int4Weight
+    base, exact = method.removesuffix("-exact"), method.endswith("-exact")
+    kind = Int8Weight if base == "int8" else Int4Weight
     assert all(isinstance(m.format, kind) for m in (layer.self_attn.qkv, layer.self_attn.o_proj, layer.mlp.gate_up,
                                                    layer.mlp.down_proj))
     assert isinstance(ours.model.lm_head.head, DenseWeight) and ours.model.lm_head.head.dtype == torch.float32
-    ids, mask = padded_batch(MIXED_LENGTHS[:5], 128, "left")
-    reference = fake_quantized(transformers.LlamaForCausalLM.from_pretrained(llama_q), method)
+    ids, mask = padded_batch(MIXED_LENGTHS[:5], 128, "left")  # 107 real rows: the products expand
+    reference = fake_quantized(transformers.LlamaForCausalLM.from_pretrained(llama_q), base)
     got = logits_on_real(ours, ids, mask)
     assert got.dtype == torch.float32
+    if exact:  # float32 expansions: transformers' float32 forward on the same weights, to the parity bound
+        assert (got - logits_on_real(reference, ids, mask)).abs().max() <= 1e-4
+        return
     # the same quantized weights: only the CPU kernels' bfloat16 activations differ (measured 1.5-1.6 %)
     assert relative_error(got, logits_on_real(reference, ids, mask)) < 0.03
     # quality: with a realistic init (0.02) the logits stay close to float32's (measured int8 0.6 %, int4 7.5 %)
@@ -411,6 +429,22 @@ def test_smollm2_int4_computes_on_the_files_q4_1_blocks(smollm2_pair, smollm2_gg
     assert (ours.folder / BLOCKS_FILE).is_file()
 
 
+@pytest.mark.skipif(not compiled.available(), reason="no C++ compiler: exact products expand with the compiled ops")
+def test_smollm2_int4_exact_prompts_are_the_float32_models(smollm2_pair, smollm2_gguf):
+    """"int4-exact" keeps the file's blocks and expands them to float32 for a prompt's products: its logits are
+    the dequantized float32 model's (measured: equal), where the bfloat16 expansions differ by about 0.5."""
+    reference, ours = smollm2_pair
+    exact = EnergonModel.from_pretrained(smollm2_gguf, quantization="int4-exact")
+    down, plain = (m.model.model.layers[0].mlp.down_proj.format for m in (exact, ours))
+    assert down.expansion_dtype == torch.float32 and torch.equal(down.nibbles, plain.nibbles)
+    ids = torch.randint(10, 40000, (1, q.INT4_DENSE_ROWS + 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = reference(input_ids=ids).logits
+        assert (exact(input_ids=ids).logits - expected).abs().max() <= 1e-4
+        assert (ours(input_ids=ids).logits - expected).abs().max() > 1e-2
+    exact.close()
+
+
 @pytest.mark.skipif(not compiled.available(), reason="no C++ compiler: the head stays float32 without the ops")
 def test_smollm2_int4_head_computes_on_the_files_q8_0_blocks(smollm2_pair, smollm2_gguf):
     """The tied vocabulary head is the file's Q8_0 tensor, multiplied in float32 for few rows (many take the
@@ -530,10 +564,11 @@ def test_a_q8_0_file_splits_its_blocks_at_tp3_and_pp2(q8_0_gguf):
 
 # -- the server's --dtype and --quantization --------------------------------------------------------------
 def test_server_dtype_and_quantization_flags(chat_llama):
-    """One server in bfloat16 with int8 layers: its startup line says so, and its logprobs are those of the
-    same configuration loaded here (and not those of the float32 model)."""
+    """One server in bfloat16 with int8 layers whose products of many rows expand to float32 ("int8-exact"): its
+    startup line says so, and its logprobs are those of the same configuration loaded here (and not those of
+    the float32 model)."""
     process, url = start_server("--model", str(chat_llama), "--served-name", "tiny", "--dtype", "bfloat16",
-                                "--quantization", "int8", "--kv-cache-tokens", "1024")
+                                "--quantization", "int8-exact", "--kv-cache-tokens", "1024")
     try:
         prompt = [5, 17, 99, 1000, 3]
         body = {"model": "tiny", "prompt": prompt, "max_tokens": 1, "temperature": 0, "logprobs": 5}
@@ -541,14 +576,14 @@ def test_server_dtype_and_quantization_flags(chat_llama):
     finally:
         process.terminate()
         process.wait(30)
-    assert "bfloat16, quantization=int8" in "".join(process.output)
+    assert "bfloat16, quantization=int8, exact float32 products" in "".join(process.output)
     top = served["choices"][0]["logprobs"]["top_logprobs"][0]
 
     def logprobs(**kwargs) -> torch.Tensor:
         model = EnergonModel.from_pretrained(chat_llama, **kwargs)
         return torch.log_softmax(model(input_ids=torch.tensor([prompt])).logits[0, -1].float(), -1)
 
-    same, float32 = logprobs(dtype="bfloat16", quantization="int8"), logprobs()
+    same, float32 = logprobs(dtype="bfloat16", quantization="int8-exact"), logprobs()
     tokenizer = transformers.AutoTokenizer.from_pretrained(chat_llama)
     values, index = same.topk(5)
     assert list(top) == [tokenizer.decode([t]) for t in index.tolist()]

@@ -13,8 +13,8 @@ A layer's weight is loaded as a plain float tensor (this rank's shard), then han
 - `Int4Weight`: int4 in groups along the input features (weight-only).
   Both run their products of few rows (decode steps) in float32 through the compiled GEMV where it built, and
   expand the weight to bfloat16 for the dense GEMM from kernels/quantized.*_DENSE_ROWS rows on (prompts, large
-  decode batches) where torch's bfloat16 GEMM is oneDNN's; torch's quantized kernels would cost a GEMV per
-  row.
+  decode batches) where torch's bfloat16 GEMM is oneDNN's (to float32 with Quantization(exact=True)); torch's
+  quantized kernels would cost a GEMV per row.
 
 `Quantization` says which format each layer gets.
 """
@@ -34,6 +34,12 @@ from energon_hf.kernels.linear import amx_cpu
 from energon_hf.kernels.linear import linear as torch_linear
 
 METHODS = ("int8", "int4")
+# "int4-exact" / "int8-exact": the exact option's names. By default products of many rows (from INT4_DENSE_ROWS /
+# INT8_DENSE_ROWS on) expand the weight to bfloat16, whose rounding of the activations moves greedy tokens at near
+# ties: SmolLM2's 4-bit model agreed with its float32 model on 87.5 % of 8 prompts x 64 free-running tokens with
+# bfloat16 prompts and 100 % with float32 ones (bench/quality.py); float32 expansions cost the products of many
+# rows 1.4x / 1.9x / 2.8x the bfloat16 path's time at 40 / 128 / 512 rows (SmolLM2's 30 layers, 2026-12-07).
+EXACT_SUFFIX = "-exact"
 Product = Callable[[torch.Tensor], torch.Tensor]  # x [rows, in] -> x @ W^T
 
 
@@ -47,23 +53,31 @@ class Quantization:
 
     method: str
     group_size: int = 32
+    # Every product exact to float32 rounding: products of many rows (prompts, large decode batches) expand the
+    # weight to float32 instead of bfloat16 ("int4-exact", "int8-exact"). See EXACT_SUFFIX.
+    exact: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:
-            raise ValueError(f"quantization must be None or one of {METHODS}, got {self.method!r}")
+            raise ValueError(f"quantization must be None or one of {METHODS} (each also as '<method>{EXACT_SUFFIX}'), "
+                             f"got {self.method!r}")
         if self.method == "int4" and self.group_size not in q.INT4_GROUP_SIZES:
             raise ValueError(f"int4 group_size must be one of {q.INT4_GROUP_SIZES}, got {self.group_size}")
 
     @classmethod
     def parse(cls, value: str | Quantization | None) -> Quantization | None:
-        """None, "none", "int8", "int4" (any case), or a Quantization."""
+        """None, "none", "int8", "int4", "int8-exact", "int4-exact" (any case), or a Quantization."""
         if value is None or isinstance(value, Quantization):
             return value
         method = str(value).lower()
-        return None if method == "none" else cls(method)
+        if method == "none":
+            return None
+        exact = method.endswith(EXACT_SUFFIX)
+        return cls(method.removesuffix(EXACT_SUFFIX), exact=exact)
 
     def __str__(self) -> str:
-        return self.method if self.method == "int8" else f"{self.method} (groups of {self.group_size})"
+        name = self.method if self.method == "int8" else f"{self.method} (groups of {self.group_size})"
+        return f"{name}, exact float32 products" if self.exact else name
 
 
 class DenseWeight:
@@ -141,9 +155,10 @@ class Int8Weight:
     the dense GEMM where torch's bfloat16 GEMM is oneDNN's. Other devices dequantize on the fly."""
 
     def __init__(self, q8: torch.Tensor, scale: torch.Tensor, exact: bool = False):
-        """`exact`: on CPU no product rounds activations to bfloat16 (every row count runs the compiled kernel,
-        else the dequantized weight in x's dtype): for a vocabulary head, whose bfloat16 logits cost SmolLM2's
-        4-bit model 0.8 points of teacher-forced greedy agreement with float32 (bench/quality.py)."""
+        """`exact`: on CPU no product rounds activations to bfloat16 (few rows run the compiled kernel, many
+        expand the weight to float32; without the compiled ops the dequantized weight in x's dtype): a vocabulary
+        head, whose bfloat16 logits cost SmolLM2's 4-bit model 0.8 points of teacher-forced greedy agreement with
+        float32 (bench/quality.py), and the layers of Quantization(exact=True)."""
         self.out_features, self.in_features = q8.shape
         self.q = q8.contiguous()
         self.scale = scale.float().reshape(self.out_features, -1).contiguous()  # [out, groups]
@@ -155,17 +170,19 @@ class Int8Weight:
         # take bfloat16 scales; the compiled expansion float32 ones
         self.kernel_scale = self.scale.to(q.CPU_COMPUTE_DTYPE) if bfloat16 and not self.gemv else None
         self.expansion_scale = self.scale if cpu and compiled.available() else self.kernel_scale
-        self.expands = bfloat16 and q.fast_bfloat16_gemm()
+        self.expansion_dtype = torch.float32 if exact else q.CPU_COMPUTE_DTYPE
+        self.expands = (bfloat16 and q.fast_bfloat16_gemm()) or (exact and self.gemv)
 
     @classmethod
-    def quantize(cls, weight: torch.Tensor) -> Int8Weight:
-        return cls(*q.quantize_int8(weight))
+    def quantize(cls, weight: torch.Tensor, exact: bool = False) -> Int8Weight:
+        return cls(*q.quantize_int8(weight), exact=exact)
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None, gelu: str | None = None,
                  keep_compute_dtype: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
         records = q.records_grad(x)
         if self.expands and (x.numel() >= q.INT8_DENSE_ROWS * self.in_features or records):
-            return q.int8_dense_matmul(x, self.q, self.expansion_scale, bias, gelu, keep_compute_dtype)
+            return q.int8_dense_matmul(x, self.q, self.expansion_scale, bias, gelu, keep_compute_dtype,
+                                       dtype=self.expansion_dtype)
         if self.gemv and not records:
             out = q.gemv(torch.ops.energon_hf.int8_gemv, x, self.q, self.scale)
         elif self.kernel_scale is not None and self.group_size == self.in_features:  # per-channel scales only
@@ -177,8 +194,8 @@ class Int8Weight:
     def bare_product(self, rows: int, dtype: torch.dtype) -> Product:
         """As DenseWeight.bare_product."""
         if self.expands and rows >= q.INT8_DENSE_ROWS:
-            weights = (self.q, self.expansion_scale)
-            return lambda x: q.int8_dense_matmul(x, *weights)
+            weights, expansion = (self.q, self.expansion_scale), self.expansion_dtype
+            return lambda x: q.int8_dense_matmul(x, *weights, dtype=expansion)
         if self.gemv:
             return _gemv_product(torch.ops.energon_hf.int8_gemv, (self.q, self.scale), dtype)
         return self
@@ -200,29 +217,33 @@ class Int4Weight:
     products autograd records) expand to bfloat16 for the dense GEMM. Without it: torch's packed int4 kernel
     (bfloat16 activations). Other devices dequantize on the fly."""
 
-    def __init__(self, q4: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
+    def __init__(self, q4: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, exact: bool = False):
+        """`exact`: no product rounds activations to bfloat16 (Quantization(exact=True)): many rows expand the
+        weight to float32; without the compiled ops the dequantized weight runs in x's dtype."""
         self.out_features, self.in_features = q4.shape
         self.group_size = self.in_features // scale.shape[1]
         self.nibbles = self.table = self.packed = self.scales_and_zeros = self.parts = None
+        self.expansion_dtype = torch.float32 if exact else q.CPU_COMPUTE_DTYPE
         cpu = q4.device.type == "cpu"
+        self.expands = cpu and (exact or q.fast_bfloat16_gemm())
         if cpu and q.gemv_available():
             self.nibbles, self.table = q.pack_nibbles(q4, self.group_size), q.scales_and_mins(scale, zero)
-        elif q.int4_kernel_fits(self.out_features, self.in_features, self.group_size, q4.device):
+        elif not exact and q.int4_kernel_fits(self.out_features, self.in_features, self.group_size, q4.device):
             self.packed, self.scales_and_zeros = q.pack_int4(q4, scale, zero)
-        else:  # other devices and shapes: dequantized on the fly
+        else:  # other devices and shapes, and exact products without the compiled ops: dequantized on the fly
             self.parts = (q4, scale.float(), zero.float())
 
     @classmethod
-    def quantize(cls, weight: torch.Tensor, group_size: int) -> Int4Weight:
-        return cls(*q.quantize_int4(weight, group_size))
+    def quantize(cls, weight: torch.Tensor, group_size: int, exact: bool = False) -> Int4Weight:
+        return cls(*q.quantize_int4(weight, group_size), exact=exact)
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None, gelu: str | None = None,
                  keep_compute_dtype: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
         if self.nibbles is not None:
-            many = x.numel() >= q.INT4_DENSE_ROWS * self.in_features and q.fast_bfloat16_gemm()
+            many = x.numel() >= q.INT4_DENSE_ROWS * self.in_features and self.expands
             if many or q.records_grad(x):
                 return q.int4_dense_matmul(x, self.nibbles, self.table, self.group_size, bias, gelu,
-                                           keep_compute_dtype)
+                                           keep_compute_dtype, dtype=self.expansion_dtype)
             out = q.gemv(torch.ops.energon_hf.int4_gemv, x, self.nibbles, self.table, self.group_size)
         elif self.packed is not None:
             out = q.int4_matmul(x, self.packed, self.scales_and_zeros, self.group_size)
@@ -234,9 +255,9 @@ class Int4Weight:
         """As DenseWeight.bare_product."""
         if self.nibbles is None:
             return self
-        weights = (self.nibbles, self.table, self.group_size)
-        if rows >= q.INT4_DENSE_ROWS and q.fast_bfloat16_gemm():
-            return lambda x: q.int4_dense_matmul(x, *weights)
+        weights, expansion = (self.nibbles, self.table, self.group_size), self.expansion_dtype
+        if rows >= q.INT4_DENSE_ROWS and self.expands:
+            return lambda x: q.int4_dense_matmul(x, *weights, dtype=expansion)
         return _gemv_product(torch.ops.energon_hf.int4_gemv, weights, dtype)
 
     @property
@@ -298,12 +319,12 @@ def linear_format(weight: torch.Tensor, quantization: Quantization | None, pack:
     if quantization is None:
         return DenseWeight(weight) if pack else None
     if quantization.method == "int8":
-        return Int8Weight.quantize(weight)
+        return Int8Weight.quantize(weight, quantization.exact)
     if weight.shape[1] % quantization.group_size:
         raise ValueError(f"{name}: {weight.shape[1]} input features (on this rank) are not a multiple of the "
                          f"int4 group size {quantization.group_size}; use quantization='int8', or a tp that "
                          f"splits the layer at group boundaries")
-    return Int4Weight.quantize(weight, quantization.group_size)
+    return Int4Weight.quantize(weight, quantization.group_size, quantization.exact)
 
 
 @dataclass(frozen=True)

@@ -45,10 +45,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tp", type=int, default=None, help="tensor-parallel worker processes (default 1)")
     parser.add_argument("--pp", type=int, default=None, help="pipeline stages (default 1)")
     parser.add_argument("--dtype", default=None, help="auto (the checkpoint's; default), float32, float16 or bfloat16")
-    parser.add_argument("--quantization", default=None, choices=("none", "int8", "int4"),
+    parser.add_argument("--quantization", default=None,
+                        choices=("none", "int8", "int4", "int8-exact", "int4-exact"),
                         help="weight-only quantization of the layers' linear products: int8 (per output channel) "
-                             "or int4 (groups of 32; a GGUF file's Q4_0/Q4_1 tensors load as they are); default: "
-                             f"{DEFAULT_MODEL_QUANTIZATION} for the embedded SmolLM2, none for --model")
+                             "or int4 (groups of 32; a GGUF file's Q4_0/Q4_1 tensors load as they are); '-exact': "
+                             "prompts multiply in float32, not bfloat16 (slower prompts, the float32 model's "
+                             f"greedy tokens more often); default: {DEFAULT_MODEL_QUANTIZATION} for the embedded "
+                             "SmolLM2, none for --model")
     parser.add_argument("--device", default=None, help="cpu (default) or cuda")
     parser.add_argument("--driver-address", default=None, metavar="HOST:PORT",
                         help="serve ranks started by torchrun on other machines (python -m energon_hf.node "

@@ -26,20 +26,25 @@ inline uint16_t to_bfloat16(float value) {
   return static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
 }
 
+inline float to_out(float value, float*) { return value; }
+inline uint16_t to_out(float value, uint16_t*) { return to_bfloat16(value); }
+
 void check_target(const at::Tensor& weight, int64_t out_features, int64_t in_features, const char* op) {
-  TORCH_CHECK(weight.scalar_type() == at::kBFloat16 && weight.is_contiguous() &&
+  TORCH_CHECK((weight.scalar_type() == at::kBFloat16 || weight.scalar_type() == at::kFloat) && weight.is_contiguous() &&
                   weight.sizes() == at::IntArrayRef({out_features, in_features}),
-              op, ": weight must be a contiguous [out, in] bfloat16 tensor");
+              op, ": weight must be a contiguous [out, in] bfloat16 or float32 tensor");
 }
 
 #if defined(__AVX512BF16__)
 inline void store16(uint16_t* dst, __m512 v) {  // 16 float32 lanes as bfloat16, rounded to nearest even
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), (__m256i)_mm512_cvtneps_pbh(v));
 }
+inline void store16(float* dst, __m512 v) { _mm512_storeu_ps(dst, v); }
 #endif
 
-// Into w: bfloat16 bits.
-void expand_int4(const at::Tensor& nibbles, const at::Tensor& scales_and_mins, int64_t group_size, uint16_t* w) {
+// Into w: bfloat16 bits (Out = uint16_t) or float32.
+template <class Out>
+void expand_int4(const at::Tensor& nibbles, const at::Tensor& scales_and_mins, int64_t group_size, Out* w) {
   const uint8_t* q = nibbles.data_ptr<uint8_t>();
   const at::Half* table = scales_and_mins.data_ptr<at::Half>();
   const int64_t groups = scales_and_mins.size(0) * scales_and_mins.size(1);
@@ -48,7 +53,7 @@ void expand_int4(const at::Tensor& nibbles, const at::Tensor& scales_and_mins, i
       const float scale = static_cast<float>(table[2 * item]), min = static_cast<float>(table[2 * item + 1]);
       const int64_t half = group_size / 2;
       const uint8_t* src = q + item * half;
-      uint16_t* dst = w + item * group_size;
+      Out* dst = w + item * group_size;
 #if defined(__AVX512BF16__)
       if (half % 16 == 0) {  // 16 bytes -> 32 weights in a dozen instructions (the loops below: ~5x slower)
         const __m512 s = _mm512_set1_ps(scale), z = _mm512_set1_ps(min);
@@ -63,14 +68,15 @@ void expand_int4(const at::Tensor& nibbles, const at::Tensor& scales_and_mins, i
       }
 #endif
 #pragma omp simd
-      for (int64_t i = 0; i < half; ++i) dst[i] = to_bfloat16(static_cast<float>(src[i] & 15) * scale + min);
+      for (int64_t i = 0; i < half; ++i) dst[i] = to_out(static_cast<float>(src[i] & 15) * scale + min, dst);
 #pragma omp simd
-      for (int64_t i = 0; i < half; ++i) dst[half + i] = to_bfloat16(static_cast<float>(src[i] >> 4) * scale + min);
+      for (int64_t i = 0; i < half; ++i) dst[half + i] = to_out(static_cast<float>(src[i] >> 4) * scale + min, dst);
     }
   });
 }
 
-void expand_int8(const at::Tensor& q8, const at::Tensor& scale, uint16_t* w) {
+template <class Out>
+void expand_int8(const at::Tensor& q8, const at::Tensor& scale, Out* w) {
   const int8_t* q = q8.data_ptr<int8_t>();
   const float* scales = scale.data_ptr<float>();
   const int64_t in_features = q8.size(1), groups = scale.size(1), group = in_features / groups;
@@ -78,7 +84,7 @@ void expand_int8(const at::Tensor& q8, const at::Tensor& scale, uint16_t* w) {
     for (int64_t item = begin; item < end; ++item) {  // item: (row, group)
       const float s = scales[item];
       const int8_t* src = q + item * group;
-      uint16_t* dst = w + item * group;
+      Out* dst = w + item * group;
       int64_t i = 0;
 #if defined(__AVX512BF16__)
       const __m512 vs = _mm512_set1_ps(s);
@@ -87,7 +93,7 @@ void expand_int8(const at::Tensor& q8, const at::Tensor& scale, uint16_t* w) {
                                            _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)))), vs));
 #endif
 #pragma omp simd
-      for (int64_t j = i; j < group; ++j) dst[j] = to_bfloat16(static_cast<float>(src[j]) * s);
+      for (int64_t j = i; j < group; ++j) dst[j] = to_out(static_cast<float>(src[j]) * s, dst);
     }
   });
 }
@@ -107,7 +113,10 @@ void dequantize_int4_into(const at::Tensor& nibbles, const at::Tensor& scales_an
                   scales_and_mins.sizes() == at::IntArrayRef({out_features, groups, 2}),
               "dequantize_int4_into: scales_and_mins must be a contiguous [out, in / group, 2] float16 tensor");
   check_target(weight, out_features, in_features, "dequantize_int4_into");
-  expand_int4(nibbles, scales_and_mins, group_size, reinterpret_cast<uint16_t*>(weight.data_ptr<c10::BFloat16>()));
+  if (weight.scalar_type() == at::kFloat)
+    expand_int4(nibbles, scales_and_mins, group_size, weight.data_ptr<float>());
+  else
+    expand_int4(nibbles, scales_and_mins, group_size, reinterpret_cast<uint16_t*>(weight.data_ptr<c10::BFloat16>()));
 }
 
 // int8 [out, in] with scales [out, groups] float32 (one group: per channel; groups of 32: GGUF's Q8_0):
@@ -121,7 +130,10 @@ void dequantize_int8_into(const at::Tensor& q8, const at::Tensor& scale, at::Ten
               "dequantize_int8_into: scale must be a contiguous [out, groups] float32 tensor that divides ",
               in_features, " features");
   check_target(weight, out_features, in_features, "dequantize_int8_into");
-  expand_int8(q8, scale, reinterpret_cast<uint16_t*>(weight.data_ptr<c10::BFloat16>()));
+  if (weight.scalar_type() == at::kFloat)
+    expand_int8(q8, scale, weight.data_ptr<float>());
+  else
+    expand_int8(q8, scale, reinterpret_cast<uint16_t*>(weight.data_ptr<c10::BFloat16>()));
 }
 
 }  // namespace
