@@ -107,16 +107,16 @@ def _head_as_gguf_blocks(reader: CheckpointReader, names: list[str], plan: Forma
 
 
 def _from_blocks(reader: CheckpointReader, names: list[str], shard: Shard | None, device: torch.device,
-                 what: str, exact: bool = False) -> Int4Weight | Int8Weight:
+                 what: str, expansion: torch.dtype | None) -> Int4Weight | Int8Weight:
     """This rank's share of the named tensors' blocks in their own format: Q4_* as Int4Weight, Q8_0 as a grouped
-    Int8Weight (`exact`: see Int8Weight and Int4Weight). A split must fall on the blocks' groups of 32 (else an
-    error naming the layer)."""
+    Int8Weight (`expansion`: see Int8Weight and Int4Weight). A split must fall on the blocks' groups of 32 (else
+    an error naming the layer)."""
     values, *groups = reader.blocks.read(names)
     if shard is not None:
         per_group = shard.grouped(GROUP_SIZE, what)
         values, groups = shard.take(values), [per_group.take(g) for g in groups]
     values, groups = values.to(device), [g.to(device) for g in groups]
-    return Int4Weight(values, *groups, exact=exact) if len(groups) == 2 else Int8Weight(values, *groups, exact=exact)
+    return Int4Weight(values, *groups, expansion) if len(groups) == 2 else Int8Weight(values, *groups, expansion)
 
 
 def load_weights(model: nn.Module, specs: dict[str, WeightSpec], reader: CheckpointReader,
@@ -151,10 +151,10 @@ def load_weights(model: nn.Module, specs: dict[str, WeightSpec], reader: Checkpo
                 f"implies {tuple(expected)} (for {name}); does config.json belong to these weights?"
             )
         if _as_gguf_blocks(reader, names, spec, plan, module, param_name, shard, device):
-            module.take_format(_from_blocks(reader, names, shard, device, module_name, plan.quantization.exact))
+            module.take_format(_from_blocks(reader, names, shard, device, module_name, plan.quantization.expansion))
             continue
         if _head_as_gguf_blocks(reader, names, plan, module, module_name, param_name, device):
-            head = _from_blocks(reader, names, shard, device, module_name, exact=True)
+            head = _from_blocks(reader, names, shard, device, module_name, expansion=None)  # never expands
             if module.lookups:  # the float table, for lookups, and for products of many rows
                 value = source.full() if shard is None else shard.take(source)
                 set_module_tensor_to_device(model, name, device, value=value, dtype=dtype)

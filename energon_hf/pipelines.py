@@ -131,9 +131,9 @@ def pipeline(task: str | None = None, model: str | os.PathLike | EnergonModel | 
              device: str | torch.device = "cpu", batch_size: int | None = None, image_processor: Any = None,
              quantization: str | None = None, **kwargs: Any) -> Pipeline:
     """transformers.pipeline's signature for the tasks in TASKS; `model` is a path, a hub id, a .gguf file
-    or an EnergonModel; `tp` / `pp` start the multi-process engine; `quantization` ("int8", "int4") as in
-    EnergonModel.from_pretrained. Other keyword arguments go to the transformers pipeline class (for example
-    generation parameters, `top_k`, `aggregation_strategy`)."""
+    or an EnergonModel; `tp` / `pp` start the multi-process engine; `quantization` ("int8", "int4", "int8-exact",
+    "int4-exact") as in EnergonModel.from_pretrained. Other keyword arguments go to the transformers pipeline
+    class (for example generation parameters, `top_k`, `aggregation_strategy`)."""
     if model is None:
         raise ValueError("pipeline() needs model=: a checkpoint path, a hub id, a .gguf file or an EnergonModel")
     task = None if task is None else _canonical(task)  # an unknown task fails before anything loads

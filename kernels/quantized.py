@@ -38,9 +38,8 @@ CPU_COMPUTE_DTYPE = torch.bfloat16
 # 49.2 / 51.8 / 51.7 / 58.2 / 72.2 / 74.8 at 8 / 16 / 24 / 32 / 48 / 64 rows; int8 24.0 / 36.0 / 46.1 / 55.2 /
 # 77.0 against 52.3 / 54.3 / 55.2 / 56.0 / 61.7 at 8 / 16 / 24 / 32 / 48 rows (one expanded matrix, 3072 x
 # 576 at 16 rows: the expansion 157 us, oneDNN's product 233 us with its weight reorder). torch's own int4 and
-# int8 kernels cost about a GEMV per row and round the activations to bfloat16. Expanding to float32 instead (an
-# exact product for prompts, as the GEMV's) cost 1.5-2.1x the bfloat16 path at 32-512 rows (stop 31): not
-# taken, batched decodes and prompts would pay it.
+# int8 kernels cost about a GEMV per row and round the activations to bfloat16. Expanding to float32 instead (the
+# exact quantizations, formats.EXACT_SUFFIX) costs 1.4x / 1.9x / 2.8x the bfloat16 path at 40 / 128 / 512 rows.
 INT8_DENSE_ROWS = 32
 INT4_DENSE_ROWS = 40
 # A GGUF's 8-bit vocabulary head (converters/loader.py) runs the GEMV below this many rows, F.linear on the float
@@ -165,7 +164,7 @@ def int8_dense_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bia
         torch.ops.energon_hf.dequantize_int8_into(q, scale, weight)
     else:
         shape = (q.shape[0], scale.shape[1], -1)
-        torch.mul(q.view(shape), scale[..., None].to(dtype), out=weight.view(shape))
+        torch.mul(q.view(shape), scale[..., None], out=weight.view(shape))
     return _dense_linear(x, weight, bias, gelu, keep_compute_dtype)
 
 

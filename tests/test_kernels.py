@@ -437,7 +437,8 @@ def _gemv_cases(n: int, k: int) -> dict:
     q8 = torch.randint(-127, 128, (n, k), dtype=torch.int8)
     cases = {f"float-{dtype}": ("float_gemv", (w.to(dtype),), w.to(dtype).double())
              for dtype in (torch.float32, torch.float16, torch.bfloat16)}
-    for groups in (1, k // 32, k // 16):  # per channel (one long group), Q8_0's 32, 16: the portable loop
+    # per channel (one long group), Q8_0's 32, 16 (the four-row kernel where AVX-512 built; else the portable loop)
+    for groups in (1, k // 32, k // 16):
         scale = torch.rand(n, groups)
         cases[f"int8-{groups}-groups"] = ("int8_gemv", (q8, scale), q.dequantize_int8(q8, scale).double())
     for group in (32, 64, 12):  # the vector path unrolled (32), generic (64), the portable loop (12)
@@ -465,6 +466,22 @@ def test_gemv_kernels_equal_float64_products(rows, n, k):
         expected = x.double() @ dense.t()
         assert out.shape == (rows, n) and out.dtype == torch.float32, name
         assert (out.double() - expected).abs().max() <= 1e-5 * expected.abs().max(), name
+
+
+@pytest.mark.skipif(not compiled.available(), reason="no C++ compiler: the compiled CPU ops cannot build here")
+def test_int4_gemv_rows_longer_than_the_four_row_kernels_stack():
+    """Rows of more than MAX_WIDE_GROUPS (256) groups of 32 run one row at a time (row_dot), equally exact."""
+    from energon_hf.kernels import quantized as q
+
+    torch.manual_seed(0)
+    k = 32 * 257
+    q4, scale, zero = q.quantize_int4(torch.randn(6, k), 32)
+    table = q.scales_and_mins(scale.half().float(), zero.half().float())
+    weights = q.dequantize_int4(q4, table[..., 0].float(), table[..., 1].float() + 8 * table[..., 0].float())
+    x = torch.randn(2, k)
+    out = torch.ops.energon_hf.int4_gemv(x, q.pack_nibbles(q4, 32), table, 32)
+    expected = x.double() @ weights.double().t()
+    assert (out.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
 @pytest.mark.skipif(not compiled.available(), reason="no C++ compiler: the compiled CPU ops cannot build here")

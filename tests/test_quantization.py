@@ -122,7 +122,7 @@ def test_int4_products_run_exact_below_dense_rows_and_expand_above(rows, monkeyp
     assert len(dense_calls) == expands  # the threshold picks the path
     assert got.dtype == torch.float32 and relative_error(got, x @ exact.t()) < (BFLOAT16 if expands else EXACT)
     # "int4-exact": the same turn, to a float32 expansion (exact: the bfloat16 one errs 1e-3 here)
-    exact_fmt, dense_calls[:] = Int4Weight(q4, scale, zero, exact=True), []
+    exact_fmt, dense_calls[:] = Int4Weight(q4, scale, zero, torch.float32), []
     assert relative_error(exact_fmt(x), x @ exact.t()) < EXACT
     assert dense_calls == ([{"dtype": torch.float32}] if rows >= q.INT4_DENSE_ROWS else [])
     with pytest.raises(RuntimeError, match="do not split into groups"):
@@ -170,11 +170,13 @@ def test_compiled_expansions_round_once(cols):
 @pytest.mark.parametrize("rows", [1, q.INT8_DENSE_ROWS - 1, q.INT8_DENSE_ROWS])
 def test_int8_products_of_many_rows_expand_the_weight(rows, monkeypatch):
     """int8 takes the same turns as int4, at INT8_DENSE_ROWS (without the compiled ops: torch's int8 kernel below). A
-    grouped `exact` weight (a GGUF Q8_0 head, "int8-exact" layers) expands to float32: every product is float32."""
+    grouped weight that never expands (a GGUF Q8_0 head) runs every product in float32, an "int8-exact" one
+    expands to float32."""
     torch.manual_seed(0)
     weight, x = torch.randn(64, 96), torch.randn(rows, 96)
     fmt, dense, calls = Int8Weight.quantize(weight), q.int8_dense_matmul, []
-    grouped = Int8Weight(torch.randint(-127, 128, (64, 96), dtype=torch.int8), torch.rand(64, 3), exact=True)
+    blocks = torch.randint(-127, 128, (64, 96), dtype=torch.int8), torch.rand(64, 3)
+    head, grouped = Int8Weight(*blocks, expansion=None), Int8Weight(*blocks, expansion=torch.float32)
     monkeypatch.setattr(q, "int8_dense_matmul", lambda *args, **kw: calls.append(kw) or dense(*args, **kw))
     got = fmt(x)
     expands = rows >= q.INT8_DENSE_ROWS and q.fast_bfloat16_gemm()
@@ -183,25 +185,30 @@ def test_int8_products_of_many_rows_expand_the_weight(rows, monkeypatch):
     assert got.dtype == torch.float32 and relative_error(got, x @ q.dequantize_int8(fmt.q, fmt.scale).t()) < bound
     assert grouped.group_size == 32
     calls.clear()
-    assert relative_error(grouped(x), x @ q.dequantize_int8(grouped.q, grouped.scale).t()) < EXACT
+    assert relative_error(head(x), x @ q.dequantize_int8(*blocks).t()) < EXACT and calls == []
+    assert relative_error(grouped(x), x @ q.dequantize_int8(*blocks).t()) < EXACT
     many = rows >= q.INT8_DENSE_ROWS and compiled.available()
     assert calls == ([{"dtype": torch.float32}] if many else [])
 
 
 def test_products_autograd_records_stay_differentiable():
     """The compiled kernels have no backward: a product autograd records takes a differentiable path (the
-    bfloat16 expansion, or torch's float16 product) and gives x its gradient (torch's own int4 kernel, the path
-    without them, has no derivative); empty inputs keep their shape."""
+    bfloat16 expansion, the exact formats' float32 one, or torch's float16 product) and gives x its gradient
+    (torch's own int4 kernel, the path without them, has no derivative); empty inputs keep their shape."""
     torch.manual_seed(0)
     weight = torch.randn(64, 96)
-    for fmt in (Int8Weight.quantize(weight), Int4Weight.quantize(weight, 32), DenseWeight(weight.half())):
+    exact = (Int8Weight.quantize(weight, torch.float32), Int4Weight.quantize(weight, 32, torch.float32))
+    for fmt in (Int8Weight.quantize(weight), Int4Weight.quantize(weight, 32), DenseWeight(weight.half()), *exact):
         dtype = torch.float16 if isinstance(fmt, DenseWeight) else torch.float32
         assert fmt(torch.empty(2, 0, 96, dtype=dtype)).shape == (2, 0, 64)
-        if isinstance(fmt, Int4Weight) and fmt.nibbles is None:
+        if isinstance(fmt, Int4Weight) and fmt.nibbles is None and fmt.parts is None:
             continue
         x = torch.randn(3, 96, dtype=dtype, requires_grad=True)
         fmt(x).float().sum().backward()
         assert x.grad is not None and x.grad.shape == x.shape, type(fmt).__name__
+        if fmt in exact:  # d(sum x W^T)/dx: the column sums of the dequantized weight, in float32
+            dense = fmt(torch.eye(96)).t()
+            assert relative_error(x.grad, dense.sum(0).expand(3, -1)) < EXACT
 
 
 def test_float16_weights_take_the_gemv_for_few_rows():
@@ -225,7 +232,7 @@ def test_expanded_int4_weights_share_one_buffer_safely():
     weights = [torch.randn(64, 96), torch.randn(32, 64), torch.randn(128, 96)]
     formats = [Int4Weight.quantize(w, 32) for w in weights]
     exact = [q.dequantize_int4(*q.quantize_int4(w, 32)) for w in weights]
-    rows = q.INT8_DENSE_ROWS + 3
+    rows = q.INT4_DENSE_ROWS + 3
     for _ in range(2):
         for fmt, w in zip(formats, exact, strict=True):
             x = torch.randn(rows, w.shape[1])
@@ -436,7 +443,7 @@ def test_smollm2_int4_exact_prompts_are_the_float32_models(smollm2_pair, smollm2
     reference, ours = smollm2_pair
     exact = EnergonModel.from_pretrained(smollm2_gguf, quantization="int4-exact")
     down, plain = (m.model.model.layers[0].mlp.down_proj.format for m in (exact, ours))
-    assert down.expansion_dtype == torch.float32 and torch.equal(down.nibbles, plain.nibbles)
+    assert down.expansion == torch.float32 and torch.equal(down.nibbles, plain.nibbles)
     ids = torch.randint(10, 40000, (1, q.INT4_DENSE_ROWS + 8), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = reference(input_ids=ids).logits
@@ -459,8 +466,9 @@ def test_smollm2_int4_head_computes_on_the_files_q8_0_blocks(smollm2_pair, smoll
     assert torch.equal(q.dequantize_int8(blocks.q, blocks.scale), expected.weight)
     many = torch.randn(q.INT8_HEAD_GEMV_ROWS + 1, ours.config.hidden_size)
     assert blocks(many).shape[-1] == ours.config.vocab_size
+    assert not blocks.expands  # rows the split gives it past INT8_DENSE_ROWS run the GEMV, no expanded copy
     torch.manual_seed(0)
-    for rows in (1, q.INT8_HEAD_GEMV_ROWS + 1):
+    for rows in (1, q.INT8_DENSE_ROWS + 1, q.INT8_HEAD_GEMV_ROWS + 1):
         hidden = torch.randn(rows, ours.config.hidden_size)
         assert relative_error(embedding.logits(hidden), expected.logits(hidden)) < EXACT
 

@@ -79,6 +79,11 @@ class Quantization:
         name = self.method if self.method == "int8" else f"{self.method} (groups of {self.group_size})"
         return f"{name}, exact float32 products" if self.exact else name
 
+    @property
+    def expansion(self) -> torch.dtype:
+        """What a CPU product of many rows expands the layers' weights to (the formats' `expansion`)."""
+        return torch.float32 if self.exact else q.CPU_COMPUTE_DTYPE
+
 
 class DenseWeight:
     """A float weight, packed for the device's fastest product where it has one."""
@@ -151,38 +156,40 @@ class Int8Weight:
     groups of 32, a Q8_0 file's layers and the embedded SmolLM2's vocabulary head).
 
     On CPU, products of fewer than INT8_DENSE_ROWS rows run the compiled float32 kernel (csrc/gemv.cpp; without it,
-    torch's int8 kernel with bfloat16 activations, per-channel scales only), larger ones expand to bfloat16 for
-    the dense GEMM where torch's bfloat16 GEMM is oneDNN's. Other devices dequantize on the fly."""
+    torch's int8 kernel with bfloat16 activations, per-channel scales only), larger ones expand the weight to
+    `expansion` for the dense GEMM. Other devices dequantize on the fly."""
 
-    def __init__(self, q8: torch.Tensor, scale: torch.Tensor, exact: bool = False):
-        """`exact`: on CPU no product rounds activations to bfloat16 (few rows run the compiled kernel, many
-        expand the weight to float32; without the compiled ops the dequantized weight in x's dtype): a vocabulary
-        head, whose bfloat16 logits cost SmolLM2's 4-bit model 0.8 points of teacher-forced greedy agreement with
-        float32 (bench/quality.py), and the layers of Quantization(exact=True)."""
+    def __init__(self, q8: torch.Tensor, scale: torch.Tensor, expansion: torch.dtype | None = q.CPU_COMPUTE_DTYPE):
+        """`expansion`: bfloat16 (oneDNN's GEMM, where torch's bfloat16 GEMM is oneDNN's), float32 (the layers of
+        Quantization(exact=True)) or None: never, every row count runs the compiled kernel (a GGUF's 8-bit
+        vocabulary head, whose products of many rows take the float table: RowSplitWeight; its bfloat16 logits
+        had cost SmolLM2's 4-bit model 0.8 points of teacher-forced greedy agreement, bench/quality.py). With
+        float32 or None no product rounds activations to bfloat16 (without the compiled ops: the dequantized
+        weight in x's dtype)."""
         self.out_features, self.in_features = q8.shape
         self.q = q8.contiguous()
         self.scale = scale.float().reshape(self.out_features, -1).contiguous()  # [out, groups]
         self.group_size = self.in_features // self.scale.shape[1]
         cpu = q8.device.type == "cpu"
         self.gemv = cpu and q.gemv_available()  # decided at load, as Int4Weight's form
-        bfloat16 = cpu and not exact
+        bfloat16 = cpu and expansion == q.CPU_COMPUTE_DTYPE
         # torch's int8 kernel (few rows without the GEMV) and its `q * scale` expansion (without the compiled ops)
         # take bfloat16 scales; the compiled expansion float32 ones
         self.kernel_scale = self.scale.to(q.CPU_COMPUTE_DTYPE) if bfloat16 and not self.gemv else None
         self.expansion_scale = self.scale if cpu and compiled.available() else self.kernel_scale
-        self.expansion_dtype = torch.float32 if exact else q.CPU_COMPUTE_DTYPE
-        self.expands = (bfloat16 and q.fast_bfloat16_gemm()) or (exact and self.gemv)
+        self.expansion = expansion
+        self.expands = (bfloat16 and q.fast_bfloat16_gemm()) or (expansion == torch.float32 and self.gemv)
 
     @classmethod
-    def quantize(cls, weight: torch.Tensor, exact: bool = False) -> Int8Weight:
-        return cls(*q.quantize_int8(weight), exact=exact)
+    def quantize(cls, weight: torch.Tensor, expansion: torch.dtype | None = q.CPU_COMPUTE_DTYPE) -> Int8Weight:
+        return cls(*q.quantize_int8(weight), expansion)
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None, gelu: str | None = None,
                  keep_compute_dtype: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
         records = q.records_grad(x)
         if self.expands and (x.numel() >= q.INT8_DENSE_ROWS * self.in_features or records):
             return q.int8_dense_matmul(x, self.q, self.expansion_scale, bias, gelu, keep_compute_dtype,
-                                       dtype=self.expansion_dtype)
+                                       dtype=self.expansion)
         if self.gemv and not records:
             out = q.gemv(torch.ops.energon_hf.int8_gemv, x, self.q, self.scale)
         elif self.kernel_scale is not None and self.group_size == self.in_features:  # per-channel scales only
@@ -194,7 +201,7 @@ class Int8Weight:
     def bare_product(self, rows: int, dtype: torch.dtype) -> Product:
         """As DenseWeight.bare_product."""
         if self.expands and rows >= q.INT8_DENSE_ROWS:
-            weights, expansion = (self.q, self.expansion_scale), self.expansion_dtype
+            weights, expansion = (self.q, self.expansion_scale), self.expansion
             return lambda x: q.int8_dense_matmul(x, *weights, dtype=expansion)
         if self.gemv:
             return _gemv_product(torch.ops.energon_hf.int8_gemv, (self.q, self.scale), dtype)
@@ -214,16 +221,19 @@ class Int4Weight:
 
     On CPU it takes one of two forms at load. With the compiled GEMV: nibbles and a float16 (scale, min) table,
     which products of fewer than INT4_DENSE_ROWS rows multiply in float32 (csrc/gemv.cpp) and larger ones (and
-    products autograd records) expand to bfloat16 for the dense GEMM. Without it: torch's packed int4 kernel
-    (bfloat16 activations). Other devices dequantize on the fly."""
+    products autograd records) expand to `expansion` for the dense GEMM. Without it: torch's packed int4 kernel
+    (bfloat16 activations), or with a float32 `expansion` the dequantized weight. Other devices dequantize on the
+    fly."""
 
-    def __init__(self, q4: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, exact: bool = False):
-        """`exact`: no product rounds activations to bfloat16 (Quantization(exact=True)): many rows expand the
-        weight to float32; without the compiled ops the dequantized weight runs in x's dtype."""
+    def __init__(self, q4: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                 expansion: torch.dtype = q.CPU_COMPUTE_DTYPE):
+        """`expansion`: bfloat16 (oneDNN's GEMM, where torch's bfloat16 GEMM is oneDNN's) or float32 (exact: the
+        layers of Quantization(exact=True))."""
         self.out_features, self.in_features = q4.shape
         self.group_size = self.in_features // scale.shape[1]
         self.nibbles = self.table = self.packed = self.scales_and_zeros = self.parts = None
-        self.expansion_dtype = torch.float32 if exact else q.CPU_COMPUTE_DTYPE
+        self.expansion = expansion
+        exact = expansion == torch.float32
         cpu = q4.device.type == "cpu"
         self.expands = cpu and (exact or q.fast_bfloat16_gemm())
         if cpu and q.gemv_available():
@@ -234,8 +244,9 @@ class Int4Weight:
             self.parts = (q4, scale.float(), zero.float())
 
     @classmethod
-    def quantize(cls, weight: torch.Tensor, group_size: int, exact: bool = False) -> Int4Weight:
-        return cls(*q.quantize_int4(weight, group_size), exact=exact)
+    def quantize(cls, weight: torch.Tensor, group_size: int,
+                 expansion: torch.dtype = q.CPU_COMPUTE_DTYPE) -> Int4Weight:
+        return cls(*q.quantize_int4(weight, group_size), expansion)
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None, gelu: str | None = None,
                  keep_compute_dtype: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -243,7 +254,7 @@ class Int4Weight:
             many = x.numel() >= q.INT4_DENSE_ROWS * self.in_features and self.expands
             if many or q.records_grad(x):
                 return q.int4_dense_matmul(x, self.nibbles, self.table, self.group_size, bias, gelu,
-                                           keep_compute_dtype, dtype=self.expansion_dtype)
+                                           keep_compute_dtype, dtype=self.expansion)
             out = q.gemv(torch.ops.energon_hf.int4_gemv, x, self.nibbles, self.table, self.group_size)
         elif self.packed is not None:
             out = q.int4_matmul(x, self.packed, self.scales_and_zeros, self.group_size)
@@ -255,7 +266,7 @@ class Int4Weight:
         """As DenseWeight.bare_product."""
         if self.nibbles is None:
             return self
-        weights, expansion = (self.nibbles, self.table, self.group_size), self.expansion_dtype
+        weights, expansion = (self.nibbles, self.table, self.group_size), self.expansion
         if rows >= q.INT4_DENSE_ROWS and self.expands:
             return lambda x: q.int4_dense_matmul(x, *weights, dtype=expansion)
         return _gemv_product(torch.ops.energon_hf.int4_gemv, weights, dtype)
@@ -274,8 +285,7 @@ class Int4Weight:
 class RowSplitWeight:
     """Products of fewer than `rows` rows through `few`, the others through `many`, two forms of one weight: a
     GGUF's 8-bit vocabulary head (a third of the bytes a decode step streams) beside the float table a tied head
-    keeps for lookups anyway. SmolLM2's head, cold, Q8_0 GEMV against F.linear on the float32 table: 3.1 against
-    6.7 ms at 1 row, 8.9 against 10.1 at 16, 16.5 against 12.4 at 32."""
+    keeps for lookups anyway (kernels/quantized.INT8_HEAD_GEMV_ROWS: where the two cross)."""
 
     def __init__(self, few: LinearWeight, many: LinearWeight, rows: int):
         self.few, self.many, self.rows = few, many, rows
@@ -319,12 +329,12 @@ def linear_format(weight: torch.Tensor, quantization: Quantization | None, pack:
     if quantization is None:
         return DenseWeight(weight) if pack else None
     if quantization.method == "int8":
-        return Int8Weight.quantize(weight, quantization.exact)
+        return Int8Weight.quantize(weight, quantization.expansion)
     if weight.shape[1] % quantization.group_size:
         raise ValueError(f"{name}: {weight.shape[1]} input features (on this rank) are not a multiple of the "
                          f"int4 group size {quantization.group_size}; use quantization='int8', or a tp that "
                          f"splits the layer at group boundaries")
-    return Int4Weight.quantize(weight, quantization.group_size, quantization.exact)
+    return Int4Weight.quantize(weight, quantization.group_size, quantization.expansion)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-// Weight-only quantized matrices expanded to bfloat16 for products with many rows. torch's int4 CPU
+// Weight-only quantized matrices expanded to bfloat16 (or float32: the exact quantizations) for products with
+// many rows. torch's int4 CPU
 // kernel costs about as much per row as a whole GEMV (SmolLM2's layer at 512 rows: 21.8 ms), so from a few rows
 // on, expanding the weight once into a reused buffer and running the dense bfloat16 GEMM (oneDNN: AMX or
 // AVX512-BF16; 1.9 ms) is many times faster. int8 through torch (`q * scale` into a bfloat16 tensor) cost 1.9 ms
@@ -11,8 +12,9 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
-#if defined(__AVX512BF16__)
+#if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -35,11 +37,25 @@ void check_target(const at::Tensor& weight, int64_t out_features, int64_t in_fea
               op, ": weight must be a contiguous [out, in] bfloat16 or float32 tensor");
 }
 
+// Whether 16-lane stores of Out compiled in: float32 needs AVX-512, bfloat16 its BF16 conversion too.
+template <class Out>
+constexpr bool stores16() {
+#if defined(__AVX512BF16__)
+  return true;
+#elif defined(__AVX512F__)
+  return std::is_same_v<Out, float>;
+#else
+  return false;
+#endif
+}
+
+#if defined(__AVX512F__)
+inline void store16(float* dst, __m512 v) { _mm512_storeu_ps(dst, v); }
+#endif
 #if defined(__AVX512BF16__)
 inline void store16(uint16_t* dst, __m512 v) {  // 16 float32 lanes as bfloat16, rounded to nearest even
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), (__m256i)_mm512_cvtneps_pbh(v));
 }
-inline void store16(float* dst, __m512 v) { _mm512_storeu_ps(dst, v); }
 #endif
 
 // Into w: bfloat16 bits (Out = uint16_t) or float32.
@@ -54,8 +70,8 @@ void expand_int4(const at::Tensor& nibbles, const at::Tensor& scales_and_mins, i
       const int64_t half = group_size / 2;
       const uint8_t* src = q + item * half;
       Out* dst = w + item * group_size;
-#if defined(__AVX512BF16__)
-      if (half % 16 == 0) {  // 16 bytes -> 32 weights in a dozen instructions (the loops below: ~5x slower)
+#if defined(__AVX512F__)
+      if (stores16<Out>() && half % 16 == 0) {  // 16 bytes -> 32 weights in a dozen instructions (loops: ~5x slower)
         const __m512 s = _mm512_set1_ps(scale), z = _mm512_set1_ps(min);
         for (int64_t i = 0; i < half; i += 16) {
           const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
@@ -86,9 +102,9 @@ void expand_int8(const at::Tensor& q8, const at::Tensor& scale, Out* w) {
       const int8_t* src = q + item * group;
       Out* dst = w + item * group;
       int64_t i = 0;
-#if defined(__AVX512BF16__)
+#if defined(__AVX512F__)
       const __m512 vs = _mm512_set1_ps(s);
-      for (; i + 16 <= group; i += 16)
+      for (; stores16<Out>() && i + 16 <= group; i += 16)
         store16(dst + i, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
                                            _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)))), vs));
 #endif
@@ -96,6 +112,15 @@ void expand_int8(const at::Tensor& q8, const at::Tensor& scale, Out* w) {
       for (int64_t j = i; j < group; ++j) dst[j] = to_out(static_cast<float>(src[j]) * s, dst);
     }
   });
+}
+
+// expand(w) on the target's elements: float32, or bfloat16 as its bits.
+template <class Expand>
+void with_target(at::Tensor& weight, Expand expand) {
+  if (weight.scalar_type() == at::kFloat)
+    expand(weight.data_ptr<float>());
+  else
+    expand(reinterpret_cast<uint16_t*>(weight.data_ptr<c10::BFloat16>()));
 }
 
 // nibbles [out, in / 2] uint8, group by group: byte i of a group holds its element i in the low half and its
@@ -113,10 +138,7 @@ void dequantize_int4_into(const at::Tensor& nibbles, const at::Tensor& scales_an
                   scales_and_mins.sizes() == at::IntArrayRef({out_features, groups, 2}),
               "dequantize_int4_into: scales_and_mins must be a contiguous [out, in / group, 2] float16 tensor");
   check_target(weight, out_features, in_features, "dequantize_int4_into");
-  if (weight.scalar_type() == at::kFloat)
-    expand_int4(nibbles, scales_and_mins, group_size, weight.data_ptr<float>());
-  else
-    expand_int4(nibbles, scales_and_mins, group_size, reinterpret_cast<uint16_t*>(weight.data_ptr<c10::BFloat16>()));
+  with_target(weight, [&](auto* w) { expand_int4(nibbles, scales_and_mins, group_size, w); });
 }
 
 // int8 [out, in] with scales [out, groups] float32 (one group: per channel; groups of 32: GGUF's Q8_0):
@@ -130,10 +152,7 @@ void dequantize_int8_into(const at::Tensor& q8, const at::Tensor& scale, at::Ten
               "dequantize_int8_into: scale must be a contiguous [out, groups] float32 tensor that divides ",
               in_features, " features");
   check_target(weight, out_features, in_features, "dequantize_int8_into");
-  if (weight.scalar_type() == at::kFloat)
-    expand_int8(q8, scale, weight.data_ptr<float>());
-  else
-    expand_int8(q8, scale, reinterpret_cast<uint16_t*>(weight.data_ptr<c10::BFloat16>()));
+  with_target(weight, [&](auto* w) { expand_int8(q8, scale, w); });
 }
 
 }  // namespace

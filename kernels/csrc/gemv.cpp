@@ -23,6 +23,8 @@
 #include <cstring>
 #include <vector>
 
+#include "half.h"
+
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define ENERGON_VECTOR 1
 #include <immintrin.h>
@@ -256,15 +258,13 @@ struct Int4Rows {
   }
 
 #ifdef ENERGON_VECTOR
-  // The (scale, min) pairs of `count` groups in float32, converted 8 at a time rather than two per group.
+  // The (scale, min) pairs of `count` groups in float32 (converted 8 at a time rather than two per group), into
+  // `pairs`, or into the thread's scratch.
   static void to_float_pairs(const uint16_t* halves, int64_t count, float* pairs) {
-    int64_t i = 0;
-    for (; i + 8 <= 2 * count; i += 8)
-      _mm256_storeu_ps(pairs + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(halves + i))));
-    for (; i < 2 * count; ++i) pairs[i] = half_to_float(halves[i]);
+    energon_hf::to_float(reinterpret_cast<const c10::Half*>(halves), pairs, 2 * count);
   }
 
-  static const float* float_pairs(const uint16_t* halves, int64_t count) {  // into the thread's scratch
+  static const float* float_pairs(const uint16_t* halves, int64_t count) {
     thread_local std::vector<float> pairs;
     pairs.resize(2 * count);
     to_float_pairs(halves, count, pairs.data());
