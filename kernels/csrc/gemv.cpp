@@ -99,6 +99,23 @@ __attribute__((always_inline)) inline void four_chain_dot(Load load, int64_t beg
 }
 #endif
 
+#ifdef ENERGON_WIDE
+// The four-row kernels' accumulators: 16 lanes per (weight row r, x row t), zeroed; store() writes each one's sum
+// to out[t * 4 + r].
+template <int T>
+struct FourRowSums {
+  __m512 sums[4][T];
+  FourRowSums() {
+    for (int r = 0; r < 4; ++r)
+      for (int t = 0; t < T; ++t) sums[r][t] = _mm512_setzero_ps();
+  }
+  void store(float* out) const {
+    for (int t = 0; t < T; ++t)
+      for (int r = 0; r < 4; ++r) out[4 * t + r] = _mm512_reduce_add_ps(sums[r][t]);
+  }
+};
+#endif
+
 // The portable loop every format falls back on (no AVX2, or shapes the vector steps do not divide):
 // out[t] = sum over groups g of scale(g) * (sum_i value(g, i) * x_t[g * group + i]) + offset(g) * xsum(t, g).
 template <int T, class Value, class Scale, class Offset, class XSum>
@@ -207,15 +224,12 @@ struct Int4Rows {
     prefetch(row_table + PREFETCH_ROWS * groups * 2, 4 * groups * 4);
     float pairs[4 * 2 * MAX_WIDE_GROUPS];
     to_float_pairs(row_table, 4 * groups, pairs);
-    __m512 acc[4][T];
-    for (int r = 0; r < 4; ++r)
-      for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
+    FourRowSums<T> acc;
     if (group == 32)
-      wide_groups<T, 16>(q, pairs, x, ldx, acc);
+      wide_groups<T, 16>(q, pairs, x, ldx, acc.sums);
     else
-      wide_groups<T, 0>(q, pairs, x, ldx, acc);
-    for (int t = 0; t < T; ++t)
-      for (int r = 0; r < 4; ++r) out[4 * t + r] = _mm512_reduce_add_ps(acc[r][t]);
+      wide_groups<T, 0>(q, pairs, x, ldx, acc.sums);
+    acc.store(out);
     return true;
 #else
     return false;
@@ -289,9 +303,7 @@ struct Int8Rows {
     const float* scales = scale + n * groups;
     prefetch(w + PREFETCH_ROWS * K, 4 * K);
     prefetch(scales + PREFETCH_ROWS * groups, 4 * groups * 4);
-    __m512 acc[4][T];
-    for (int r = 0; r < 4; ++r)
-      for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
+    FourRowSums<T> acc;
     for (int64_t k = 0; k < K; k += 16) {
       __m512 xs[T];
       for (int t = 0; t < T; ++t) xs[t] = _mm512_loadu_ps(x + t * ldx + k);
@@ -299,11 +311,10 @@ struct Int8Rows {
         const __m512 weights = _mm512_mul_ps(
             _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * K + k)))),
             _mm512_set1_ps(scales[r * groups + k / group]));
-        for (int t = 0; t < T; ++t) acc[r][t] = _mm512_fmadd_ps(weights, xs[t], acc[r][t]);
+        for (int t = 0; t < T; ++t) acc.sums[r][t] = _mm512_fmadd_ps(weights, xs[t], acc.sums[r][t]);
       }
     }
-    for (int t = 0; t < T; ++t)
-      for (int r = 0; r < 4; ++r) out[4 * t + r] = _mm512_reduce_add_ps(acc[r][t]);
+    acc.store(out);
     return true;
 #else
     return false;
