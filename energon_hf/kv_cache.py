@@ -13,6 +13,7 @@ from collections import deque
 import torch
 
 from energon_hf import kernels
+from energon_hf.kernels import compiled
 
 BLOCK_SIZE = 16  # tokens per cache block, for every entry point (the server, generate, the benchmarks)
 
@@ -30,7 +31,10 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.block_size = block_size
         self.first_layer = first_layer
+        self._layers = list(zip(self.k.unbind(), self.v.unbind(), strict=True))  # views, made once: layer() is a lookup
         kernels.prepare(self.k.device)  # the attention that will read this cache, built before the first step
+        # one compiled op for both writes on CPU (csrc/paged_decode.cpp), two index_copy_ calls elsewhere
+        self._compiled_write = self.k.is_cpu and compiled.available()
 
     @property
     def num_blocks(self) -> int:
@@ -48,7 +52,7 @@ class KVCache:
 
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V blocks [num_blocks, block_size, kv_heads, head_dim] of model layer `layer`."""
-        return self.k[layer - self.first_layer], self.v[layer - self.first_layer]
+        return self._layers[layer - self.first_layer]
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy each (source, destination) block, in every layer (a shared block a sequence is about to write)."""
@@ -59,7 +63,10 @@ class KVCache:
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """Store the packed new tokens' K/V [T, kv_heads, head_dim] at their slots."""
-        keys, values = self.layer(layer)
+        keys, values = self._layers[layer - self.first_layer]
+        if self._compiled_write:
+            torch.ops.energon_hf.kv_cache_write(keys, values, k, v, slot_mapping)
+            return
         keys.view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k)
         values.view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v)
 

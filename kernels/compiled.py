@@ -27,13 +27,14 @@ log = logging.getLogger(__name__)
 SOURCES = [Path(__file__).resolve().parent / "csrc" / name
            for name in ("paged_decode.cpp", "dequantize.cpp", "gemv.cpp", "elementwise.cpp", "varlen_attention.cpp")]
 OPS = ("paged_decode", "dequantize_int4_into", "dequantize_int8_into", "int4_gemv", "int8_gemv", "float_gemv",
-       "gemv_vectorized", "rms_norm", "silu_and_mul", "rotary", "varlen_attention", "add_layer_norm")
+       "gemv_vectorized", "rms_norm", "add_rms_norm", "silu_and_mul", "rotary", "varlen_attention", "add_layer_norm",
+       "kv_cache_write")
 # -march=native: the library is built on, and for, the machine that runs it. -fopenmp compiles at::parallel_for's
 # parallel region; at run time it binds to the OpenMP library torch has already loaded (same soname).
 # -fno-math-errno: sqrt as a plain instruction (glibc's vector expf is never called: see csrc/elementwise.cpp).
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]
 _lock = threading.Lock()
-# The dtypes the elementwise and attention ops take (the GEMV kernels take float32 activations): half precision is
+# The dtypes the elementwise, attention and GEMV ops take (the GEMVs' weights are their own formats): half precision is
 # widened to float32 as it is loaded and computed there (csrc/half.h).
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

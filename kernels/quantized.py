@@ -223,11 +223,11 @@ def records_grad(x: torch.Tensor) -> bool:
 
 
 def gemv(op, x: torch.Tensor, *weight) -> torch.Tensor:
-    """A compiled GEMV kernel (csrc/gemv.cpp: float32 activations, `op(x2d, *weight)`) on x [..., in], in x's
-    dtype."""
+    """A compiled GEMV kernel (csrc/gemv.cpp: `op(x2d, *weight)`, activations in any of compiled.DTYPES, the
+    product computed in float32 and returned in x's dtype) on x [..., in]."""
     flat = x.reshape(-1, x.shape[-1])
-    out = op(flat.float().contiguous(), *weight).to(x.dtype)
-    return out.view(*x.shape[:-1], out.shape[-1])
+    out = op(flat.contiguous() if x.dtype in compiled.DTYPES else flat.float().contiguous(), *weight)
+    return out.to(x.dtype).view(*x.shape[:-1], out.shape[-1])
 
 
 def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -485,6 +485,19 @@ def test_int4_gemv_rows_longer_than_the_four_row_kernels_stack():
 
 
 @pytest.mark.skipif(not compiled.available(), reason="no C++ compiler: the compiled CPU ops cannot build here")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gemv_kernels_take_half_precision_rows(dtype):
+    """Half-precision activations are widened inside the op and the product comes back in their dtype: bit for
+    bit the float32 call on the widened rows, rounded by torch's cast (what callers did around the op before)."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 192).to(dtype)
+    for name, (op, weight, _) in _gemv_cases(37, 192).items():
+        kernel = getattr(torch.ops.energon_hf, op)
+        out = kernel(x, *weight)
+        assert out.dtype == dtype and torch.equal(out, kernel(x.float(), *weight).to(dtype)), name
+
+
+@pytest.mark.skipif(not compiled.available(), reason="no C++ compiler: the compiled CPU ops cannot build here")
 def test_gemv_kernels_name_bad_arguments():
     ops, x = torch.ops.energon_hf, torch.randn(2, 64)
     with pytest.raises(RuntimeError, match="x must be a contiguous"):
@@ -574,6 +587,45 @@ def test_compiled_rms_norm_and_silu_and_mul_equal_torch(shape, dtype, monkeypatc
         torch.ops.energon_hf.rms_norm(x, weight.double(), 1e-6)
     with pytest.raises(RuntimeError, match="even last dimension"):
         torch.ops.energon_hf.silu_and_mul(torch.zeros(2, 5, dtype=dtype))
+
+
+@pytest.mark.skipif(not compiled.available(), reason="no C++ compiler: the compiled CPU ops cannot build here")
+@pytest.mark.parametrize("shape", [(1, 576), (3, 40)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_compiled_add_rms_norm_is_the_add_then_rms_norm_bit_for_bit(shape, dtype):
+    """The decode loop's residual add and the norm after it in one op: the sum is torch's `x + delta` and the norm
+    the rms_norm op's on it, bit for bit, in every dtype; shapes that differ are named."""
+    torch.manual_seed(0)
+    x, delta, weight = (torch.randn(shape) * 3).to(dtype), torch.randn(shape).to(dtype), torch.randn(shape[-1])
+    weight = weight.to(dtype)
+    total, normed = torch.ops.energon_hf.add_rms_norm(x, delta, weight, 1e-5)
+    assert torch.equal(total, x + delta) and torch.equal(normed, torch.ops.energon_hf.rms_norm(x + delta, weight, 1e-5))
+    with pytest.raises(RuntimeError, match="x and delta must be contiguous .* of one shape and dtype"):
+        torch.ops.energon_hf.add_rms_norm(x, delta[:, :-1].contiguous(), weight, 1e-5)
+
+
+@pytest.mark.skipif(not compiled.available(), reason="no C++ compiler: the compiled CPU ops cannot build here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kv_cache_write_stores_what_index_copy_stores(dtype):
+    """KVCache.write's compiled op (both caches in one call): keys as a slice of fused rows (a token stride), values
+    with heads that are not dense, at scattered slots, equal to torch's index_copy_; a slot outside the cache is
+    named and nothing is written."""
+    torch.manual_seed(0)
+    cache = KVCache(2, 4, 16, 3, 8, dtype, "cpu")
+    assert cache._compiled_write
+    fused = torch.randn(5, 7 * 8).to(dtype)
+    k = fused[:, 8:32].view(5, 3, 8)
+    v = torch.randn(5, 8, 3).to(dtype).transpose(1, 2)
+    slots = torch.tensor([3, 17, 40, 63, 16])
+    cache.write(1, k, v, slots)
+    keys, values = torch.zeros(4 * 16, 3, 8, dtype=dtype), torch.zeros(4 * 16, 3, 8, dtype=dtype)
+    keys.index_copy_(0, slots, k)
+    values.index_copy_(0, slots, v)
+    assert torch.equal(cache.k[1].view(-1, 3, 8), keys) and torch.equal(cache.v[1].view(-1, 3, 8), values)
+    assert not cache.k[0].any() and not cache.v[0].any()
+    with pytest.raises(RuntimeError, match="slot 64 is outside the cache's 64"):
+        cache.write(0, k, v, torch.tensor([0, 1, 2, 3, 64]))
+    assert not cache.k[0].any()
 
 
 @pytest.mark.skipif(not compiled.available(), reason="no C++ compiler: the compiled CPU ops cannot build here")

@@ -7,11 +7,13 @@ costing about 10 us in a step (the interpreter runs cold between the weight stre
 loop. This loop calls exactly the ops the layers' modules would pick for the step (RMSNorm, the formats'
 products, rotary, the cache writes, the step's attention plan, SiLU-and-mul), so its results are the modules' bit
 for bit; it applies to decode steps on CPU with the compiled ops (`applies`), and the modules run every other step
-(and any layer with another activation).
+(and any layer with another activation). Each residual add runs in one op with the norm after it (add_rms_norm),
+and each layer's facts are read once per row count (`LayerOps`), not from its modules in every step.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -26,15 +28,36 @@ from energon_hf.nn.norm import RMSNorm
 from energon_hf.parallel import state
 
 if TYPE_CHECKING:
-    from .llama import LlamaDecoderLayer
+    from .llama import LlamaAttention, LlamaDecoderLayer
+
+
+@dataclass(frozen=True, slots=True)
+class LayerOps:
+    """One Llama layer's decode step as bare calls, with the facts the step reads (a module attribute costs a
+    lookup through nn.Module.__getattr__ per use: about 225 per SmolLM2 step)."""
+
+    qkv: Product
+    o_proj: Product
+    gate_up: Product
+    down_proj: Product
+    input_norm: tuple[torch.Tensor, float]  # (weight, eps)
+    post_norm: tuple[torch.Tensor, float]
+    attention: LlamaAttention  # for Qwen3's q/k norms
+    layer_idx: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    qk_width: int
+    window: int | None
+    scale: float
 
 
 class LlamaDecodeLoop:
-    """The decode loop over a model's Llama decoder layers, with each layer's bare products per row count."""
+    """The decode loop over a model's Llama decoder layers, with each layer's bare ops per row count."""
 
     def __init__(self, layers: nn.ModuleList):
         self.layers = layers
-        self._products: dict[tuple[int, torch.dtype], list[tuple[Product, ...] | None]] = {}
+        self._ops: dict[tuple[int, torch.dtype], list[LayerOps | None]] = {}
 
     @staticmethod
     def applies(x: torch.Tensor, batch: PackedBatch) -> bool:
@@ -45,50 +68,52 @@ class LlamaDecodeLoop:
                 and not torch.is_grad_enabled() and state().tp_size == 1 and backend_for(x.device) == "torch"
                 and compiled.available())
 
-    def products(self, rows: int, dtype: torch.dtype) -> list[tuple[Product, ...] | None]:
-        """Per layer: its four products (qkv, o_proj, gate_up, down_proj) for `rows` rows of `dtype`, or None
-        where a layer needs its module (another activation, norms in another dtype, a weight not loaded in a format:
-        another pipeline stage's layer, or a subclass's own forward)."""
+    def layer_ops(self, rows: int, dtype: torch.dtype) -> list[LayerOps | None]:
+        """Per layer: its ops for `rows` rows of `dtype`, or None where a layer needs its module (another
+        activation, norms in another dtype, a weight not loaded in a format: another pipeline stage's layer, or a
+        subclass's own forward)."""
         key = (rows, dtype)
-        if key not in self._products:
-            self._products[key] = [_layer_products(layer, rows, dtype) for layer in self.layers]
-        return self._products[key]
+        if key not in self._ops:
+            self._ops[key] = [_layer_ops(layer, rows, dtype) for layer in self.layers]
+        return self._ops[key]
 
     def run(self, x: torch.Tensor, batch: PackedBatch, cos_sin: tuple[torch.Tensor, torch.Tensor],
             indices: range) -> torch.Tensor:
         """`indices`' layers on x [rows, hidden] (callers check `applies` first)."""
-        products = self.products(x.shape[0], x.dtype)
-        attn, cos, sin = batch.attn, *cos_sin
+        layer_ops, rows = self.layer_ops(x.shape[0], x.dtype), x.shape[0]
+        attn, (cos, sin) = batch.attn, cos_sin
         cache, slots, plans = attn.kv_cache, attn.slot_mapping, {}
         ops = torch.ops.energon_hf
+        delta = None  # the last layer's MLP output, not yet added: the next norm adds it in the same op
         for i in indices:
-            layer, bare = self.layers[i], products[i]
-            attention, rows = layer.self_attn, x.shape[0]
-            heads, kv_heads, head_dim = attention.num_heads, attention.num_kv_heads, attention.head_dim
-            if bare is None or cos.shape[-1] != head_dim:  # (a partial rotary: the module's apply_rotary)
-                x = layer(x, batch, cos_sin)
+            step = layer_ops[i]
+            if step is None or cos.shape[-1] != step.head_dim:  # (a partial rotary: the module's apply_rotary)
+                x = self.layers[i](x if delta is None else x + delta, batch, cos_sin)
+                delta = None
                 continue
-            qkv, o_proj, gate_up, down_proj = bare
-            fused = qkv(ops.rms_norm(x, layer.input_layernorm.weight, layer.input_layernorm.eps))
-            qk = fused[:, : attention.qk_width].view(rows, -1, head_dim)
-            if attention.q_norm is not None:  # Qwen3: as LlamaAttention.forward
+            x, hidden = (x, ops.rms_norm(x, *step.input_norm)) if delta is None else \
+                ops.add_rms_norm(x, delta, *step.input_norm)
+            fused = step.qkv(hidden)
+            heads, head_dim = step.heads, step.head_dim
+            qk = fused[:, : step.qk_width].view(rows, -1, head_dim)
+            if step.attention.q_norm is not None:  # Qwen3: as LlamaAttention.forward
+                attention = step.attention
                 qk = torch.cat((attention.q_norm(qk[:, :heads]), attention.k_norm(qk[:, heads:])), dim=1)
             qk = ops.rotary(qk, cos, sin)
-            cache.write(attention.layer_idx, qk[:, heads:],
-                        fused[:, attention.qk_width:].view(rows, kv_heads, head_dim), slots)
-            q, keys, values = qk[:, :heads], *cache.layer(attention.layer_idx)
-            plan = plans.get(attention.window)
+            cache.write(step.layer_idx, qk[:, heads:], fused[:, step.qk_width:].view(rows, step.kv_heads, head_dim),
+                        slots)
+            q, (keys, values) = qk[:, :heads], cache.layer(step.layer_idx)
+            plan = plans.get(step.window)
             if plan is None:  # kernels.paged_attention's plan for the step (per window), shared with the modules
-                plan = plans[attention.window] = step_plan(q, keys, values, attn.block_tables, attn.context_lens,
-                                                           attn.cu_seqlens, 1, attn.scratch, attention.window)
-            context = plan.attend(q, keys, values, head_dim**-0.5)
-            x = x + o_proj(context.reshape(rows, -1))
-            hidden = ops.rms_norm(x, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.eps)
-            x = x + down_proj(ops.silu_and_mul(gate_up(hidden)))
-        return x
+                plan = plans[step.window] = step_plan(q, keys, values, attn.block_tables, attn.context_lens,
+                                                      attn.cu_seqlens, 1, attn.scratch, step.window)
+            context = plan.attend(q, keys, values, step.scale)
+            x, hidden = ops.add_rms_norm(x, step.o_proj(context.reshape(rows, -1)), *step.post_norm)
+            delta = step.down_proj(ops.silu_and_mul(step.gate_up(hidden)))
+        return x if delta is None else x + delta
 
 
-def _layer_products(layer: LlamaDecoderLayer, rows: int, dtype: torch.dtype) -> tuple[Product, ...] | None:
+def _layer_ops(layer: LlamaDecoderLayer, rows: int, dtype: torch.dtype) -> LayerOps | None:
     from .llama import LlamaAttention, LlamaDecoderLayer, LlamaMLP  # llama.py imports this file
 
     attention, mlp = layer.self_attn, layer.mlp
@@ -100,9 +125,12 @@ def _layer_products(layer: LlamaDecoderLayer, rows: int, dtype: torch.dtype) -> 
             or attention.scale != attention.head_dim**-0.5:  # Gemma's norms, capped or rescaled scores
         return None
     linears = (attention.qkv, attention.o_proj, mlp.gate_up, mlp.down_proj)
-    norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
-    if not mlp.fused_silu or any(m.format is None for m in linears) or any(w.dtype != dtype for w in norms):
+    norms = (layer.input_layernorm, layer.post_attention_layernorm)
+    if not mlp.fused_silu or any(m.format is None for m in linears) or any(n.weight.dtype != dtype for n in norms):
         return None
     # a layer with a bias (Qwen2's q/k/v) projects as its module does, bias included
-    return tuple(m.format.bare_product(rows, dtype) if m.bias is None else partial(m.project, bias=m.bias)
-                 for m in linears)
+    products = (m.format.bare_product(rows, dtype) if m.bias is None else partial(m.project, bias=m.bias)
+                for m in linears)
+    return LayerOps(*products, *((n.weight, n.eps) for n in norms), attention, attention.layer_idx,
+                    attention.num_heads, attention.num_kv_heads, attention.head_dim, attention.qk_width,
+                    attention.window, attention.scale)

@@ -115,8 +115,7 @@ class DenseWeight:
         """What `__call__` runs for `rows` contiguous rows of `dtype` outside autograd, without a bias, as bare a
         call as it gets (the decode loop of models/llama_decode.py: each wrapper costs about 10 us in a step)."""
         if self.gemv and rows <= q.FLOAT16_GEMV_ROWS:
-            weight, gemv = self.weight, torch.ops.energon_hf.float_gemv
-            return lambda x: q.gemv(gemv, x, weight)
+            return _gemv_product(torch.ops.energon_hf.float_gemv, (self.weight,))
         if self.packed is not None:
             packed = self.packed
             return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
@@ -204,7 +203,7 @@ class Int8Weight:
             weights, expansion = (self.q, self.expansion_scale), self.expansion
             return lambda x: q.int8_dense_matmul(x, *weights, dtype=expansion)
         if self.gemv:
-            return _gemv_product(torch.ops.energon_hf.int8_gemv, (self.q, self.scale), dtype)
+            return _gemv_product(torch.ops.energon_hf.int8_gemv, (self.q, self.scale))
         return self
 
     @property
@@ -269,7 +268,7 @@ class Int4Weight:
         weights, expansion = (self.nibbles, self.table, self.group_size), self.expansion
         if rows >= q.INT4_DENSE_ROWS and self.expands:
             return lambda x: q.int4_dense_matmul(x, *weights, dtype=expansion)
-        return _gemv_product(torch.ops.energon_hf.int4_gemv, weights, dtype)
+        return _gemv_product(torch.ops.energon_hf.int4_gemv, weights)
 
     @property
     def nbytes(self) -> int:
@@ -316,11 +315,9 @@ def _bias_gelu(out: torch.Tensor, bias: torch.Tensor | None, gelu: str | None) -
     return F.gelu(out, approximate=gelu) if bias is None else kernels.bias_gelu(out, bias, gelu)
 
 
-def _gemv_product(op, weights: tuple, dtype: torch.dtype) -> Product:
-    """A compiled GEMV on 2-D rows: called bare on float32 rows; others cast (quantized.gemv)."""
-    if dtype == torch.float32:
-        return lambda x: op(x, *weights)
-    return lambda x: q.gemv(op, x, *weights)
+def _gemv_product(op, weights: tuple) -> Product:
+    """A compiled GEMV called bare on contiguous 2-D rows (it takes and returns every dtype of compiled.DTYPES)."""
+    return lambda x: op(x, *weights)
 
 
 def linear_format(weight: torch.Tensor, quantization: Quantization | None, pack: bool,

@@ -1,5 +1,5 @@
 // Products of a few rows (decode steps: one token per running sequence) with weights that are read from memory
-// once per step: x [M, K] float32 times W^T, W [N, K] held as float16, bfloat16, float32, int8 in groups of
+// once per step: x [M, K] (float32, or half precision widened to it) times W^T, W [N, K] held as float16, bfloat16, float32, int8 in groups of
 // scales, or int4 nibbles with a float16 (scale, min) per group. Each weight is decoded to float32 in registers
 // and multiplied with float32 activations, accumulated in float32: the result is the float32 product with the
 // stored weights, to float32 rounding, where torch's CPU kernels for int4, int8 and half weights round the
@@ -479,10 +479,21 @@ at::Tensor run_rows(const Rows& rows, const at::Tensor& x, int64_t N) {
   return out;
 }
 
-void check_input(const at::Tensor& x, int64_t K, const char* op) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(), op,
-              ": x must be a contiguous [rows, in] float32 tensor");
+// x [rows, in] in float32 for the kernels: as given, or widened from float16 / bfloat16 here (a decode step's few
+// rows) rather than by two more torch ops per product around the call (about 7 us each in a half-precision step
+// of SmolLM2: 240 of them).
+at::Tensor widened_input(const at::Tensor& x, int64_t K, const char* op) {
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK((dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16) && x.dim() == 2 &&
+                  x.is_contiguous(),
+              op, ": x must be a contiguous [rows, in] float32, float16 or bfloat16 tensor");
   TORCH_CHECK(x.size(1) == K, op, ": x has ", x.size(1), " input features, the weight ", K);
+  return dtype == at::kFloat ? x : x.to(at::kFloat);
+}
+
+// The float32 product in x's dtype (rounded to nearest even, as torch's cast).
+at::Tensor in_dtype_of(const at::Tensor& x, const at::Tensor& out) {
+  return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
 }
 
 at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& nibbles, const at::Tensor& dm, int64_t group) {
@@ -493,9 +504,9 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& nibbles, const at::T
   const int64_t groups = K / group;
   TORCH_CHECK(dm.scalar_type() == at::kHalf && dm.is_contiguous() && dm.sizes() == at::IntArrayRef({N, groups, 2}),
               "int4_gemv: dm must be a contiguous [out, in / group, 2] float16 tensor");
-  check_input(x, K, "int4_gemv");
+  const at::Tensor xf = widened_input(x, K, "int4_gemv");
   std::vector<float> xsum(x.size(0) * groups);  // each group's sum of x, for the min term
-  const float* xp = x.data_ptr<float>();
+  const float* xp = xf.data_ptr<float>();
   for (int64_t i = 0; i < static_cast<int64_t>(xsum.size()); ++i) {
     float sum = 0.f;
     for (int64_t k = 0; k < group; ++k) sum += xp[i * group + k];
@@ -503,7 +514,7 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& nibbles, const at::T
   }
   Int4Rows rows{nibbles.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(dm.data_ptr<at::Half>()),
                 xsum.data(), K, group, groups};
-  return run_rows(rows, x, N);
+  return in_dtype_of(x, run_rows(rows, xf, N));
 }
 
 at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale) {
@@ -513,10 +524,10 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.dim() == 2 && scale.size(0) == N &&
                   scale.size(1) > 0 && K % scale.size(1) == 0,
               "int8_gemv: scale must be a contiguous [out, groups] float32 tensor that divides ", K, " features");
-  check_input(x, K, "int8_gemv");
+  const at::Tensor xf = widened_input(x, K, "int8_gemv");
   const int64_t groups = scale.size(1);
   Int8Rows rows{q.data_ptr<int8_t>(), scale.data_ptr<float>(), K, K / groups, groups};
-  return run_rows(rows, x, N);
+  return in_dtype_of(x, run_rows(rows, xf, N));
 }
 
 at::Tensor float_gemv(const at::Tensor& x, const at::Tensor& weight) {
@@ -524,9 +535,9 @@ at::Tensor float_gemv(const at::Tensor& x, const at::Tensor& weight) {
   TORCH_CHECK((dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16) && weight.dim() == 2 &&
                   weight.is_contiguous(),
               "float_gemv: weight must be a contiguous [out, in] float32, float16 or bfloat16 tensor");
-  check_input(x, weight.size(1), "float_gemv");
+  const at::Tensor xf = widened_input(x, weight.size(1), "float_gemv");
   FloatRows rows{weight.data_ptr(), dtype == at::kFloat ? 0 : dtype == at::kHalf ? 1 : 2, weight.size(1)};
-  return run_rows(rows, x, weight.size(0));
+  return in_dtype_of(x, run_rows(rows, xf, weight.size(0)));
 }
 
 bool gemv_vectorized() {
