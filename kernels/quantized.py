@@ -46,9 +46,10 @@ INT4_DENSE_ROWS = 40
 # table it keeps for lookups from there (SmolLM2's head, cold: 14.3 against 16.3 ms at 32 rows, 20.9 against 20.0
 # at 48; 5.1 against 20.9 at 8).
 INT8_HEAD_GEMV_ROWS = 40
-# float16 weights take the compiled kernel up to FLOAT16_GEMV_ROWS rows: 114 / 222 / 454 us against F.linear's
-# 230 / 456 / 553 (at 16 rows 924 against 741).
-FLOAT16_GEMV_ROWS = 8
+# float16 weights take the compiled kernel up to FLOAT16_GEMV_ROWS rows. SmolLM2 in float16, generate at batch
+# 8 / 12 / 16 / 24 / 32 / 48 (one process, alternating, 2026-12-07, the four-row kernel): 201 / 243 / 266 / 287 /
+# 294 / 299 new tokens/s through it against F.linear's 153 / 204 / 236 / 278 / 293 / 324.
+FLOAT16_GEMV_ROWS = 24
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 kernels take
 _INT4_CPU_ROWS = 16  # torch's CPU int4 packing needs out_features divisible by this
 

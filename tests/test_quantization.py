@@ -335,13 +335,13 @@ def test_tiny_llama_int4_at_tp2_and_pp2_equals_tp1(llama_q):
                                                 ("int4", "float32", q.INT4_DENSE_ROWS + 2),
                                                 ("int8", "float32", q.INT8_DENSE_ROWS + 1),
                                                 ("int8", "bfloat16", 3), (None, "bfloat16", 3), (None, "float16", 3),
-                                                (None, "float16", 9), ("bias", "float32", 3), ("qwen2", "float32", 3),
-                                                ("qwen3", "float32", 3)])
+                                                (None, "float16", q.FLOAT16_GEMV_ROWS + 1), ("bias", "float32", 3),
+                                                ("qwen2", "float32", 3), ("qwen3", "float32", 3)])
 def test_the_decode_loop_gives_the_modules_logits_bit_for_bit(llama_q, tmp_path_factory, method, dtype, batch,
                                                               monkeypatch):
     """Llama's decode steps on CPU run as one loop of bare ops (models/llama_decode.py): every decode step's
     logits equal the modules' exactly, for float32, half precision and both quantized formats, at row counts on
-    both sides of each GEMV's threshold (int4 expands from 40 rows, int8 from 32, float16 takes F.linear past 8);
+    both sides of each GEMV's threshold (int4 expands from 40 rows, int8 from 32, float16 takes F.linear past 24);
     layers with biases (Llama's options, Qwen2's q/k/v) project with them in the loop, Qwen3's q/k norms run there
     too, and Qwen2's sliding layer attends through its own window's plan."""
     path = llama_q
