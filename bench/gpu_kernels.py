@@ -156,6 +156,24 @@ def run_checks(s: Sizes, measure: Callable) -> dict[str, dict]:
         "matched": close(kernels.paged_attention(*args), attention.paged_attention(*args)),
         "speedup_over_torch": measure(lambda: attention.paged_attention(*args)) / t_ours,
         "kv_GBps": kv_read / t_ours / 1e9, "fraction_of_copy": kv_read / t_ours / copy_bw}
+
+    # Weight-only int4 and int8 products of one decode row (an MLP's up projection), against dequantizing the weight
+    # and F.linear (what the formats did on CUDA before the kernels): bytes are the weight's as it is held.
+    from energon_hf.kernels import quantized
+    width = -(-s.hidden // 32) * 32  # whole groups of 32
+    w = torch.randn(4 * width, width, generator=gen)
+    row = rand(1, width)
+    q4, scale, zero = quantized.quantize_int4(w, 32)
+    int4 = (quantized.pack_nibbles(q4, 32).to(s.device), quantized.scales_and_mins(scale, zero).to(s.device), 32)
+    q8, scale8 = quantized.quantize_int8(w)
+    int8 = (q8.to(s.device), scale8.float().reshape(-1, 1).to(s.device))
+    cases = {"int4_decode_product": (kernels.int4_linear, quantized.int4_linear, int4, int4[:2]),
+             "int8_decode_product": (kernels.int8_linear, quantized.int8_linear, int8, int8)}
+    for name, (ours, theirs, args, held) in cases.items():
+        moved, t_ours = nbytes(*held), measure(lambda: ours(row, *args))  # noqa: B023
+        results[name] = {"matched": close(ours(row, *args), theirs(row, *args)),
+                         "speedup_over_dequantize": measure(lambda: theirs(row, *args)) / t_ours,  # noqa: B023
+                         "weight_GBps": moved / t_ours / 1e9, "fraction_of_copy": moved / t_ours / copy_bw}
     return results
 
 

@@ -16,7 +16,7 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
-from . import attention, compiled, elementwise, linear, padding
+from . import attention, compiled, elementwise, linear, padding, quantized
 
 BACKENDS = ("torch", "triton")
 
@@ -41,6 +41,9 @@ _IMPLEMENTATIONS: dict[str, dict[str, Callable]] = {
     **{op: {"torch": getattr(elementwise, op), "triton": _triton("triton_elementwise", op)}
        for op in ("bias_gelu", "silu_and_mul", "layer_norm", "add_layer_norm", "rms_norm")},
     "rotary": {"torch": elementwise.rotary, "triton": elementwise.rotary},  # no Triton kernel: torch's four ops
+    # weight-only quantized products off the CPU (the CPU's own kernels are the formats' business: nn/formats.py)
+    **{op: {"torch": getattr(quantized, op), "triton": _triton("triton_quantized", op)}
+       for op in ("int4_linear", "int8_linear")},
 }
 
 
@@ -148,3 +151,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     return get_kernel("rotary", x.device)(x, cos, signed_sin)
+
+
+def int4_linear(x: torch.Tensor, nibbles: torch.Tensor, table: torch.Tensor, group_size: int) -> torch.Tensor:
+    """x @ W^T, W in nibbles and a (scale, min) table per group (quantized.pack_nibbles, scales_and_mins)."""
+    return get_kernel("int4_linear", x.device)(x, nibbles, table, group_size)
+
+
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x @ W^T, W = q * scale (scale [out, groups] float32)."""
+    return get_kernel("int8_linear", x.device)(x, q, scale)

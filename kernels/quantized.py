@@ -116,6 +116,25 @@ def scales_and_mins(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
     return torch.stack([scale, zero - 8 * scale], dim=-1).half().contiguous()
 
 
+def unpack_nibbles(nibbles: torch.Tensor, table: torch.Tensor, group_size: int,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The weight [out, in] that pack_nibbles' bytes and a scales_and_mins table hold: q * scale + min."""
+    groups = nibbles.view(nibbles.shape[0], -1, group_size // 2)
+    q = torch.cat((groups & 15, groups >> 4), dim=-1).float()
+    return (q * table[..., :1].float() + table[..., 1:].float()).reshape(nibbles.shape[0], -1).to(dtype)
+
+
+def int4_linear(x: torch.Tensor, nibbles: torch.Tensor, table: torch.Tensor, group_size: int) -> torch.Tensor:
+    """x @ W^T for a nibbles-and-table weight, dequantized to x's dtype: the reference of the device kernel
+    (kernels.int4_linear; triton_quantized.py)."""
+    return F.linear(x, unpack_nibbles(nibbles, table, group_size, x.dtype))
+
+
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x @ W^T for W = q * scale, dequantized to x's dtype: the reference of the device kernel."""
+    return F.linear(x, dequantize_int8(q, scale, x.dtype))
+
+
 def pack_nibbles(q: torch.Tensor, group_size: int) -> torch.Tensor:
     """q [out, in] in 0..15 as [out, in / 2] bytes, group by group: byte i of a group holds the group's element i in
     its low half and element i + group_size / 2 in its high half (dequantize_int4_into's layout)."""

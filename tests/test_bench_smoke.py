@@ -23,7 +23,8 @@ def test_gpu_kernels_script(tmp_path):
     pytest.importorskip("triton")
     result = _run("gpu_kernels.py", tmp_path / "gpu.json")
     assert result["device"].startswith("cpu")
-    assert {"remove_padding", "varlen_attention_equal", "paged_attention_decode", "rms_norm"} <= set(result["kernels"])
+    assert {"remove_padding", "varlen_attention_equal", "paged_attention_decode", "rms_norm", "int4_decode_product",
+            "int8_decode_product"} <= set(result["kernels"])
     assert all(figures.get("matched", True) for figures in result["kernels"].values())
 
 

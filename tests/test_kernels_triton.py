@@ -139,3 +139,31 @@ def test_attention_half_precision(dtype):
     got = kernels.varlen_attention(q.to(dtype), k.to(dtype), v.to(dtype), cu, max(lengths), True)
     expected = kernels.attention.varlen_attention(q, k, v, cu, max(lengths), True)
     assert got.dtype == dtype and (got.float() - expected).abs().max() < 2e-2
+
+
+@pytest.mark.parametrize("rows", [1, 20, 70])  # a decode row, a 64-row block with a masked tail, two blocks
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_quantized_products_equal_the_dequantized_reference(rows, dtype):
+    """int4 nibbles with a (scale, min) table per group (32 and 64) and int8 with per-channel or grouped scales
+    (plus a width no block divides: the reference runs): x @ W^T in x's dtype, equal to F.linear on the
+    dequantized weight to float32 rounding (float16: the weight tile is rounded to float16 for the product)."""
+    from energon_hf.kernels import quantized as q
+
+    torch.manual_seed(rows)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-3
+    x = torch.randn(rows, 128).to(DEVICE, dtype)
+    w = torch.randn(70, 128)
+
+    def check(got, weight):
+        expected = x.double() @ weight.double().t()
+        assert got.dtype == dtype and got.shape == expected.shape
+        assert (got.double() - expected).abs().max() <= tolerance * expected.abs().max()
+
+    for group in (32, 64):
+        nibbles, table = (t.to(DEVICE) for t in (q.pack_nibbles(q.quantize_int4(w, group)[0], group),
+                                                 q.scales_and_mins(*q.quantize_int4(w, group)[1:])))
+        check(kernels.int4_linear(x, nibbles, table, group), q.unpack_nibbles(nibbles, table, group))
+    q8, scale = q.quantize_int8(w)
+    for scales in (scale.float().reshape(70, 1), torch.rand(70, 4), torch.rand(70, 16)):  # 16: groups of 8
+        q8d, scales = q8.to(DEVICE), scales.contiguous().to(DEVICE)
+        check(kernels.int8_linear(x, q8d, scales), q.dequantize_int8(q8d, scales))

@@ -1,12 +1,12 @@
 """The models through the Triton kernels (the CUDA path), run by Triton's interpreter on CPU: the same parity
 with transformers as the torch path, for an encoder (exact GELU, bidirectional), GPT-2 (tanh GELU, learned
 positions, paged decode), Llama (GQA, RMSNorm, SiLU-and-multiply, rotary), Mistral (sliding windows) and Gemma 2
-(capped scores)."""
+(capped scores), and Llama with int4 / int8 weights."""
 
 import pytest
 import torch
 import transformers
-from helpers import assert_forward_matches, assert_greedy_matches, padded_batch
+from helpers import assert_forward_matches, assert_greedy_matches, max_diff_on_real, padded_batch
 from test_parity_llama import LLAMA_TINY
 from test_parity_llama_family import save_tiny
 
@@ -54,3 +54,22 @@ def test_windowed_and_capped_attention_forward_and_greedy(tmp_path, arch):
     ids, mask = padded_batch(LENGTHS, 128, "left")
     assert_forward_matches(ours, hf, ids, mask)
     assert_greedy_matches(ours, hf, ids, mask, max_new_tokens=6)
+
+
+@pytest.mark.parametrize("quantization", ["int4", "int8"])
+def test_llama_quantized_layers_on_the_triton_kernels(tmp_path, quantization, monkeypatch):
+    """Weight-only int4 / int8 layers on the Triton path (kernels/triton_quantized.py, CUDA's): every product
+    dequantizes its weight tiles in registers. Logits equal the torch path's exact products on the same quantized
+    weights ("-exact": float32 GEMV and expansions) to float32 rounding, and greedy tokens are equal."""
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA_TINY)).save_pretrained(tmp_path)
+    ids, mask = padded_batch(LENGTHS, 128, "left")
+    kwargs = dict(attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    ours = EnergonModel.from_pretrained(tmp_path, quantization=quantization)
+    assert ours.model.model.layers[0].mlp.down_proj.format.on_device
+    logits, tokens = ours(input_ids=ids, attention_mask=mask).logits, ours.generate(ids, **kwargs)
+    monkeypatch.setenv("ENERGON_HF_KERNELS", "torch")
+    reference = EnergonModel.from_pretrained(tmp_path, quantization=f"{quantization}-exact")
+    assert not reference.model.model.layers[0].mlp.down_proj.format.on_device
+    assert max_diff_on_real(logits, reference(input_ids=ids, attention_mask=mask).logits, mask) <= 1e-4
+    assert torch.equal(tokens, reference.generate(ids, **kwargs))

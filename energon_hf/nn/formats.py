@@ -14,7 +14,8 @@ A layer's weight is loaded as a plain float tensor (this rank's shard), then han
   Both run their products of few rows (decode steps) in float32 through the compiled GEMV where it built, and
   expand the weight to bfloat16 for the dense GEMM from kernels/quantized.*_DENSE_ROWS rows on (prompts, large
   decode batches) where torch's bfloat16 GEMM is oneDNN's (to float32 with Quantization(exact=True)); torch's
-  quantized kernels would cost a GEMV per row.
+  quantized kernels would cost a GEMV per row. Where the Triton kernels run (CUDA), every product dequantizes
+  its tiles in registers (kernels/triton_quantized.py).
 
 `Quantization` says which format each layer gets.
 """
@@ -156,7 +157,8 @@ class Int8Weight:
 
     On CPU, products of fewer than INT8_DENSE_ROWS rows run the compiled float32 kernel (csrc/gemv.cpp; without it,
     torch's int8 kernel with bfloat16 activations, per-channel scales only), larger ones expand the weight to
-    `expansion` for the dense GEMM. Other devices dequantize on the fly."""
+    `expansion` for the dense GEMM. Where the Triton kernels run (CUDA), every product goes through
+    kernels.int8_linear. Other devices dequantize on the fly."""
 
     def __init__(self, q8: torch.Tensor, scale: torch.Tensor, expansion: torch.dtype | None = q.CPU_COMPUTE_DTYPE):
         """`expansion`: bfloat16 (oneDNN's GEMM, where torch's bfloat16 GEMM is oneDNN's), float32 (the layers of
@@ -169,7 +171,8 @@ class Int8Weight:
         self.q = q8.contiguous()
         self.scale = scale.float().reshape(self.out_features, -1).contiguous()  # [out, groups]
         self.group_size = self.in_features // self.scale.shape[1]
-        cpu = q8.device.type == "cpu"
+        self.on_device = _device_kernels(q8.device)
+        cpu = q8.device.type == "cpu" and not self.on_device
         self.gemv = cpu and q.gemv_available()  # decided at load, as Int4Weight's form
         bfloat16 = cpu and expansion == q.CPU_COMPUTE_DTYPE
         # torch's int8 kernel (few rows without the GEMV) and its `q * scale` expansion (without the compiled ops)
@@ -186,6 +189,8 @@ class Int8Weight:
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None, gelu: str | None = None,
                  keep_compute_dtype: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
         records = q.records_grad(x)
+        if self.on_device:  # the kernel has no backward: products autograd records run the reference
+            return _bias_gelu((q.int8_linear if records else kernels.int8_linear)(x, self.q, self.scale), bias, gelu)
         if self.expands and (x.numel() >= q.INT8_DENSE_ROWS * self.in_features or records):
             return q.int8_dense_matmul(x, self.q, self.expansion_scale, bias, gelu, keep_compute_dtype,
                                        dtype=self.expansion)
@@ -221,7 +226,8 @@ class Int4Weight:
     On CPU it takes one of two forms at load. With the compiled GEMV: nibbles and a float16 (scale, min) table,
     which products of fewer than INT4_DENSE_ROWS rows multiply in float32 (csrc/gemv.cpp) and larger ones (and
     products autograd records) expand to `expansion` for the dense GEMM. Without it: torch's packed int4 kernel
-    (bfloat16 activations), or with a float32 `expansion` the dequantized weight. Other devices dequantize on the
+    (bfloat16 activations), or with a float32 `expansion` the dequantized weight. Where the Triton kernels run
+    (CUDA): nibbles and the table, every product through kernels.int4_linear. Other devices dequantize on the
     fly."""
 
     def __init__(self, q4: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
@@ -233,9 +239,10 @@ class Int4Weight:
         self.nibbles = self.table = self.packed = self.scales_and_zeros = self.parts = None
         self.expansion = expansion
         exact = expansion == torch.float32
-        cpu = q4.device.type == "cpu"
+        self.on_device = _device_kernels(q4.device)
+        cpu = q4.device.type == "cpu" and not self.on_device
         self.expands = cpu and (exact or q.fast_bfloat16_gemm())
-        if cpu and q.gemv_available():
+        if self.on_device or (cpu and q.gemv_available()):
             self.nibbles, self.table = q.pack_nibbles(q4, self.group_size), q.scales_and_mins(scale, zero)
         elif not exact and q.int4_kernel_fits(self.out_features, self.in_features, self.group_size, q4.device):
             self.packed, self.scales_and_zeros = q.pack_int4(q4, scale, zero)
@@ -249,7 +256,10 @@ class Int4Weight:
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None, gelu: str | None = None,
                  keep_compute_dtype: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
-        if self.nibbles is not None:
+        if self.on_device:  # the kernel has no backward: products autograd records run the reference
+            product = q.int4_linear if q.records_grad(x) else kernels.int4_linear
+            out = product(x, self.nibbles, self.table, self.group_size)
+        elif self.nibbles is not None:
             many = x.numel() >= q.INT4_DENSE_ROWS * self.in_features and self.expands
             if many or q.records_grad(x):
                 return q.int4_dense_matmul(x, self.nibbles, self.table, self.group_size, bias, gelu,
@@ -263,7 +273,7 @@ class Int4Weight:
 
     def bare_product(self, rows: int, dtype: torch.dtype) -> Product:
         """As DenseWeight.bare_product."""
-        if self.nibbles is None:
+        if self.nibbles is None or self.on_device:
             return self
         weights, expansion = (self.nibbles, self.table, self.group_size), self.expansion
         if rows >= q.INT4_DENSE_ROWS and self.expands:
@@ -306,6 +316,12 @@ class RowSplitWeight:
 
 
 LinearWeight = DenseWeight | Int8Weight | Int4Weight | RowSplitWeight
+
+
+def _device_kernels(device: torch.device) -> bool:
+    """Whether a quantized weight on `device` multiplies through the dispatch's Triton kernels (CUDA; on CPU only
+    where ENERGON_HF_KERNELS=triton forces them, as the tests do under Triton's interpreter)."""
+    return kernels.backend_for(device) == "triton"
 
 
 def _bias_gelu(out: torch.Tensor, bias: torch.Tensor | None, gelu: str | None) -> torch.Tensor:
