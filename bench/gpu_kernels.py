@@ -171,7 +171,8 @@ def run_checks(s: Sizes, measure: Callable) -> dict[str, dict]:
              "int8_decode_product": (kernels.int8_linear, quantized.int8_linear, int8, int8)}
     for name, (ours, theirs, args, held) in cases.items():
         moved, t_ours = nbytes(*held), measure(lambda: ours(row, *args))  # noqa: B023
-        results[name] = {"matched": close(ours(row, *args), theirs(row, *args)),
+        got, expected = ours(row, *args).float(), theirs(row, *args).float()  # sums of `width` products: relative
+        results[name] = {"matched": (got - expected).abs().max().item() <= tol * expected.abs().max().item(),
                          "speedup_over_dequantize": measure(lambda: theirs(row, *args)) / t_ours,  # noqa: B023
                          "weight_GBps": moved / t_ours / 1e9, "fraction_of_copy": moved / t_ours / copy_bw}
     return results

@@ -64,7 +64,7 @@ class KVCache:
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """Store the packed new tokens' K/V [T, kv_heads, head_dim] at their slots."""
         keys, values = self._layers[layer - self.first_layer]
-        if self._compiled_write:
+        if self._compiled_write and not (k.requires_grad and torch.is_grad_enabled()):  # (the op has no backward)
             torch.ops.energon_hf.kv_cache_write(keys, values, k, v, slot_mapping)
             return
         keys.view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k)

@@ -35,7 +35,7 @@ OPS = ("paged_decode", "dequantize_int4_into", "dequantize_int8_into", "int4_gem
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]
 _lock = threading.Lock()
 # The dtypes the elementwise, attention and GEMV ops take (the GEMVs' weights are their own formats): half precision is
-# widened to float32 as it is loaded and computed there (csrc/half.h).
+# widened to float32 (csrc/half.h; the GEMVs widen their few rows of x before the product) and computed there.
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 

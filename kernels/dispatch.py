@@ -153,11 +153,18 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torc
     return get_kernel("rotary", x.device)(x, cos, signed_sin)
 
 
+def _differentiable(op: str, x: torch.Tensor) -> Callable:
+    """The op's kernel, or its torch reference where autograd records the product (the kernels have no backward)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _IMPLEMENTATIONS[op]["torch"]
+    return get_kernel(op, x.device)
+
+
 def int4_linear(x: torch.Tensor, nibbles: torch.Tensor, table: torch.Tensor, group_size: int) -> torch.Tensor:
     """x @ W^T, W in nibbles and a (scale, min) table per group (quantized.pack_nibbles, scales_and_mins)."""
-    return get_kernel("int4_linear", x.device)(x, nibbles, table, group_size)
+    return _differentiable("int4_linear", x)(x, nibbles, table, group_size)
 
 
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x @ W^T, W = q * scale (scale [out, groups] float32)."""
-    return get_kernel("int8_linear", x.device)(x, q, scale)
+    return _differentiable("int8_linear", x)(x, q, scale)

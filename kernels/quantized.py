@@ -1,5 +1,5 @@
 """Weight-only quantized products: int8 per output channel or in groups, int4 in groups along the input (torch
-implementation and the dispatch to the compiled CPU kernels).
+implementation, the references of the Triton kernels, and the dispatch to the compiled CPU kernels).
 
 Activations stay floating point. On CPU with the compiled ops (kernels/compiled.py), products of few rows (decode
 steps: fewer than INT8_DENSE_ROWS / INT4_DENSE_ROWS) run csrc/gemv.cpp: each weight is decoded to float32 in
@@ -8,8 +8,9 @@ and int8 kernels round the activations to bfloat16 (about 4e-3 relative error pe
 free-running greedy agreement of SmolLM2's 4-bit model with its float32 model from 100 % to 72 %
 (bench/quality.py, 8 prompts x 64 tokens); they also cost two casts per product. Products of more rows (prompts,
 large decode batches) expand the weight to bfloat16 for the dense GEMM. Without the compiled ops, torch's
-kernels run (with float32 activations they are 6-20x slower, so the product casts to bfloat16 and back). Every
-other device (and shapes the CPU kernels refuse) runs the reference: dequantize, then F.linear.
+kernels run (with float32 activations they are 6-20x slower, so the product casts to bfloat16 and back). CUDA
+runs the Triton kernels (triton_quantized.py, through the dispatch: int4_linear / int8_linear); every other
+device (and shapes the kernels refuse) runs the reference: dequantize, then F.linear.
 
 Formats (the portable form, from which each device packs its own):
 - int8: q [out, in] int8, scale [out] or [out, in / group]: w = q * scale.
@@ -49,7 +50,9 @@ INT8_HEAD_GEMV_ROWS = 40
 # float16 weights take the compiled kernel up to FLOAT16_GEMV_ROWS rows. SmolLM2 in float16, generate at batch
 # 8 / 12 / 16 / 24 / 32 / 48 (one process, alternating, 2026-12-07, the four-row kernel): 201 / 243 / 266 / 287 /
 # 294 / 299 new tokens/s through it against F.linear's 153 / 204 / 236 / 278 / 293 / 324.
-FLOAT16_GEMV_ROWS = 24
+# Measured where AVX-512 builds the four-row kernel; the 256-bit row_dot alone had lost to F.linear from 16 rows
+# (924 against 741 us), so other hosts keep 8.
+FLOAT16_GEMV_ROWS = 24 if "avx512f" in compiled.cpu_flags() else 8
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 kernels take
 _INT4_CPU_ROWS = 16  # torch's CPU int4 packing needs out_features divisible by this
 

@@ -605,7 +605,7 @@ def test_compiled_add_rms_norm_is_the_add_then_rms_norm_bit_for_bit(shape, dtype
 
 
 @pytest.mark.skipif(not compiled.available(), reason="no C++ compiler: the compiled CPU ops cannot build here")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_kv_cache_write_stores_what_index_copy_stores(dtype):
     """KVCache.write's compiled op (both caches in one call): keys as a slice of fused rows (a token stride), values
     with heads that are not dense, at scattered slots, equal to torch's index_copy_; a slot outside the cache is

@@ -159,10 +159,15 @@ def test_quantized_products_equal_the_dequantized_reference(rows, dtype):
         assert got.dtype == dtype and got.shape == expected.shape
         assert (got.double() - expected).abs().max() <= tolerance * expected.abs().max()
 
-    for group in (32, 64):
-        nibbles, table = (t.to(DEVICE) for t in (q.pack_nibbles(q.quantize_int4(w, group)[0], group),
-                                                 q.scales_and_mins(*q.quantize_int4(w, group)[1:])))
-        check(kernels.int4_linear(x, nibbles, table, group), q.unpack_nibbles(nibbles, table, group))
+    for group in (32, 64, 128):
+        q4, scale, zero = q.quantize_int4(w, group)
+        nibbles, table = q.pack_nibbles(q4, group).to(DEVICE), q.scales_and_mins(scale, zero).to(DEVICE)
+        check(kernels.int4_linear(x, nibbles, table, group), q.dequantize_int4(q4, scale, zero))
+    q4, scale, zero = q.quantize_int4(w, 32)  # 3-D rows, as a model's [batch, tokens, hidden] would come
+    got = kernels.int4_linear(x.view(1, rows, 128), q.pack_nibbles(q4, 32).to(DEVICE),
+                              q.scales_and_mins(scale, zero).to(DEVICE), 32)
+    assert got.shape == (1, rows, 70)
+    check(got[0], q.dequantize_int4(q4, scale, zero))
     q8, scale = q.quantize_int8(w)
     for scales in (scale.float().reshape(70, 1), torch.rand(70, 4), torch.rand(70, 16)):  # 16: groups of 8
         q8d, scales = q8.to(DEVICE), scales.contiguous().to(DEVICE)

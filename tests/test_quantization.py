@@ -211,17 +211,20 @@ def test_products_autograd_records_stay_differentiable():
             assert relative_error(x.grad, dense.sum(0).expand(3, -1)) < EXACT
 
 
-def test_float16_weights_take_the_gemv_for_few_rows():
-    """float16 weights (no oneDNN packing) run the compiled kernel up to FLOAT16_GEMV_ROWS rows: float32
-    accumulation of the float16 products, rounded once to float16, as a float16 F.linear."""
+def test_float16_weights_take_the_gemv_for_few_rows(monkeypatch):
+    """float16 weights (no oneDNN packing) run the compiled kernel up to FLOAT16_GEMV_ROWS rows, F.linear past it:
+    float32 accumulation of the float16 products, rounded once to float16, as a float16 F.linear."""
     torch.manual_seed(0)
     weight = torch.randn(40, 64).half()
     fmt = DenseWeight(weight)
+    calls, original = [], torch.ops.energon_hf.float_gemv
+    monkeypatch.setattr(torch.ops.energon_hf, "float_gemv", lambda *a: calls.append(a[0].shape[0]) or original(*a))
     for rows in (1, q.FLOAT16_GEMV_ROWS, q.FLOAT16_GEMV_ROWS + 1):
         x = torch.randn(rows, 64).half()
         got = fmt(x)
         assert got.dtype == torch.float16
         assert relative_error(got, x.float() @ weight.float().t()) < 1e-3
+    assert calls == [1, q.FLOAT16_GEMV_ROWS]
 
 
 @pytest.mark.skipif(not compiled.available(), reason="no C++ compiler: the compiled CPU ops cannot build here")
@@ -366,10 +369,37 @@ def test_the_decode_loop_gives_the_modules_logits_bit_for_bit(llama_q, tmp_path_
 
     looped = steps_and_tokens()
     assert len(loops) == 5  # every step after the prompts'
+    assert all(ops is not None for ops in ours.model.decode_loop.layer_ops(batch, getattr(torch, dtype)))  # bare
     monkeypatch.setattr(LlamaDecodeLoop, "applies", staticmethod(lambda x, batch: False))
     modules = steps_and_tokens()
     assert len(loops) == 5 and len(looped) == len(modules) == 7
     assert all(torch.equal(a, b) for a, b in zip(looped, modules, strict=True))
+
+
+@pytest.mark.skipif(not compiled.available(), reason="no C++ compiler: the decode loop runs on the compiled ops")
+def test_the_decode_loop_hands_a_pending_residual_to_a_module_layer(llama_q, monkeypatch):
+    """A layer the loop cannot run bare runs its module; the residual the bare layer before it left pending is
+    added first: logits bit for bit the modules' (layer 1 of 2 made to fall back)."""
+    from energon_hf.models import llama_decode
+
+    ours = EnergonModel.from_pretrained(llama_q, quantization="int4")
+    ids, mask = padded_batch(MIXED_LENGTHS[:3], 128, "left")
+    original = llama_decode._layer_ops
+    monkeypatch.setattr(llama_decode, "_layer_ops", lambda layer, *a: None if layer.self_attn.layer_idx == 1
+                        else original(layer, *a))
+
+    def logits() -> list:
+        steps, run = [], ours.batcher.runner.run
+        monkeypatch.setattr(ours.batcher.runner, "run", lambda b, **kw: steps.append(run(b, **kw)["logits"]) or
+                            {"logits": steps[-1]})
+        ours.generate(ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        monkeypatch.setattr(ours.batcher.runner, "run", run)
+        return steps
+
+    mixed = logits()
+    assert [ops is None for ops in ours.model.decode_loop.layer_ops(3, torch.float32)] == [False, True]
+    monkeypatch.setattr(LlamaDecodeLoop, "applies", staticmethod(lambda x, batch: False))
+    assert all(torch.equal(a, b) for a, b in zip(mixed, logits(), strict=True))
 
 
 def test_a_pre_sharded_folder_quantizes_as_it_loads(llama_q, tmp_path):

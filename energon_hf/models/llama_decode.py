@@ -28,7 +28,7 @@ from energon_hf.nn.norm import RMSNorm
 from energon_hf.parallel import state
 
 if TYPE_CHECKING:
-    from .llama import LlamaAttention, LlamaDecoderLayer
+    from .llama import LlamaDecoderLayer
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,14 +42,13 @@ class LayerOps:
     down_proj: Product
     input_norm: tuple[torch.Tensor, float]  # (weight, eps)
     post_norm: tuple[torch.Tensor, float]
-    attention: LlamaAttention  # for Qwen3's q/k norms
+    qk_norms: tuple[nn.Module, nn.Module] | None  # Qwen3's RMSNorms over each query and key head
     layer_idx: int
     heads: int
     kv_heads: int
     head_dim: int
     qk_width: int
     window: int | None
-    scale: float
 
 
 class LlamaDecodeLoop:
@@ -96,9 +95,9 @@ class LlamaDecodeLoop:
             fused = step.qkv(hidden)
             heads, head_dim = step.heads, step.head_dim
             qk = fused[:, : step.qk_width].view(rows, -1, head_dim)
-            if step.attention.q_norm is not None:  # Qwen3: as LlamaAttention.forward
-                attention = step.attention
-                qk = torch.cat((attention.q_norm(qk[:, :heads]), attention.k_norm(qk[:, heads:])), dim=1)
+            if step.qk_norms is not None:  # Qwen3: as LlamaAttention.forward
+                q_norm, k_norm = step.qk_norms
+                qk = torch.cat((q_norm(qk[:, :heads]), k_norm(qk[:, heads:])), dim=1)
             qk = ops.rotary(qk, cos, sin)
             cache.write(step.layer_idx, qk[:, heads:], fused[:, step.qk_width:].view(rows, step.kv_heads, head_dim),
                         slots)
@@ -107,7 +106,7 @@ class LlamaDecodeLoop:
             if plan is None:  # kernels.paged_attention's plan for the step (per window), shared with the modules
                 plan = plans[step.window] = step_plan(q, keys, values, attn.block_tables, attn.context_lens,
                                                       attn.cu_seqlens, 1, attn.scratch, step.window)
-            context = plan.attend(q, keys, values, step.scale)
+            context = plan.attend(q, keys, values, head_dim**-0.5)  # (_layer_ops takes no other scale)
             x, hidden = ops.add_rms_norm(x, step.o_proj(context.reshape(rows, -1)), *step.post_norm)
             delta = step.down_proj(ops.silu_and_mul(step.gate_up(hidden)))
         return x if delta is None else x + delta
@@ -129,8 +128,10 @@ def _layer_ops(layer: LlamaDecoderLayer, rows: int, dtype: torch.dtype) -> Layer
     if not mlp.fused_silu or any(m.format is None for m in linears) or any(n.weight.dtype != dtype for n in norms):
         return None
     # a layer with a bias (Qwen2's q/k/v) projects as its module does, bias included
-    products = (m.format.bare_product(rows, dtype) if m.bias is None else partial(m.project, bias=m.bias)
-                for m in linears)
-    return LayerOps(*products, *((n.weight, n.eps) for n in norms), attention, attention.layer_idx,
-                    attention.num_heads, attention.num_kv_heads, attention.head_dim, attention.qk_width,
-                    attention.window, attention.scale)
+    qkv, o_proj, gate_up, down_proj = (m.format.bare_product(rows) if m.bias is None else
+                                       partial(m.project, bias=m.bias) for m in linears)
+    return LayerOps(qkv=qkv, o_proj=o_proj, gate_up=gate_up, down_proj=down_proj,
+                    input_norm=(norms[0].weight, norms[0].eps), post_norm=(norms[1].weight, norms[1].eps),
+                    qk_norms=None if attention.q_norm is None else (attention.q_norm, attention.k_norm),
+                    layer_idx=attention.layer_idx, heads=attention.num_heads, kv_heads=attention.num_kv_heads,
+                    head_dim=attention.head_dim, qk_width=attention.qk_width, window=attention.window)

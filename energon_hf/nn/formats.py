@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from energon_hf import kernels
 from energon_hf.kernels import compiled
 from energon_hf.kernels import quantized as q
+from energon_hf.kernels.dispatch import triton_installed
 from energon_hf.kernels.linear import amx_cpu
 from energon_hf.kernels.linear import linear as torch_linear
 
@@ -94,7 +95,7 @@ class DenseWeight:
         self.dtype = weight.dtype
         self.packed = _onednn_packed(weight)
         self.weight = weight.detach() if self.packed is None else None  # the same memory, without autograd
-        # float16 has no oneDNN packing; torch's CPU GEMV for it is 2x slower than ours (kernels/quantized.py)
+        # float16 has no oneDNN packing; few rows run our GEMV, faster than torch's (kernels/quantized.py)
         self.gemv = weight.device.type == "cpu" and weight.dtype == torch.float16 and q.gemv_available()
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None, gelu: str | None = None,
@@ -112,8 +113,8 @@ class DenseWeight:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none" if gelu is None else "gelu", [],
                                                   "" if gelu is None else gelu)
 
-    def bare_product(self, rows: int, dtype: torch.dtype) -> Product:
-        """What `__call__` runs for `rows` contiguous rows of `dtype` outside autograd, without a bias, as bare a
+    def bare_product(self, rows: int) -> Product:
+        """What `__call__` runs for `rows` contiguous rows outside autograd, without a bias, as bare a
         call as it gets (the decode loop of models/llama_decode.py: each wrapper costs about 10 us in a step)."""
         if self.gemv and rows <= q.FLOAT16_GEMV_ROWS:
             return _gemv_product(torch.ops.energon_hf.float_gemv, (self.weight,))
@@ -189,8 +190,8 @@ class Int8Weight:
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None, gelu: str | None = None,
                  keep_compute_dtype: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
         records = q.records_grad(x)
-        if self.on_device:  # the kernel has no backward: products autograd records run the reference
-            return _bias_gelu((q.int8_linear if records else kernels.int8_linear)(x, self.q, self.scale), bias, gelu)
+        if self.on_device:
+            return _bias_gelu(kernels.int8_linear(x, self.q, self.scale), bias, gelu)
         if self.expands and (x.numel() >= q.INT8_DENSE_ROWS * self.in_features or records):
             return q.int8_dense_matmul(x, self.q, self.expansion_scale, bias, gelu, keep_compute_dtype,
                                        dtype=self.expansion)
@@ -199,10 +200,10 @@ class Int8Weight:
         elif self.kernel_scale is not None and self.group_size == self.in_features:  # per-channel scales only
             out = q.int8_matmul(x, self.q, self.kernel_scale[:, 0])
         else:
-            out = F.linear(x, q.dequantize_int8(self.q, self.scale, x.dtype))
+            out = q.int8_linear(x, self.q, self.scale)
         return _bias_gelu(out, bias, gelu)
 
-    def bare_product(self, rows: int, dtype: torch.dtype) -> Product:
+    def bare_product(self, rows: int) -> Product:
         """As DenseWeight.bare_product."""
         if self.expands and rows >= q.INT8_DENSE_ROWS:
             weights, expansion = (self.q, self.expansion_scale), self.expansion
@@ -256,9 +257,8 @@ class Int4Weight:
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None, gelu: str | None = None,
                  keep_compute_dtype: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
-        if self.on_device:  # the kernel has no backward: products autograd records run the reference
-            product = q.int4_linear if q.records_grad(x) else kernels.int4_linear
-            out = product(x, self.nibbles, self.table, self.group_size)
+        if self.on_device:
+            out = kernels.int4_linear(x, self.nibbles, self.table, self.group_size)
         elif self.nibbles is not None:
             many = x.numel() >= q.INT4_DENSE_ROWS * self.in_features and self.expands
             if many or q.records_grad(x):
@@ -271,7 +271,7 @@ class Int4Weight:
             out = F.linear(x, q.dequantize_int4(*self.parts, x.dtype))
         return _bias_gelu(out, bias, gelu)
 
-    def bare_product(self, rows: int, dtype: torch.dtype) -> Product:
+    def bare_product(self, rows: int) -> Product:
         """As DenseWeight.bare_product."""
         if self.nibbles is None or self.on_device:
             return self
@@ -319,9 +319,9 @@ LinearWeight = DenseWeight | Int8Weight | Int4Weight | RowSplitWeight
 
 
 def _device_kernels(device: torch.device) -> bool:
-    """Whether a quantized weight on `device` multiplies through the dispatch's Triton kernels (CUDA; on CPU only
-    where ENERGON_HF_KERNELS=triton forces them, as the tests do under Triton's interpreter)."""
-    return kernels.backend_for(device) == "triton"
+    """Whether a quantized weight on `device` multiplies through the dispatch's Triton kernels (CUDA with the triton
+    package; on CPU only where ENERGON_HF_KERNELS=triton forces them, as the tests do under Triton's interpreter)."""
+    return kernels.backend_for(device) == "triton" and triton_installed()
 
 
 def _bias_gelu(out: torch.Tensor, bias: torch.Tensor | None, gelu: str | None) -> torch.Tensor:

@@ -1,13 +1,14 @@
 // Products of a few rows (decode steps: one token per running sequence) with weights that are read from memory
-// once per step: x [M, K] (float32, or half precision widened to it) times W^T, W [N, K] held as float16, bfloat16, float32, int8 in groups of
-// scales, or int4 nibbles with a float16 (scale, min) per group. Each weight is decoded to float32 in registers
+// once per step: x [M, K] (float32, or half precision widened to it) times W^T, W [N, K] held as float16,
+// bfloat16, float32, int8 in groups of scales, or int4 nibbles with a float16 (scale, min) per group; the output
+// in x's dtype. Each weight is decoded to float32 in registers
 // and multiplied with float32 activations, accumulated in float32: the result is the float32 product with the
 // stored weights, to float32 rounding, where torch's CPU kernels for int4, int8 and half weights round the
 // activations to bfloat16 first (about 4e-3 relative error per product; on SmolLM2's 4-bit model that took
 // free-running greedy agreement with float32 from 100 % to 72 %). Every decoded weight vector serves up to
 // ROW_TILE rows of x.
 //
-// Each format's row_dot runs on 256-bit vectors (AVX2, FMA, F16C). int4 and int8 also take four weight rows per
+// Each format's row_dot runs on 256-bit vectors (AVX2, FMA, F16C). Every format also takes four weight rows per
 // call on 512-bit vectors where AVX-512 is compiled in (four_rows_dot). An earlier 512-bit row_dot had lost to
 // the 256-bit one in place (an int4 product took 99 us after the step's glue against 54 us right after another
 // product: the switch into AVX-512's frequency license); the four-row kernels win in place as well: SmolLM2's
@@ -387,9 +388,11 @@ struct FloatRows {
   int kind;
   int64_t K;
 
-  // out[t * 4 + r] for half-precision weight rows n .. n + 4 (false: not offered): each 16 weights widened on
-  // 512-bit vectors, four rows sharing the loads of x, as the quantized formats' kernels. SmolLM2 in float16 at
-  // batch 1, one process, alternating: 53.7 against 46.5 new tokens/s for row_dot alone (2-core Xeon, 2026-12-07).
+  // out[t * 4 + r] for weight rows n .. n + 4 (false: not offered): each 16 weights widened on 512-bit vectors,
+  // four rows sharing the loads of x, as the quantized formats' kernels. SmolLM2 in float16 at batch 1, one
+  // process, alternating: 53.7 against 46.5 new tokens/s for row_dot alone (2-core Xeon, 2026-12-07). The loop
+  // repeats Int8Rows' on purpose: one helper taking the weights' load as a lambda (per element type) made
+  // SmolLM2's 121 float16 products 17.1-20.5 against 14.5-16.3 ms and its int8 ones 8.6-9.7 against 8.0-8.7.
   template <int T>
   bool four_rows_dot(int64_t n, const float* x, int64_t ldx, int64_t, float* out) const {
 #ifdef ENERGON_WIDE
@@ -513,8 +516,8 @@ at::Tensor run_rows(const Rows& rows, const at::Tensor& x, int64_t N) {
 }
 
 // x [rows, in] in float32 for the kernels: as given, or widened from float16 / bfloat16 here (a decode step's few
-// rows) rather than by two more torch ops per product around the call (about 7 us each in a half-precision step
-// of SmolLM2: 240 of them).
+// rows). The casts in and out (in_dtype_of) stay in C++, where callers had made them two more Python-level torch
+// ops per product (240 in a half-precision SmolLM2 step).
 at::Tensor widened_input(const at::Tensor& x, int64_t K, const char* op) {
   const auto dtype = x.scalar_type();
   TORCH_CHECK((dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16) && x.dim() == 2 &&
