@@ -211,20 +211,25 @@ def test_products_autograd_records_stay_differentiable():
             assert relative_error(x.grad, dense.sum(0).expand(3, -1)) < EXACT
 
 
-def test_float16_weights_take_the_gemv_for_few_rows(monkeypatch):
-    """float16 weights (no oneDNN packing) run the compiled kernel up to FLOAT16_GEMV_ROWS rows, F.linear past it:
-    float32 accumulation of the float16 products, rounded once to float16, as a float16 F.linear."""
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_plain_float_weights_take_the_gemv_for_its_row_counts(monkeypatch, dtype):
+    """Plain float weights (float16: no oneDNN packing; float32 where packing does not pay) run the compiled kernel
+    for the row counts of quantized.float_gemv_rows (float16 up to FLOAT16_GEMV_ROWS, float32 FLOAT32_GEMV_ROWS),
+    F.linear for the others: float32 accumulation, rounded once to the weight's dtype, as F.linear."""
     torch.manual_seed(0)
-    weight = torch.randn(40, 64).half()
+    weight = torch.randn(40, 64).to(dtype)
     fmt = DenseWeight(weight)
     calls, original = [], torch.ops.energon_hf.float_gemv
     monkeypatch.setattr(torch.ops.energon_hf, "float_gemv", lambda *a: calls.append(a[0].shape[0]) or original(*a))
-    for rows in (1, q.FLOAT16_GEMV_ROWS, q.FLOAT16_GEMV_ROWS + 1):
-        x = torch.randn(rows, 64).half()
+    counts = (1, 2, 3, 16, 17, q.FLOAT16_GEMV_ROWS, q.FLOAT16_GEMV_ROWS + 1)
+    for rows in counts:
+        x = torch.randn(rows, 64).to(dtype)
         got = fmt(x)
-        assert got.dtype == torch.float16
-        assert relative_error(got, x.float() @ weight.float().t()) < 1e-3
-    assert calls == [1, q.FLOAT16_GEMV_ROWS]
+        assert got.dtype == dtype
+        assert relative_error(got, x.float() @ weight.float().t()) < (1e-3 if dtype == torch.float16 else 1e-5)
+    assert calls == [rows for rows in counts if fmt.gemv and rows in q.float_gemv_rows(dtype)]
+    if fmt.gemv and dtype == torch.float16:
+        assert calls[0] == 1 and calls[-1] == q.FLOAT16_GEMV_ROWS
 
 
 @pytest.mark.skipif(not compiled.available(), reason="no C++ compiler: the compiled CPU ops cannot build here")
@@ -338,13 +343,15 @@ def test_tiny_llama_int4_at_tp2_and_pp2_equals_tp1(llama_q):
                                                 ("int4", "float32", q.INT4_DENSE_ROWS + 2),
                                                 ("int8", "float32", q.INT8_DENSE_ROWS + 1),
                                                 ("int8", "bfloat16", 3), (None, "bfloat16", 3), (None, "float16", 3),
-                                                (None, "float16", q.FLOAT16_GEMV_ROWS + 1), ("bias", "float32", 3),
+                                                (None, "float16", q.FLOAT16_GEMV_ROWS + 1), (None, "float32", 17),
+                                                ("bias", "float32", 3),
                                                 ("qwen2", "float32", 3), ("qwen3", "float32", 3)])
 def test_the_decode_loop_gives_the_modules_logits_bit_for_bit(llama_q, tmp_path_factory, method, dtype, batch,
                                                               monkeypatch):
     """Llama's decode steps on CPU run as one loop of bare ops (models/llama_decode.py): every decode step's
     logits equal the modules' exactly, for float32, half precision and both quantized formats, at row counts on
-    both sides of each GEMV's threshold (int4 expands from 40 rows, int8 from 32, float16 takes F.linear past 24);
+    both sides of each GEMV's threshold (int4 expands from 40 rows, int8 from 32, float16 takes F.linear past 24,
+    float32 from 17);
     layers with biases (Llama's options, Qwen2's q/k/v) project with them in the loop, Qwen3's q/k norms run there
     too, and Qwen2's sliding layer attends through its own window's plan."""
     path = llama_q

@@ -7,8 +7,10 @@ A layer's weight is loaded as a plain float tensor (this rank's shard), then han
   2-core AMD EPYC over SmolLM2-135M's 211 matrices, cold weights, float32: 26 ms per step at 1 token against
   F.linear's 45 ms, 24 against 39 ms at 8 tokens, 55 against 82 ms at 32; bfloat16: 13.5 ms at 1 token, 175
   against 213 ms at 256. On the 2-core Xeon float32 packing loses (26.3 against 16.9 ms for the 120 layer
-  matrices at 1 token) and bfloat16's wins. float16 has no packing; few rows run the compiled GEMV
-  (kernels/quantized.py).
+  matrices at 1 token) and bfloat16's wins. A plain weight (float16 has no packing; float32 on those Xeons) runs
+  the compiled GEMV for the row counts where it beats torch's product (kernels/quantized.float_gemv_rows: float16
+  up to 24 rows, float32 3-16; SmolLM2 float32 generate at batch 4 / 8 / 16: 92.7 / 135.7 / 179.7 against 65.4 /
+  98.8 / 159.4 new tokens/s through F.linear).
 - `Int8Weight`: int8 per output channel, or in groups (GGUF's Q8_0), weight-only.
 - `Int4Weight`: int4 in groups along the input features (weight-only).
   Both run their products of few rows (decode steps) in float32 through the compiled GEMV where it built, and
@@ -95,8 +97,10 @@ class DenseWeight:
         self.dtype = weight.dtype
         self.packed = _onednn_packed(weight)
         self.weight = weight.detach() if self.packed is None else None  # the same memory, without autograd
-        # float16 has no oneDNN packing; few rows run our GEMV, faster than torch's (kernels/quantized.py)
-        self.gemv = weight.device.type == "cpu" and weight.dtype == torch.float16 and q.gemv_available()
+        # a plain weight (float16 has no oneDNN packing; float32 where packing does not pay) runs our GEMV for the
+        # row counts where it beats torch's (kernels/quantized.float_gemv_rows)
+        self.gemv = weight.device.type == "cpu" and self.weight is not None and weight.is_contiguous() \
+            and q.gemv_available()
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None, gelu: str | None = None,
                  keep_compute_dtype: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -105,7 +109,7 @@ class DenseWeight:
         that dtype (the quantized formats' expansions: bfloat16); this one computes in x's. `out`: a buffer the
         plain weight's product of many rows writes into (batch.StepBuffers); the other forms, and the quantized
         formats, which compute elsewhere, return a new tensor."""
-        if self.gemv and x.numel() <= q.FLOAT16_GEMV_ROWS * self.in_features and not q.records_grad(x):
+        if self.gemv and x.numel() // self.in_features in q.float_gemv_rows(self.dtype) and not q.records_grad(x):
             return _bias_gelu(q.gemv(torch.ops.energon_hf.float_gemv, x, self.weight), bias, gelu)
         if self.packed is None:
             return kernels.linear(x, self.weight, bias, out) if gelu is None else \
@@ -116,7 +120,7 @@ class DenseWeight:
     def bare_product(self, rows: int) -> Product:
         """What `__call__` runs for `rows` contiguous rows outside autograd, without a bias, as bare a
         call as it gets (the decode loop of models/llama_decode.py: each wrapper costs about 10 us in a step)."""
-        if self.gemv and rows <= q.FLOAT16_GEMV_ROWS:
+        if self.gemv and rows in q.float_gemv_rows(self.dtype):
             return _gemv_product(torch.ops.energon_hf.float_gemv, (self.weight,))
         if self.packed is not None:
             packed = self.packed
