@@ -8,6 +8,7 @@ per run.
     .venv/bin/python -P bench/run.py --gpu           # CUDA, fp16 (one card: tp > 1 is skipped)
     .venv/bin/python -P bench/run.py --only runtime tp_scaling
     .venv/bin/python -P bench/run.py --readme        # also rewrite README.md's results table from this run
+    .venv/bin/python -P bench/run.py --only decode --readme   # re-run one; the table keeps the published others
 
 Each experiment is its own script (`bench/<name>.py`, runnable alone) and runs in its own process, so that
 thread settings, memory peaks and worker processes never leak from one to the next. The suite writes
@@ -46,6 +47,22 @@ EXPERIMENTS: dict[str, tuple[str, list[str], list[str]]] = {
     # CTranslate2 where the peers extra is installed.
     "embeddings": ("embedding_quality.py", ["--peers-if-installed"], ["--repeats", "1"]),
 }
+
+
+def merged_with_published(suite: dict, published_path: Path) -> dict:
+    """A partial run (--only) published with --readme: the published suite with this run's experiments in place of
+    its own, each marked `rerun` with this run's start, so the README's table stays whole and says which tables
+    came later."""
+    if not published_path.is_file():
+        return suite
+    published = json.loads(published_path.read_text())
+    experiments = {}
+    for name in EXPERIMENTS:
+        if name in suite["experiments"]:
+            experiments[name] = {**suite["experiments"][name], "rerun": suite["started"]}
+        elif name in published["experiments"]:
+            experiments[name] = published["experiments"][name]
+    return {**published, "experiments": experiments}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {name}: exit {code} in {elapsed:.0f} s", flush=True)
     suite["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     (out / "suite.json").write_text(json.dumps(suite, indent=2, default=str) + "\n")
+    if args.readme and args.only:
+        suite = merged_with_published(suite, BENCH / "published" / mode / "suite.json")
     plots = make_plots(suite, out)
     print(f"-> {out / 'suite.json'}" + "".join(f"\n-> {p}" for p in plots))
     if args.readme:

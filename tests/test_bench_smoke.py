@@ -136,3 +136,24 @@ def test_cpu_attention(tmp_path, dtype):
     result = _run("cpu_attention.py", tmp_path / "attention.json", "--dtype", dtype)
     assert result["args"]["dtype"] == dtype and [row["batch"] for row in result["rows"]] == [2, 5]
     assert all(row["in place ms"] > 0 and row["keys"] > 0 for row in result["rows"])
+
+
+def test_a_partial_run_keeps_the_published_tables(tmp_path, monkeypatch):
+    """bench/run.py --only X --readme: X's new entry replaces the published one, marked with this run's start, the
+    published others stay (in the suite's order), and the README's header names the re-run table."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import report
+    import run
+
+    machine = dict(cpu_count=2, machine="x86_64", torch_threads=2, torch="t", transformers="t", loadavg_1_5_15=[0.5])
+    published = {"mode": "cpu", "started": "base", "machine": machine,
+                 "experiments": {"runtime": {"exit": 0, "old": 1}, "decode": {"exit": 0, "old": 2}}}
+    (tmp_path / "suite.json").write_text(json.dumps(published))
+    partial = {"mode": "cpu", "started": "later", "machine": machine, "experiments": {"decode": {"exit": 0, "new": 3}}}
+    merged = run.merged_with_published(partial, tmp_path / "suite.json")
+    assert merged["started"] == "base" and list(merged["experiments"]) == ["runtime", "decode"]
+    assert merged["experiments"] == {"runtime": {"exit": 0, "old": 1},
+                                     "decode": {"exit": 0, "new": 3, "rerun": "later"}}
+    assert "Re-run alone later on the same machine (`bench/run.py --only ... --readme`): decode (later)." in \
+        report.results_markdown(merged, ["bench/published/cpu/x.png"])
+    assert run.merged_with_published(partial, tmp_path / "missing.json") is partial
