@@ -21,9 +21,10 @@ def padded_batch(lengths: list[int], vocab: int, side: str, seed: int = 0) -> tu
 
 
 def max_diff_on_real(ours: torch.Tensor, theirs: torch.Tensor, mask: torch.Tensor) -> float:
-    """Max abs difference over non-pad positions of [B, S, ...] tensors."""
-    keep = mask.bool()
-    return (ours[keep].float() - theirs[keep].float()).abs().max().item()
+    """Max abs difference over non-pad positions of [B, S, ...] tensors (compared on CPU: a GPU run's sides may
+    come back on different devices)."""
+    keep = mask.bool().cpu()
+    return (ours.cpu()[keep].float() - theirs.cpu()[keep].float()).abs().max().item()
 
 
 def first_real_index(mask: torch.Tensor) -> torch.Tensor:
@@ -38,7 +39,7 @@ def assert_greedy_matches(ours, hf, ids: torch.Tensor, mask: torch.Tensor, max_n
         expected = hf.generate(ids, attention_mask=mask, **kwargs)
     got = ours.generate(ids, attention_mask=mask, **kwargs)
     assert got.shape == expected.shape
-    assert torch.equal(got, expected)
+    assert torch.equal(got.cpu(), expected.cpu())
     return got
 
 

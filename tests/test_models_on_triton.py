@@ -3,6 +3,8 @@ with transformers as the torch path, for an encoder (exact GELU, bidirectional),
 positions, paged decode), Llama (GQA, RMSNorm, SiLU-and-multiply, rotary), Mistral (sliding windows) and Gemma 2
 (capped scores), and Llama with int4 / int8 weights."""
 
+import os
+
 import pytest
 import torch
 import transformers
@@ -14,6 +16,17 @@ from energon_hf import EnergonModel
 
 pytest.importorskip("triton")
 LENGTHS = [3, 17, 1, 9]
+# On a GPU (bench/gpu_kernels.py runs this file with TRITON_INTERPRET=0) the models, transformers' and ours, and
+# their inputs live on it; under the interpreter, on CPU.
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+
+
+def load(path, **kwargs) -> EnergonModel:
+    return EnergonModel.from_pretrained(path, device=DEVICE, **kwargs)
+
+
+def batch(vocab: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return tuple(t.to(DEVICE) for t in padded_batch(LENGTHS, vocab, side))
 
 
 @pytest.fixture(autouse=True)
@@ -23,14 +36,14 @@ def force_triton(monkeypatch):
 
 def test_bert_forward(tiny):
     path = tiny.make("BertModel")
-    ids, mask = padded_batch(LENGTHS, 100, "right")
-    assert_forward_matches(EnergonModel.from_pretrained(path), tiny.hf("BertModel"), ids, mask, "last_hidden_state")
+    ids, mask = batch(100, "right")
+    assert_forward_matches(load(path), tiny.hf("BertModel").to(DEVICE), ids, mask, "last_hidden_state")
 
 
 def test_gpt2_forward_and_greedy(tiny):
     path = tiny.make("GPT2LMHeadModel")
-    ours, hf = EnergonModel.from_pretrained(path), tiny.hf("GPT2LMHeadModel")
-    ids, mask = padded_batch(LENGTHS, 128, "left")
+    ours, hf = load(path), tiny.hf("GPT2LMHeadModel").to(DEVICE)
+    ids, mask = batch(128, "left")
     assert_forward_matches(ours, hf, ids, mask)
     assert_greedy_matches(ours, hf, ids, mask, max_new_tokens=6)
 
@@ -38,9 +51,9 @@ def test_gpt2_forward_and_greedy(tiny):
 def test_llama_gqa_forward_and_greedy(tmp_path):
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA_TINY)).save_pretrained(tmp_path)
-    ours = EnergonModel.from_pretrained(tmp_path)
-    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
-    ids, mask = padded_batch(LENGTHS, 128, "left")
+    ours = load(tmp_path)
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval().to(DEVICE)
+    ids, mask = batch(128, "left")
     assert_forward_matches(ours, hf, ids, mask)
     assert_greedy_matches(ours, hf, ids, mask, max_new_tokens=6)
 
@@ -49,9 +62,9 @@ def test_llama_gqa_forward_and_greedy(tmp_path):
 def test_windowed_and_capped_attention_forward_and_greedy(tmp_path, arch):
     """Mistral: every layer slides over 12 keys, shorter than the 17-token prompt and its decodes. Gemma 2:
     soft-capped scores in the kernel, local layers sliding over 8 keys."""
-    hf = save_tiny(tmp_path, arch)
-    ours = EnergonModel.from_pretrained(tmp_path)
-    ids, mask = padded_batch(LENGTHS, 128, "left")
+    hf = save_tiny(tmp_path, arch).to(DEVICE)
+    ours = load(tmp_path)
+    ids, mask = batch(128, "left")
     assert_forward_matches(ours, hf, ids, mask)
     assert_greedy_matches(ours, hf, ids, mask, max_new_tokens=6)
 
@@ -63,13 +76,13 @@ def test_llama_quantized_layers_on_the_triton_kernels(tmp_path, quantization, mo
     weights ("-exact": float32 GEMV and expansions) to float32 rounding, and greedy tokens are equal."""
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA_TINY)).save_pretrained(tmp_path)
-    ids, mask = padded_batch(LENGTHS, 128, "left")
+    ids, mask = batch(128, "left")
     kwargs = dict(attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False)
-    ours = EnergonModel.from_pretrained(tmp_path, quantization=quantization)
+    ours = load(tmp_path, quantization=quantization)
     assert ours.model.model.layers[0].mlp.down_proj.format.on_device
     logits, tokens = ours(input_ids=ids, attention_mask=mask).logits, ours.generate(ids, **kwargs)
     monkeypatch.setenv("ENERGON_HF_KERNELS", "torch")
-    reference = EnergonModel.from_pretrained(tmp_path, quantization=f"{quantization}-exact")
+    reference = load(tmp_path, quantization=f"{quantization}-exact")
     assert not reference.model.model.layers[0].mlp.down_proj.format.on_device
     assert max_diff_on_real(logits, reference(input_ids=ids, attention_mask=mask).logits, mask) <= 1e-4
     assert torch.equal(tokens, reference.generate(ids, **kwargs))
