@@ -155,7 +155,7 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torc
 
 def _differentiable(op: str, x: torch.Tensor) -> Callable:
     """The op's kernel, or its torch reference where autograd records the product (the kernels have no backward)."""
-    if torch.is_grad_enabled() and x.requires_grad:
+    if quantized.records_grad(x):
         return _IMPLEMENTATIONS[op]["torch"]
     return get_kernel(op, x.device)
 

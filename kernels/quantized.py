@@ -47,17 +47,20 @@ INT4_DENSE_ROWS = 40
 # table it keeps for lookups from there (SmolLM2's head, cold: 14.3 against 16.3 ms at 32 rows, 20.9 against 20.0
 # at 48; 5.1 against 20.9 at 8).
 INT8_HEAD_GEMV_ROWS = 40
+_WIDE_GEMV = "avx512f" in compiled.cpu_flags()  # the -march=native build has csrc/gemv.cpp's four-row kernels
 # float16 weights take the compiled kernel up to FLOAT16_GEMV_ROWS rows. SmolLM2 in float16, generate at batch
 # 8 / 12 / 16 / 24 / 32 / 48 (one process, alternating, 2026-12-07, the four-row kernel): 201 / 243 / 266 / 287 /
 # 294 / 299 new tokens/s through it against F.linear's 153 / 204 / 236 / 278 / 293 / 324.
 # Measured where AVX-512 builds the four-row kernel; the 256-bit row_dot alone had lost to F.linear from 16 rows
 # (924 against 741 us), so other hosts keep 8.
-FLOAT16_GEMV_ROWS = 24 if "avx512f" in compiled.cpu_flags() else 8
+FLOAT16_GEMV_ROWS = 24 if _WIDE_GEMV else 8
 # float32 weights held plain (where oneDNN's packing does not pay: formats.onednn_packing_pays) take the four-row
 # kernel for these row counts. SmolLM2's 120 layer matrices, cold, one process alternating, at 1 / 2 / 4 / 8 / 12 /
 # 16 / 20 / 24 / 32 rows: 22.4 / 22.7 / 25.2 / 30.1 / 33.8 / 38.1 / 45.8 / 47.8 / 56.2 ms against F.linear's 18.1 /
 # 20.9 / 34.1 / 40.0 / 45.7 / 42.4 / 48.0 / 47.7 / 52.2 (its GEMV for one row reads faster than ours).
-FLOAT32_GEMV_ROWS = range(3, 17) if "avx512f" in compiled.cpu_flags() else range(0)
+FLOAT32_GEMV_ROWS = range(3, 17) if _WIDE_GEMV else range(0)
+INT4_GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 kernels take
+_INT4_CPU_ROWS = 16  # torch's CPU int4 packing needs out_features divisible by this
 
 
 def float_gemv_rows(dtype: torch.dtype) -> range:
@@ -65,8 +68,6 @@ def float_gemv_rows(dtype: torch.dtype) -> range:
     if dtype == torch.float16:
         return range(1, FLOAT16_GEMV_ROWS + 1)
     return FLOAT32_GEMV_ROWS if dtype == torch.float32 else range(0)
-INT4_GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 kernels take
-_INT4_CPU_ROWS = 16  # torch's CPU int4 packing needs out_features divisible by this
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
