@@ -166,13 +166,15 @@ def load_model(folder: Path, dtype: torch.dtype, device: torch.device | str,
     loaded (the others stay on the meta device). Each layer's weight is then held as `quantization` asks,
     and packed for the device's fastest product unless `pack` is off (weights that are to be saved).
     """
-    model = empty_model(load_config(folder))
+    config = load_config(folder)
+    model = empty_model(config)
     st = state()
     wanted = None
     if st.pp_size > 1:
         layers = stage_layers(len(model.layer_list), st.pp_size, st.pp_rank)
         wanted = model.stage_params(layers, st.is_first_stage, st.is_last_stage)
-    plan = FormatPlan(quantization, pack, model.tied_embedding() if st.is_last_stage else None)
+    plan = FormatPlan(quantization, pack, model.tied_embedding() if st.is_last_stage else None,
+                      panels=architecture_for(config).can_generate)
     manifest = read_manifest(folder)
     if manifest is not None:  # pre-sharded by energon_hf.convert: this rank's own file
         load_rank(model, folder, manifest, st.rank, dtype, torch.device(device), wanted, plan)

@@ -11,6 +11,11 @@ A layer's weight is loaded as a plain float tensor (this rank's shard), then han
   the compiled GEMV for the row counts where it beats torch's product (kernels/quantized.float_gemv_rows: float16
   up to 24 rows, float32 3-16; SmolLM2 float32 generate at batch 4 / 8 / 16: 92.7 / 135.7 / 179.7 against 65.4 /
   98.8 / 159.4 new tokens/s through F.linear).
+- `PanelWeight`: a generating model's float32 weight in column panels (kernels/panels.py), where the kernel is
+  built (AVX-512) and the weight would otherwise be plain: every product through csrc/panel_gemm.cpp, whose decode
+  steps of 2-128 rows run 1.1-1.8x faster than F.linear's. SmolLM2 float32 through the serving benchmark's 64
+  requests (the model's batcher at the server's 512-token budget, processes alternating, 2026-12-07): 17.9 / 19.2
+  against 20.2 / 19.6 s, its decode steps of 48-64 rows 109-113 against 128-132 ms.
 - `Int8Weight`: int8 per output channel, or in groups (GGUF's Q8_0), weight-only.
 - `Int4Weight`: int4 in groups along the input features (weight-only).
   Both run their products of few rows (decode steps) in float32 through the compiled GEMV where it built, and
@@ -31,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from energon_hf import kernels
-from energon_hf.kernels import compiled
+from energon_hf.kernels import compiled, panels
 from energon_hf.kernels import quantized as q
 from energon_hf.kernels.dispatch import triton_installed
 from energon_hf.kernels.linear import amx_cpu
@@ -154,6 +159,37 @@ def onednn_packing_pays(dtype: torch.dtype) -> bool:
     SmolLM2's layers at one row), where it does on the AMD EPYC. (A calibration at load was tried: on weights
     warm in cache the ranking differs from a decode step's cold weights, so it picked wrongly.)"""
     return dtype == torch.bfloat16 or not amx_cpu()
+
+
+class PanelWeight:
+    """A float32 weight in column panels: products through csrc/panel_gemm.cpp, the bias in its epilogue (kernels/
+    panels.py; nn/formats' header has the numbers). Where autograd records the product, or x is not float32 on
+    CPU, the plain weight is rebuilt for F.linear (a copy per call: such products are rare and not hot)."""
+
+    dtype = torch.float32
+
+    def __init__(self, weight: torch.Tensor):
+        self.out_features, self.in_features = weight.shape
+        self.panels = panels.pack(weight.detach())
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None, gelu: str | None = None,
+                 keep_compute_dtype: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+        if q.records_grad(x) or x.dtype != torch.float32 or x.device.type != "cpu":
+            return _bias_gelu(F.linear(x, panels.unpack(self.panels, self.out_features)), bias, gelu)
+        return _bias_gelu(panels.linear(x, self.panels, self.out_features, bias), None, gelu)
+
+    def bare_product(self, rows: int) -> Product:
+        """`__call__` on contiguous 2-D rows, without a bias (models/llama_decode.py)."""
+        op, held, n = torch.ops.energon_hf.panel_linear, self.panels, self.out_features
+        return lambda x: op(x, held, n, None)
+
+    @property
+    def nbytes(self) -> int:
+        return self.panels.numel() * self.panels.element_size()
+
+    @property
+    def streamed_nbytes(self) -> int:
+        return self.nbytes
 
 
 class Int8Weight:
@@ -319,7 +355,7 @@ class RowSplitWeight:
         return self.few.streamed_nbytes
 
 
-LinearWeight = DenseWeight | Int8Weight | Int4Weight | RowSplitWeight
+LinearWeight = DenseWeight | PanelWeight | Int8Weight | Int4Weight | RowSplitWeight
 
 
 def _device_kernels(device: torch.device) -> bool:
@@ -340,11 +376,13 @@ def _gemv_product(op, weights: tuple) -> Product:
     return lambda x: op(x, *weights)
 
 
-def linear_format(weight: torch.Tensor, quantization: Quantization | None, pack: bool,
-                  name: str) -> LinearWeight | None:
+def linear_format(weight: torch.Tensor, plan: FormatPlan, name: str) -> LinearWeight | None:
     """The format of a linear layer's loaded weight; None: keep the plain parameter (`pack` off)."""
+    quantization = plan.quantization
     if quantization is None:
-        return DenseWeight(weight) if pack else None
+        if not plan.pack:
+            return None
+        return PanelWeight(weight) if plan.panels and panels_pay(weight) else DenseWeight(weight)
     if quantization.method == "int8":
         return Int8Weight.quantize(weight, quantization.expansion)
     if weight.shape[1] % quantization.group_size:
@@ -354,6 +392,13 @@ def linear_format(weight: torch.Tensor, quantization: Quantization | None, pack:
     return Int4Weight.quantize(weight, quantization.group_size, quantization.expansion)
 
 
+def panels_pay(weight: torch.Tensor) -> bool:
+    """Whether a float32 weight goes into column panels here: on CPU where the panel kernel is built and the weight
+    would otherwise stay plain (oneDNN's packing, where it pays, was measured against F.linear only)."""
+    return weight.dtype == torch.float32 and weight.device.type == "cpu" and panels.available() \
+        and not onednn_packing_pays(weight.dtype)
+
+
 @dataclass(frozen=True)
 class FormatPlan:
     """What the loader makes of each layer's weight once it is loaded (`finish_loading` on the layer)."""
@@ -361,6 +406,9 @@ class FormatPlan:
     quantization: Quantization | None = None
     pack: bool = True  # off when the weights are to be saved (the packed forms are device-specific)
     tied_head: str | None = None  # the embedding that is also the vocabulary head, on the rank that runs it
+    # float32 layers in column panels where they pay (`panels_pay`): a generating model's, whose decode steps are
+    # products of a few rows; an encoder's products of thousands of rows run faster through torch's GEMM.
+    panels: bool = False
 
 
 def weight_bytes(model: torch.nn.Module, streamed: bool = False) -> int:

@@ -49,7 +49,7 @@ class Linear(nn.Linear):
 
     def finish_loading(self, plan: FormatPlan, name: str) -> None:
         """Hold the loaded weight in the format `plan` asks for."""
-        self.take_format(linear_format(self.weight, plan.quantization, plan.pack, name))
+        self.take_format(linear_format(self.weight, plan, name))
 
     def take_format(self, weight: LinearWeight | None) -> None:
         """Compute with `weight` from now on (None: keep the plain parameter)."""
