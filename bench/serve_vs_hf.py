@@ -117,10 +117,14 @@ def run_level(url: str, jobs: list[Job], clients: int) -> dict[str, Any]:
 
     def client_thread(index: int) -> None:
         with httpx.Client(timeout=3600) as client:
-            # The connection opens before the clock starts: a client's first request through httpx costs it
-            # ~15 ms of CPU, and 64 of them at once took ~1 s of the server's 2 cores from its first steps
-            # (SmolLM2 float32: 17.1-17.3 s for the 64 requests opened first, 18.1-18.6 s opened on the clock).
-            client.get(url + "/health").raise_for_status()
+            try:
+                # The connection opens before the clock starts: a client's first request through httpx costs it
+                # ~15 ms of CPU, and 64 of them at once took ~1 s of the server's 2 cores from its first steps
+                # (SmolLM2 float32: 17.1-17.3 s for the 64 requests opened first, 18.1-18.6 s opened on the clock).
+                client.get(url + "/health").raise_for_status()
+            except BaseException:
+                ready.abort()  # the other threads and the clock stop waiting; the error is reported below
+                raise
             ready.wait()
             try:
                 for k in range(index, len(jobs), clients):
@@ -136,7 +140,12 @@ def run_level(url: str, jobs: list[Job], clients: int) -> dict[str, Any]:
     threads = [threading.Thread(target=client_thread, args=(i,)) for i in range(clients)]
     for thread in threads:
         thread.start()
-    ready.wait()
+    try:
+        ready.wait()
+    except threading.BrokenBarrierError:  # a client could not reach the server
+        for thread in threads:
+            thread.join()
+        raise RuntimeError(f"a client could not open its connection to {url}") from None
     start = time.perf_counter()
     for thread in threads:
         thread.join()

@@ -29,7 +29,7 @@ SOURCES = [Path(__file__).resolve().parent / "csrc" / name
                         "panel_gemm.cpp")]
 OPS = ("paged_decode", "dequantize_int4_into", "dequantize_int8_into", "int4_gemv", "int8_gemv", "float_gemv",
        "gemv_vectorized", "rms_norm", "add_rms_norm", "silu_and_mul", "rotary", "varlen_attention", "add_layer_norm",
-       "kv_cache_write", "panel_linear")
+       "kv_cache_write", "panel_linear", "panel_linear_out")
 # -march=native: the library is built on, and for, the machine that runs it. -fopenmp compiles at::parallel_for's
 # parallel region; at run time it binds to the OpenMP library torch has already loaded (same soname).
 # -fno-math-errno: sqrt as a plain instruction (glibc's vector expf is never called: see csrc/elementwise.cpp).

@@ -5,9 +5,10 @@ host; measured with cold weights on this project's 2-core machines:
 - AMD EPYC (Zen 4): `W @ x^T` runs 1.2-2.9x faster than `x @ W^T` (F.linear) for SmolLM2's shapes (576x3072,
   1536x576, the 49152-row LM head) at 2 <= rows <= 64: the weight streams through once in its stored row-major
   order. (And oneDNN's packed layout beats both: nn/formats.DenseWeight.)
-- Intel Xeon with AMX: F.linear wins at every row count; SmolLM2's 120 layer matrices at 2 / 8 / 32 rows: 19.4 /
-  38.2 / 46.7 ms against 44.8 / 47.7 / 54.3 with `W @ x^T` and 32.8 / 37.4 / 49.2 packed; at one row 16.9
-  against 26.3 packed.
+- Intel Xeon with AMX: of torch's products F.linear wins at every row count; SmolLM2's 120 layer matrices at 2 / 8
+  / 32 rows: 19.4 / 38.2 / 46.7 ms against 44.8 / 47.7 / 54.3 with `W @ x^T` and 32.8 / 37.4 / 49.2 packed; at one
+  row 16.9 against 26.3 packed. (Our own product on weights in column panels beats it from 2 rows:
+  kernels/panels.py, which generating models' float32 layers take there.)
 Prefill-sized inputs and other devices keep F.linear.
 """
 

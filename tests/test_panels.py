@@ -8,9 +8,12 @@ from helpers import MIXED_LENGTHS, assert_forward_matches, assert_greedy_matches
 
 from energon_hf import EnergonModel
 from energon_hf.kernels import panels
+from energon_hf.kernels.linear import BUFFERED_ROWS, amx_cpu
 from energon_hf.nn.formats import DenseWeight, FormatPlan, PanelWeight, linear_format, panels_pay
 
 needs_panels = pytest.mark.skipif(not panels.available(), reason="the panel kernel needs the compiled ops and AVX-512")
+# Where models take panels: the kernel runs and float32 weights would otherwise stay plain (Xeons with AMX).
+panels_here = pytest.mark.skipif(not panels_pay(torch.empty(1, 1)), reason="float32 weights take no panels here")
 
 
 def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
@@ -27,11 +30,12 @@ def test_pack_holds_the_weight_in_panels_of_32_outputs():
 
 
 @needs_panels
-@pytest.mark.parametrize("out_features,in_features", [(50, 37), (96, 64), (7, 3)])
+@pytest.mark.parametrize("out_features,in_features", [(50, 37), (96, 64), (7, 3), (48, 16), (80, 16)])
 def test_panel_product_matches_float64(out_features, in_features):
     """Every tile shape: 1-6 rows (two panels at a time, an odd panel count's last one alone), 7-12 rows, balanced
-    tiles past 12 (13 = 7 + 6), past the 512-row block; a last panel holding fewer than 16 or 32 outputs; the bias
-    from the epilogue. Within 1e-5 of the float64 product (float32 accumulation over k, in order)."""
+    tiles past 12 (13 = 7 + 6), past the 512-row block; a last panel holding fewer than 16, exactly 16, or 32
+    outputs; sums started from the bias. Within 1e-5 of the float64 product (float32 accumulation over k, in
+    order)."""
     torch.manual_seed(0)
     weight = torch.randn(out_features, in_features, dtype=torch.float64)
     bias = torch.randn(out_features, dtype=torch.float64)
@@ -42,6 +46,18 @@ def test_panel_product_matches_float64(out_features, in_features):
             got = panels.linear(x.float(), held, out_features, None if b is None else b.float())
             assert got.shape == (rows, out_features) and got.dtype == torch.float32
             assert relative_error(got, F.linear(x, weight, b)) < 1e-5, (rows, b is None)
+
+
+@needs_panels
+def test_panel_product_of_empty_rows_and_features_and_into_a_buffer():
+    held = panels.pack(torch.randn(40, 16))
+    assert panels.linear(torch.randn(2, 0, 16), held, 40).shape == (2, 0, 40)
+    assert torch.equal(panels.linear(torch.randn(3, 0), panels.pack(torch.randn(40, 0)), 40), torch.zeros(3, 40))
+    x, out = torch.randn(BUFFERED_ROWS, 16), torch.empty(BUFFERED_ROWS, 40)
+    got = panels.linear(x, held, 40, out=out)
+    assert got.data_ptr() == out.data_ptr() and torch.allclose(got, x @ panels.unpack(held, 40).t(), atol=1e-5)
+    fewer = panels.linear(x[:3], held, 40, out=out)  # decode-sized products keep their own output
+    assert fewer.data_ptr() != out.data_ptr()
 
 
 @needs_panels
@@ -79,6 +95,8 @@ def test_only_generating_models_plan_panels():
     """float32 weights go into panels where a generating model loads them and the kernel runs; encoders, other
     dtypes and saved (unpacked) weights keep their forms."""
     weight = torch.randn(64, 32)
+    if panels.available() and amx_cpu():
+        assert panels_pay(weight)
     assert isinstance(linear_format(weight, FormatPlan(panels=True), "w"), PanelWeight if panels_pay(weight)
                       else DenseWeight)
     assert isinstance(linear_format(weight, FormatPlan(panels=False), "w"), DenseWeight)
@@ -86,7 +104,7 @@ def test_only_generating_models_plan_panels():
     assert linear_format(weight, FormatPlan(pack=False, panels=True), "w") is None
 
 
-@needs_panels
+@panels_here
 def test_gpt2_layers_in_panels_match_transformers(tiny):
     """GPT-2's biases and tanh GELU through the panel products: forward within the parity bound, greedy tokens
     equal; GPT2Model (no head, nothing to generate) keeps plain weights."""

@@ -7,10 +7,11 @@ A layer's weight is loaded as a plain float tensor (this rank's shard), then han
   2-core AMD EPYC over SmolLM2-135M's 211 matrices, cold weights, float32: 26 ms per step at 1 token against
   F.linear's 45 ms, 24 against 39 ms at 8 tokens, 55 against 82 ms at 32; bfloat16: 13.5 ms at 1 token, 175
   against 213 ms at 256. On the 2-core Xeon float32 packing loses (26.3 against 16.9 ms for the 120 layer
-  matrices at 1 token) and bfloat16's wins. A plain weight (float16 has no packing; float32 on those Xeons) runs
-  the compiled GEMV for the row counts where it beats torch's product (kernels/quantized.float_gemv_rows: float16
-  up to 24 rows, float32 3-16; SmolLM2 float32 generate at batch 4 / 8 / 16: 92.7 / 135.7 / 179.7 against 65.4 /
-  98.8 / 159.4 new tokens/s through F.linear).
+  matrices at 1 token) and bfloat16's wins. A plain weight (float16 has no packing; float32 on those Xeons, where
+  generating models take panels instead: below) runs the compiled GEMV for the row counts where it beats torch's
+  product (kernels/quantized.float_gemv_rows: float16 up to 24 rows, float32 3-16; SmolLM2 float32 generate at
+  batch 4 / 8 / 16, before panels: 92.7 / 135.7 / 179.7 against 65.4 / 98.8 / 159.4 new tokens/s through
+  F.linear).
 - `PanelWeight`: a generating model's float32 weight in column panels (kernels/panels.py), where the kernel is
   built (AVX-512) and the weight would otherwise be plain: every product through csrc/panel_gemm.cpp, whose decode
   steps of 2-128 rows run 1.1-1.8x faster than F.linear's. SmolLM2 float32 through the serving benchmark's 64
@@ -162,9 +163,9 @@ def onednn_packing_pays(dtype: torch.dtype) -> bool:
 
 
 class PanelWeight:
-    """A float32 weight in column panels: products through csrc/panel_gemm.cpp, the bias in its epilogue (kernels/
-    panels.py; nn/formats' header has the numbers). Where autograd records the product, or x is not float32 on
-    CPU, the plain weight is rebuilt for F.linear (a copy per call: such products are rare and not hot)."""
+    """A float32 weight in column panels: products through csrc/panel_gemm.cpp, each sum started from the bias
+    (kernels/panels.py; nn/formats' header has the numbers). Where autograd records the product, or x is not on
+    the CPU, the plain weight is rebuilt for F.linear (a copy per call: such products are rare and not hot)."""
 
     dtype = torch.float32
 
@@ -174,9 +175,9 @@ class PanelWeight:
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None, gelu: str | None = None,
                  keep_compute_dtype: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
-        if q.records_grad(x) or x.dtype != torch.float32 or x.device.type != "cpu":
+        if q.records_grad(x) or x.device.type != "cpu":
             return _bias_gelu(F.linear(x, panels.unpack(self.panels, self.out_features)), bias, gelu)
-        return _bias_gelu(panels.linear(x, self.panels, self.out_features, bias), None, gelu)
+        return _bias_gelu(panels.linear(x, self.panels, self.out_features, bias, out), None, gelu)
 
     def bare_product(self, rows: int) -> Product:
         """`__call__` on contiguous 2-D rows, without a bias (models/llama_decode.py)."""
@@ -395,8 +396,8 @@ def linear_format(weight: torch.Tensor, plan: FormatPlan, name: str) -> LinearWe
 def panels_pay(weight: torch.Tensor) -> bool:
     """Whether a float32 weight goes into column panels here: on CPU where the panel kernel is built and the weight
     would otherwise stay plain (oneDNN's packing, where it pays, was measured against F.linear only)."""
-    return weight.dtype == torch.float32 and weight.device.type == "cpu" and panels.available() \
-        and not onednn_packing_pays(weight.dtype)
+    return weight.dtype == torch.float32 and weight.device.type == "cpu" and not onednn_packing_pays(weight.dtype) \
+        and panels.available()
 
 
 @dataclass(frozen=True)

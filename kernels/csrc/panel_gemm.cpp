@@ -7,10 +7,12 @@
 // alternating (2-core Xeon with AMX, 2026-12-07), 16.5 / 16.7 / 16.4 / 21.1 / 26.8 / 35.1 / 54.5 / 90.4 / 333.3 ms
 // against F.linear's 16.9 / 19.1 / 29.6 / 36.0 / 41.1 / 47.8 / 67.8 / 103.5 / 329.7 at 1 / 2 / 4 / 8 / 16 / 32 / 64
 // / 128 / 512 rows (the tile alone, warm: 193 GFLOP/s a core, MKL's square GEMM 186). At thousands of rows MKL
-// leads by 5-8 % (nn/formats keeps encoders' weights plain). Products of six rows or fewer take two panels at a
-// time: two streams per thread read memory faster than one (1 row: 18.1 against 21.4 ms).
+// leads (kernels/panels.py: why encoders keep their weights plain). Products of six rows or fewer take two panels
+// at a time: two streams per thread read memory faster than one (the prototype at 1 / 2 / 4 rows, one run: 18.1 /
+// 19.1 / 19.1 ms against 21.4 / 22.5 / 23.8 one panel at a time).
 //
-// The result is the float32 product to float32 rounding, the sum in k order per output (one FMA chain per lane).
+// The result is the float32 product to float32 rounding: each output's sum runs in k order on one FMA chain, from
+// the bias (or zero). Only AVX-512 builds compute it; the formats pick panels nowhere else (kernels/panels.py).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -59,9 +61,10 @@ __attribute__((always_inline)) inline void tile(const float* x, int64_t K, const
       const float* at = panel + j * stride + k * PANEL;
       w[2 * j] = _mm512_loadu_ps(at);
       w[2 * j + 1] = _mm512_loadu_ps(at + 16);
-      // past the end of the panels at the last k's: a prefetch never faults
-      _mm_prefetch(reinterpret_cast<const char*>(at + PREFETCH_K * PANEL), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(at + PREFETCH_K * PANEL + 16), _MM_HINT_T0);
+      // past the end of the panels at the last k's: a prefetch never faults (the address is formed as an integer)
+      const uintptr_t ahead = reinterpret_cast<uintptr_t>(at) + PREFETCH_K * PANEL * sizeof(float);
+      _mm_prefetch(reinterpret_cast<const char*>(ahead), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(ahead + 64), _MM_HINT_T0);
     }
     for (int m = 0; m < R; ++m) {
       const __m512 xb = _mm512_set1_ps(x[m * K + k]);
@@ -100,20 +103,12 @@ void rows_tile(int64_t rows, const float* x, int64_t K, const float* panel, cons
 }
 #endif
 
-// The same sums without vector instructions (builds for CPUs without AVX-512; the formats do not pick panels there).
-void portable_rows(int64_t m0, int64_t m1, int64_t p, int64_t np, const float* x, int64_t K, const float* panels,
-                   const float* bias, float* y, int64_t N) {
-  for (int64_t m = m0; m < m1; ++m)
-    for (int64_t n = p * PANEL; n < std::min(N, (p + np) * PANEL); ++n) {
-      const float* w = panels + (n / PANEL) * K * PANEL + n % PANEL;
-      float sum = bias ? bias[n] : 0.f;
-      for (int64_t k = 0; k < K; ++k) sum += x[m * K + k] * w[k * PANEL];
-      y[m * N + n] = sum;
-    }
-}
-
-at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels, int64_t out_features,
-                        const c10::optional<at::Tensor>& bias) {
+// y = x @ W^T (+ bias), written into y [M, out_features] (contiguous float32).
+void panel_linear_into(const at::Tensor& x, const at::Tensor& panels, int64_t out_features,
+                       const c10::optional<at::Tensor>& bias, at::Tensor& y) {
+#ifndef ENERGON_PANELS
+  TORCH_CHECK(false, "panel_linear: built without AVX-512 (kernels/panels.available() is False here)");
+#else
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
               "panel_linear: x must be contiguous 2-D float32");
   TORCH_CHECK(panels.dim() == 3 && panels.scalar_type() == at::kFloat && panels.is_contiguous() &&
@@ -127,8 +122,9 @@ at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels, int64_t o
                 "panel_linear: bias must be contiguous float32 [", N, "]");
     b = bias->data_ptr<float>();
   }
-  auto y = at::empty({M, N}, x.options());
-  if (M == 0) return y;
+  TORCH_CHECK(y.dim() == 2 && y.size(0) == M && y.size(1) == N && y.scalar_type() == at::kFloat && y.is_contiguous(),
+              "panel_linear: out must be contiguous float32 [", M, ", ", N, "]");
+  if (M == 0) return;
   const float* xs = x.data_ptr<float>();
   const float* ws = panels.data_ptr<float>();
   float* ys = y.data_ptr<float>();
@@ -139,7 +135,6 @@ at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels, int64_t o
       for (int64_t g = g0; g < g1; ++g) {
         const int64_t p = g * np, here = std::min(np, P - p);
         const int64_t cols = std::min(PANEL, N - (p + here - 1) * PANEL);  // of the last panel
-#ifdef ENERGON_PANELS
         for (int64_t m = block; m < block_end;) {
           const int64_t left = block_end - m, tiles = (left + MAX_TILE_ROWS - 1) / MAX_TILE_ROWS;
           const int64_t rows = (left + tiles - 1) / tiles;  // tiles of equal size: 13 rows run as 7 + 6, not 12 + 1
@@ -152,19 +147,33 @@ at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels, int64_t o
           }
           m += rows;
         }
-#else
-        portable_rows(block, block_end, p, here, xs, K, ws, b, ys, N);
-#endif
       }
     }
   });
+#endif
+}
+
+at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels, int64_t out_features,
+                        const c10::optional<at::Tensor>& bias) {
+  at::Tensor y = at::empty({x.dim() == 2 ? x.size(0) : 0, out_features}, x.options());
+  panel_linear_into(x, panels, out_features, bias, y);
   return y;
+}
+
+// The product into a caller's buffer (batch.StepBuffers: prompt-sized outputs reuse their pages).
+void panel_linear_out(const at::Tensor& x, const at::Tensor& panels, int64_t out_features,
+                      const c10::optional<at::Tensor>& bias, at::Tensor out) {
+  panel_linear_into(x, panels, out_features, bias, out);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(energon_hf, m) {
   m.def("panel_linear(Tensor x, Tensor panels, int out_features, Tensor? bias=None) -> Tensor");
+  m.def("panel_linear_out(Tensor x, Tensor panels, int out_features, Tensor? bias, Tensor(a!) out) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(energon_hf, CPU, m) { m.impl("panel_linear", &panel_linear); }
+TORCH_LIBRARY_IMPL(energon_hf, CPU, m) {
+  m.impl("panel_linear", &panel_linear);
+  m.impl("panel_linear_out", &panel_linear_out);
+}
