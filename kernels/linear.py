@@ -44,11 +44,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 BUFFERED_ROWS = SMALL_BATCH_ROWS.stop
 
 
+def fits_buffer(out: torch.Tensor | None, x: torch.Tensor, out_features: int) -> bool:
+    """Whether a product of x [rows, in] with `out_features` outputs can write into `out` (the caller's buffer,
+    None where it has none): BUFFERED_ROWS rows or more, the buffer's shape, dtype and device, no autograd on x."""
+    return out is not None and x.dim() == 2 and x.shape[0] >= BUFFERED_ROWS \
+        and out.shape == (x.shape[0], out_features) and out.dtype == x.dtype and out.device == x.device \
+        and not (torch.is_grad_enabled() and x.requires_grad)
+
+
 def _into(out: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the product x @ W^T can write into `out` (the caller's buffer, None where it has none)."""
-    return out is not None and x.dim() == 2 and x.shape[0] >= BUFFERED_ROWS and x.dtype == weight.dtype \
-        and out.shape == (x.shape[0], weight.shape[0]) and out.dtype == x.dtype and out.device == x.device \
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+    """Whether the product x @ W^T can write into `out`: `fits_buffer`, with W in x's dtype and not recorded."""
+    return x.dtype == weight.dtype and fits_buffer(out, x, weight.shape[0]) \
+        and not (torch.is_grad_enabled() and weight.requires_grad)
 
 
 # From this many rows (encoder batches, prompts) a CPU product with a GELU runs oneDNN's inner product with the bias

@@ -16,7 +16,7 @@ import math
 import torch
 
 from . import compiled
-from .linear import BUFFERED_ROWS
+from .linear import fits_buffer
 
 PANEL = 32  # output features per panel (csrc/panel_gemm.cpp's PANEL)
 
@@ -45,11 +45,9 @@ def unpack(panels: torch.Tensor, out_features: int) -> torch.Tensor:
 def linear(x: torch.Tensor, panels: torch.Tensor, out_features: int, bias: torch.Tensor | None = None,
            out: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., in] (float32) @ W^T (+ bias) -> [..., out] through the compiled kernel. `out`: a [rows, out] buffer
-    that products of BUFFERED_ROWS rows or more write into (batch.StepBuffers), as kernels/linear.linear's."""
+    that products of enough rows write into (batch.StepBuffers; kernels/linear.fits_buffer), as linear.linear's."""
     flat = x.reshape(math.prod(x.shape[:-1]), x.shape[-1]).contiguous()
-    rows = flat.shape[0]
-    if out is not None and rows >= BUFFERED_ROWS and out.shape == (rows, out_features) and out.dtype == x.dtype \
-            and out.is_contiguous():
+    if fits_buffer(out, flat, out_features) and out.is_contiguous():
         torch.ops.energon_hf.panel_linear_out(flat, panels, out_features, bias, out)
     else:
         out = torch.ops.energon_hf.panel_linear(flat, panels, out_features, bias)

@@ -181,8 +181,7 @@ class PanelWeight:
 
     def bare_product(self, rows: int) -> Product:
         """`__call__` on contiguous 2-D rows, without a bias (models/llama_decode.py)."""
-        op, held, n = torch.ops.energon_hf.panel_linear, self.panels, self.out_features
-        return lambda x: op(x, held, n, None)
+        return _gemv_product(torch.ops.energon_hf.panel_linear, (self.panels, self.out_features, None))
 
     @property
     def nbytes(self) -> int:
@@ -373,7 +372,8 @@ def _bias_gelu(out: torch.Tensor, bias: torch.Tensor | None, gelu: str | None) -
 
 
 def _gemv_product(op, weights: tuple) -> Product:
-    """A compiled GEMV called bare on contiguous 2-D rows (it takes and returns every dtype of compiled.DTYPES)."""
+    """A compiled product called bare on contiguous 2-D rows: op(x, *weights) (the GEMVs take and return every dtype
+    of compiled.DTYPES; the panel product float32)."""
     return lambda x: op(x, *weights)
 
 
